@@ -1,0 +1,174 @@
+"""Architecture adapters: the only place that knows where FFN weights live.
+
+Every supported `config.model_type` maps to one `Adapter` row in `ADAPTERS`. An adapter names
+the decoder-layer list, the FFN input projections (whose rows are the FFN neurons), the output
+projection (whose columns are the same neurons), the weight layout, and the config field that
+holds the FFN width. Scorers see every FFN through the same `FFNWeights` view (rows = neurons),
+and the compressor cuts every layout through `cut_ffn`, so no other module branches on the
+architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from prunenet.errors import PruneNetError
+
+Layout = Literal["linear", "conv1d", "fused_gate_up"]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where one architecture keeps its FFN.
+
+    :param layers: dotted path from the model to the list of decoder layers.
+    :param inputs: dotted paths from a layer to each FFN input projection (gate, up / fc1).
+    :param output: dotted path from a layer to the FFN output projection (down / fc2).
+    :param width_field: dotted path into the config of the FFN width (d_ff).
+    :param layout: how weights are stored: `linear` (nn.Linear, out x in), `conv1d` (GPT-2's
+        Conv1D, in x out), `fused_gate_up` (Phi-3: one Linear holding gate rows then up rows).
+    :param default_width: d_ff when the config leaves the width field empty, as a multiple of
+        the hidden size (GPT-2's `n_inner=None` means 4 x n_embd).
+    """
+
+    layers: str
+    inputs: tuple[str, ...]
+    output: str
+    width_field: str
+    layout: Layout = "linear"
+    default_width: int | None = None
+
+
+_GATED = Adapter("model.layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
+                 "intermediate_size")  # fmt: skip
+
+ADAPTERS: dict[str, Adapter] = {
+    "llama": _GATED,
+    "mistral": _GATED,
+    "qwen2": _GATED,
+    "qwen3": _GATED,
+    "gemma": _GATED,
+    "gemma2": _GATED,
+    "gemma3_text": _GATED,
+    "gemma3": Adapter("model.language_model.layers", ("mlp.gate_proj", "mlp.up_proj"),
+                      "mlp.down_proj", "text_config.intermediate_size"),  # fmt: skip
+    "phi": Adapter("model.layers", ("mlp.fc1",), "mlp.fc2", "intermediate_size"),
+    "phi3": Adapter("model.layers", ("mlp.gate_up_proj",), "mlp.down_proj", "intermediate_size",
+                    layout="fused_gate_up"),  # fmt: skip
+    "opt": Adapter("model.decoder.layers", ("fc1",), "fc2", "ffn_dim"),
+    "gpt2": Adapter("transformer.h", ("mlp.c_fc",), "mlp.c_proj", "n_inner", layout="conv1d",
+                    default_width=4),  # fmt: skip
+    "gpt_neox": Adapter("gpt_neox.layers", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
+                        "intermediate_size"),  # fmt: skip
+    "falcon": Adapter("transformer.h", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
+                      "ffn_hidden_size", default_width=4),  # fmt: skip
+}
+
+
+@dataclass
+class FFNWeights:
+    """One layer's FFN seen neuron-first: `inputs[k][i]` and `output[:, i]` belong to neuron i."""
+
+    inputs: list[torch.Tensor]  # each d_ff x d_model
+    output: torch.Tensor  # d_model x d_ff
+
+    @property
+    def width(self) -> int:
+        return self.output.shape[1]
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_for(config) -> Adapter:
+    """The adapter for a config, or a clear error naming the supported types."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise PruneNetError(
+            f"Unsupported architecture model_type={model_type!r}. PruneNet supports: "
+            f"{', '.join(supported_model_types())}. Add an Adapter row in prunenet/arch.py "
+            "to support another one."
+        )
+    return ADAPTERS[model_type]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    return list(_get(model, adapter_for(model.config).layers))
+
+
+def ffn_width(config) -> int:
+    """d_ff as the config states it (uniform across layers)."""
+    adapter = adapter_for(config)
+    owner, field = _config_owner(config, adapter.width_field)
+    width = getattr(owner, field, None)
+    if width is None and adapter.default_width is not None:
+        hidden = getattr(owner, "hidden_size", None) or owner.n_embd
+        width = adapter.default_width * hidden
+    return int(width)
+
+
+def set_ffn_width(config, width: int) -> None:
+    """Record the new FFN width in the config so `from_pretrained` builds matching shapes."""
+    owner, field = _config_owner(config, adapter_for(config).width_field)
+    setattr(owner, field, int(width))
+
+
+def ffn_weights(layer: nn.Module, adapter: Adapter) -> FFNWeights:
+    """Neuron-first views of a layer's FFN weights (no copies)."""
+    inputs = [_get(layer, path).weight for path in adapter.inputs]
+    output = _get(layer, adapter.output).weight
+    if adapter.layout == "conv1d":
+        inputs = [w.T for w in inputs]
+        output = output.T
+    elif adapter.layout == "fused_gate_up":
+        inputs = list(inputs[0].chunk(2, dim=0))
+    return FFNWeights(inputs=[w.detach() for w in inputs], output=output.detach())
+
+
+def ffn_modules(layer: nn.Module, adapter: Adapter) -> tuple[list[nn.Module], nn.Module]:
+    """The FFN's input projection modules and output projection module of one layer."""
+    return [_get(layer, p) for p in adapter.inputs], _get(layer, adapter.output)
+
+
+def cut_ffn(layer: nn.Module, adapter: Adapter, keep: torch.Tensor) -> None:
+    """Keep only neurons `keep` (sorted indices) in one layer's FFN, in place."""
+    inputs, output = ffn_modules(layer, adapter)
+    keep = keep.to(torch.long)
+    for module in inputs:
+        rows = keep
+        if adapter.layout == "fused_gate_up":
+            half = module.weight.shape[0] // 2
+            rows = torch.cat([keep, keep + half])
+        _cut_neurons(module, rows, neuron_dim=1 if adapter.layout == "conv1d" else 0, bias=True)
+    _cut_neurons(output, keep, neuron_dim=0 if adapter.layout == "conv1d" else 1, bias=False)
+
+
+def _cut_neurons(module: nn.Module, index: torch.Tensor, neuron_dim: int, bias: bool) -> None:
+    weight = module.weight.data.index_select(neuron_dim, index.to(module.weight.device))
+    module.weight = nn.Parameter(weight.contiguous(), requires_grad=module.weight.requires_grad)
+    if bias and getattr(module, "bias", None) is not None:
+        module.bias = nn.Parameter(module.bias.data[index.to(module.bias.device)].contiguous())
+    # Keep the module's own shape attributes truthful (repr, and Conv1D's forward uses nf).
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif hasattr(module, "nf"):  # transformers' Conv1D: weight is (nx, nf)
+        module.nx, module.nf = module.weight.shape
+
+
+def _get(root, dotted: str):
+    for part in dotted.split("."):
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root
+
+
+def _config_owner(config, dotted: str):
+    *parents, field = dotted.split(".")
+    owner = config
+    for part in parents:
+        owner = getattr(owner, part)
+    return owner, field

@@ -1,0 +1,100 @@
+"""`prunenet prune`: score once, prune at one or several ratios, save reloadable folders."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+from prunenet.compress import prune_model, save_pruned, validate_ratio
+from prunenet.errors import PruneNetError
+from prunenet.models import ALIASES, load_model
+from prunenet.saving import check_output_path
+from prunenet.scorers import SCORERS, make_scorer
+from prunenet.tables import format_table
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prune",
+        help="prune a model's FFNs and save it",
+        description=(
+            "Prune the FFN rows of every layer and save a folder that "
+            "AutoModelForCausalLM.from_pretrained loads. Built-in offline models: "
+            + ", ".join(f"{k} ({v.description})" for k, v in ALIASES.items())
+        ),
+    )
+    parser.add_argument("--model", required=True, help="local folder, hub id, or alias")
+    parser.add_argument(
+        "--ratio",
+        required=True,
+        type=parse_ratios,
+        help="fraction of FFN rows removed, in (0, 1); a comma list (0.1,0.2,0.3) scores once "
+        "and writes one folder per ratio under --out",
+    )
+    parser.add_argument("--scorer", default="magnitude", choices=sorted(SCORERS))
+    parser.add_argument("--seed", type=int, default=0, help="seed for random scoring")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.set_defaults(run=run)
+
+
+def parse_ratios(text: str) -> list[float]:
+    """'0.3' or '0.1,0.2,0.3' -> validated floats (argparse turns errors into usage errors)."""
+    try:
+        return [validate_ratio(part) for part in text.split(",")]
+    except PruneNetError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def output_folders(out: str, ratios: list[float]) -> list[Path]:
+    """One folder for one ratio; `out/ratio-0.30` style subfolders for a list."""
+    if len(ratios) == 1:
+        return [Path(out)]
+    return [Path(out) / f"ratio-{r:.2f}" for r in ratios]
+
+
+def run(args: argparse.Namespace) -> int:
+    folders = output_folders(args.out, args.ratio)
+    for folder in [Path(args.out), *folders[1:]] if len(folders) > 1 else folders:
+        check_output_path(folder, args.overwrite)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_seconds = time.perf_counter() - start
+    scorer = make_scorer(args.scorer, seed=args.seed)
+    start = time.perf_counter()
+    scores = scorer.score_model(model)
+    score_seconds = time.perf_counter() - start
+    print(
+        f"model {args.model} ({model.config.model_type}) loaded in {load_seconds:.1f} s; "
+        f"scored with {args.scorer} in {score_seconds:.2f} s (seed {args.seed}, cpu)"
+    )
+    rows = []
+    for ratio, folder in zip(args.ratio, folders, strict=True):
+        pruned = copy.deepcopy(model) if len(folders) > 1 else model
+        report = prune_model(pruned, scores, ratio)
+        report.scorer = scorer.describe()
+        start = time.perf_counter()
+        save_pruned(pruned, tokenizer, folder, report, overwrite=args.overwrite)
+        rows.append(
+            [
+                ratio,
+                report.num_layers,
+                report.ffn_width_before,
+                _widths(report.ffn_widths_after),
+                report.params_before,
+                report.params_after,
+                f"{100 * report.params_removed_fraction:.1f}%",
+                f"{score_seconds + report.seconds + time.perf_counter() - start:.2f}",
+                str(folder),
+            ]
+        )
+    headers = ["ratio", "layers", "d_ff", "d_ff after", "params", "params after",
+               "params removed", "seconds", "saved to"]  # fmt: skip
+    print(format_table(headers, rows))
+    return 0
+
+
+def _widths(widths: list[int]) -> str:
+    return str(widths[0]) if len(set(widths)) == 1 else f"{min(widths)}-{max(widths)}"

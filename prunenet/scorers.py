@@ -1,0 +1,83 @@
+"""Importance scorers: one small class per criterion, higher score = keep the neuron.
+
+A scorer only answers "how important is each FFN neuron"; which neurons to drop for a ratio is
+the compressor's job (`prunenet.compress`). Weights-only scorers implement `score_layer`, which
+sees one layer's FFN at a time, so the streaming pruner can use them without loading the whole
+model. Scorers that need the model's forward pass override `score_model` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from prunenet.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
+from prunenet.errors import PruneNetError
+
+
+class Scorer:
+    """Base class. Subclasses set `name` and implement `score_layer` or `score_model`."""
+
+    name: str = "base"
+    weights_only: bool = True
+
+    def score_layer(self, ffn: FFNWeights, layer_index: int, num_layers: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_model(self, model: nn.Module) -> list[torch.Tensor]:
+        """One score vector per decoder layer (length d_ff each)."""
+        adapter = adapter_for(model.config)
+        layers = decoder_layers(model)
+        return [
+            self.score_layer(ffn_weights(layer, adapter), index, len(layers))
+            for index, layer in enumerate(layers)
+        ]
+
+    def describe(self) -> dict:
+        """What to record next to results so they can be reproduced."""
+        return {"scorer": self.name}
+
+
+class MagnitudeScorer(Scorer):
+    """L2 norm of each neuron's weights across all FFN input projections (gate and up, or fc1).
+
+    The classic structured-pruning baseline; the paper compares against it.
+    """
+
+    name = "magnitude"
+
+    def score_layer(self, ffn: FFNWeights, layer_index: int, num_layers: int) -> torch.Tensor:
+        squared = sum(w.float().pow(2).sum(dim=1) for w in ffn.inputs)
+        return squared.sqrt()
+
+
+class RandomScorer(Scorer):
+    """Uniform random scores, reproducible from `seed` (the same seed gives the same pruning)."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def score_layer(self, ffn: FFNWeights, layer_index: int, num_layers: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + layer_index)
+        return torch.rand(ffn.width, generator=generator)
+
+    def describe(self) -> dict:
+        return {"scorer": self.name, "seed": self.seed}
+
+
+# CLI name -> factory taking the run's seed (scorers that ignore randomness ignore it).
+SCORERS: dict[str, Callable[[int], Scorer]] = {
+    MagnitudeScorer.name: lambda seed: MagnitudeScorer(),
+    RandomScorer.name: RandomScorer,
+}
+
+
+def make_scorer(name: str, seed: int = 0) -> Scorer:
+    """Build a scorer by its CLI name."""
+    if name not in SCORERS:
+        raise PruneNetError(f"Unknown scorer {name!r}. Choose one of: {', '.join(SCORERS)}.")
+    return SCORERS[name](seed)
