@@ -1,3 +1,17 @@
 """PruneNet: calibration-free structured pruning of LLM FFNs with a reusable RL policy."""
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["load_pruned"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import prunenet` (and the CLI's --help) does not pay for importing transformers.
+    if name == "load_pruned":
+        from prunenet.loading import load_pruned
+
+        return load_pruned
+    raise AttributeError(f"module 'prunenet' has no attribute {name!r}")

@@ -102,20 +102,75 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def ffn_width(config) -> int:
-    """d_ff as the config states it (uniform across layers)."""
+    """d_ff when every layer has the same width; a clear error when layers differ."""
+    widths = ffn_widths(config)
+    if len(set(widths)) != 1:
+        raise PruneNetError(
+            f"This model's layers have different FFN widths ({widths}), so there is no single "
+            "d_ff; read them per layer with prunenet.arch.ffn_widths(config)."
+        )
+    return widths[0]
+
+
+def ffn_widths(config) -> list[int]:
+    """d_ff of every layer, from the width field or its per-layer overrides.
+
+    Layers of different widths are stored the way transformers 5 describes heterogeneous models:
+    the width field holds the widest layer and `per_layer_config` overrides the others (see
+    `set_ffn_widths`).
+    """
     adapter = adapter_for(config)
     owner, field = _config_owner(config, adapter.width_field)
-    width = getattr(owner, field, None)
-    if width is None and adapter.default_width is not None:
-        hidden = getattr(owner, "hidden_size", None) or owner.n_embd
-        width = adapter.default_width * hidden
-    return int(width)
+    if _has_per_layer_values(owner, field):
+        layer_configs = [owner.per_layer_config[i] for i in range(owner.num_hidden_layers)]
+    else:
+        layer_configs = [owner] * owner.num_hidden_layers
+    return [_width_in(layer_config, field, adapter) for layer_config in layer_configs]
 
 
 def set_ffn_width(config, width: int) -> None:
-    """Record the new FFN width in the config so `from_pretrained` builds matching shapes."""
-    owner, field = _config_owner(config, adapter_for(config).width_field)
-    setattr(owner, field, int(width))
+    """Record one new FFN width for every layer so `from_pretrained` builds matching shapes."""
+    owner, _ = _config_owner(config, adapter_for(config).width_field)
+    set_ffn_widths(config, [width] * owner.num_hidden_layers)
+
+
+def set_ffn_widths(config, widths: list[int]) -> None:
+    """Record each layer's FFN width in the config.
+
+    Equal widths go in the architecture's width field, which every transformers version reads.
+    Different widths use transformers' own schema for heterogeneous models: the width field
+    holds the widest layer and `per_layer_config` (`{layer: {field: width}}`) the narrower ones.
+    That keeps the saved config.json standard and self-describing, and makes plain
+    `from_pretrained` fail loudly (no layer is silently built at the wrong width); in
+    transformers 5.23 the Llama/Qwen2/Gemma3/OPT modules do not yet read per-layer values, so
+    `prunenet.load_pruned` builds those models (see prunenet/loading.py).
+    """
+    adapter = adapter_for(config)
+    owner, field = _config_owner(config, adapter.width_field)
+    widths = [int(width) for width in widths]
+    if len(widths) != owner.num_hidden_layers:
+        raise PruneNetError(
+            f"Got {len(widths)} FFN widths for a model with {owner.num_hidden_layers} layers."
+        )
+    if getattr(owner, "is_heterogeneous", False):
+        others = set(owner.per_layer_attributes) - {field}
+        if others:
+            raise PruneNetError(
+                f"The config already varies {sorted(others)} per layer; PruneNet only writes "
+                f"per-layer {field!r} and would not merge with other per-layer settings."
+            )
+        owner.per_layer_config = None  # drop old width overrides before the global value moves
+    widest = max(widths)
+    setattr(owner, field, widest)
+    if len(set(widths)) == 1:
+        return
+    if not isinstance(getattr(type(owner), "per_layer_config", None), property):
+        raise PruneNetError(
+            "Layers with different FFN widths need a transformers version with per-layer "
+            "configs (`per_layer_config`, as in 5.23); upgrade transformers or use one ratio "
+            "for all layers."
+        )
+    owner.per_layer_config = {i: {field: w} for i, w in enumerate(widths) if w != widest}
 
 
 def ffn_weights(layer: nn.Module, adapter: Adapter) -> FFNWeights:
@@ -172,3 +227,15 @@ def _config_owner(config, dotted: str):
     for part in parents:
         owner = getattr(owner, part)
     return owner, field
+
+
+def _has_per_layer_values(owner, field: str) -> bool:
+    return bool(getattr(owner, "is_heterogeneous", False)) and field in owner.per_layer_attributes
+
+
+def _width_in(config, field: str, adapter: Adapter) -> int:
+    width = getattr(config, field, None)
+    if width is None and adapter.default_width is not None:
+        hidden = getattr(config, "hidden_size", None) or config.n_embd
+        width = adapter.default_width * hidden
+    return int(width)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunenet.arch import adapter_for, cut_ffn, decoder_layers, ffn_width, set_ffn_width
+from prunenet.arch import adapter_for, cut_ffn, decoder_layers, ffn_width, set_ffn_widths
 from prunenet.errors import PruneNetError
 from prunenet.saving import atomic_directory
 
@@ -71,9 +71,12 @@ def keep_count(width: int, ratio: float) -> int:
     """Rows kept at `ratio`: round((1 - r) * width), refusing to remove every row."""
     kept = round((1.0 - validate_ratio(ratio)) * width)
     if kept < 1:
+        # Suggest 1 - 1/width rounded down: (1 - r) * width = 0.5 would round to 0 (half to
+        # even), so the boundary itself is not a safe suggestion.
+        largest = math.floor((1.0 - 1.0 / width) * 1e4) / 1e4
         raise PruneNetError(
             f"Ratio {ratio} would remove all {width} FFN rows of a layer; use a smaller ratio "
-            f"(at most {1 - 0.5 / width:.4f} keeps one row)."
+            f"(at most {largest:.4f} keeps one row)."
         )
     return kept
 
@@ -97,12 +100,15 @@ def prune_model(
     layer_scores: list[torch.Tensor],
     ratio: float,
     layer_ratios: list[float] | None = None,
+    layer_keep: list[int] | None = None,
 ) -> PruneReport:
     """Remove the lowest-scoring FFN rows of every layer in place and update the config.
 
     :param layer_scores: one score vector per decoder layer (higher = keep).
     :param ratio: global fraction of FFN rows to remove (recorded in the report).
     :param layer_ratios: per-layer ratios; defaults to `ratio` in every layer.
+    :param layer_keep: exact rows to keep per layer (overrides `layer_ratios`). Pass this for a
+        global budget (prunenet.allocation): rounding each layer's ratio can miss the total.
     """
     start = time.perf_counter()
     ratio = validate_ratio(ratio)
@@ -115,13 +121,18 @@ def prune_model(
     layer_ratios = layer_ratios or [ratio] * len(layers)
     width = ffn_width(model.config)
     params_before = count_parameters(model)
-    widths_after = []
-    for layer, scores, layer_ratio in zip(layers, layer_scores, layer_ratios, strict=True):
+    # Check every input before the first cut: a refusal must leave the model untouched.
+    for scores in layer_scores:
         if scores.numel() != width:
             raise PruneNetError(f"Score vector has {scores.numel()} entries, FFN width is {width}.")
-        keep = select_keep_indices(scores, keep_count(width, layer_ratio))
-        cut_ffn(layer, adapter, keep)
-        widths_after.append(len(keep))
+    if layer_keep is not None:
+        widths_after = [_checked_keep(kept, width) for kept in layer_keep]
+    else:
+        widths_after = [keep_count(width, layer_ratio) for layer_ratio in layer_ratios]
+    if len(widths_after) != len(layers):
+        raise PruneNetError(f"Got {len(widths_after)} per-layer targets for {len(layers)} layers.")
+    for layer, scores, kept in zip(layers, layer_scores, widths_after, strict=True):
+        cut_ffn(layer, adapter, select_keep_indices(scores, kept))
     record_ffn_widths(model.config, widths_after)
     return PruneReport(
         model_type=model.config.model_type,
@@ -136,12 +147,21 @@ def prune_model(
 
 
 def record_ffn_widths(config, widths: list[int]) -> None:
-    """Write the pruned widths into the config so plain `from_pretrained` rebuilds the shapes."""
-    if len(set(widths)) != 1:
+    """Write the pruned widths into the config so the saved folder rebuilds the same shapes.
+
+    Equal widths reload with plain `from_pretrained`; different widths are written as
+    transformers' `per_layer_config` and reload with `prunenet.load_pruned` (arch.set_ffn_widths
+    and loading.py say why).
+    """
+    set_ffn_widths(config, widths)
+
+
+def _checked_keep(kept, width: int) -> int:
+    if isinstance(kept, bool) or int(kept) != kept or not 1 <= kept <= width:
         raise PruneNetError(
-            "Layers with different FFN widths are not reloadable yet; use one ratio for all."
+            f"Cannot keep {kept!r} rows of an FFN with {width}: keep a whole number in 1..{width}."
         )
-    set_ffn_width(config, widths[0])
+    return int(kept)
 
 
 def save_pruned(

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from prunenet.errors import PruneNetError
+from prunenet.loading import load_pruned
 from prunenet.saving import atomic_directory
 
 
@@ -92,11 +93,16 @@ def resolve_model_path(spec: str) -> str:
 def load_model(
     spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> tuple[PreTrainedModel, object]:
-    """Model (eval mode) and tokenizer for a folder, hub id or alias."""
+    """Model (eval mode) and tokenizer for a folder, hub id or alias.
+
+    Goes through `load_pruned`, so pruned folders with different FFN widths per layer load too.
+    """
     path = resolve_model_path(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = load_pruned(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
+    except PruneNetError:
+        raise
     except (OSError, ValueError, KeyError) as error:
         raise PruneNetError(
             f"Could not load model {spec!r} ({type(error).__name__}: {error}). Check that it "

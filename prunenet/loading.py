@@ -1,0 +1,166 @@
+"""Load pruned folders whose layers have different FFN widths.
+
+Why a loader at all. A pruned model with per-layer widths is saved in transformers' own schema
+for heterogeneous models: the width field (`intermediate_size`, `ffn_dim`, ...) holds the widest
+layer and `per_layer_config` overrides the narrower layers (prunenet.arch.set_ffn_widths).
+transformers 5.23 reads and writes that schema in the config (HeterogeneousConfigMixin), but
+only a few new architectures (Gemma4, Step3p7, dots3_note, ...) build their layers from
+`config.per_layer_config[i]`; the MLPs of Llama, Qwen2, Gemma3, OPT, GPT-2, ... read the one
+global field, and the generic layer-patching step that the mixin's docstring mentions
+(`apply_heterogeneous_modeling`) is not shipped in 5.23. List-valued widths are not an option
+either: only Gemma3n's config accepts a list, the others' strict configs reject it. So, in 5.23:
+
+- plain `AutoModelForCausalLM.from_pretrained(DIR)` on such a folder raises
+  `AmbiguousGlobalPerLayerAttributeError` while building the first MLP (loud, nothing loaded);
+- forcing the global value (`allow_global_per_layer_attribute_access=True`) builds every layer
+  at the widest width and the load stops with a size-mismatch error;
+- `prunenet.load_pruned(DIR)` (and `prunenet.models.load_model`, which the CLI uses) builds the
+  model at the widest width, narrows each layer's FFN modules to its recorded width through the
+  architecture adapter (no per-architecture code here), then lets `from_pretrained` load the
+  weights: exact logits, with every `from_pretrained` feature (dtype, sharding, tied weights).
+
+Folders whose layers all have the same width contain no `per_layer_config` and reload with plain
+`from_pretrained`; `load_pruned` passes them straight through. Once transformers builds these
+architectures from `per_layer_config` itself, the same folders should load with plain
+`from_pretrained` unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.auto_factory import _get_model_class
+
+from prunenet.arch import (
+    ADAPTERS,
+    adapter_for,
+    cut_ffn,
+    decoder_layers,
+    ffn_modules,
+    ffn_weights,
+    ffn_widths,
+    set_ffn_widths,
+)
+from prunenet.errors import PruneNetError
+
+# Arguments that only matter when reading config.json (the rest go to the model).
+_CONFIG_ARGUMENTS = (
+    "cache_dir",
+    "gguf_file",
+    "local_files_only",
+    "revision",
+    "subfolder",
+    "token",
+    "trust_remote_code",
+)
+# Arguments the non-uniform path sets itself; a caller's value would defeat its checks.
+_RESERVED_ARGUMENTS = ("config", "output_loading_info", "ignore_mismatched_sizes")
+
+
+def load_pruned(
+    path: str | Path, model_class: type = AutoModelForCausalLM, **from_pretrained_kwargs: Any
+) -> PreTrainedModel:
+    """Load a model folder or hub id, including pruned ones with different widths per layer.
+
+    :param path: a folder written by `save_pretrained` / `prunenet prune`, or a hub id.
+    :param model_class: an Auto class (default `AutoModelForCausalLM`) or a concrete model class.
+    :param from_pretrained_kwargs: passed to `from_pretrained` (`dtype=`, `device_map=`, ...).
+        `config`, `output_loading_info` and `ignore_mismatched_sizes` are refused for
+        non-uniform folders: the loader sets the config itself and never re-initialises weights.
+    :return: the model, with a config whose per-layer widths match its modules (saving it again
+        writes the same config).
+    """
+    config_kwargs = {
+        k: from_pretrained_kwargs[k] for k in _CONFIG_ARGUMENTS if k in from_pretrained_kwargs
+    }
+    config = AutoConfig.from_pretrained(str(path), **config_kwargs)
+    widths = _recorded_widths(config)
+    if widths is None or len(set(widths)) == 1:
+        return model_class.from_pretrained(str(path), **from_pretrained_kwargs)
+    reserved = sorted(set(_RESERVED_ARGUMENTS) & set(from_pretrained_kwargs))
+    if reserved:
+        raise PruneNetError(
+            f"load_pruned sets {', '.join(reserved)} itself for models whose layers have "
+            "different FFN widths; drop those arguments."
+        )
+    base_class = _concrete_class(model_class, config)
+    set_ffn_widths(config, [max(widths)] * len(widths))  # a config every module understands
+    model, info = _narrowing_subclass(base_class, widths).from_pretrained(
+        str(path), config=config, output_loading_info=True, **from_pretrained_kwargs
+    )
+    model.__class__ = base_class  # the subclass only existed to narrow layers at construction
+    problems = {key: info.get(key) for key in ("missing_keys", "mismatched_keys") if info.get(key)}
+    if problems:
+        raise PruneNetError(
+            f"{path} does not match the per-layer FFN widths in its config.json ({problems}); "
+            "the weights would be partly re-initialised, so the model is not returned. Re-save "
+            "the pruned model with prunenet."
+        )
+    return model
+
+
+def narrow_to_widths(model: PreTrainedModel, widths: list[int]) -> None:
+    """Cut every layer's FFN to its first `widths[i]` neurons and record the widths in the config.
+
+    Used on a freshly built (untrained or meta-device) model, so which neurons are kept does not
+    matter; the weights loaded afterwards are the pruned ones. Works for every adapter layout
+    (Linear, GPT-2 Conv1D, Phi-3 fused gate/up) because it goes through `cut_ffn`.
+    """
+    adapter = adapter_for(model.config)
+    layers = decoder_layers(model)
+    if len(widths) != len(layers):
+        raise PruneNetError(f"Got {len(widths)} FFN widths for a model with {len(layers)} layers.")
+    for layer, width in zip(layers, widths, strict=True):
+        current = ffn_weights(layer, adapter).width
+        if width > current:
+            raise PruneNetError(f"Cannot widen an FFN from {current} to {width} neurons.")
+        if width < current:
+            device = ffn_modules(layer, adapter)[1].weight.device
+            cut_ffn(layer, adapter, torch.arange(width, device=device))
+    set_ffn_widths(model.config, widths)
+
+
+def _recorded_widths(config) -> list[int] | None:
+    """Per-layer widths for a supported architecture, None for any other model."""
+    if getattr(config, "model_type", None) not in ADAPTERS:
+        return None
+    return ffn_widths(config)
+
+
+def _concrete_class(model_class: type, config) -> type:
+    mapping = getattr(model_class, "_model_mapping", None)
+    if mapping is None:  # already a concrete model class
+        return model_class
+    if type(config) not in mapping:
+        raise PruneNetError(
+            f"{model_class.__name__} has no model class for {type(config).__name__}; pass a "
+            "concrete model class as model_class."
+        )
+    return _get_model_class(config, mapping)
+
+
+def _narrowing_subclass(base_class: type, widths: list[int]) -> type:
+    """`base_class` whose constructor narrows each layer's FFN before any weight is loaded.
+
+    Subclassing (rather than loading into a full-width model and cutting afterwards) lets
+    `from_pretrained` see the final shapes, so its own checks, dtype handling, sharded loading
+    and weight tying all apply unchanged, and nothing is allocated at the full width: in
+    `from_pretrained` the constructor runs on the meta device.
+    """
+
+    def __init__(self, config, *args, **kwargs) -> None:
+        base_class.__init__(self, config, *args, **kwargs)
+        narrow_to_widths(self, widths)
+
+    return type(
+        base_class.__name__,
+        (base_class,),
+        {
+            "__init__": __init__,
+            "__module__": base_class.__module__,
+            "__qualname__": base_class.__qualname__,
+        },
+    )
