@@ -9,12 +9,14 @@ model. Scorers that need the model's forward pass override `score_model` instead
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
 from prunenet.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
 from prunenet.errors import PruneNetError
+from prunenet.selfgen import SelfGenConfig, collect_activations
 
 
 class Scorer:
@@ -69,10 +71,36 @@ class RandomScorer(Scorer):
         return {"scorer": self.name, "seed": self.seed}
 
 
+class SelfGenScorer(Scorer):
+    """sqrt(mean squared activation) x down-projection column norm, on self-generated text.
+
+    The strong data-free baseline of DESIGN.md: the expected size of each neuron's contribution
+    to the FFN output, measured on sequences the model sampled from its own start token.
+    """
+
+    name = "selfgen"
+    weights_only = False
+
+    def __init__(self, seed: int = 0) -> None:
+        self.config = SelfGenConfig(seed=seed)
+
+    def score_model(self, model: nn.Module) -> list[torch.Tensor]:
+        adapter = adapter_for(model.config)
+        activations = collect_activations(model, self.config)
+        return [
+            acts.rms * ffn_weights(layer, adapter).output.float().norm(dim=0).cpu()
+            for acts, layer in zip(activations, decoder_layers(model), strict=True)
+        ]
+
+    def describe(self) -> dict:
+        return {"scorer": self.name, **asdict(self.config)}
+
+
 # CLI name -> factory taking the run's seed (scorers that ignore randomness ignore it).
 SCORERS: dict[str, Callable[[int], Scorer]] = {
     MagnitudeScorer.name: lambda seed: MagnitudeScorer(),
     RandomScorer.name: RandomScorer,
+    SelfGenScorer.name: SelfGenScorer,
 }
 
 

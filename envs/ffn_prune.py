@@ -1,0 +1,131 @@
+"""`PruneNet/FFNPrune-v0`: prune one FFN layer per step, walking a model's layers.
+
+An episode samples a target ratio from `ratio_range` (and a model, when several are given) and
+visits every layer in order. The observation is the layer's per-row features plus two context
+columns (ratio, relative depth); the action is one score per row; the environment keeps the top
+`round((1 - ratio) * d_ff)` rows and pays the chosen reward (`prunenet.rewards`). Features are
+computed once at construction, so a step costs only the reward.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from prunenet.compress import keep_count, select_keep_indices, validate_ratio
+from prunenet.errors import PruneNetError
+from prunenet.features import CONTEXT_FEATURES, LayerData, feature_names, model_layer_data
+from prunenet.rewards import NEEDS_ACTIVATIONS, reward_function
+from prunenet.selfgen import SelfGenConfig
+
+# Wide finite bounds: check_env wants finite Boxes, and clipping to them must never create ties.
+BOUND = 1e6
+
+
+class FFNPruneEnv(gym.Env):
+    """Gymnasium environment over the FFN layers of one or more same-width models.
+
+    :param model: a loaded model or a model spec (folder, hub id, alias); ignored when
+        `layer_data` is given.
+    :param layer_data: precomputed `model_layer_data` per model (lists of equal FFN width).
+    :param feature_set: `selfgen` or `weights` (see `prunenet.features`).
+    :param reward: `function` or `ks` (see `prunenet.rewards`).
+    :param ratio_range: (low, high) of the per-episode target ratio.
+    :param seed: self-generation seed when features are computed here.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        model=None,
+        layer_data: list[list[LayerData]] | None = None,
+        feature_set: str = "selfgen",
+        reward: str = "function",
+        ratio_range: tuple[float, float] = (0.1, 0.5),
+        seed: int = 0,
+        render_mode: str | None = None,
+    ) -> None:
+        self.reward_name = reward
+        self._reward = reward_function(reward)
+        self.feature_set = feature_set
+        self.ratio_range = validate_ratio_range(ratio_range)
+        if layer_data is None:
+            if model is None:
+                raise PruneNetError("FFNPruneEnv needs a model or precomputed layer_data.")
+            layer_data = [load_layer_data(model, feature_set, reward, seed)]
+        self.models = layer_data
+        widths = {layer.ffn.width for layers in layer_data for layer in layers}
+        if not layer_data or not all(layer_data) or len(widths) != 1:
+            raise PruneNetError(
+                "FFNPruneEnv needs at least one model with FFN layers, all of one FFN width "
+                f"(got widths {sorted(widths)})."
+            )
+        self.width = widths.pop()
+        columns = len(feature_names(feature_set)) + len(CONTEXT_FEATURES)
+        self.observation_space = gym.spaces.Box(-BOUND, BOUND, (self.width, columns), np.float32)
+        self.action_space = gym.spaces.Box(-BOUND, BOUND, (self.width,), np.float32)
+        self.render_mode = render_mode
+        self._layers: list[LayerData] = layer_data[0]
+        self._layer_index = 0
+        self._ratio = self.ratio_range[0]
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        low, high = self.ratio_range
+        self._ratio = float(options.get("ratio", self.np_random.uniform(low, high)))
+        self._layers = self.models[int(self.np_random.integers(len(self.models)))]
+        self._layer_index = 0
+        return self._observation(), {"ratio": self._ratio}
+
+    def step(self, action):
+        layer = self._layers[self._layer_index]
+        scores = torch.as_tensor(np.asarray(action, dtype=np.float32).reshape(-1))
+        keep = select_keep_indices(scores, keep_count(self.width, self._ratio))
+        reward = float(self._reward(layer, keep))
+        info = {"layer": self._layer_index, "ratio": self._ratio, "reward": reward}
+        self._layer_index += 1
+        terminated = self._layer_index == len(self._layers)
+        observation = self._observation() if not terminated else self._terminal_observation()
+        return observation, reward, terminated, False, info
+
+    def _observation(self) -> np.ndarray:
+        layer = self._layers[self._layer_index]
+        depth = self._layer_index / max(len(self._layers) - 1, 1)
+        return observation_for(layer.features, self._ratio, depth)
+
+    def _terminal_observation(self) -> np.ndarray:
+        return np.zeros(self.observation_space.shape, dtype=np.float32)
+
+
+def observation_for(features: torch.Tensor, ratio: float, depth: float) -> np.ndarray:
+    """Row features plus the (ratio, depth) context columns, as a fresh float32 array."""
+    rows = features.shape[0]
+    context = torch.tensor([ratio, depth], dtype=torch.float32).expand(rows, 2)
+    return torch.cat([features.float(), context], dim=1).numpy().copy()
+
+
+def load_layer_data(model, feature_set: str, reward: str, seed: int) -> list[LayerData]:
+    """Layer data for a model object or spec, with activations when the reward needs them."""
+    if isinstance(model, str):
+        from prunenet.models import load_model
+
+        model, _ = load_model(model)
+    return model_layer_data(
+        model, feature_set, SelfGenConfig(seed=seed), collect=reward in NEEDS_ACTIVATIONS
+    )
+
+
+def validate_ratio_range(ratio_range) -> tuple[float, float]:
+    try:
+        low, high = (validate_ratio(r) for r in ratio_range)
+    except (TypeError, ValueError) as error:
+        raise PruneNetError(
+            f"Invalid ratio range {ratio_range!r}: give two ratios low <= high in (0, 1), "
+            f"e.g. 0.1:0.5 ({error})."
+        ) from None
+    if low > high:
+        raise PruneNetError(f"Ratio range {low}:{high} is empty: low must be <= high.")
+    return low, high

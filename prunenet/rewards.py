@@ -1,0 +1,41 @@
+"""Rewards: how good is keeping rows `keep` of one layer? Higher is better.
+
+`function` (default): 1 - relative error of the FFN's output on the model's own generated text
+when only `keep` survives. It tracks what the pruned model computes, which is what perplexity
+measures. `ks`: the paper's 1/KS between singular-value spectra before and after, kept for
+comparison; on SmolLM2 the selection with the best spectrum had worse perplexity than random.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from prunenet.errors import PruneNetError
+from prunenet.features import LayerData
+from prunenet.spectral import function_error, ks_reward
+
+
+def function_reward(layer: LayerData, keep: torch.Tensor) -> float:
+    if layer.activations is None:
+        raise PruneNetError("The function reward needs self-generated activations.")
+    sample, output = layer.activations.sample, layer.ffn.output.float()
+    return 1.0 - function_error(sample, output, keep, layer.output_energy)
+
+
+def spectral_reward(layer: LayerData, keep: torch.Tensor) -> float:
+    return ks_reward(layer.ffn.inputs, keep)
+
+
+REWARDS: dict[str, Callable[[LayerData, torch.Tensor], float]] = {
+    "function": function_reward,
+    "ks": spectral_reward,
+}
+NEEDS_ACTIVATIONS = {"function"}
+
+
+def reward_function(name: str) -> Callable[[LayerData, torch.Tensor], float]:
+    if name not in REWARDS:
+        raise PruneNetError(f"Unknown reward {name!r}; choose one of {', '.join(REWARDS)}.")
+    return REWARDS[name]

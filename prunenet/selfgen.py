@@ -1,0 +1,119 @@
+"""Activations on text the model writes itself: the data-free window into what each neuron does.
+
+PruneNet promises calibration-free pruning: no external dataset is ever read. Weights alone
+predicted quality poorly on SmolLM2 (every weights-only criterion we tried lost to random
+selection), but the model can provide its own inputs: sample a few sequences from its start
+token and record each FFN's intermediate activations on them. These samples carry the model's
+own token statistics, which is what makes activation-based scores work without any corpus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunenet.arch import adapter_for, decoder_layers, ffn_modules
+
+
+@dataclass(frozen=True)
+class SelfGenConfig:
+    """How much text the model writes for itself.
+
+    :param sequences: number of sampled sequences.
+    :param length: tokens per sequence (including the start token).
+    :param seed: sampling seed; the same seed gives the same text and so the same scores.
+    :param kept_tokens: activation rows kept per layer for rewards (a seeded subsample).
+    """
+
+    sequences: int = 8
+    length: int = 128
+    seed: int = 0
+    kept_tokens: int = 256
+
+
+@dataclass
+class LayerActivations:
+    """One layer's FFN intermediate activations on self-generated text.
+
+    :param rms: per-neuron root-mean-square activation over all tokens.
+    :param mean_abs: per-neuron mean absolute activation.
+    :param max_abs: per-neuron maximum absolute activation (outlier neurons).
+    :param sample: `kept_tokens x d_ff` activation rows, for function-preservation rewards.
+    """
+
+    rms: torch.Tensor
+    mean_abs: torch.Tensor
+    max_abs: torch.Tensor
+    sample: torch.Tensor
+
+
+def start_token_id(model: nn.Module) -> int:
+    """The token generation starts from: BOS, else the decoder start, else EOS."""
+    for source in (model.generation_config, model.config):
+        for field in ("bos_token_id", "decoder_start_token_id", "eos_token_id"):
+            value = getattr(source, field, None)
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if value is not None:
+                return int(value)
+    return 0
+
+
+@torch.no_grad()
+def generate_own_text(model: nn.Module, config: SelfGenConfig) -> torch.Tensor:
+    """`sequences x length` token ids sampled by the model from its start token."""
+    start = torch.full((config.sequences, 1), start_token_id(model), dtype=torch.long)
+    start = start.to(next(model.parameters()).device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        tokens = model.generate(
+            start,
+            attention_mask=torch.ones_like(start),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+            max_length=config.length,
+            min_length=config.length,
+            pad_token_id=start_token_id(model),
+        )
+    return tokens
+
+
+@torch.no_grad()
+def collect_activations(
+    model: nn.Module, config: SelfGenConfig | None = None
+) -> list[LayerActivations]:
+    """Per-layer FFN activation statistics on the model's own text (one forward pass)."""
+    config = config or SelfGenConfig()
+    tokens = generate_own_text(model, config)
+    adapter = adapter_for(model.config)
+    captured: list[torch.Tensor | None] = []
+    handles = []
+    for index, layer in enumerate(decoder_layers(model)):
+        captured.append(None)
+        _, output = ffn_modules(layer, adapter)
+
+        def hook(module, inputs, index=index):
+            captured[index] = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+
+        handles.append(output.register_forward_pre_hook(hook))
+    try:
+        model(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    generator = torch.Generator().manual_seed(config.seed)
+    token_count = captured[0].shape[0]
+    sample_rows = torch.randperm(token_count, generator=generator)[: config.kept_tokens]
+    return [
+        LayerActivations(
+            rms=acts.pow(2).mean(dim=0).sqrt().cpu(),
+            mean_abs=acts.abs().mean(dim=0).cpu(),
+            max_abs=acts.abs().amax(dim=0).cpu(),
+            sample=acts[sample_rows.to(acts.device)].cpu(),
+        )
+        for acts in captured
+    ]
