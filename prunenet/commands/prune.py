@@ -7,7 +7,8 @@ import copy
 import time
 from pathlib import Path
 
-from prunenet.compress import prune_model, save_pruned, validate_ratio
+from prunenet.arch import ffn_width
+from prunenet.compress import keep_count, prune_model, save_pruned, validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.models import ALIASES, load_model
 from prunenet.saving import check_output_path
@@ -43,16 +44,26 @@ def register(subparsers) -> None:
 def parse_ratios(text: str) -> list[float]:
     """'0.3' or '0.1,0.2,0.3' -> validated floats (argparse turns errors into usage errors)."""
     try:
-        return [validate_ratio(part) for part in text.split(",")]
+        ratios = [validate_ratio(part) for part in text.split(",")]
     except PruneNetError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+    names = [_folder_name(r) for r in ratios]
+    if len(set(names)) != len(names):
+        # Two ratios sharing a subfolder would make the second save overwrite or fail late.
+        raise argparse.ArgumentTypeError(f"Ratios {text} repeat a value; list each ratio once.")
+    return ratios
 
 
 def output_folders(out: str, ratios: list[float]) -> list[Path]:
     """One folder for one ratio; `out/ratio-0.30` style subfolders for a list."""
     if len(ratios) == 1:
         return [Path(out)]
-    return [Path(out) / f"ratio-{r:.2f}" for r in ratios]
+    return [Path(out) / _folder_name(r) for r in ratios]
+
+
+def _folder_name(ratio: float) -> str:
+    # Two decimals read best (ratio-0.30), but finer ratios keep all digits so they stay distinct.
+    return f"ratio-{ratio:.2f}" if float(f"{ratio:.2f}") == ratio else f"ratio-{ratio!r}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
     load_seconds = time.perf_counter() - start
+    # Refuse a ratio that would empty the FFN now, before any folder is written.
+    for ratio in args.ratio:
+        keep_count(ffn_width(model.config), ratio)
     scorer = make_scorer(args.scorer, seed=args.seed)
     start = time.perf_counter()
     scores = scorer.score_model(model)
