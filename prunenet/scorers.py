@@ -25,15 +25,18 @@ class Scorer:
     name: str = "base"
     weights_only: bool = True
 
-    def score_layer(self, ffn: FFNWeights, layer_index: int, num_layers: int) -> torch.Tensor:
+    def score_layer(
+        self, ffn: FFNWeights, layer_index: int, num_layers: int, ratio: float | None = None
+    ) -> torch.Tensor:
+        """Scores of one layer's rows. `ratio` is the target ratio, for scorers that use it."""
         raise NotImplementedError
 
-    def score_model(self, model: nn.Module) -> list[torch.Tensor]:
+    def score_model(self, model: nn.Module, ratio: float | None = None) -> list[torch.Tensor]:
         """One score vector per decoder layer (length d_ff each)."""
         adapter = adapter_for(model.config)
         layers = decoder_layers(model)
         return [
-            self.score_layer(ffn_weights(layer, adapter), index, len(layers))
+            self.score_layer(ffn_weights(layer, adapter), index, len(layers), ratio)
             for index, layer in enumerate(layers)
         ]
 
@@ -50,7 +53,9 @@ class MagnitudeScorer(Scorer):
 
     name = "magnitude"
 
-    def score_layer(self, ffn: FFNWeights, layer_index: int, num_layers: int) -> torch.Tensor:
+    def score_layer(
+        self, ffn: FFNWeights, layer_index: int, num_layers: int, ratio: float | None = None
+    ) -> torch.Tensor:
         squared = sum(w.float().pow(2).sum(dim=1) for w in ffn.inputs)
         return squared.sqrt()
 
@@ -63,7 +68,9 @@ class RandomScorer(Scorer):
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
-    def score_layer(self, ffn: FFNWeights, layer_index: int, num_layers: int) -> torch.Tensor:
+    def score_layer(
+        self, ffn: FFNWeights, layer_index: int, num_layers: int, ratio: float | None = None
+    ) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + layer_index)
         return torch.rand(ffn.width, generator=generator)
 
@@ -84,7 +91,7 @@ class SelfGenScorer(Scorer):
     def __init__(self, seed: int = 0) -> None:
         self.config = SelfGenConfig(seed=seed)
 
-    def score_model(self, model: nn.Module) -> list[torch.Tensor]:
+    def score_model(self, model: nn.Module, ratio: float | None = None) -> list[torch.Tensor]:
         adapter = adapter_for(model.config)
         activations = collect_activations(model, self.config)
         return [
