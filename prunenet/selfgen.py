@@ -9,12 +9,13 @@ own token statistics, which is what makes activation-based scores work without a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from prunenet.arch import adapter_for, decoder_layers, ffn_modules
+from prunenet.cache import memoize
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,18 @@ def generate_own_text(model: nn.Module, config: SelfGenConfig) -> torch.Tensor:
     return tokens
 
 
-@torch.no_grad()
 def collect_activations(
     model: nn.Module, config: SelfGenConfig | None = None
 ) -> list[LayerActivations]:
-    """Per-layer FFN activation statistics on the model's own text (one forward pass)."""
+    """Per-layer FFN activation statistics on the model's own text (cached per model)."""
     config = config or SelfGenConfig()
+    return memoize(
+        "activations", model, asdict(config), lambda: _collect_activations(model, config)
+    )
+
+
+@torch.no_grad()
+def _collect_activations(model: nn.Module, config: SelfGenConfig) -> list[LayerActivations]:
     tokens = generate_own_text(model, config)
     adapter = adapter_for(model.config)
     captured: list[torch.Tensor | None] = []

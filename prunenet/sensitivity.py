@@ -15,19 +15,53 @@ measurement serves every ratio (and is cached on disk with the model's activatio
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunenet.allocation import CostGrid
-from prunenet.arch import adapter_for, decoder_layers, ffn_modules
+from prunenet.allocation import DEFAULT_MAX_RATIO, CostGrid, allocate_rows, rows_for_ratio
+from prunenet.arch import adapter_for, decoder_layers, ffn_modules, ffn_widths
+from prunenet.cache import memoize
 from prunenet.compress import keep_count, select_keep_indices
+from prunenet.errors import PruneNetError
+from prunenet.scorers import Scorer
 from prunenet.selfgen import SelfGenConfig, generate_own_text
 
 SENSITIVITY_RATIOS = (0.15, 0.3, 0.45, 0.6)
 SENSITIVITY_TEXT = SelfGenConfig(sequences=2, length=96)
+# Ratio-aware scorers (a policy) rank rows for this ratio when the curves are measured, so one
+# measurement serves every target ratio.
+REFERENCE_RATIO = 0.3
+ALLOCATIONS = ("auto", "uniform")
+
+
+def auto_allocation(
+    model: nn.Module, scorer: Scorer, ratio: float, max_layer_ratio: float = DEFAULT_MAX_RATIO
+) -> list[int]:
+    """Rows to remove per layer for a global `ratio`: least total self-generated KL damage.
+
+    Exactly `round(ratio * all FFN rows)` rows go, at most `max_layer_ratio` of any layer.
+    """
+    if max_layer_ratio > SENSITIVITY_RATIOS[-1]:
+        raise PruneNetError(
+            f"--max-layer-ratio {max_layer_ratio} exceeds the largest measured layer ratio "
+            f"{SENSITIVITY_RATIOS[-1]}; use at most {SENSITIVITY_RATIOS[-1]}."
+        )
+    widths = ffn_widths(model.config)
+    curves = memoize(
+        "sensitivity",
+        model,
+        {
+            "scorer": scorer.describe(),
+            "ratios": SENSITIVITY_RATIOS,
+            "text": asdict(SENSITIVITY_TEXT),
+        },
+        lambda: layer_sensitivity(model, scorer.score_model(model, ratio=REFERENCE_RATIO)),
+    )
+    return allocate_rows(curves, widths, rows_for_ratio(widths, ratio), max_ratio=max_layer_ratio)
 
 
 @torch.no_grad()
