@@ -10,9 +10,16 @@ from pathlib import Path
 from prunenet.arch import ffn_width
 from prunenet.compress import keep_count, prune_model, save_pruned, validate_ratio
 from prunenet.errors import PruneNetError
-from prunenet.models import ALIASES, load_model
+from prunenet.models import ALIASES, load_model, resolve_model_path
 from prunenet.saving import check_output_path
 from prunenet.scorers import SCORERS, make_scorer
+from prunenet.stream import (
+    load_config,
+    require_weights_only,
+    resolve_device,
+    should_stream,
+    stream_prune,
+)
 from prunenet.tables import format_table
 
 
@@ -38,6 +45,14 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for random scoring")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="prune a local safetensors folder layer by layer without loading the model "
+        "(memory bounded by one layer; weights-only scorers). Chosen automatically when the "
+        "checkpoint is larger than half of the available RAM",
+    )
+    parser.add_argument("--device", default="cpu", help="where scoring runs: cpu (default) or cuda")
     parser.set_defaults(run=run)
 
 
@@ -70,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
     folders = output_folders(args.out, args.ratio)
     for folder in [Path(args.out), *folders[1:]] if len(folders) > 1 else folders:
         check_output_path(folder, args.overwrite)
+    device = resolve_device(args.device)
+    if _use_stream(args):
+        return _run_stream(args, folders, device)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=str(device))
     load_seconds = time.perf_counter() - start
     # Refuse a ratio that would empty the FFN now, before any folder is written.
     for ratio in args.ratio:
@@ -82,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     score_seconds = time.perf_counter() - start
     print(
         f"model {args.model} ({model.config.model_type}) loaded in {load_seconds:.1f} s; "
-        f"scored with {args.scorer} in {score_seconds:.2f} s (seed {args.seed}, cpu)"
+        f"scored with {args.scorer} in {score_seconds:.2f} s (seed {args.seed}, {device})"
     )
     rows = []
     for ratio, folder in zip(args.ratio, folders, strict=True):
@@ -106,6 +124,74 @@ def run(args: argparse.Namespace) -> int:
         )
     headers = ["ratio", "layers", "d_ff", "d_ff after", "params", "params after",
                "params removed", "seconds", "saved to"]  # fmt: skip
+    print(format_table(headers, rows))
+    return 0
+
+
+def _use_stream(args: argparse.Namespace) -> bool:
+    """--stream, or automatically for a local checkpoint too large to load comfortably."""
+    if args.stream:
+        return True
+    path = resolve_model_path(args.model)
+    if not (Path(path) / "config.json").is_file():
+        return False  # a hub id: transformers downloads it; streaming needs local files
+    large, size, available = should_stream(path)
+    if not large:
+        return False
+    if not make_scorer(args.scorer, seed=args.seed).weights_only:
+        print(
+            f"model {args.model}: safetensors {size / 1e9:.1f} GB > half of available RAM "
+            f"({available / 1e9:.1f} GB), but scorer {args.scorer} needs the model in memory; "
+            "loading it anyway"
+        )
+        return False
+    print(
+        f"model {args.model}: safetensors {size / 1e9:.1f} GB > half of available RAM "
+        f"({available / 1e9:.1f} GB); switching to --stream (layer by layer, bounded memory)"
+    )
+    return True
+
+
+def _run_stream(args: argparse.Namespace, folders: list[Path], device) -> int:
+    """Stream-prune each ratio in turn (scorers may depend on the ratio, so each run scores)."""
+    path = resolve_model_path(args.model)
+    scorer = make_scorer(args.scorer, seed=args.seed)
+    require_weights_only(scorer)
+    # Refuse a ratio that would empty the FFN now, before any folder is written.
+    for ratio in args.ratio:
+        keep_count(ffn_width(load_config(Path(path))), ratio)
+    print(
+        f"model {args.model}: streaming safetensors layer by layer; scoring with {scorer.name} "
+        f"(seed {args.seed}) on {device}",
+        flush=True,
+    )
+    rows = []
+    for ratio, folder in zip(args.ratio, folders, strict=True):
+        report = stream_prune(
+            path,
+            folder,
+            scorer,
+            ratio,
+            device=device,
+            overwrite=args.overwrite,
+            progress=lambda line: print(f"  {line}", flush=True),
+        )
+        rows.append(
+            [
+                ratio,
+                report.num_layers,
+                report.ffn_width_before,
+                _widths(report.ffn_widths_after),
+                report.params_before,
+                report.params_after,
+                f"{100 * report.ffn_ratio:.1f}%",
+                f"{100 * report.params_removed_fraction:.1f}%",
+                f"{report.seconds:.2f}",
+                str(folder),
+            ]
+        )
+    headers = ["ratio", "layers", "d_ff", "d_ff after", "params", "params after",
+               "FFN rows removed", "params removed", "seconds", "saved to"]  # fmt: skip
     print(format_table(headers, rows))
     return 0
 
