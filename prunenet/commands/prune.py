@@ -7,12 +7,14 @@ import copy
 import time
 from pathlib import Path
 
-from prunenet.arch import ffn_width
-from prunenet.compress import keep_count, prune_model, save_pruned, validate_ratio
+from prunenet.allocation import DEFAULT_MAX_RATIO, keep_counts
+from prunenet.arch import ffn_width, ffn_widths
+from prunenet.compress import PruneReport, keep_count, prune_model, save_pruned, validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.models import ALIASES, load_model, resolve_model_path
 from prunenet.saving import check_output_path
-from prunenet.scorers import SCORERS, make_scorer
+from prunenet.scorers import SCORERS, Scorer, make_scorer
+from prunenet.sensitivity import ALLOCATIONS, SENSITIVITY_RATIOS, auto_allocation
 from prunenet.stream import (
     load_config,
     require_weights_only,
@@ -41,8 +43,33 @@ def register(subparsers) -> None:
         help="fraction of FFN rows removed, in (0, 1); a comma list (0.1,0.2,0.3) scores once "
         "and writes one folder per ratio under --out",
     )
-    parser.add_argument("--scorer", default="magnitude", choices=sorted(SCORERS))
-    parser.add_argument("--seed", type=int, default=0, help="seed for random scoring")
+    parser.add_argument(
+        "--scorer",
+        default="selfgen",
+        choices=sorted(SCORERS),
+        help="how rows are scored when no --policy is given: selfgen (default; activations on "
+        "text the model generates itself), magnitude (weight norms), random",
+    )
+    parser.add_argument(
+        "--policy", help="a `prunenet train` checkpoint (.zip): score rows with the policy"
+    )
+    parser.add_argument(
+        "--allocation",
+        default="uniform",
+        choices=ALLOCATIONS,
+        help="uniform (default): the same ratio in every layer; the folder loads with plain "
+        "transformers. auto: remove more rows where the model's own output changes least "
+        "(exactly --ratio of all FFN rows in total; lower perplexity); layers then differ in "
+        "width and the folder loads with prunenet.load_pruned",
+    )
+    parser.add_argument(
+        "--max-layer-ratio",
+        type=float,
+        default=DEFAULT_MAX_RATIO,
+        help=f"auto allocation never removes more than this fraction of one layer (default "
+        f"{DEFAULT_MAX_RATIO}, at most {SENSITIVITY_RATIOS[-1]})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for random and selfgen scoring")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument(
@@ -94,38 +121,57 @@ def run(args: argparse.Namespace) -> int:
     # Refuse a ratio that would empty the FFN now, before any folder is written.
     for ratio in args.ratio:
         keep_count(ffn_width(model.config), ratio)
-    scorer = make_scorer(args.scorer, seed=args.seed)
-    start = time.perf_counter()
-    scores = scorer.score_model(model)
-    score_seconds = time.perf_counter() - start
+    scorer = build_scorer(args)
     print(
         f"model {args.model} ({model.config.model_type}) loaded in {load_seconds:.1f} s; "
-        f"scored with {args.scorer} in {score_seconds:.2f} s (seed {args.seed}, {device})"
+        f"scoring with {scorer.name} (seed {args.seed}, {device}), {args.allocation} allocation",
+        flush=True,
     )
     rows = []
     for ratio, folder in zip(args.ratio, folders, strict=True):
-        pruned = copy.deepcopy(model) if len(folders) > 1 else model
-        report = prune_model(pruned, scores, ratio)
-        report.scorer = scorer.describe()
         start = time.perf_counter()
+        scores = scorer.score_model(model, ratio=ratio)
+        layer_keep = None
+        if args.allocation == "auto":
+            removed = auto_allocation(model, scorer, ratio, args.max_layer_ratio)
+            layer_keep = keep_counts(ffn_widths(model.config), removed)
+        pruned = copy.deepcopy(model) if len(folders) > 1 else model
+        report = prune_model(pruned, scores, ratio, layer_keep=layer_keep)
+        report.scorer = {**scorer.describe(), "allocation": args.allocation}
         save_pruned(pruned, tokenizer, folder, report, overwrite=args.overwrite)
-        rows.append(
-            [
-                ratio,
-                report.num_layers,
-                report.ffn_width_before,
-                _widths(report.ffn_widths_after),
-                report.params_before,
-                report.params_after,
-                f"{100 * report.params_removed_fraction:.1f}%",
-                f"{score_seconds + report.seconds + time.perf_counter() - start:.2f}",
-                str(folder),
-            ]
-        )
-    headers = ["ratio", "layers", "d_ff", "d_ff after", "params", "params after",
-               "params removed", "seconds", "saved to"]  # fmt: skip
-    print(format_table(headers, rows))
+        report.seconds = time.perf_counter() - start
+        rows.append(summary_row(ratio, report, folder))
+    print(format_table(SUMMARY_HEADERS, rows))
     return 0
+
+
+def build_scorer(args: argparse.Namespace) -> Scorer:
+    """The policy when --policy is given, else the named scorer."""
+    if args.policy:
+        from prunenet.policy_scorer import PolicyScorer  # imports SB3: only when asked for
+
+        return PolicyScorer(args.policy, device=args.device)
+    return make_scorer(args.scorer, seed=args.seed)
+
+
+SUMMARY_HEADERS = ["ratio", "layers", "d_ff", "d_ff after", "params", "params after",
+                   "FFN rows removed", "params removed", "seconds", "saved to"]  # fmt: skip
+
+
+def summary_row(ratio: float, report: PruneReport, folder: Path) -> list:
+    """One line of the summary table (both the FFN ratio and the parameter fraction)."""
+    return [
+        ratio,
+        report.num_layers,
+        report.ffn_width_before,
+        _widths(report.ffn_widths_after),
+        report.params_before,
+        report.params_after,
+        f"{100 * report.ffn_ratio:.1f}%",
+        f"{100 * report.params_removed_fraction:.1f}%",
+        f"{report.seconds:.2f}",
+        str(folder),
+    ]
 
 
 def _use_stream(args: argparse.Namespace) -> bool:
@@ -138,7 +184,7 @@ def _use_stream(args: argparse.Namespace) -> bool:
     large, size, available = should_stream(path)
     if not large:
         return False
-    if not make_scorer(args.scorer, seed=args.seed).weights_only:
+    if not build_scorer(args).weights_only:
         print(
             f"model {args.model}: safetensors {size / 1e9:.1f} GB > half of available RAM "
             f"({available / 1e9:.1f} GB), but scorer {args.scorer} needs the model in memory; "
@@ -155,8 +201,13 @@ def _use_stream(args: argparse.Namespace) -> bool:
 def _run_stream(args: argparse.Namespace, folders: list[Path], device) -> int:
     """Stream-prune each ratio in turn (scorers may depend on the ratio, so each run scores)."""
     path = resolve_model_path(args.model)
-    scorer = make_scorer(args.scorer, seed=args.seed)
+    scorer = build_scorer(args)
     require_weights_only(scorer)
+    if args.allocation == "auto":
+        raise PruneNetError(
+            "--allocation auto measures the model's own outputs and needs the model in "
+            "memory; drop --stream, or use --allocation uniform with --stream."
+        )
     # Refuse a ratio that would empty the FFN now, before any folder is written.
     for ratio in args.ratio:
         keep_count(ffn_width(load_config(Path(path))), ratio)
@@ -176,23 +227,8 @@ def _run_stream(args: argparse.Namespace, folders: list[Path], device) -> int:
             overwrite=args.overwrite,
             progress=lambda line: print(f"  {line}", flush=True),
         )
-        rows.append(
-            [
-                ratio,
-                report.num_layers,
-                report.ffn_width_before,
-                _widths(report.ffn_widths_after),
-                report.params_before,
-                report.params_after,
-                f"{100 * report.ffn_ratio:.1f}%",
-                f"{100 * report.params_removed_fraction:.1f}%",
-                f"{report.seconds:.2f}",
-                str(folder),
-            ]
-        )
-    headers = ["ratio", "layers", "d_ff", "d_ff after", "params", "params after",
-               "FFN rows removed", "params removed", "seconds", "saved to"]  # fmt: skip
-    print(format_table(headers, rows))
+        rows.append(summary_row(ratio, report, folder))
+    print(format_table(SUMMARY_HEADERS, rows))
     return 0
 
 
