@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from prunenet.commands import eval as eval_command
 from prunenet.commands import prune
 from prunenet.errors import PruneNetError
 
-COMMANDS = [prune]
+COMMANDS = [prune, eval_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

