@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from prunenet.errors import PruneNetError
@@ -103,10 +104,14 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
     except PruneNetError:
         raise
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, StrictDataclassError) as error:
+        # transformers raises assorted types for broken folders: OSError for missing weights,
+        # huggingface_hub's validation errors for inconsistent configs, RuntimeError for shape
+        # mismatches. For a user they all mean "this folder does not load".
         raise PruneNetError(
             f"Could not load model {spec!r} ({type(error).__name__}: {error}). Check that it "
-            "is a causal-LM folder written by save_pretrained or a reachable hub id."
+            "is a causal-LM folder written by save_pretrained (config.json and weights), a "
+            f"reachable hub id, or an alias: {', '.join(ALIASES)}."
         ) from error
     return model.to(device).eval(), tokenizer
 

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if json_path is not None and json_path.is_dir():
         raise PruneNetError(f"--json {json_path} is a folder; give a file name.")
 
-    model, tokenizer = load_model_or_explain(args.model, device)
+    model, tokenizer = load_model(args.model, device=device)
     counts = parameter_counts(model)
     suite = EvaluationSuite(
         tokenizer,
@@ -159,25 +159,6 @@ def run(args: argparse.Namespace) -> int:
         json_path.write_text(json.dumps(record, indent=2))
         print(f"wrote {json_path}")
     return 0
-
-
-def load_model_or_explain(spec: str, device: str) -> tuple:
-    """`load_model`, turning any failure to read a user's folder into a clear error.
-
-    transformers raises assorted exception types for broken folders (OSError for missing
-    weights, huggingface_hub's validation errors for inconsistent configs, RuntimeError for
-    shape mismatches); for a user they all mean "this folder does not load".
-    """
-    try:
-        return load_model(spec, device=device)
-    except PruneNetError:
-        raise
-    except Exception as error:
-        raise PruneNetError(
-            f"Could not load model {spec!r} ({type(error).__name__}: {error}). Check that it "
-            "is a causal-LM folder written by save_pretrained (config.json and weights), a "
-            f"reachable hub id, or an alias: {', '.join(ALIASES)}."
-        ) from error
 
 
 def effective_limits(limit: int | None, ppl_windows: int | None) -> tuple[int | None, int | None]:
