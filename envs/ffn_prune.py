@@ -63,6 +63,17 @@ class FFNPruneEnv(gym.Env):
                 f"(got widths {sorted(widths)})."
             )
         self.width = widths.pop()
+        layers = [layer for layers in layer_data for layer in layers]
+        if any(layer.features.shape[1] != len(feature_names(feature_set)) for layer in layers):
+            raise PruneNetError(
+                f"layer_data was not computed with the {feature_set!r} feature set: pass the "
+                "same feature_set to model_layer_data and FFNPruneEnv."
+            )
+        if reward in NEEDS_ACTIVATIONS and any(layer.activations is None for layer in layers):
+            raise PruneNetError(
+                f"The {reward!r} reward needs self-generated activations: compute layer_data "
+                "with model_layer_data(..., collect=True)."
+            )
         columns = len(feature_names(feature_set)) + len(CONTEXT_FEATURES)
         self.observation_space = gym.spaces.Box(-BOUND, BOUND, (self.width, columns), np.float32)
         self.action_space = gym.spaces.Box(-BOUND, BOUND, (self.width,), np.float32)

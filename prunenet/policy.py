@@ -213,6 +213,11 @@ def load_policy(checkpoint: str | Path, width: int, device: str = "cpu") -> tupl
             f"Policy checkpoint {checkpoint} could not be read ({type(error).__name__}: "
             f"{error}). Re-train it with `prunenet train`."
         ) from None
+    if data is None or "policy" not in params:
+        raise PruneNetError(
+            f"Policy checkpoint {checkpoint} has PruneNet metadata but no SB3 policy inside "
+            "(missing 'data' or 'policy.pth'). Re-train it with `prunenet train`."
+        )
     observation_space, action_space = spaces_for(width, metadata["feature_set"])
     kwargs = dict(data.get("policy_kwargs") or {})
     policy = RowScoringPolicy(observation_space, action_space, lambda _: 0.0, **kwargs)

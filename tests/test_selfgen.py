@@ -1,0 +1,109 @@
+"""Self-generated text and the FFN activations recorded on it (the data-free signal)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prunenet.arch import decoder_layers, ffn_width
+from prunenet.selfgen import (
+    SelfGenConfig,
+    collect_activations,
+    generate_own_text,
+    start_token_id,
+)
+from tests.conftest import SPECIAL_TOKENS, tiny_model
+
+SMALL = SelfGenConfig(sequences=2, length=16, kept_tokens=16)
+
+
+@pytest.fixture(autouse=True)
+def _no_disk_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRUNENET_NO_CACHE", "1")
+
+
+# ----- generate_own_text -------------------------------------------------------------------------
+
+
+def test_generate_own_text_is_deterministic_for_a_seed() -> None:
+    model = tiny_model("llama")
+    assert torch.equal(generate_own_text(model, SMALL), generate_own_text(model, SMALL))
+
+
+def test_generate_own_text_differs_between_seeds() -> None:
+    model = tiny_model("llama")
+    other = SelfGenConfig(sequences=2, length=16, kept_tokens=16, seed=1)
+    assert not torch.equal(generate_own_text(model, SMALL), generate_own_text(model, other))
+
+
+def test_generate_own_text_starts_with_the_start_token_and_has_the_requested_shape() -> None:
+    model = tiny_model("llama")
+    tokens = generate_own_text(model, SMALL)
+    assert tokens.shape == (SMALL.sequences, SMALL.length)
+    assert torch.all(tokens[:, 0] == SPECIAL_TOKENS["bos_token_id"])
+
+
+def test_generate_own_text_leaves_the_global_rng_untouched() -> None:
+    model = tiny_model("llama")
+    torch.manual_seed(5)
+    generate_own_text(model, SMALL)
+    after_generation = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after_generation, torch.rand(3))
+
+
+def test_start_token_falls_back_to_eos_when_there_is_no_bos() -> None:
+    model = tiny_model("llama")
+    model.generation_config.bos_token_id = None
+    model.config.bos_token_id = None
+    assert start_token_id(model) == SPECIAL_TOKENS["eos_token_id"]
+
+
+# ----- collect_activations -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+def test_collect_activations_has_one_entry_per_layer_with_per_neuron_shapes(
+    model_type: str,
+) -> None:
+    model = tiny_model(model_type)
+    width = ffn_width(model.config)
+    activations = collect_activations(model, SMALL)
+    assert len(activations) == len(decoder_layers(model))
+    for layer in activations:
+        assert layer.rms.shape == layer.mean_abs.shape == layer.max_abs.shape == (width,)
+        assert layer.sample.shape == (SMALL.kept_tokens, width)
+
+
+def test_collect_activations_sample_is_capped_by_the_number_of_generated_tokens() -> None:
+    config = SelfGenConfig(sequences=2, length=8, kept_tokens=1000)
+    activations = collect_activations(tiny_model("llama"), config)
+    assert activations[0].sample.shape[0] == config.sequences * config.length
+
+
+def test_collect_activations_match_the_mlp_intermediate_computed_directly() -> None:
+    model = tiny_model("llama")
+    config = SelfGenConfig(sequences=2, length=16, kept_tokens=32)  # every token kept
+    tokens = generate_own_text(model, config)
+    mlp_inputs = []
+    handles = [
+        layer.mlp.register_forward_pre_hook(lambda m, args: mlp_inputs.append(args[0]))
+        for layer in decoder_layers(model)
+    ]
+    with torch.no_grad():
+        model(tokens)
+    for handle in handles:
+        handle.remove()
+
+    activations = collect_activations(model, config)
+    for layer, hidden, recorded in zip(decoder_layers(model), mlp_inputs, activations, strict=True):
+        mlp = layer.mlp
+        with torch.no_grad():
+            intermediate = (mlp.act_fn(mlp.gate_proj(hidden)) * mlp.up_proj(hidden)).flatten(0, 1)
+        assert torch.allclose(recorded.rms, intermediate.pow(2).mean(0).sqrt(), atol=1e-5)
+        assert torch.allclose(recorded.mean_abs, intermediate.abs().mean(0), atol=1e-5)
+        assert torch.allclose(recorded.max_abs, intermediate.abs().amax(0), atol=1e-5)
+        # The sample is a seeded permutation of the same token rows.
+        assert torch.allclose(
+            recorded.sample.pow(2).sum(0), intermediate.pow(2).sum(0), rtol=1e-4, atol=1e-5
+        )

@@ -1,0 +1,191 @@
+"""PPO training: checkpoint metadata, atomic best-checkpoint saving, reproducibility, refusals."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunenet import train as train_module
+from prunenet.errors import PruneNetError
+from prunenet.features import FEATURE_VERSION, model_layer_data
+from prunenet.policy import METADATA_FILE, load_policy, read_metadata
+from prunenet.selfgen import SelfGenConfig
+from prunenet.train import TrainConfig, evaluate_policy, evaluation_ratios, train_policy
+from tests.conftest import FFN_WIDTH, tiny_model
+
+SMALL = SelfGenConfig(sequences=2, length=16, kept_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def layer_data():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PRUNENET_NO_CACHE", "1")
+        return model_layer_data(tiny_model("llama"), "selfgen", SMALL)
+
+
+def _config(out: Path, **overrides) -> TrainConfig:
+    settings = {"timesteps": 16, "eval_every": 8, "hidden": 8, "ratios": (0.2, 0.4), "seed": 3}
+    return TrainConfig(model="tiny-llama", out=str(out), **{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(layer_data, tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("trained")
+    config = _config(folder / "policy.zip")
+    return config, train_policy(config, layer_data=layer_data), folder
+
+
+def test_a_tiny_run_writes_a_checkpoint_with_complete_metadata(trained) -> None:
+    config, result, _ = trained
+    metadata = read_metadata(result.checkpoint)
+    assert metadata["feature_version"] == FEATURE_VERSION
+    assert metadata["feature_set"] == "selfgen"
+    assert metadata["reward"] == "function"
+    assert metadata["ratios"] == [0.2, 0.4]
+    assert metadata["source_model"] == "tiny-llama"
+    assert metadata["seed"] == 3
+    assert metadata["algo"] == "ppo"
+    assert metadata["step"] == result.best_step
+    assert metadata["eval_reward"] == pytest.approx(result.best_reward)
+
+
+def test_the_best_checkpoint_is_the_only_file_left_in_its_folder(trained) -> None:
+    _, result, folder = trained
+    assert [p.name for p in folder.iterdir()] == ["policy.zip"]
+    with zipfile.ZipFile(result.checkpoint) as archive:
+        assert archive.testzip() is None
+        assert {"data", "policy.pth", METADATA_FILE} <= set(archive.namelist())
+
+
+def test_the_result_reports_the_best_of_the_evaluation_history(trained) -> None:
+    _, result, _ = trained
+    steps = [step for step, _, _ in result.history]
+    assert steps[:2] == [8, 16] and len(steps) == 3  # every 8 steps, then the final policy
+    best = max(result.history, key=lambda entry: entry[2])
+    assert result.best_reward == best[2] and result.best_step == best[0]
+    assert 0.0 < result.seconds_to_best <= result.seconds
+
+
+def test_the_saved_checkpoint_scores_its_recorded_evaluation_reward(trained, layer_data) -> None:
+    config, result, _ = trained
+    policy, _ = load_policy(result.checkpoint, FFN_WIDTH)
+    reward = evaluate_policy(policy, layer_data, evaluation_ratios(config.ratios), config.reward)
+    assert reward == pytest.approx(result.best_reward, abs=1e-6)
+
+
+def test_training_is_reproducible_for_a_seed(trained, layer_data, tmp_path: Path) -> None:
+    config, result, _ = trained
+    again = train_policy(_config(tmp_path / "again.zip"), layer_data=layer_data)
+    assert [entry[2] for entry in again.history] == [entry[2] for entry in result.history]
+    first = load_policy(result.checkpoint, FFN_WIDTH)[0].state_dict()
+    second = load_policy(again.checkpoint, FFN_WIDTH)[0].state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_and_no_partial_files(
+    trained, layer_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "policy.zip"
+    out.write_bytes(Path(trained[1].checkpoint).read_bytes())
+    before = out.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_module, "write_metadata", fail)
+    with pytest.raises(OSError, match="disk full"):
+        train_policy(_config(out), layer_data=layer_data)
+    assert [p.name for p in tmp_path.iterdir()] == ["policy.zip"]
+    assert out.read_bytes() == before
+
+
+def test_weights_features_with_the_ks_reward_train_too(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PRUNENET_NO_CACHE", "1")
+    data = model_layer_data(tiny_model("llama"), "weights", SMALL)
+    config = _config(tmp_path / "ks.zip", feature_set="weights", reward="ks", timesteps=8)
+    result = train_policy(config, layer_data=data)
+    metadata = read_metadata(result.checkpoint)
+    assert (metadata["feature_set"], metadata["reward"]) == ("weights", "ks")
+    assert result.best_reward > 0
+
+
+def test_evaluation_ratios_are_the_ends_and_middle_of_the_range() -> None:
+    assert evaluation_ratios((0.1, 0.5)) == [0.1, 0.3, 0.5]
+    assert evaluation_ratios((0.3, 0.3)) == [0.3]
+
+
+# ----- refusals (before any model is loaded: the model path does not exist) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"ratios": (0.5, 0.1)}, "is empty: low must be <= high"),
+        ({"ratios": (0.0, 0.5)}, "outside \\(0, 1\\)"),
+        ({"ratios": (0.2, 1.2)}, "outside \\(0, 1\\)"),
+        ({"ratios": ("low", "high")}, "not a number"),
+        ({"timesteps": 0}, "--timesteps must be positive"),
+        ({"reward": "perplexity"}, "Unknown reward"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_clear_message(
+    tmp_path: Path, overrides: dict, message: str
+) -> None:
+    config = _config(tmp_path / "policy.zip", **overrides)
+    config.model = str(tmp_path / "no-such-model")
+    with pytest.raises(PruneNetError, match=message):
+        train_policy(config)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_path_not_ending_in_zip_is_refused(tmp_path: Path) -> None:
+    config = _config(tmp_path / "policy.pt")
+    config.model = str(tmp_path / "no-such-model")
+    with pytest.raises(PruneNetError, match="must end in .zip"):
+        train_policy(config)
+
+
+# ----- the real model ----------------------------------------------------------------------------
+
+
+def _mean_function_reward(layer_data, layer_scores, ratio: float) -> float:
+    from prunenet.compress import keep_count, select_keep_indices
+    from prunenet.rewards import function_reward
+
+    rewards = [
+        function_reward(layer, select_keep_indices(scores, keep_count(layer.ffn.width, ratio)))
+        for layer, scores in zip(layer_data, layer_scores, strict=True)
+    ]
+    return sum(rewards) / len(rewards)
+
+
+@pytest.mark.real_model
+def test_smollm2_policy_keeps_the_ffn_function_better_than_magnitude_and_random(
+    tmp_path: Path,
+) -> None:
+    from prunenet.models import load_model
+    from prunenet.scorers import MagnitudeScorer, RandomScorer
+
+    model, _ = load_model("smollm2-135m")
+    layer_data = model_layer_data(model, "selfgen")
+    config = TrainConfig(model="smollm2-135m", out=str(tmp_path / "policy.zip"), timesteps=600)
+    result = train_policy(config, layer_data=layer_data)
+    policy, _ = load_policy(result.checkpoint, model.config.intermediate_size)
+
+    baselines = {
+        "magnitude": MagnitudeScorer().score_model(model),
+        "random": RandomScorer(0).score_model(model),
+        "selfgen heuristic": [
+            layer.activations.rms * layer.ffn.output.float().norm(dim=0) for layer in layer_data
+        ],
+    }
+    for ratio in (0.2, 0.3):
+        learned = evaluate_policy(policy, layer_data, [ratio], "function")
+        others = {n: _mean_function_reward(layer_data, s, ratio) for n, s in baselines.items()}
+        listed = ", ".join(f"{name} {value:.4f}" for name, value in others.items())
+        print(f"ratio {ratio}: policy {learned:.4f}, {listed}")
+        assert learned > others["magnitude"]
+        assert learned > others["random"]
