@@ -2,9 +2,9 @@
 
 These analyses depend only on the model's weights and a few settings, and they dominate the
 cost of pruning at a new ratio, so they are computed once per model and reused: a new ratio
-then takes seconds. Entries are keyed by a fingerprint of the weights themselves (shapes and
-float64 sums of every parameter), never by a path, so a model pruned or edited in memory never
-reads an entry of the model it came from. `PRUNENET_NO_CACHE=1` turns the cache off.
+then takes seconds. Entries are keyed by a fingerprint of the weights themselves (shapes, sums
+and a strided sample of every parameter), never by a path, so a model pruned or edited in memory
+never reads an entry of the model it came from. `PRUNENET_NO_CACHE=1` turns the cache off.
 """
 
 from __future__ import annotations
@@ -27,12 +27,16 @@ T = TypeVar("T")
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """Content hash of a model's parameters: names, shapes and float64 sums."""
+    """Content hash of a model's parameters: names, shapes, sums, and the raw bytes of
+    an evenly strided sample of ~4k values each (so reordered rows also change the key)."""
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            total = parameter.detach().double().sum().item()
+            flat = parameter.detach().flatten()
+            total = flat.sum().item()  # a different thread count may miss, never mismatch
+            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
             digest.update(f"{name}:{tuple(parameter.shape)}:{total!r};".encode())
+            digest.update(sample)
     return digest.hexdigest()
 
 
