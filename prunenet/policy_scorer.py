@@ -3,6 +3,9 @@
 One checkpoint serves any ratio and any FFN width: the features of a model are computed once
 (and the self-generated activations cached on disk), then every ratio costs one small forward
 pass of the policy per layer.
+
+`load_scorer_from_checkpoint` picks the scorer from the checkpoint's metadata: `PolicyScorer`
+for PPO checkpoints, `prunenet.reinforce.ReinforceScorer` for the paper-faithful baseline.
 """
 
 from __future__ import annotations
@@ -19,6 +22,21 @@ from prunenet.scorers import Scorer
 from prunenet.selfgen import SelfGenConfig
 
 
+def load_scorer_from_checkpoint(checkpoint: str, device: str = "cpu") -> Scorer:
+    """The right scorer for a `prunenet train` checkpoint, by its metadata's `algo`."""
+    algo = read_metadata(checkpoint).get("algo", "ppo")
+    if algo == "ppo":
+        return PolicyScorer(checkpoint, device)
+    if algo == "reinforce":
+        from prunenet.reinforce import ReinforceScorer
+
+        return ReinforceScorer(checkpoint, device)
+    raise PruneNetError(
+        f"Checkpoint {checkpoint} was trained with algo {algo!r}, which this PruneNet cannot "
+        "score with (known: ppo, reinforce). Re-train it with `prunenet train`."
+    )
+
+
 class PolicyScorer(Scorer):
     """Scores from a `prunenet train` checkpoint.
 
@@ -32,6 +50,11 @@ class PolicyScorer(Scorer):
         self.checkpoint = str(checkpoint)
         self.device = device
         self.metadata = read_metadata(checkpoint)
+        if self.metadata.get("algo", "ppo") != "ppo":
+            raise PruneNetError(
+                f"{checkpoint} is a {self.metadata['algo']!r} checkpoint, not a PPO policy; "
+                "load it with prunenet.policy_scorer.load_scorer_from_checkpoint."
+            )
         self.feature_set = self.metadata["feature_set"]
         self.weights_only = self.feature_set == "weights"
         self._policies: dict[int, RowScoringPolicy] = {}

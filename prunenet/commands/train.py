@@ -1,4 +1,8 @@
-"""`prunenet train`: learn a row-scoring policy on a model with PPO, save the best checkpoint."""
+"""`prunenet train`: learn a row-scoring policy on a model with PPO, save the best checkpoint.
+
+`--algo reinforce` trains the paper-faithful REINFORCE baseline instead (`prunenet.reinforce`):
+one ratio, the paper's 1/KS reward and discount 0.99 by default, a width-bound policy.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,13 @@ def register(subparsers) -> None:
         ),
     )
     parser.add_argument("--model", required=True, help="local folder, hub id, or alias")
+    parser.add_argument(
+        "--algo",
+        default="ppo",
+        choices=["ppo", "reinforce"],
+        help="ppo (default): our size-agnostic policy; reinforce: the paper's baseline, one "
+        "policy per ratio (give one ratio: --ratios 0.3)",
+    )
     parser.add_argument("--out", required=True, help="checkpoint path (.zip)")
     parser.add_argument(
         "--ratios",
@@ -31,11 +42,14 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--timesteps", type=int, default=3000, help="PPO steps (1 step = 1 layer)")
     parser.add_argument(
+        "--episodes", type=int, default=20, help="reinforce episodes (1 episode = every layer)"
+    )
+    parser.add_argument(
         "--reward",
-        default="function",
+        default=None,
         choices=sorted(REWARDS),
-        help="function: FFN output error on self-generated text (default); "
-        "ks: the paper's 1/KS of singular values",
+        help="function: FFN output error on self-generated text (default for ppo); "
+        "ks: the paper's 1/KS of singular values (default for reinforce)",
     )
     parser.add_argument(
         "--features",
@@ -44,7 +58,10 @@ def register(subparsers) -> None:
         help="selfgen (default) or weights (weights-only, streamable)",
     )
     parser.add_argument(
-        "--gamma", type=float, default=0.0, help="discount over layers (0 default; paper 0.99)"
+        "--gamma",
+        type=float,
+        default=None,
+        help="discount over layers (ppo default 0; reinforce default 0.99, the paper's)",
     )
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=600, help="steps between evaluations")
@@ -57,6 +74,8 @@ def register(subparsers) -> None:
 def parse_ratio_range(text: str) -> tuple[float, float]:
     parts = text.split(":")
     try:
+        if len(parts) > 2:  # "0.1:0.2:0.3" must not silently mean 0.1
+            raise ValueError(text)
         low, high = (float(p) for p in (parts if len(parts) == 2 else [parts[0], parts[0]]))
     except ValueError:
         raise argparse.ArgumentTypeError(
@@ -66,6 +85,10 @@ def parse_ratio_range(text: str) -> tuple[float, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.algo == "reinforce":
+        return run_reinforce(args)
+    args.reward = args.reward or "function"
+    args.gamma = 0.0 if args.gamma is None else args.gamma
     config = TrainConfig(
         model=args.model,
         out=args.out,
@@ -92,5 +115,39 @@ def run(args: argparse.Namespace) -> int:
         f"{args.threads} thread(s)): {args.timesteps} steps in {result.seconds:.1f} s "
         f"(+{result.feature_seconds:.1f} s features); best eval reward {result.best_reward:.4f} "
         f"at step {result.best_step} ({result.seconds_to_best:.1f} s); saved {result.checkpoint}"
+    )
+    return 0
+
+
+def run_reinforce(args: argparse.Namespace) -> int:
+    """The paper's REINFORCE baseline at one ratio (`prunenet.reinforce`)."""
+    from prunenet.reinforce import train_reinforce_from_model
+
+    low, high = args.ratios
+    if low != high:
+        raise PruneNetError(
+            f"--algo reinforce trains one policy per ratio, as the paper does; got the range "
+            f"{low}:{high}. Pass one ratio, e.g. --ratios 0.3 (or --ratios 0.3:0.3)."
+        )
+    if args.episodes < 1:
+        raise PruneNetError(f"--episodes must be positive, got {args.episodes}.")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PruneNetError("--device cuda was given but no CUDA device is available.")
+    reward = args.reward or "ks"
+    gamma = 0.99 if args.gamma is None else args.gamma
+    result = train_reinforce_from_model(
+        args.model, low, args.episodes, args.out, seed=args.seed, lr=args.learning_rate,
+        gamma=gamma, reward=reward, device=args.device, threads=args.threads,
+    )  # fmt: skip
+    print(
+        f"trained the REINFORCE baseline on {args.model} (raw weight rows, {reward} reward, "
+        f"ratio {low}, gamma {gamma}, seed {args.seed}, {args.device}, {args.threads} "
+        f"thread(s)): {args.episodes} episodes in {result.seconds:.1f} s "
+        f"({result.seconds_per_episode:.1f} s/episode training); best eval reward "
+        f"{result.best_reward:.4f} at episode {result.best_episode} "
+        f"({result.seconds_to_best:.1f} s); saved {result.checkpoint}"
     )
     return 0

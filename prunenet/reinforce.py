@@ -1,0 +1,378 @@
+"""BASELINE: the PruneNet paper's REINFORCE trainer, kept only to compare our PPO trainer with.
+
+This is not PruneNet's recommended trainer (that is `prunenet.train`, PPO with a size-agnostic
+policy). It re-implements, from the paper's description ("You Only Prune Once", ICLR 2025), the
+policy learner the paper trains:
+
+- **Policy.** A linear map from each row's weight vector (the row of the FFN's first input
+  projection, `fc1` or `gate_proj`: d_model numbers) to one logit per row. The paper's code
+  parameterises the same map as `Linear(d_model, d_ff)` followed by a `d_ff` vector, which
+  collapses to one `d_model` weight vector plus a bias; we keep the collapsed form (same
+  function class, far cheaper). Its parameters depend on d_model and it is trained for one model
+  and one ratio, so it cannot transfer to another width: a checkpoint is refused on a model whose
+  d_model or d_ff differs. Our PPO policy (`prunenet.policy`) has no width-dependent parameter
+  and one checkpoint serves every width and ratio; that is the difference this baseline shows.
+- **Actions.** One policy per target ratio r: in every layer, k = round((1 - r) * d_ff) rows are
+  sampled WITHOUT replacement from softmax(logits) (Gumbel-top-k, which is exactly sequential
+  sampling without replacement).
+- **Reward.** The paper's 1 / KS between the singular values of the FFN input projections before
+  and after (`prunenet.rewards.spectral_reward`, the same function PPO uses with `reward="ks"`).
+- **Return.** Discounted with gamma = 0.99 over the layers of an episode (one episode = every
+  layer of the model once). A baseline is subtracted: per layer position, a moving average of
+  past returns (it starts at the first episode's returns, so the first episode only sets it).
+- **Loss.** -(sum over chosen rows of log p_row) x (return - baseline), summed over layers, one
+  Adam step per episode.
+
+Deviations from the paper's reference code, all deliberate: rows are scored by a softmax (the
+code feeds sigmoid scores to `torch.multinomial`), the final pruning is the deterministic top-k
+of the logits (the code samples it again, so its result depends on the RNG), and the return is
+the discounted reward-to-go (the code weights each layer's reward by gamma^layer).
+
+Evaluation: the mean 1/KS reward over layers of the deterministic top-k at the trained ratio.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunenet import __version__
+from prunenet.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
+from prunenet.compress import keep_count, select_keep_indices, validate_ratio
+from prunenet.errors import PruneNetError
+from prunenet.features import LayerData
+from prunenet.policy import read_metadata, write_metadata
+from prunenet.rewards import NEEDS_ACTIVATIONS, reward_function
+from prunenet.scorers import Scorer
+from prunenet.selfgen import SelfGenConfig, collect_activations
+
+ALGO = "reinforce"
+FEATURE_SET = "weights-raw"  # the raw rows of the first FFN input projection, no features
+STATE_FILE = "reinforce_policy.pt"
+BASELINE_DECAY = 0.9  # moving average of past returns per layer position
+
+
+@dataclass
+class ReinforceResult:
+    """What a baseline training run produced.
+
+    `history` holds (episode, training seconds, evaluation reward). Training seconds exclude
+    evaluation and checkpoint writes, so they measure what learning costs, not what measuring it
+    costs; `seconds` is the whole run's wall time.
+    """
+
+    checkpoint: str | None
+    ratio: float
+    best_reward: float
+    best_episode: int
+    seconds_to_best: float
+    train_seconds: float
+    seconds: float
+    episodes: int
+    history: list[tuple[int, float, float]] = field(default_factory=list)
+    sampled_rewards: list[float] = field(default_factory=list)  # mean per-layer reward per episode
+
+    @property
+    def seconds_per_episode(self) -> float:
+        return self.train_seconds / max(self.episodes, 1)
+
+
+class RowLogitPolicy(nn.Module):
+    """logit_i = <w, row_i> + b: the paper's policy, one logit per FFN row from its weights.
+
+    :param d_model: length of a row (the model's hidden size); the only parameter shape.
+    :param d_ff: number of rows of the model it is trained for (recorded and checked, since the
+        paper's policy is tied to one model).
+    """
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.d_ff = d_ff
+        self.linear = nn.Linear(d_model, 1)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.linear(rows).squeeze(-1)
+
+
+def train_reinforce(
+    layer_data: list[LayerData],
+    ratio: float,
+    episodes: int,
+    seed: int = 0,
+    lr: float = 1e-3,
+    out: str | Path | None = None,
+    gamma: float = 0.99,
+    reward: str = "ks",
+    eval_every: int = 1,
+    source_model: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> ReinforceResult:
+    """Train the paper's baseline policy at one `ratio`; save the best one at `out` if given.
+
+    :param layer_data: per-layer data of one model (only `.ffn` is read, plus activations for
+        rewards that need them); see `weight_layer_data` and `prunenet.features.model_layer_data`.
+    :param ratio: the one target ratio this policy is for (fraction of FFN rows removed).
+    :param episodes: episodes; one episode prunes every layer once (one reward per layer).
+    :param seed: seeds the policy's initialisation and the row sampling.
+    :param lr: Adam step size (the paper's code uses 1e-3).
+    :param out: checkpoint path (.zip); None keeps nothing on disk.
+    :param gamma: discount over layers (the paper's 0.99).
+    :param reward: `ks` (the paper's 1/KS, default) or another name in `prunenet.rewards.REWARDS`.
+    :param eval_every: episodes between evaluations of the deterministic top-k (the last episode
+        is always evaluated).
+    :param source_model: recorded in the checkpoint's metadata.
+    :param device: where the policy runs; rewards are computed on the CPU.
+    :param progress: show a progress bar.
+    """
+    ratio = validate_ratio(ratio)
+    if episodes < 1:
+        raise PruneNetError(f"episodes must be positive, got {episodes}.")
+    if eval_every < 1:
+        raise PruneNetError(f"eval_every must be positive, got {eval_every}.")
+    if out is not None and not str(out).endswith(".zip"):
+        raise PruneNetError(f"Checkpoint path {out} must end in .zip.")
+    reward_of = reward_function(reward)
+    rows = _layer_rows(layer_data, device)
+    d_ff, d_model = rows[0].shape
+    kept = keep_count(d_ff, ratio)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # seed the initialisation, leave the caller's RNG
+        torch.manual_seed(seed)
+        policy = RowLogitPolicy(d_model, d_ff).to(device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+    baseline: torch.Tensor | None = None
+    result = ReinforceResult(
+        checkpoint=None if out is None else str(out),
+        ratio=ratio,
+        best_reward=float("-inf"),
+        best_episode=0,
+        seconds_to_best=0.0,
+        train_seconds=0.0,
+        seconds=0.0,
+        episodes=episodes,
+    )
+    metadata = {"ratio": ratio, "reward": reward, "gamma": gamma, "learning_rate": lr,
+                "episodes": episodes, "seed": seed, "source_model": source_model}  # fmt: skip
+    start = time.perf_counter()
+    bar = tqdm(range(1, episodes + 1), desc="REINFORCE episodes", leave=False, disable=not progress)
+    for episode in bar:
+        tick = time.perf_counter()
+        log_probs, rewards = [], []
+        for layer, layer_rows in zip(layer_data, rows, strict=True):
+            logits = policy(layer_rows)
+            chosen = sample_rows(logits.detach(), kept, generator)
+            rewards.append(reward_of(layer, chosen.sort().values.cpu()))
+            # The paper's loss: the sum of the chosen rows' log-probabilities under one softmax.
+            # It is not the exact log-probability of a sample without replacement (that is the
+            # Plackett-Luce product over the sampled order), only the paper's surrogate for it.
+            log_probs.append(torch.log_softmax(logits, dim=0)[chosen].sum())
+        returns = discounted_returns(rewards, gamma)
+        baseline = returns.clone() if baseline is None else baseline
+        loss = -(torch.stack(log_probs) * (returns - baseline).to(device)).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        baseline = BASELINE_DECAY * baseline + (1 - BASELINE_DECAY) * returns
+        result.train_seconds += time.perf_counter() - tick
+        result.sampled_rewards.append(sum(rewards) / len(rewards))
+        if episode % eval_every == 0 or episode == episodes:
+            value = evaluate_reinforce(policy, layer_data, ratio, reward)
+            result.history.append((episode, result.train_seconds, value))
+            if value > result.best_reward:
+                result.best_reward, result.best_episode = value, episode
+                result.seconds_to_best = result.train_seconds
+                if out is not None:
+                    save_reinforce(policy, out, {**metadata, "episode": episode,
+                                                 "eval_reward": value})  # fmt: skip
+            bar.set_postfix(eval_reward=f"{value:.4f}", best=f"{result.best_reward:.4f}")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def train_reinforce_from_model(
+    model: str,
+    ratio: float,
+    episodes: int,
+    out: str | Path,
+    seed: int = 0,
+    lr: float = 1e-3,
+    gamma: float = 0.99,
+    reward: str = "ks",
+    device: str = "cpu",
+    threads: int = 1,
+) -> ReinforceResult:
+    """`prunenet train --algo reinforce`: load `model`, train the baseline, save the best."""
+    from prunenet.models import load_model
+
+    torch.set_num_threads(threads)
+    validate_ratio(ratio)
+    reward_function(reward)
+    if not str(out).endswith(".zip"):
+        raise PruneNetError(f"Checkpoint path {out} must end in .zip.")
+    loaded, _ = load_model(model)
+    selfgen = SelfGenConfig(seed=seed) if reward in NEEDS_ACTIVATIONS else None
+    layer_data = weight_layer_data(loaded, selfgen)
+    del loaded
+    return train_reinforce(layer_data, ratio, episodes, seed, lr, out, gamma, reward,
+                           source_model=model, device=device)  # fmt: skip
+
+
+def sample_rows(logits: torch.Tensor, kept: int, generator: torch.Generator) -> torch.Tensor:
+    """`kept` distinct rows drawn without replacement from softmax(logits) (Gumbel-top-k)."""
+    uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-12, 1.0 - 1e-12)))
+    return torch.topk(logits.double().cpu() + gumbel, kept).indices.to(logits.device)
+
+
+def discounted_returns(rewards: list[float], gamma: float) -> torch.Tensor:
+    """G_t = sum_{j >= t} gamma^(j - t) r_j over the layers of one episode."""
+    returns = torch.zeros(len(rewards), dtype=torch.float64)
+    running = 0.0
+    for index in reversed(range(len(rewards))):
+        running = rewards[index] + gamma * running
+        returns[index] = running
+    return returns.float()
+
+
+@torch.no_grad()
+def evaluate_reinforce(
+    policy: RowLogitPolicy, layer_data: list[LayerData], ratio: float, reward: str = "ks"
+) -> float:
+    """Mean reward over layers of the deterministic top-k of the logits at `ratio`."""
+    reward_of = reward_function(reward)
+    values = []
+    for layer in layer_data:
+        logits = policy(_rows(layer.ffn).to(next(policy.parameters()).device))
+        keep = select_keep_indices(logits, keep_count(layer.ffn.width, ratio))
+        values.append(reward_of(layer, keep))
+    return sum(values) / len(values)
+
+
+def weight_layer_data(model: nn.Module, selfgen: SelfGenConfig | None = None) -> list[LayerData]:
+    """Layer data without features (the baseline reads raw rows); activations if `selfgen`."""
+    adapter = adapter_for(model.config)
+    activations = collect_activations(model, selfgen) if selfgen is not None else None
+    data = []
+    for index, layer in enumerate(decoder_layers(model)):
+        ffn = ffn_weights(layer, adapter)
+        acts = activations[index] if activations else None
+        data.append(LayerData(torch.empty(ffn.width, 0), ffn, acts))
+    return data
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_reinforce(policy: RowLogitPolicy, out: str | Path, metadata: dict) -> None:
+    """Zip with the torch state dict and PruneNet metadata, written beside `out` then renamed."""
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in policy.state_dict().items()}, buffer)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.partial-") as staging:
+        path = Path(staging) / "policy.zip"
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr(STATE_FILE, buffer.getvalue())
+        write_metadata(
+            path,
+            {
+                "algo": ALGO,
+                "feature_set": FEATURE_SET,
+                "ratios": [metadata["ratio"], metadata["ratio"]],
+                "d_model": policy.d_model,
+                "d_ff": policy.d_ff,
+                "prunenet_version": __version__,
+                **metadata,
+            },
+        )
+        shutil.move(str(path), out)
+
+
+def load_reinforce(checkpoint: str | Path, device: str = "cpu") -> tuple[RowLogitPolicy, dict]:
+    """The baseline policy and its metadata; clear errors for foreign or damaged files."""
+    metadata = read_metadata(checkpoint)
+    if metadata.get("algo") != ALGO:
+        raise PruneNetError(
+            f"{checkpoint} is a {metadata.get('algo')!r} checkpoint, not a REINFORCE baseline; "
+            "load it with prunenet.policy_scorer.load_scorer_from_checkpoint."
+        )
+    try:
+        with zipfile.ZipFile(Path(checkpoint).expanduser()) as archive:
+            state = torch.load(io.BytesIO(archive.read(STATE_FILE)), map_location=device)
+        policy = RowLogitPolicy(int(metadata["d_model"]), int(metadata["d_ff"]))
+        policy.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+        raise PruneNetError(
+            f"REINFORCE checkpoint {checkpoint} could not be read ({type(error).__name__}: "
+            f"{error}). Re-train it with `prunenet train --algo reinforce`."
+        ) from None
+    return policy.to(device).eval(), metadata
+
+
+class ReinforceScorer(Scorer):
+    """Scores from a baseline checkpoint: the policy's logits, deterministic, weights only.
+
+    Any ratio can be asked for (the top-k of the logits), but the paper trains one policy per
+    ratio, so `describe()` records the ratio it was trained for.
+
+    :param checkpoint: path of a `prunenet train --algo reinforce` zip.
+    :param device: where the policy runs.
+    """
+
+    name = "reinforce"
+    weights_only = True
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu") -> None:
+        self.checkpoint = str(checkpoint)
+        self.device = device
+        self.policy, self.metadata = load_reinforce(checkpoint, device)
+
+    @torch.no_grad()
+    def score_layer(
+        self, ffn: FFNWeights, layer_index: int, num_layers: int, ratio: float | None = None
+    ) -> torch.Tensor:
+        rows = _rows(ffn)
+        if tuple(rows.shape) != (self.policy.d_ff, self.policy.d_model):
+            raise PruneNetError(
+                f"REINFORCE checkpoint {self.checkpoint} was trained on "
+                f"{self.metadata.get('source_model')} (d_model {self.policy.d_model}, d_ff "
+                f"{self.policy.d_ff}); layer {layer_index} of this model has d_model "
+                f"{rows.shape[1]}, d_ff {rows.shape[0]}. The paper's policy is a linear map "
+                "over one model's rows and cannot score another width: train one for this model "
+                "with `prunenet train --algo reinforce`, or use the size-agnostic PPO policy "
+                "(`prunenet train`), whose checkpoints score any width."
+            )
+        return self.policy(rows.to(self.device)).cpu()
+
+    def describe(self) -> dict:
+        keys = ("algo", "feature_set", "reward", "ratio", "source_model", "seed", "episode")
+        return {"scorer": self.name, "checkpoint": self.checkpoint,
+                **{k: self.metadata.get(k) for k in keys}}  # fmt: skip
+
+
+def _rows(ffn: FFNWeights) -> torch.Tensor:
+    """The policy's input: rows of the first FFN input projection (fc1 or gate_proj)."""
+    return ffn.inputs[0].detach().float()
+
+
+def _layer_rows(layer_data: list[LayerData], device: str) -> list[torch.Tensor]:
+    if not layer_data:
+        raise PruneNetError("The model has no FFN layers to train on.")
+    rows = [_rows(layer.ffn).to(device) for layer in layer_data]
+    shapes = {tuple(r.shape) for r in rows}
+    if len(shapes) != 1:
+        raise PruneNetError(
+            f"The REINFORCE baseline needs one FFN shape in every layer, got {sorted(shapes)}."
+        )
+    return rows
