@@ -22,7 +22,7 @@ from torch import nn
 from prunenet.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
 from prunenet.errors import PruneNetError
 from prunenet.selfgen import LayerActivations, SelfGenConfig, collect_activations
-from prunenet.spectral import output_energy, row_spectral_stats
+from prunenet.spectral import output_energy, row_spectral_stats, singular_values
 
 FEATURE_VERSION = 1
 SPECTRAL_RANK = 32
@@ -53,6 +53,11 @@ class LayerData:
     def output_energy(self) -> float:
         """Energy of the unpruned FFN output on the activation sample (reward denominator)."""
         return output_energy(self.activations.sample, self.ffn.output.float())
+
+    @cached_property
+    def input_spectra(self) -> list[torch.Tensor]:
+        """Singular values of each unpruned FFN input projection (the KS reward's reference)."""
+        return [singular_values(w) for w in self.ffn.inputs]
 
 
 def feature_names(feature_set: str) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ def function_reward(layer: LayerData, keep: torch.Tensor) -> float:
 
 
 def spectral_reward(layer: LayerData, keep: torch.Tensor) -> float:
-    return ks_reward(layer.ffn.inputs, keep)
+    return ks_reward(layer.ffn.inputs, keep, layer.input_spectra)
 
 
 REWARDS: dict[str, Callable[[LayerData, torch.Tensor], float]] = {

@@ -24,13 +24,22 @@ def ks_distance(original: torch.Tensor, pruned: torch.Tensor) -> float:
     return float(ks_2samp(original.cpu().numpy(), pruned.cpu().numpy()).statistic)
 
 
-def ks_reward(matrices: list[torch.Tensor], keep: torch.Tensor) -> float:
+def ks_reward(
+    matrices: list[torch.Tensor],
+    keep: torch.Tensor,
+    original_spectra: list[torch.Tensor] | None = None,
+) -> float:
     """The paper's reward: 1 / KS between the spectra before and after keeping rows `keep`.
 
     For gated FFNs (several input projections) the KS statistics are averaged. A floor on KS
-    keeps the reward finite when the spectra coincide.
+    keeps the reward finite when the spectra coincide. `original_spectra` (the matrices'
+    singular values, constant per layer) halves the cost when given.
     """
-    distances = [ks_distance(singular_values(w), singular_values(w[keep])) for w in matrices]
+    originals = original_spectra or [singular_values(w) for w in matrices]
+    distances = [
+        ks_distance(original, singular_values(w[keep]))
+        for w, original in zip(matrices, originals, strict=True)
+    ]
     return 1.0 / max(sum(distances) / len(distances), 1e-3)
 
 
