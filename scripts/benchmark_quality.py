@@ -167,11 +167,14 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
     factories: dict[str, tuple[Callable[[], Scorer], bool]] = {
         name: (functools.partial(make_scorer, name, seed=args.seed), False) for name in SCORERS
     }
-    checkpoints = {"ppo": args.policy, "reinforce": args.baseline_policy}
-    for algo, checkpoint in checkpoints.items():
+    checkpoints = {"ppo": ("ppo", args.policy), "reinforce": ("reinforce", args.baseline_policy)}
+    for entry in args.named_policy:
+        name, _, path = entry.partition("=")
+        checkpoints[name] = ("ppo", path)
+    for name, (algo, checkpoint) in checkpoints.items():
         if checkpoint:
             load = functools.partial(checkpoint_scorer, algo, checkpoint, args.device or "cpu")
-            factories[algo] = (load, True)  # policies observe the target ratio
+            factories[name] = (load, True)  # policies observe the target ratio
     names = [n.strip() for n in (args.methods or "").split(",") if n.strip()]
     names = names or [*factories, *EXTRA_METHODS]
     methods, unknown = [], []
@@ -367,6 +370,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--policy", default=None, help="PPO policy checkpoint -> method 'ppo'")
     parser.add_argument(
         "--baseline-policy", default=None, help="REINFORCE checkpoint -> method 'reinforce'"
+    )
+    parser.add_argument(
+        "--named-policy",
+        action="append",
+        default=[],
+        metavar="NAME=CKPT",
+        help="another PPO checkpoint as method NAME (e.g. ppo-ks=ks.zip); repeatable",
     )
     parser.add_argument("--ratios", default=None, help="comma list (default 0.1,...,0.5)")
     parser.add_argument(
