@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from prunenet.commands import eval as eval_command
-from prunenet.commands import prune
+from prunenet.commands import prune, train
 from prunenet.errors import PruneNetError
 
-COMMANDS = [prune, eval_command]
+COMMANDS = [prune, train, eval_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
