@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from envs.ffn_prune import FFNPruneEnv, observation_for, validate_ratio_range
 from prunenet import __version__
-from prunenet.compress import keep_count, select_keep_indices
+from prunenet.compress import keep_count, select_keep_indices, validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.features import LayerData, model_layer_data
 from prunenet.models import load_model
@@ -49,6 +49,7 @@ class TrainConfig:
     :param learning_rate: Adam step size.
     :param hidden: width of the policy's row code.
     :param eval_every: steps between evaluations of the deterministic policy.
+    :param eval_ratios: ratios the evaluations use (default: low, middle and high of `ratios`).
     :param seed: seeds PPO, the environment and the self-generated text.
     :param device: torch device for the policy (`cpu` or `cuda`).
     :param threads: torch CPU threads (1 by default: 2 threads were 10-130x slower here).
@@ -64,6 +65,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     hidden: int = 32
     eval_every: int = 600
+    eval_ratios: tuple[float, ...] | None = None
     seed: int = 0
     device: str = "cpu"
     threads: int = 1
@@ -71,7 +73,11 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a training run produced: best evaluation reward and when it was reached."""
+    """What a training run produced: best evaluation reward and when it was reached.
+
+    Times are training seconds: wall time since training started minus the time spent in
+    evaluations, so they measure learning and not the measuring of it.
+    """
 
     checkpoint: str
     best_reward: float
@@ -79,6 +85,7 @@ class TrainResult:
     seconds_to_best: float
     seconds: float
     feature_seconds: float
+    eval_seconds: float
     history: list[tuple[int, float, float]] = field(default_factory=list)  # step, seconds, reward
 
 
@@ -129,8 +136,9 @@ def train_policy(config: TrainConfig, layer_data: list[LayerData] | None = None)
         best_reward=callback.best_reward,
         best_step=callback.best_step,
         seconds_to_best=callback.best_seconds,
-        seconds=time.perf_counter() - callback.start_time,
+        seconds=time.perf_counter() - callback.start_time - callback.eval_seconds,
         feature_seconds=feature_seconds,
+        eval_seconds=callback.eval_seconds,
         history=callback.history,
     )
 
@@ -150,8 +158,10 @@ def evaluate_policy(
     return float(np.mean(values))
 
 
-def evaluation_ratios(ratios: tuple[float, float]) -> list[float]:
-    low, high = ratios
+def evaluation_ratios(config: TrainConfig) -> list[float]:
+    if config.eval_ratios:
+        return list(config.eval_ratios)
+    low, high = config.ratios
     return sorted({round(low, 4), round((low + high) / 2, 4), round(high, 4)})
 
 
@@ -166,6 +176,7 @@ class BestCheckpointCallback(BaseCallback):
         self.best_reward = -np.inf
         self.best_step = 0
         self.best_seconds = 0.0
+        self.eval_seconds = 0.0
         self.history: list[tuple[int, float, float]] = []
         self.bar = tqdm(total=config.timesteps, desc="PPO steps", unit="step", leave=False)
 
@@ -179,13 +190,11 @@ class BestCheckpointCallback(BaseCallback):
         self.bar.close()
 
     def evaluate_and_save(self) -> None:
+        tick = time.perf_counter()
         reward = evaluate_policy(
-            self.model.policy,
-            self.layer_data,
-            evaluation_ratios(self.config.ratios),
-            self.config.reward,
+            self.model.policy, self.layer_data, evaluation_ratios(self.config), self.config.reward
         )
-        seconds = time.perf_counter() - self.start_time
+        seconds = tick - self.start_time - self.eval_seconds
         self.history.append((self.num_timesteps, seconds, reward))
         self.bar.set_postfix(
             eval_reward=f"{reward:.4f}", best=f"{max(reward, self.best_reward):.4f}"
@@ -197,6 +206,7 @@ class BestCheckpointCallback(BaseCallback):
                 seconds,
             )
             save_checkpoint(self.model, self.config, reward, self.num_timesteps)
+        self.eval_seconds += time.perf_counter() - tick
 
 
 def save_checkpoint(agent: PPO, config: TrainConfig, reward: float, step: int) -> None:
@@ -227,6 +237,8 @@ def save_checkpoint(agent: PPO, config: TrainConfig, reward: float, step: int) -
 
 def validate_train_config(config: TrainConfig) -> None:
     config.ratios = validate_ratio_range(config.ratios)
+    for ratio in config.eval_ratios or ():
+        validate_ratio(ratio)
     reward_function(config.reward)
     if config.timesteps < 1:
         raise PruneNetError(f"--timesteps must be positive, got {config.timesteps}.")

@@ -15,8 +15,8 @@ One run on one model (SmolLM2-135M by default) prints, side by side:
 
 Features and activations are computed once (`model_layer_data(..., collect=True)`) and shared by
 both trainers. Training seconds exclude evaluation (for both trainers; PPO's evaluations are
-timed by wrapping `prunenet.train.evaluate_policy`, which also pins them to exactly --ratio when
-PPO trains over a range of ratios), so they measure learning, not measuring it. Both trainers'
+excluded by `prunenet.train` itself, and `TrainConfig.eval_ratios` pins them to exactly --ratio
+when PPO trains over a range of ratios), so they measure learning, not measuring it. Both trainers'
 first evaluation follows one episode and comes before any learning (PPO updates every 4
 episodes; REINFORCE's first episode only sets its baseline), so "first eval reward" shows what
 each policy's inputs give before training: PPO's row features vs the paper's raw weight rows.
@@ -36,7 +36,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
@@ -44,7 +43,6 @@ from unittest import mock
 import torch
 import transformers
 
-import prunenet.train as ppo_train
 from prunenet.compress import prune_model, save_pruned, validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.features import FEATURE_SETS, model_layer_data
@@ -186,40 +184,19 @@ def run_ppo(args, layer_data, seed: int, workdir: Path, run: Run) -> Path:
         reward=REWARD,
         feature_set=args.features,
         eval_every=args.ppo_eval_every,
+        eval_ratios=(args.ratio,),
         seed=seed,
         threads=args.threads,
     )
-    with evaluations_at(args.ratio) as eval_seconds:
-        result = train_policy(config, layer_data=layer_data)
-    # Training seconds at each evaluation: wall since start minus every evaluation so far.
-    history = [
-        (step, seconds - spent, reward)
-        for (step, seconds, reward), spent in zip(result.history, eval_seconds, strict=True)
-    ]
-    train_seconds = result.seconds - eval_seconds[-1]
+    result = train_policy(config, layer_data=layer_data)
+    history = result.history  # (step, training seconds excluding evaluations, reward)
     best = max(history, key=lambda point: point[2])
-    run.ppo_per_episode = train_seconds / (args.ppo_timesteps / len(layer_data))
+    run.ppo_per_episode = result.seconds / (args.ppo_timesteps / len(layer_data))
     run.ppo_best, run.ppo_to_best = best[2], best[1]
-    run.ppo_wall, run.ppo_history = result.seconds, history
+    run.ppo_wall, run.ppo_history = result.seconds + result.eval_seconds, history
     reached = [seconds for _, seconds, reward in history if reward >= run.reinforce_best]
     run.ppo_to_reinforce_best = reached[0] if reached else None
     return out
-
-
-@contextmanager
-def evaluations_at(ratio: float):
-    """Pin PPO's evaluations to exactly `ratio` and record their cumulative seconds."""
-    original = ppo_train.evaluate_policy
-    cumulative: list[float] = []
-
-    def timed(policy, layer_data, ratios, reward):
-        tick = time.perf_counter()
-        value = original(policy, layer_data, [ratio], reward)
-        cumulative.append((cumulative[-1] if cumulative else 0.0) + time.perf_counter() - tick)
-        return value
-
-    with mock.patch.object(ppo_train, "evaluate_policy", timed):
-        yield cumulative
 
 
 def time_new_ratio(args, folder: str, checkpoint: Path, workdir: Path) -> list[float]:

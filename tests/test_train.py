@@ -72,7 +72,7 @@ def test_the_result_reports_the_best_of_the_evaluation_history(trained) -> None:
 def test_the_saved_checkpoint_scores_its_recorded_evaluation_reward(trained, layer_data) -> None:
     config, result, _ = trained
     policy, _ = load_policy(result.checkpoint, FFN_WIDTH)
-    reward = evaluate_policy(policy, layer_data, evaluation_ratios(config.ratios), config.reward)
+    reward = evaluate_policy(policy, layer_data, evaluation_ratios(config), config.reward)
     assert reward == pytest.approx(result.best_reward, abs=1e-6)
 
 
@@ -113,8 +113,17 @@ def test_weights_features_with_the_ks_reward_train_too(tmp_path: Path, monkeypat
 
 
 def test_evaluation_ratios_are_the_ends_and_middle_of_the_range() -> None:
-    assert evaluation_ratios((0.1, 0.5)) == [0.1, 0.3, 0.5]
-    assert evaluation_ratios((0.3, 0.3)) == [0.3]
+    assert evaluation_ratios(TrainConfig(model="m", out="p.zip", ratios=(0.1, 0.5))) == [
+        0.1,
+        0.3,
+        0.5,
+    ]
+    assert evaluation_ratios(TrainConfig(model="m", out="p.zip", ratios=(0.3, 0.3))) == [0.3]
+
+
+def test_explicit_evaluation_ratios_override_the_range() -> None:
+    config = TrainConfig(model="m", out="p.zip", ratios=(0.1, 0.5), eval_ratios=(0.25,))
+    assert evaluation_ratios(config) == [0.25]
 
 
 # ----- refusals (before any model is loaded: the model path does not exist) ---------------------
