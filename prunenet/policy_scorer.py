@@ -15,6 +15,7 @@ from torch import nn
 
 from envs.ffn_prune import observation_for
 from prunenet.arch import FFNWeights
+from prunenet.cache import weights_fingerprint
 from prunenet.errors import PruneNetError
 from prunenet.features import LayerData, layer_features, model_layer_data
 from prunenet.policy import RowScoringPolicy, load_policy, read_metadata
@@ -58,7 +59,9 @@ class PolicyScorer(Scorer):
         self.feature_set = self.metadata["feature_set"]
         self.weights_only = self.feature_set == "weights"
         self._policies: dict[int, RowScoringPolicy] = {}
-        self._layer_data: tuple[int, list[LayerData]] | None = None
+        # Features of the last model scored, keyed by its weights (not its id: a model pruned in
+        # place, or a new one at a recycled address, must not reuse them).
+        self._layer_data: tuple[str, list[LayerData]] | None = None
 
     def score_model(self, model: nn.Module, ratio: float | None = None) -> list[torch.Tensor]:
         layer_data = self._features(model)
@@ -85,10 +88,11 @@ class PolicyScorer(Scorer):
                 **{k: self.metadata.get(k) for k in keys}}  # fmt: skip
 
     def _features(self, model: nn.Module) -> list[LayerData]:
-        if self._layer_data is None or self._layer_data[0] != id(model):
+        key = weights_fingerprint(model)
+        if self._layer_data is None or self._layer_data[0] != key:
             seed = self.metadata.get("seed", 0)
             data = model_layer_data(model, self.feature_set, SelfGenConfig(seed=seed))
-            self._layer_data = (id(model), data)
+            self._layer_data = (key, data)
         return self._layer_data[1]
 
     def _scores(
