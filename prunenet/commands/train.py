@@ -11,6 +11,7 @@ import argparse
 from prunenet.errors import PruneNetError
 from prunenet.features import FEATURE_SETS
 from prunenet.rewards import REWARDS
+from prunenet.stream import resolve_device
 from prunenet.train import TrainConfig, train_policy
 
 
@@ -103,11 +104,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
     )
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise PruneNetError("--device cuda was given but no CUDA device is available.")
+    resolve_device(args.device)  # a clear error for --device cuda without CUDA
     result = train_policy(config)
     print(
         f"trained on {args.model} ({args.features} features, {args.reward} reward, ratios "
@@ -131,11 +128,7 @@ def run_reinforce(args: argparse.Namespace) -> int:
         )
     if args.episodes < 1:
         raise PruneNetError(f"--episodes must be positive, got {args.episodes}.")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise PruneNetError("--device cuda was given but no CUDA device is available.")
+    resolve_device(args.device)  # a clear error for --device cuda without CUDA
     reward = args.reward or "ks"
     gamma = 0.99 if args.gamma is None else args.gamma
     result = train_reinforce_from_model(
