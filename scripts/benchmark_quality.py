@@ -396,6 +396,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out-dir", default="results")
     parser.add_argument(
+        "--merge",
+        default=None,
+        metavar="JSON,JSON",
+        help="instead of measuring: merge the JSON records of runs with the same protocol",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: ratios 0.2,0.5, 4 questions/task, 2 windows of 128 tokens",
@@ -412,8 +418,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def merge_runs(paths: list[str], out_dir: Path) -> list[Path]:
+    """One table and plot from several runs of the same protocol (e.g. split across cores).
+
+    Runs must agree on model, questions, windows, sequence length and seed, so every row stays
+    a paired comparison; the dense row must agree too (it is the same model and data) and is
+    kept once.
+    """
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    keys = ("model", "limit", "ppl_windows", "seqlen", "seed")
+    first = runs[0]["protocol"]
+    for path, run in zip(paths, runs, strict=True):
+        if any(run["protocol"][k] != first[k] for k in keys):
+            raise PruneNetError(f"{path} used another protocol ({keys}); cannot merge.")
+    dense = [row for run in runs for row in run["rows"] if row["method"] == "dense"]
+    if len({(round(r["ppl_boolq"], 6), round(r["zero_shot_avg"], 6)) for r in dense}) > 1:
+        raise PruneNetError("The runs' dense rows differ: they did not measure the same thing.")
+    rows = dense[:1] + [row for run in runs for row in run["rows"] if row["method"] != "dense"]
+    protocol = {
+        **first,
+        "command": " ; ".join(run["protocol"]["command"] for run in runs),
+        "methods": [m for run in runs for m in run["protocol"]["methods"]],
+        "method_info": {k: v for run in runs for k, v in run["protocol"]["method_info"].items()},
+        "wall_seconds": [run["protocol"].get("wall_seconds") for run in runs],
+    }
+    return write_outputs(out_dir, f"quality_{Path(first['model']).name}", rows, protocol)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        paths = merge_runs(args.merge.split(","), Path(args.out_dir))
+        print(f"merged {args.merge}; wrote {', '.join(map(str, paths))}")
+        return 0
     command = shlex.join(["python", "scripts/benchmark_quality.py", *(argv or sys.argv[1:])])
     torch.set_num_threads(args.threads)
     methods = build_methods(args)

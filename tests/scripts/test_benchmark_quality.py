@@ -159,3 +159,30 @@ def test_smollm2_magnitude_pruning_raises_perplexity(bench, tmp_path):
     assert float(magnitude["ppl_boolq"]) > float(dense["ppl_boolq"])
     ffn_share = 79_626_240 / 134_515_008  # SmolLM2-135M's FFN parameters / all parameters
     assert float(magnitude["params_removed"]) == pytest.approx(0.3 * ffn_share, rel=0.01)
+
+
+def _split_run(quick_run: Path, tmp_path: Path, method: str, name: str, **protocol) -> Path:
+    """A copy of the quick run's record keeping dense and one method (as a separate run would)."""
+    record = json.loads(next(quick_run.glob("*.json")).read_text())
+    record["rows"] = [r for r in record["rows"] if r["method"] in ("dense", method)]
+    record["protocol"].update(methods=[method], **protocol)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_merge_combines_runs_with_one_dense_row(bench, quick_run, tmp_path):
+    first = _split_run(quick_run, tmp_path, "magnitude", "a")
+    second = _split_run(quick_run, tmp_path, "random+auto", "b")
+    assert bench.main(["--merge", f"{first},{second}", "--out-dir", str(tmp_path / "m")]) == 0
+    merged = json.loads(next((tmp_path / "m").glob("*.json")).read_text())
+    methods = [row["method"] for row in merged["rows"]]
+    assert methods.count("dense") == 1
+    assert set(methods) == {"dense", "magnitude", "random+auto"}
+
+
+def test_merge_refuses_runs_of_another_protocol(bench, quick_run, tmp_path):
+    first = _split_run(quick_run, tmp_path, "magnitude", "a")
+    second = _split_run(quick_run, tmp_path, "random+auto", "b", seqlen=999)
+    with pytest.raises(PruneNetError, match="another protocol"):
+        bench.main(["--merge", f"{first},{second}", "--out-dir", str(tmp_path / "m")])
