@@ -44,7 +44,12 @@ import transformers
 from torch import nn
 
 from prunenet import __version__
-from prunenet.allocation import DEFAULT_MAX_RATIO, keep_counts
+from prunenet.allocation import (
+    DEFAULT_MAX_RATIO,
+    keep_counts,
+    rows_for_ratio,
+    uniform_allocation,
+)
 from prunenet.arch import ffn_widths
 from prunenet.compress import prune_model, validate_ratio
 from prunenet.data import PAPER_TASKS, data_versions
@@ -153,8 +158,27 @@ def checkpoint_scorer(algo: str, checkpoint: str, device: str) -> Scorer:
     return scorer
 
 
+def random_spare_ends(args: argparse.Namespace) -> Method:
+    """Issue 4's hand-made reference: random rows, but layer 0 and the last two layers (the
+    sensitive ones on SmolLM2) kept whole; the other layers share the same global row budget."""
+
+    def plan(model: nn.Module, ratio: float) -> PrunePlan:
+        widths = ffn_widths(model.config)
+        spared = {0, len(widths) - 2, len(widths) - 1}
+        middle = [w for i, w in enumerate(widths) if i not in spared]
+        shares = iter(uniform_allocation(middle, rows_for_ratio(widths, ratio), max_ratio=0.999))
+        removed = [0 if i in spared else next(shares) for i in range(len(widths))]
+        scores = make_scorer("random", seed=args.seed).score_model(model)
+        info = {"scorer": "random", "seed": args.seed, "allocation": "spare 0, L-2, L-1"}
+        return PrunePlan(scores, layer_keep=keep_counts(widths, removed), info=info)
+
+    return Method("random-spare-ends", plan)
+
+
 # Any other method: name -> factory(args) -> Method. Registered methods join the default set.
-EXTRA_METHODS: dict[str, Callable[[argparse.Namespace], Method]] = {}
+EXTRA_METHODS: dict[str, Callable[[argparse.Namespace], Method]] = {
+    "random-spare-ends": random_spare_ends,
+}
 
 
 def build_methods(args: argparse.Namespace) -> list[Method]:

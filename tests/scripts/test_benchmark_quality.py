@@ -186,3 +186,15 @@ def test_merge_refuses_runs_of_another_protocol(bench, quick_run, tmp_path):
     second = _split_run(quick_run, tmp_path, "random+auto", "b", seqlen=999)
     with pytest.raises(PruneNetError, match="another protocol"):
         bench.main(["--merge", f"{first},{second}", "--out-dir", str(tmp_path / "m")])
+
+
+def test_random_spare_ends_keeps_first_and_last_two_layers_whole_and_meets_the_budget(bench):
+    from argparse import Namespace
+
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    plan = bench.random_spare_ends(Namespace(seed=0)).plan(model, 0.3)
+    width = model.config.intermediate_size
+    assert [plan.layer_keep[i] for i in (0, 4, 5)] == [width] * 3
+    assert sum(width - kept for kept in plan.layer_keep) == round(0.3 * 6 * width)
