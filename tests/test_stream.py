@@ -44,7 +44,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory):
 
 def prune_in_memory(source: Path, out: Path, scorer: Scorer):
     model = AutoModelForCausalLM.from_pretrained(source)
-    report = prune_model(model, scorer.score_model(model), RATIO)
+    report = prune_model(model, scorer.score_model(model, ratio=RATIO), RATIO)
     model.save_pretrained(out)
     return model, report
 
@@ -290,3 +290,22 @@ def copy_checkpoint(source: Path, target: Path) -> Path:
     for path in source.iterdir():
         (target / path.name).write_bytes(path.read_bytes())
     return target
+
+
+def test_stream_with_a_weights_only_policy_matches_in_memory_pruning(checkpoints, tmp_path):
+    """A policy trained on weights-only features streams, bit for bit like in-memory pruning."""
+    from prunenet.policy_scorer import PolicyScorer
+    from prunenet.train import TrainConfig, train_policy
+
+    source = checkpoints("llama")
+    checkpoint = tmp_path / "policy.zip"
+    config = TrainConfig(model=str(source), out=str(checkpoint), timesteps=8, eval_every=4,
+                         feature_set="weights", reward="ks")  # fmt: skip
+    train_policy(config)
+    scorer = PolicyScorer(str(checkpoint))
+    assert scorer.weights_only
+    prune_in_memory(source, tmp_path / "memory", scorer)
+
+    stream_prune(source, tmp_path / "stream", scorer, RATIO)
+
+    assert_same_tensors(load_tensors(tmp_path / "memory"), load_tensors(tmp_path / "stream"))
