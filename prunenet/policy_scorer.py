@@ -10,6 +10,8 @@ for PPO checkpoints, `prunenet.reinforce.ReinforceScorer` for the paper-faithful
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -36,6 +38,20 @@ def load_scorer_from_checkpoint(checkpoint: str, device: str = "cpu") -> Scorer:
         f"Checkpoint {checkpoint} was trained with algo {algo!r}, which this PruneNet cannot "
         "score with (known: ppo, reinforce). Re-train it with `prunenet train`."
     )
+
+
+BUNDLED_POLICY = Path(__file__).parent / "policies" / "smollm2-135m-ppo.zip"
+
+
+def bundled_policy_scorer(seed: int = 0) -> Scorer:
+    """The PPO policy that ships with PruneNet (`--scorer policy`, the default).
+
+    Trained with `prunenet train --model smollm2-135m --timesteps 1800 --seed 0` (selfgen
+    features, function reward, ratios 0.1:0.5). It is size-agnostic, so it scores any supported
+    model; its quality was measured on SmolLM2-135M (README). `seed` is unused: the policy's
+    scores are deterministic and its self-generated text uses the seed it was trained with.
+    """
+    return PolicyScorer(str(BUNDLED_POLICY))
 
 
 class PolicyScorer(Scorer):

@@ -103,11 +103,18 @@ class SelfGenScorer(Scorer):
         return {"scorer": self.name, **asdict(self.config)}
 
 
+def _bundled_policy(seed: int) -> Scorer:
+    from prunenet.policy_scorer import bundled_policy_scorer  # imports SB3: only when asked
+
+    return bundled_policy_scorer(seed)
+
+
 # CLI name -> factory taking the run's seed (scorers that ignore randomness ignore it).
 SCORERS: dict[str, Callable[[int], Scorer]] = {
     MagnitudeScorer.name: lambda seed: MagnitudeScorer(),
     RandomScorer.name: RandomScorer,
     SelfGenScorer.name: SelfGenScorer,
+    "policy": _bundled_policy,
 }
 
 

@@ -47,10 +47,11 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--scorer",
-        default="selfgen",
+        default="policy",
         choices=sorted(SCORERS),
-        help="how rows are scored when no --policy is given: selfgen (default; activations on "
-        "text the model generates itself), magnitude (weight norms), random",
+        help="how rows are scored when no --policy is given: policy (default; the PPO policy "
+        "that ships with PruneNet), selfgen (activation size on text the model generates "
+        "itself), magnitude (weight norms), random",
     )
     parser.add_argument(
         "--policy", help="a `prunenet train` checkpoint (.zip): score rows with the policy"
