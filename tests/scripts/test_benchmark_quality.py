@@ -37,14 +37,15 @@ def quick_run(bench, tiny_model_folder, tmp_path_factory):
     return out_dir
 
 
-def test_every_registered_scorer_is_a_method(bench):
+def test_every_registered_scorer_and_extra_method_is_a_method(bench):
     args = bench.parse_args([])
-    assert [m.name for m in bench.build_methods(args)] == list(SCORERS)
+    assert [m.name for m in bench.build_methods(args)] == [*SCORERS, *bench.EXTRA_METHODS]
 
 
 def test_policy_flags_add_methods(bench):
     args = bench.parse_args(["--policy", "ppo.zip", "--baseline-policy", "rf.zip"])
-    assert [m.name for m in bench.build_methods(args)][-2:] == ["ppo", "reinforce"]
+    names = [m.name for m in bench.build_methods(args)]
+    assert names == [*SCORERS, "ppo", "reinforce", *bench.EXTRA_METHODS]
 
 
 def test_methods_flag_selects_and_orders(bench):
@@ -144,7 +145,8 @@ def test_extra_methods_join_the_default_set(bench, monkeypatch):
 
     monkeypatch.setitem(bench.EXTRA_METHODS, "mine", lambda args: bench.Method("mine", plan))
     names = [m.name for m in bench.build_methods(bench.parse_args([]))]
-    assert names == [*SCORERS, "mine"]
+    assert names == [*SCORERS, *bench.EXTRA_METHODS]
+    assert names[-1] == "mine"
 
 
 @pytest.mark.real_model
