@@ -10,7 +10,9 @@ fixture.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from transformers.utils import logging as hf_logging
 
 from prunenet.arch import supported_model_types
+from prunenet.selfgen import SelfGenConfig
 
 torch.set_num_threads(1)
 hf_logging.set_verbosity_error()
@@ -157,3 +160,26 @@ def tiny_model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+# Self-generated text small enough for tiny models and fast tests.
+SMALL_SELFGEN = SelfGenConfig(sequences=2, length=16, kept_tokens=16)
+
+
+@pytest.fixture
+def no_disk_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep a test's self-generated analyses out of the on-disk cache (and away from stale ones)."""
+    monkeypatch.setenv("PRUNENET_NO_CACHE", "1")
+
+
+def load_script(name: str):
+    """Import `scripts/<name>.py` as a module (scripts are not a package), for one test module.
+
+    Registered in `sys.modules` while in use because dataclasses look their module up there.
+    """
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

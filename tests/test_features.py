@@ -16,15 +16,11 @@ from prunenet.features import (
     model_layer_data,
     standardise,
 )
-from prunenet.selfgen import LayerActivations, SelfGenConfig
+from prunenet.selfgen import LayerActivations
 from tests.conftest import FFN_WIDTH, tiny_model
+from tests.conftest import SMALL_SELFGEN as SMALL
 
-SMALL = SelfGenConfig(sequences=2, length=16, kept_tokens=16)
-
-
-@pytest.fixture(autouse=True)
-def _no_disk_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PRUNENET_NO_CACHE", "1")
+pytestmark = pytest.mark.usefixtures("no_disk_cache")
 
 
 def _first_layer(model_type: str = "llama"):

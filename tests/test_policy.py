@@ -24,10 +24,9 @@ from prunenet.policy import (
     spaces_for,
     write_metadata,
 )
-from prunenet.selfgen import SelfGenConfig
 from tests.conftest import FFN_WIDTH, tiny_model
+from tests.conftest import SMALL_SELFGEN as SMALL
 
-SMALL = SelfGenConfig(sequences=2, length=16, kept_tokens=16)
 METADATA = {"algo": "ppo", "feature_set": "selfgen", "reward": "function", "seed": 0}
 
 

@@ -16,8 +16,7 @@ from prunenet.policy import RowScoringPolicy, write_metadata
 from prunenet.policy_scorer import PolicyScorer
 from prunenet.selfgen import SelfGenConfig
 from tests.conftest import FFN_WIDTH, tiny_model
-
-SMALL = SelfGenConfig(sequences=2, length=16, kept_tokens=16)
+from tests.conftest import SMALL_SELFGEN as SMALL
 
 
 @pytest.fixture(autouse=True)

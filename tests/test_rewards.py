@@ -8,16 +8,11 @@ import torch
 from prunenet.errors import PruneNetError
 from prunenet.features import model_layer_data
 from prunenet.rewards import REWARDS, function_reward, reward_function, spectral_reward
-from prunenet.selfgen import SelfGenConfig
 from prunenet.spectral import ks_reward
 from tests.conftest import FFN_WIDTH, tiny_model
+from tests.conftest import SMALL_SELFGEN as SMALL
 
-SMALL = SelfGenConfig(sequences=2, length=16, kept_tokens=16)
-
-
-@pytest.fixture(autouse=True)
-def _no_disk_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PRUNENET_NO_CACHE", "1")
+pytestmark = pytest.mark.usefixtures("no_disk_cache")
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,10 @@ from prunenet.selfgen import (
     generate_own_text,
     start_token_id,
 )
+from tests.conftest import SMALL_SELFGEN as SMALL
 from tests.conftest import SPECIAL_TOKENS, tiny_model
 
-SMALL = SelfGenConfig(sequences=2, length=16, kept_tokens=16)
-
-
-@pytest.fixture(autouse=True)
-def _no_disk_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PRUNENET_NO_CACHE", "1")
+pytestmark = pytest.mark.usefixtures("no_disk_cache")
 
 
 # ----- generate_own_text -------------------------------------------------------------------------

@@ -12,17 +12,14 @@ from prunenet.allocation import CostGrid, rows_for_ratio
 from prunenet.arch import decoder_layers, ffn_widths
 from prunenet.errors import PruneNetError
 from prunenet.scorers import MagnitudeScorer, RandomScorer
-from prunenet.selfgen import SelfGenConfig
 from prunenet.sensitivity import SENSITIVITY_RATIOS, auto_allocation, layer_sensitivity
+from tests.conftest import SMALL_SELFGEN as SMALL
 from tests.conftest import tiny_model
 
-SMALL = SelfGenConfig(sequences=2, length=16, kept_tokens=16)
 RATIOS = (0.15, 0.3, 0.45, 0.6)
 
 
-@pytest.fixture(autouse=True)
-def _no_disk_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PRUNENET_NO_CACHE", "1")
+pytestmark = pytest.mark.usefixtures("no_disk_cache")
 
 
 def _curves(model_type: str = "llama", **overrides) -> list[CostGrid]:

@@ -12,11 +12,9 @@ from prunenet import train as train_module
 from prunenet.errors import PruneNetError
 from prunenet.features import FEATURE_VERSION, model_layer_data
 from prunenet.policy import METADATA_FILE, load_policy, read_metadata
-from prunenet.selfgen import SelfGenConfig
 from prunenet.train import TrainConfig, evaluate_policy, evaluation_ratios, train_policy
 from tests.conftest import FFN_WIDTH, tiny_model
-
-SMALL = SelfGenConfig(sequences=2, length=16, kept_tokens=16)
+from tests.conftest import SMALL_SELFGEN as SMALL
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,10 @@ import envs
 from envs.ffn_prune import FFNPruneEnv
 from prunenet.errors import PruneNetError
 from prunenet.features import CONTEXT_FEATURES, feature_names, model_layer_data
-from prunenet.selfgen import SelfGenConfig
 from tests.conftest import FFN_WIDTH, NUM_LAYERS, tiny_model
+from tests.conftest import SMALL_SELFGEN as SMALL
 
-SMALL = SelfGenConfig(sequences=2, length=16, kept_tokens=16)
-
-
-@pytest.fixture(autouse=True)
-def _no_disk_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PRUNENET_NO_CACHE", "1")
+pytestmark = pytest.mark.usefixtures("no_disk_cache")
 
 
 @pytest.fixture(scope="module")

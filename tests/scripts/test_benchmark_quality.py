@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,18 +11,13 @@ import pytest
 
 from prunenet.errors import PruneNetError
 from prunenet.scorers import SCORERS
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "benchmark_quality.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_script("benchmark_quality")
+    sys.modules.pop("benchmark_quality", None)
 
 
 @pytest.fixture(scope="module")
