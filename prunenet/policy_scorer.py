@@ -62,6 +62,7 @@ class PolicyScorer(Scorer):
     """
 
     name = "policy"
+    ratio_aware = True
 
     def __init__(self, checkpoint: str, device: str = "cpu") -> None:
         self.checkpoint = str(checkpoint)

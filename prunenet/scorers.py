@@ -24,6 +24,9 @@ class Scorer:
 
     name: str = "base"
     weights_only: bool = True
+    # Whether scores depend on the target ratio (a policy observes it): callers that prune at
+    # several ratios must then score once per ratio instead of reusing one ranking.
+    ratio_aware: bool = False
 
     def score_layer(
         self, ffn: FFNWeights, layer_index: int, num_layers: int, ratio: float | None = None

@@ -109,15 +109,12 @@ class Method:
 def scorer_method(
     name: str,
     make: Callable[[], Scorer],
-    ratio_dependent: bool = False,
     allocation: str = "uniform",
     max_layer_ratio: float = DEFAULT_MAX_RATIO,
 ) -> Method:
     """A `Scorer` as a method, with uniform or self-generated ("auto") per-layer allocation.
 
     :param make: builds the scorer (once, on first use).
-    :param ratio_dependent: the scorer's scores depend on the target ratio (trained policies
-        observe it); otherwise the model is scored once and the scores reused at every ratio.
     :param allocation: "uniform" removes `ratio` of every layer; "auto" lets
         `prunenet.sensitivity.auto_allocation` spread the same total over the layers.
     :param max_layer_ratio: the most "auto" removes from one layer.
@@ -128,7 +125,7 @@ def scorer_method(
         if "scorer" not in state:
             state["scorer"] = make()
         scorer = state["scorer"]
-        if ratio_dependent or "scores" not in state:
+        if scorer.ratio_aware or "scores" not in state:
             state["scores"] = scorer.score_model(model, ratio=ratio)
         layer_keep = None
         if allocation == "auto":
@@ -188,8 +185,8 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
     with --baseline-policy, and `EXTRA_METHODS`. A scorer-backed name with the suffix "+auto"
     (e.g. "selfgen+auto") uses self-generated per-layer allocation instead of uniform ratios.
     """
-    factories: dict[str, tuple[Callable[[], Scorer], bool]] = {
-        name: (functools.partial(make_scorer, name, seed=args.seed), False) for name in SCORERS
+    factories: dict[str, Callable[[], Scorer]] = {
+        name: functools.partial(make_scorer, name, seed=args.seed) for name in SCORERS
     }
     checkpoints = {"ppo": ("ppo", args.policy), "reinforce": ("reinforce", args.baseline_policy)}
     for entry in args.named_policy:
@@ -198,7 +195,7 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
     for name, (algo, checkpoint) in checkpoints.items():
         if checkpoint:
             load = functools.partial(checkpoint_scorer, algo, checkpoint, args.device or "cpu")
-            factories[name] = (load, True)  # policies observe the target ratio
+            factories[name] = load
     names = [n.strip() for n in (args.methods or "").split(",") if n.strip()]
     names = names or [*factories, *EXTRA_METHODS]
     methods, unknown = [], []
@@ -207,11 +204,9 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
         if name in EXTRA_METHODS:
             methods.append(EXTRA_METHODS[name](args))
         elif base in factories and suffix in ("", "auto"):
-            make, ratio_dependent = factories[base]
+            make = factories[base]
             allocation = "auto" if suffix else "uniform"
-            methods.append(
-                scorer_method(name, make, ratio_dependent, allocation, args.max_layer_ratio)
-            )
+            methods.append(scorer_method(name, make, allocation, args.max_layer_ratio))
         else:
             unknown.append(name)
     if unknown:
