@@ -182,7 +182,9 @@ class BestCheckpointCallback(BaseCallback):
 
     def _on_step(self) -> bool:
         self.bar.update(1)
-        if self.num_timesteps % self.config.eval_every == 0:
+        # The last step is evaluated after PPO's final update (train_policy), not before it.
+        last = self.num_timesteps >= self.config.timesteps
+        if self.num_timesteps % self.config.eval_every == 0 and not last:
             self.evaluate_and_save()
         return True
 
