@@ -138,9 +138,11 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     rows = []
+    scores = None
     for ratio, folder in zip(args.ratio, folders, strict=True):
         start = time.perf_counter()
-        scores = scorer.score_model(model, ratio=ratio)
+        if scores is None or scorer.ratio_aware:  # one ranking serves every ratio otherwise
+            scores = scorer.score_model(model, ratio=ratio)
         layer_keep = None
         if args.allocation == "auto":
             removed = auto_allocation(model, scorer, ratio, args.max_layer_ratio)
