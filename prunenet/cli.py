@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from prunenet.commands import eval as eval_command
 from prunenet.commands import prune, train
@@ -29,11 +31,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Signal handlers can only be set from the main thread (callers may run main elsewhere).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.run(args) or 0
     except PruneNetError as error:
         print(f"prunenet {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        # Writers clean up on the way out (staging folders, locks); say so instead of a traceback.
+        name = "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C"
+        print(
+            f"prunenet {args.command}: interrupted by {name}; nothing partial was left at the "
+            "output path.",
+            file=sys.stderr,
+        )
+        return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every `finally` and cleanup handler runs."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":

@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunenet.arch import adapter_for, cut_ffn, decoder_layers, ffn_width, set_ffn_widths
+from prunenet.arch import (
+    adapter_for,
+    cut_ffn,
+    decoder_layers,
+    ffn_weights,
+    ffn_width,
+    set_ffn_widths,
+)
 from prunenet.errors import PruneNetError
 from prunenet.saving import atomic_directory
 
@@ -93,6 +100,21 @@ def select_keep_indices(scores: torch.Tensor, kept: int) -> torch.Tensor:
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def estimated_output_bytes(model: nn.Module, ratio: float) -> int:
+    """Bytes `save_pretrained` will write for `model` pruned at `ratio` (weights only, approx.).
+
+    The FFN part shrinks by `ratio`; everything else is written as it is. Used to refuse a run
+    before scoring when the disk cannot hold its output.
+    """
+    adapter = adapter_for(model.config)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    ffn = 0
+    for layer in decoder_layers(model):
+        weights = ffn_weights(layer, adapter)
+        ffn += sum(w.numel() * w.element_size() for w in (*weights.inputs, weights.output))
+    return int(total - validate_ratio(ratio) * ffn)
 
 
 def prune_model(

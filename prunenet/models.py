@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from prunenet.errors import PruneNetError
@@ -91,19 +92,42 @@ def resolve_model_path(spec: str) -> str:
     return spec  # a hub id: transformers downloads it (needs internet)
 
 
+# Any of these beside config.json means the folder carries a tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
 def load_model(
     spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
-) -> tuple[PreTrainedModel, object]:
+) -> tuple[PreTrainedModel, object | None]:
     """Model (eval mode) and tokenizer for a folder, hub id or alias.
 
     Goes through `load_pruned`, so pruned folders with different FFN widths per layer load too.
+    The tokenizer is None for a local folder without tokenizer files: pruning never reads text
+    (self-generation starts from the config's start token id), so such folders prune fine and
+    their output has no tokenizer either.
+
+    :param spec: local folder, hub id, or a built-in alias (`ALIASES`).
+    :param dtype: dtype the weights are loaded in.
+    :param device: where the model is moved after loading.
     """
     path = resolve_model_path(spec)
     try:
         model = load_pruned(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = _load_tokenizer(path)
     except PruneNetError:
         raise
+    except SafetensorError as error:
+        raise PruneNetError(
+            f"Model {spec!r} has a weights file that cannot be read ({error}). It is probably "
+            "truncated or corrupt (an interrupted download or copy); re-download or re-save it."
+        ) from None
     except (OSError, ValueError, KeyError, RuntimeError, StrictDataclassError) as error:
         # transformers raises assorted types for broken folders: OSError for missing weights,
         # huggingface_hub's validation errors for inconsistent configs, RuntimeError for shape
@@ -114,6 +138,13 @@ def load_model(
             f"reachable hub id, or an alias: {', '.join(ALIASES)}."
         ) from error
     return model.to(device).eval(), tokenizer
+
+
+def _load_tokenizer(path: str):
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _cached_alias_folder(alias: str) -> Path:

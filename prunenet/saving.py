@@ -1,8 +1,33 @@
-"""Atomic writes of model folders: a half-written model never appears at the output path."""
+"""Output folders that are complete or absent, written by one run at a time.
+
+What a user can rely on at `--out`:
+
+- **One run per destination.** A run holds an exclusive lock (`flock` on `.NAME.lock` beside
+  `out`) from its first check to its last rename; a second run to the same destination exits 2
+  at once, saying which process holds it. The lock file is removed on release.
+- **Complete or absent.** Everything is written into a staging sibling `.NAME.partial-XXXXXXXX`
+  and renamed into place at the end, on the same filesystem. Just before that rename the
+  destination is checked again: a folder that appeared meanwhile is never silently replaced.
+- **Replacing is atomic where the OS allows it.** With `--overwrite`, Linux's
+  `renameat2(RENAME_EXCHANGE)` swaps the old and the new folder in one step, so at every instant
+  either the old or the new model is at `out`. Elsewhere (or on filesystems without it) the
+  documented fallback is two renames, old -> `.NAME.previous-XXXXXXXX` then new -> `out`; if the
+  run is killed between them, the next run to that destination moves the previous model back.
+- **No leftovers.** SIGINT and SIGTERM (the CLI turns SIGTERM into KeyboardInterrupt) remove the
+  staging folder. SIGKILL cannot be caught, so the next run to the same destination, holding the
+  lock, removes the killed run's staging folders and says so.
+- **Normal permissions.** `mkdtemp` creates 0700 folders; the published folder gets the mode a
+  plain `mkdir` would (0777 minus the umask), like a `save_pretrained` folder.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,9 +35,23 @@ from pathlib import Path
 
 from prunenet.errors import PruneNetError
 
+try:  # POSIX; without it (Windows) runs are not locked against each other
+    import fcntl
+except ImportError:  # pragma: no cover - not reachable on Linux/macOS
+    fcntl = None
+
+PARTIAL = "partial"
+PREVIOUS = "previous"
+# Locks this process holds, by absolute destination: nested writers of the same run reuse them.
+_HELD: dict[Path, int] = {}
+
 
 def check_output_path(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless the user said `--overwrite`; fail before any work."""
+    """Refuse an existing output unless the user said `--overwrite`; fail before any work.
+
+    Also refuses a destination whose parent cannot be created or written, so a read-only or
+    mistyped location fails now and not after minutes of scoring.
+    """
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise PruneNetError(
@@ -20,28 +59,212 @@ def check_output_path(out: str | Path, overwrite: bool) -> Path:
         )
     if out.exists() and not out.is_dir():
         raise PruneNetError(f"Output path {out} exists and is not a folder; remove it first.")
+    check_writable_parent(out)
     return out
+
+
+def check_writable_parent(path: str | Path) -> Path:
+    """The nearest existing ancestor of `path` must be a folder this process can write to."""
+    path = Path(path).expanduser().absolute()
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise PruneNetError(
+            f"Cannot write {path}: {ancestor} is a file, not a folder. Choose another path."
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PruneNetError(
+            f"Cannot write {path}: the folder {ancestor} is not writable by this user. Choose "
+            "another path or fix the folder's permissions."
+        )
+    return ancestor
+
+
+def check_free_space(out: str | Path, needed_bytes: int) -> None:
+    """Refuse to start when the filesystem of `out` cannot hold `needed_bytes` (plus a margin)."""
+    existing = check_writable_parent(out)
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes * 1.02 + 64 * 2**20:
+        raise PruneNetError(
+            f"The output needs about {needed_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB "
+            f"are free under {existing}; free some space or choose another --out."
+        )
+
+
+@contextmanager
+def hold_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Own the destination `out` for the duration: lock it, clear what killed runs left behind.
+
+    Re-entrant within one process (the CLI holds it for a whole run, the writer again inside).
+    """
+    out = check_output_path(out, overwrite).absolute()
+    if out in _HELD:
+        yield out
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = _lock(out)
+    _HELD[out] = descriptor
+    try:
+        for line in clean_stale_siblings(out):
+            print(f"prunenet: {line}", file=sys.stderr)
+        yield out
+    finally:
+        del _HELD[out]
+        _unlock(out, descriptor)
 
 
 @contextmanager
 def atomic_directory(out: str | Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a staging folder beside `out`; on success it replaces `out`, on error it vanishes.
+    """Yield a staging folder beside `out`; on success it becomes `out`, on error it vanishes.
 
-    The staging folder is a sibling, so the final rename stays on one filesystem and is atomic.
-    An existing `out` is moved aside first and deleted only after the new folder is in place.
+    :param out: the destination folder.
+    :param overwrite: allow replacing an existing `out` (atomically where the OS can).
     """
-    out = check_output_path(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    previous = None
-    if out.exists():
-        previous = out.with_name(f".{out.name}.previous-{staging.name.rsplit('-', 1)[-1]}")
-        out.rename(previous)
-    staging.rename(out)
-    if previous is not None:
+    with hold_output(out, overwrite) as out:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{PARTIAL}-", dir=out.parent))
+        try:
+            yield staging
+            _set_default_mode(staging)
+            _publish(staging, out, overwrite)
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                raise PruneNetError(
+                    f"Writing {out} failed: {error.strerror} ({error.filename or out}). Nothing "
+                    "was written there; free space or choose another --out."
+                ) from None
+            raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def clean_stale_siblings(out: Path) -> list[str]:
+    """Remove staging folders of killed runs; restore a previous model a killed swap moved away.
+
+    Only call while holding the destination's lock: then no live run owns these siblings.
+    :return: one line per action, for the user.
+    """
+    actions = []
+    for sibling in sorted(out.parent.iterdir()):
+        kind = _sibling_kind(out, sibling.name)
+        if kind == PREVIOUS and not out.exists():
+            sibling.rename(out)
+            actions.append(f"restored {out} from {sibling.name}, left by an interrupted replace")
+        elif kind is not None:
+            shutil.rmtree(sibling, ignore_errors=True)
+            actions.append(f"removed {sibling.name}, left in {out.parent} by a killed run")
+    return actions
+
+
+def _sibling_kind(out: Path, name: str) -> str | None:
+    # mkdtemp's suffix is 8 characters of [a-z0-9_]; matching it exactly keeps the staging
+    # folders of another destination (say `out.partial-x`) out of this one's cleanup.
+    match = re.fullmatch(rf"\.{re.escape(out.name)}\.({PARTIAL}|{PREVIOUS})-[a-z0-9_]{{8}}", name)
+    return match.group(1) if match else None
+
+
+def _lock(out: Path) -> int:
+    path = out.with_name(f".{out.name}.lock")
+    while True:
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise PruneNetError(
+                f"Cannot create the lock file {path} ({error.strerror}); choose a writable --out."
+            ) from None
+        if fcntl is None:  # pragma: no cover
+            return descriptor
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(descriptor)
+            raise PruneNetError(
+                f"Another prunenet run (pid {holder}) is writing {out}. Wait for it to finish, "
+                "or choose another --out."
+            ) from None
+        # The previous holder unlinks the file as it releases: if it did so between our open
+        # and our flock, we locked an orphan inode and must start again on the new file.
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(descriptor).st_ino:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+            return descriptor
+        os.close(descriptor)
+
+
+def _unlock(out: Path, descriptor: int) -> None:
+    # Unlink while still holding the lock, so a waiting run never locks a file about to vanish.
+    out.with_name(f".{out.name}.lock").unlink(missing_ok=True)
+    os.close(descriptor)
+
+
+def _publish(staging: Path, out: Path, overwrite: bool) -> None:
+    """Rename `staging` to `out`, re-checking the destination at the last moment."""
+    if os.path.lexists(out):
+        if not overwrite:
+            raise PruneNetError(
+                f"{out} appeared while this run was working (not by another prunenet run, "
+                "which would hold the lock); it was left as it is and this run's output was "
+                "discarded. Choose another --out or pass --overwrite."
+            )
+        if not out.is_dir() or out.is_symlink():
+            raise PruneNetError(f"Output path {out} is not a folder; remove it first.")
+        if _renameat2(staging, out, _RENAME_EXCHANGE):
+            shutil.rmtree(staging)  # now holds the previous model
+            return
+        previous = out.with_name(staging.name.replace(f".{PARTIAL}-", f".{PREVIOUS}-"))
+        out.rename(previous)  # a kill here leaves `previous`, restored by the next run
+        staging.rename(out)
         shutil.rmtree(previous, ignore_errors=True)
+        return
+    if not _renameat2(staging, out, _RENAME_NOREPLACE):
+        staging.rename(out)
+
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _renameat2(source: Path, target: Path, flags: int) -> bool:
+    """Linux `renameat2`; False where the C library or filesystem lacks it (use the fallback)."""
+    function = getattr(_libc(), "renameat2", None)
+    if function is None:
+        return False
+    result = function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    if code == errno.EEXIST:
+        raise PruneNetError(
+            f"{target} appeared while this run was working; it was left as it is and this "
+            "run's output was discarded. Choose another --out or pass --overwrite."
+        )
+    raise OSError(code, os.strerror(code), str(target))
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        except OSError:  # pragma: no cover - no C library to load (exotic platforms)
+            _LIBC = False
+    return _LIBC or None
+
+
+_LIBC = None
+
+
+def _set_default_mode(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)

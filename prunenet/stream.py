@@ -49,7 +49,7 @@ from prunenet.compress import (
     validate_ratio,
 )
 from prunenet.errors import PruneNetError
-from prunenet.saving import atomic_directory, check_output_path
+from prunenet.saving import atomic_directory, check_free_space, check_output_path
 from prunenet.scorers import Scorer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -120,7 +120,7 @@ def stream_prune(
     adapter = adapter_for(config)
     checkpoint = read_checkpoint(folder)
     plan = plan_pruning(adapter, config, checkpoint, ratio, layer_ratios)
-    _check_free_space(out, plan.output_bytes)
+    check_free_space(out, plan.output_bytes)
     pruner = _LayerPruner(checkpoint, plan, adapter, scorer, device)
     bytes_written = 0
     with atomic_directory(out, overwrite) as staging:
@@ -707,15 +707,3 @@ def copy_side_files(source: Path, staging: Path) -> list[str]:
         shutil.copy2(path, staging / path.name)
         copied.append(path.name)
     return copied
-
-
-def _check_free_space(out: Path, needed: int) -> None:
-    existing = out.parent
-    while not existing.exists():
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
-    if free < needed * 1.02 + 64 * 2**20:
-        raise PruneNetError(
-            f"The pruned checkpoint needs about {needed / 1e9:.1f} GB but only {free / 1e9:.1f} GB "
-            f"are free under {existing}; free some space or choose another --out."
-        )

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from prunenet import saving
 from prunenet.compress import prune_model, save_pruned
 from prunenet.errors import PruneNetError
-from prunenet.saving import atomic_directory, check_output_path
+from prunenet.saving import atomic_directory, check_free_space, check_output_path, hold_output
 from prunenet.scorers import RandomScorer
 from tests.conftest import tiny_model, tiny_tokenizer
 
@@ -90,3 +97,167 @@ def test_save_pruned_failing_midway_leaves_no_folder_and_no_staging(
     with pytest.raises(SaveFailed):
         save_pruned(model, tiny_tokenizer(), tmp_path / "out", report)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----- one run per destination, nothing left behind ---------------------------------------------
+
+
+def test_a_second_holder_of_the_same_destination_is_refused_while_the_first_holds_it(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_UNTIL_FLAG, str(out), str(tmp_path / "flag")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        refused = pytest.raises(PruneNetError, match=rf"Another prunenet run \(pid {holder.pid}\)")
+        with refused, hold_output(out, overwrite=False):
+            pass
+    finally:
+        (tmp_path / "flag").touch()
+        holder.wait(timeout=60)
+    assert holder.returncode == 0
+    with hold_output(out, overwrite=False):  # free again once the holder is done
+        pass
+
+
+def test_released_lock_leaves_no_lock_file(tmp_path: Path) -> None:
+    with hold_output(tmp_path / "out", overwrite=False):
+        assert (tmp_path / ".out.lock").is_file()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_destination_that_appears_during_the_run_is_kept_and_the_run_fails(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    refused = pytest.raises(PruneNetError, match="appeared while this run was working")
+    with refused, atomic_directory(out, overwrite=False) as staging:
+        (staging / "new.txt").write_text("this run")
+        out.mkdir()
+        (out / "other.txt").write_text("someone else")
+    assert sorted(p.name for p in out.iterdir()) == ["other.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_published_folder_has_the_mode_of_a_plain_mkdir(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out", overwrite=False) as staging:
+            (staging / "f").write_text("x")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+def test_stale_staging_folder_of_a_killed_run_is_removed_by_the_next_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    stale = tmp_path / ".out.partial-abcd1234"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    with atomic_directory(tmp_path / "out", overwrite=False) as staging:
+        (staging / "f").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert ".out.partial-abcd1234" in capsys.readouterr().err
+
+
+def test_staging_folders_of_another_destination_are_left_alone(tmp_path: Path) -> None:
+    other = tmp_path / ".out.partial-x.partial-abcd1234"  # belongs to destination "out.partial-x"
+    other.mkdir()
+    with atomic_directory(tmp_path / "out", overwrite=False):
+        pass
+    assert other.is_dir()
+
+
+def test_previous_model_moved_aside_by_an_interrupted_replace_is_restored(tmp_path: Path) -> None:
+    previous = tmp_path / ".out.previous-abcd1234"
+    previous.mkdir()
+    (previous / "old.txt").write_text("previous run")
+    with hold_output(tmp_path / "out", overwrite=True):
+        pass
+    assert (tmp_path / "out" / "old.txt").read_text() == "previous run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_replace_without_rename_exchange_falls_back_to_two_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(saving, "_renameat2", lambda source, target, flags: False)
+    out = _existing_output(tmp_path)
+    with atomic_directory(out, overwrite=True) as staging:
+        (staging / "new.txt").write_text("new run")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="renameat2 is Linux's")
+def test_replace_swaps_old_and_new_in_one_rename_on_linux(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = _existing_output(tmp_path)
+    real_rename = Path.rename
+
+    def no_plain_rename_of_out(self, target):
+        assert Path(self) != out, "the old model was moved away instead of swapped"
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", no_plain_rename_of_out)
+    with atomic_directory(out, overwrite=True) as staging:
+        (staging / "new.txt").write_text("new run")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+
+
+def test_unwritable_destination_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(PruneNetError, match="is a file, not a folder"):
+        check_output_path(tmp_path / "file" / "out", overwrite=False)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_parent_folder_is_refused(tmp_path: Path) -> None:
+    parent = tmp_path / "ro"
+    parent.mkdir(mode=0o555)
+    with pytest.raises(PruneNetError, match="not writable"):
+        check_output_path(parent / "out", overwrite=False)
+
+
+def test_lock_file_that_cannot_be_created_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def read_only_filesystem(path, flags, mode=0o777):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(saving.os, "open", read_only_filesystem)
+    refused = pytest.raises(PruneNetError, match="Read-only file system")
+    with refused, hold_output(tmp_path / "out", overwrite=False):
+        pass
+
+
+def test_full_disk_while_writing_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    refused = pytest.raises(PruneNetError, match="No space left")
+    with refused, atomic_directory(tmp_path / "out", overwrite=False):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_free_space_check_refuses_an_output_larger_than_the_disk(tmp_path: Path) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(PruneNetError, match="free some space"):
+        check_free_space(tmp_path / "out", free * 2)
+    check_free_space(tmp_path / "out", 1)
+
+
+# Holds `hold_output(argv[1])` until the file argv[2] exists; prints "holding" once it holds it.
+_HOLD_UNTIL_FLAG = """
+import sys, time
+from pathlib import Path
+from prunenet.saving import hold_output
+with hold_output(sys.argv[1], overwrite=False):
+    print("holding", flush=True)
+    while not Path(sys.argv[2]).exists():
+        time.sleep(0.02)
+"""

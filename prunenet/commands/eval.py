@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -20,6 +21,7 @@ import transformers
 from transformers.utils import logging as hf_logging
 
 from prunenet import __version__
+from prunenet.commands.options import non_negative_int, positive_int
 from prunenet.compress import REPORT_FILE
 from prunenet.data import DEFAULT_TASKS, all_task_names, data_versions, parse_tasks
 from prunenet.errors import PruneNetError
@@ -44,6 +46,7 @@ from prunenet.evaluate import (
     zero_shot_average,
 )
 from prunenet.models import ALIASES, load_model, resolve_model_path
+from prunenet.saving import check_writable_parent
 from prunenet.tables import format_table
 
 
@@ -66,7 +69,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--limit",
-        type=_non_negative,
+        type=non_negative_int,
         default=None,
         help=f"examples per task, as in lm-eval: N zero-shot questions (a seeded sample) and N "
         f"perplexity windows; 0 = everything. Without it: {DEFAULT_ZERO_SHOT_LIMIT} questions and "
@@ -74,25 +77,33 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--ppl-windows",
-        type=_non_negative,
+        type=non_negative_int,
         default=None,
         help="perplexity windows per text, evenly spaced through it (overrides --limit for "
         "perplexity); 0 = the whole text",
     )
-    parser.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="perplexity window")
+    parser.add_argument(
+        "--seqlen", type=positive_int, default=DEFAULT_SEQLEN, help="perplexity window"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the zero-shot sample")
     parser.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences per forward pass"
+        "--batch-size",
+        type=positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        help="sequences per forward pass",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if any)")
     parser.add_argument(
-        "--threads", type=int, default=1, help="CPU threads for torch (default 1: see DESIGN.md)"
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="CPU threads for torch (default 1: see DESIGN.md)",
     )
-    parser.add_argument("--speed-batch", type=int, default=DEFAULT_SPEED_BATCH)
-    parser.add_argument("--speed-seqlen", type=int, default=DEFAULT_SPEED_SEQLEN)
+    parser.add_argument("--speed-batch", type=positive_int, default=DEFAULT_SPEED_BATCH)
+    parser.add_argument("--speed-seqlen", type=positive_int, default=DEFAULT_SPEED_SEQLEN)
     parser.add_argument(
         "--speed-repeats",
-        type=_non_negative,
+        type=non_negative_int,
         default=DEFAULT_SPEED_REPEATS,
         help="timed forward passes (median reported); 0 skips the speed measurement",
     )
@@ -104,16 +115,20 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     tasks = parse_tasks(args.tasks)
     zero_shot_limit, ppl_windows = effective_limits(args.limit, args.ppl_windows)
-    if args.threads < 1:
-        raise PruneNetError(f"--threads {args.threads} must be at least 1.")
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     device = args.device or default_device()
     json_path = Path(args.json).expanduser() if args.json else None
-    if json_path is not None and json_path.is_dir():
-        raise PruneNetError(f"--json {json_path} is a folder; give a file name.")
+    if json_path is not None:
+        check_json_path(json_path)
 
     model, tokenizer = load_model(args.model, device=device)
+    if tokenizer is None:
+        raise PruneNetError(
+            f"Model {args.model} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+            "...); evaluation needs one to read text. Copy the tokenizer of the model it was "
+            "pruned from into the folder."
+        )
     counts = parameter_counts(model)
     suite = EvaluationSuite(
         tokenizer,
@@ -159,6 +174,15 @@ def run(args: argparse.Namespace) -> int:
         json_path.write_text(json.dumps(record, indent=2))
         print(f"wrote {json_path}")
     return 0
+
+
+def check_json_path(path: Path) -> None:
+    """Refuse a --json path that cannot be written, before the (long) evaluation starts."""
+    if path.is_dir():
+        raise PruneNetError(f"--json {path} is a folder; give a file name.")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PruneNetError(f"--json {path} exists and is not writable; choose another file.")
+    check_writable_parent(path)
 
 
 def effective_limits(limit: int | None, ppl_windows: int | None) -> tuple[int | None, int | None]:
@@ -272,13 +296,3 @@ def _progress(task: str, result) -> None:
     else:
         value = f"acc {result.acc:.4f} on {result.items} items"
     print(f"  {task}: {value} ({result.seconds:.1f} s)", file=sys.stderr, flush=True)
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; use 0 for everything")
-    return value

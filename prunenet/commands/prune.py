@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
+import sys
 import time
 from pathlib import Path
 
@@ -11,10 +13,18 @@ import torch
 
 from prunenet.allocation import DEFAULT_MAX_RATIO, keep_counts
 from prunenet.arch import ffn_width, ffn_widths
-from prunenet.compress import PruneReport, keep_count, prune_model, save_pruned, validate_ratio
+from prunenet.commands.options import positive_int
+from prunenet.compress import (
+    PruneReport,
+    estimated_output_bytes,
+    keep_count,
+    prune_model,
+    save_pruned,
+    validate_ratio,
+)
 from prunenet.errors import PruneNetError
 from prunenet.models import ALIASES, load_model, resolve_model_path
-from prunenet.saving import check_output_path
+from prunenet.saving import check_free_space, hold_output
 from prunenet.scorers import SCORERS, Scorer, make_scorer
 from prunenet.sensitivity import ALLOCATIONS, SENSITIVITY_RATIOS, auto_allocation
 from prunenet.stream import (
@@ -67,7 +77,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--max-layer-ratio",
-        type=float,
+        type=parse_max_layer_ratio,
         default=DEFAULT_MAX_RATIO,
         help=f"auto allocation never removes more than this fraction of one layer (default "
         f"{DEFAULT_MAX_RATIO}, at most {SENSITIVITY_RATIOS[-1]})",
@@ -85,7 +95,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="where scoring runs: cpu (default) or cuda")
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="torch CPU threads (default 1: on small shared CPUs 2 threads were 10-130x slower)",
     )
@@ -117,21 +127,42 @@ def _folder_name(ratio: float) -> str:
     return f"ratio-{ratio:.2f}" if float(f"{ratio:.2f}") == ratio else f"ratio-{ratio!r}"
 
 
+def parse_max_layer_ratio(text: str) -> float:
+    """A finite fraction in (0, the largest measured layer ratio], refused at parse time."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0.0 < value <= SENSITIVITY_RATIOS[-1]:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a fraction in (0, {SENSITIVITY_RATIOS[-1]}]: the layer ratios the "
+            "auto allocation measures stop there"
+        )
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     folders = output_folders(args.out, args.ratio)
-    for folder in [Path(args.out), *folders[1:]] if len(folders) > 1 else folders:
-        check_output_path(folder, args.overwrite)
     device = resolve_device(args.device)
-    if _use_stream(args):
-        return _run_stream(args, folders, device)
+    scorer = build_scorer(args)  # a bad --policy fails here, before the model is read
+    with hold_output(args.out, args.overwrite):
+        # Own --out for the whole run: a second run to it exits 2 now, not after its scoring,
+        # and cannot replace this run's output. A ratio list's subfolders live inside it.
+        if _use_stream(args, scorer):
+            return _run_stream(args, scorer, folders, device)
+        return _run_in_memory(args, scorer, folders, device)
+
+
+def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path], device) -> int:
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, device=str(device))
     load_seconds = time.perf_counter() - start
-    # Refuse a ratio that would empty the FFN now, before any folder is written.
+    # Everything that can be refused is refused now, before the (slow) scoring.
+    width = ffn_width(model.config)
     for ratio in args.ratio:
-        keep_count(ffn_width(model.config), ratio)
-    scorer = build_scorer(args)
+        warn_if_nothing_removed(width, ratio)
+    check_free_space(folders[0], sum(estimated_output_bytes(model, ratio) for ratio in args.ratio))
     print(
         f"model {args.model} ({model.config.model_type}) loaded in {load_seconds:.1f} s; "
         f"scoring with {scorer.name} (seed {args.seed}, {device}), {args.allocation} allocation",
@@ -155,6 +186,19 @@ def run(args: argparse.Namespace) -> int:
         rows.append(summary_row(ratio, report, folder))
     print(format_table(SUMMARY_HEADERS, rows))
     return 0
+
+
+def warn_if_nothing_removed(width: int, ratio: float) -> int:
+    """Rows kept at `ratio` (refusing a ratio that empties the FFN); warn when none go."""
+    kept = keep_count(width, ratio)
+    if kept == width:
+        print(
+            f"prunenet prune: warning: ratio {ratio} removes no row of a {width}-row FFN "
+            f"(round({1 - ratio:g} x {width}) = {width}), so the output is a full-size copy; "
+            f"a ratio of at least {1 / width:.2g} removes one row per layer.",
+            file=sys.stderr,
+        )
+    return kept
 
 
 def build_scorer(args: argparse.Namespace) -> Scorer:
@@ -186,7 +230,7 @@ def summary_row(ratio: float, report: PruneReport, folder: Path) -> list:
     ]
 
 
-def _use_stream(args: argparse.Namespace) -> bool:
+def _use_stream(args: argparse.Namespace, scorer: Scorer) -> bool:
     """--stream, or automatically for a local checkpoint too large to load comfortably."""
     if args.stream:
         return True
@@ -196,7 +240,7 @@ def _use_stream(args: argparse.Namespace) -> bool:
     large, size, available = should_stream(path)
     if not large:
         return False
-    if not build_scorer(args).weights_only:
+    if not scorer.weights_only:
         print(
             f"model {args.model}: safetensors {size / 1e9:.1f} GB > half of available RAM "
             f"({available / 1e9:.1f} GB), but scorer {args.scorer} needs the model in memory; "
@@ -210,10 +254,9 @@ def _use_stream(args: argparse.Namespace) -> bool:
     return True
 
 
-def _run_stream(args: argparse.Namespace, folders: list[Path], device) -> int:
+def _run_stream(args: argparse.Namespace, scorer: Scorer, folders: list[Path], device) -> int:
     """Stream-prune each ratio in turn (scorers may depend on the ratio, so each run scores)."""
     path = resolve_model_path(args.model)
-    scorer = build_scorer(args)
     require_weights_only(scorer)
     if args.allocation == "auto":
         raise PruneNetError(
@@ -222,7 +265,7 @@ def _run_stream(args: argparse.Namespace, folders: list[Path], device) -> int:
         )
     # Refuse a ratio that would empty the FFN now, before any folder is written.
     for ratio in args.ratio:
-        keep_count(ffn_width(load_config(Path(path))), ratio)
+        warn_if_nothing_removed(ffn_width(load_config(Path(path))), ratio)
     print(
         f"model {args.model}: streaming safetensors layer by layer; scoring with {scorer.name} "
         f"(seed {args.seed}) on {device}",

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from prunenet import data
 from prunenet.cli import main
+from prunenet.commands import eval as eval_command
 from prunenet.commands.eval import effective_limits
 
 QUICK = ["--seqlen", "8", "--limit", "2", "--speed-seqlen", "8", "--speed-repeats", "2"]
@@ -143,3 +145,46 @@ def test_negative_limit_is_a_usage_error(capsys):
 )
 def test_effective_limits(limit, windows, expected):
     assert effective_limits(limit, windows) == expected
+
+
+def test_truncated_weights_exit_2_with_a_message(tiny_model_folder, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_folder, broken)
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    code = main(["eval", "--model", str(broken), "--tasks", "piqa", *QUICK])
+    assert code == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_unwritable_json_path_exits_2_before_the_model_is_loaded(
+    tiny_model_folder, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "file").write_text("x")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although --json cannot be written")
+
+    monkeypatch.setattr(eval_command, "load_model", must_not_load)
+    code = main(["eval", "--model", str(tiny_model_folder), "--tasks", "piqa", *QUICK,
+                 "--json", str(tmp_path / "file" / "e.json")])  # fmt: skip
+    assert code == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_model_without_tokenizer_exits_2_saying_evaluation_needs_one(
+    tiny_model_folder, tmp_path, capsys
+):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_folder / name, bare / name)
+    code = main(["eval", "--model", str(bare), "--tasks", "piqa", *QUICK])
+    assert code == 2
+    assert "no tokenizer files" in capsys.readouterr().err
+
+
+def test_threads_below_one_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "x", "--threads", "0"])
+    assert "at least 1" in capsys.readouterr().err

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_utils import PreTrainedModel
 
+from prunenet import saving
 from prunenet.arch import ffn_width, supported_model_types
 from prunenet.cli import main
+from prunenet.commands import prune as prune_command
 from prunenet.compress import REPORT_FILE, keep_count
+from prunenet.scorers import RandomScorer
 from tests.conftest import FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer
 
 
@@ -203,3 +208,203 @@ def test_crash_while_saving_leaves_no_output_and_no_staging_folder(
     with pytest.raises(OSError, match="disk full"):
         _prune(tiny_model_folder, tmp_path / "parent" / "out")
     assert list((tmp_path / "parent").iterdir()) == []
+
+
+# ----- trust: every bad input exits 2 before work, one run per --out, nothing left behind -------
+
+
+def _broken_copy(source: Path, target: Path, weights: bytes | None) -> Path:
+    shutil.copytree(source, target)
+    if weights is not None:
+        data = (target / "model.safetensors").read_bytes()
+        (target / "model.safetensors").write_bytes(weights if weights else data[: len(data) // 2])
+    return target
+
+
+@pytest.mark.parametrize("weights", [b"", b"garbage" * 10], ids=["truncated", "garbage"])
+def test_unreadable_safetensors_exits_2_with_a_message(
+    weights: bytes, tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    broken = _broken_copy(tiny_model_folder, tmp_path / "broken", weights)
+    err = _refused_with_exit_2(capsys, broken, tmp_path / "out")
+    assert "truncated or corrupt" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_threads_below_one_exits_2(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    err = _refused_with_exit_2(capsys, tiny_model_folder, tmp_path / "out", "0.5", "--threads", "0")
+    assert "--threads" in err and "at least 1" in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "0.95"])
+def test_bad_max_layer_ratio_exits_2_before_the_model_is_loaded(
+    value: str,
+    tiny_model_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(prune_command, "load_model", _must_not_be_called)
+    err = _refused_with_exit_2(
+        capsys, tiny_model_folder, tmp_path / "out", "0.3", "--allocation", "auto",
+        "--max-layer-ratio", value,
+    )  # fmt: skip
+    assert "--max-layer-ratio" in err
+
+
+def test_full_disk_exits_2_before_any_scoring(
+    tiny_model_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(saving.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1, 1, 0))
+    monkeypatch.setattr(RandomScorer, "score_layer", _must_not_be_called)
+    err = _refused_with_exit_2(capsys, tiny_model_folder, tmp_path / "out")
+    assert "free some space" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_under_a_file_exits_2_before_the_model_is_loaded(
+    tiny_model_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(prune_command, "load_model", _must_not_be_called)
+    err = _refused_with_exit_2(capsys, tiny_model_folder, tmp_path / "file" / "out")
+    assert "is a file, not a folder" in err
+
+
+def test_ratio_that_removes_no_row_warns_that_the_output_is_a_full_copy(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert _prune(tiny_model_folder, tmp_path / "out", "0.0001") == 0
+    err = capsys.readouterr().err
+    assert "removes no row" in err and "full-size copy" in err
+
+
+def test_model_folder_without_tokenizer_files_is_pruned_and_reloads(
+    tiny_model_folder: Path, tmp_path: Path
+) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if (tiny_model_folder / name).is_file():
+            shutil.copy(tiny_model_folder / name, bare / name)
+    assert _prune(bare, tmp_path / "out") == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert ffn_width(reloaded.config) == keep_count(FFN_WIDTH, 0.5)
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_two_concurrent_prunes_to_one_out_exactly_one_succeeds(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out, flag = tmp_path / "out", tmp_path / "go"
+    first = _start_cli(_WAIT_IN_SCORER, flag, _argv(tiny_model_folder, out))
+    try:
+        _wait_for(lambda: (tmp_path / ".out.lock").exists() and first.poll() is None)
+        err = _refused_with_exit_2(capsys, tiny_model_folder, out)
+        assert "Another prunenet run" in err
+    finally:
+        flag.touch()
+        first.wait(timeout=120)
+    assert first.returncode == 0, first.stderr.read()
+    assert (out / REPORT_FILE).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "out"]
+
+
+def test_run_killed_mid_save_leaves_nothing_a_later_run_trips_over(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out, flag = tmp_path / "out", tmp_path / "saved"
+    killed = _start_cli(_STOP_AFTER_WEIGHTS, flag, _argv(tiny_model_folder, out))
+    _wait_for(flag.exists)
+    killed.kill()
+    killed.wait(timeout=60)
+    assert any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir())
+
+    assert _prune(tiny_model_folder, out) == 0
+    assert ".out.partial-" in capsys.readouterr().err  # the cleanup is reported
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "saved"]
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_sigterm_mid_save_cleans_up_like_ctrl_c(tiny_model_folder: Path, tmp_path: Path) -> None:
+    out, flag = tmp_path / "out", tmp_path / "saved"
+    terminated = _start_cli(_STOP_AFTER_WEIGHTS, flag, _argv(tiny_model_folder, out))
+    _wait_for(flag.exists)
+    terminated.send_signal(signal.SIGTERM)
+    terminated.wait(timeout=60)
+    assert terminated.returncode == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM" in terminated.stderr.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
+def _must_not_be_called(*args, **kwargs):
+    raise AssertionError("ran although the input should have been refused first")
+
+
+def _argv(model: Path, out: Path) -> list[str]:
+    return [
+        "prune",
+        "--model",
+        str(model),
+        "--ratio",
+        "0.5",
+        "--scorer",
+        "random",
+        "--out",
+        str(out),
+    ]
+
+
+def _start_cli(prelude: str, flag: Path, argv: list[str]) -> subprocess.Popen:
+    """`prunenet` in a subprocess, with `prelude` patching it first (it reads FLAG)."""
+    code = prelude + "\nfrom prunenet.cli import main\nsys.exit(main(sys.argv[2:]))\n"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(flag), *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PRUNENET_NO_CACHE": "1"},
+    )
+
+
+def _wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the subprocess never got there"
+        time.sleep(0.05)
+
+
+# The scorer waits until FLAG exists: the run holds --out meanwhile.
+_WAIT_IN_SCORER = """
+import sys, time
+from pathlib import Path
+from prunenet.scorers import RandomScorer
+real = RandomScorer.score_layer
+def wait_then_score(self, *args, **kwargs):
+    while not Path(sys.argv[1]).exists():
+        time.sleep(0.02)
+    return real(self, *args, **kwargs)
+RandomScorer.score_layer = wait_then_score
+"""
+
+# The save writes the weights into the staging folder, creates FLAG, and hangs (to be killed).
+_STOP_AFTER_WEIGHTS = """
+import sys, time
+from pathlib import Path
+from transformers.modeling_utils import PreTrainedModel
+real = PreTrainedModel.save_pretrained
+def save_then_hang(self, folder, *args, **kwargs):
+    real(self, folder, *args, **kwargs)
+    Path(sys.argv[1]).touch()
+    while True:
+        time.sleep(0.05)
+PreTrainedModel.save_pretrained = save_then_hang
+"""
