@@ -9,13 +9,13 @@ own token statistics, which is what makes activation-based scores work without a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
-from prunenet.arch import adapter_for, decoder_layers, ffn_modules
-from prunenet.cache import memoize
+from prunenet.arch import adapter_for, decoder_layers, ffn_modules, ffn_widths
+from prunenet.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,14 @@ def collect_activations(
 ) -> list[LayerActivations]:
     """Per-layer FFN activation statistics on the model's own text (cached per model)."""
     config = config or SelfGenConfig()
+    widths = ffn_widths(model.config)
     return memoize(
-        "activations", model, asdict(config), lambda: _collect_activations(model, config)
+        "activations",
+        model,
+        asdict(config),
+        lambda: _collect_activations(model, config),
+        encode=_encode_activations,
+        decode=lambda tensors, info: _decode_activations(tensors, info, widths, config),
     )
 
 
@@ -124,3 +130,35 @@ def _collect_activations(model: nn.Module, config: SelfGenConfig) -> list[LayerA
         )
         for acts in captured
     ]
+
+
+def _encode_activations(layers: list[LayerActivations]) -> tuple[Tensors, Info]:
+    """Tensors named `<layer>.<field>` (`3.rms`), and the layer count."""
+    tensors = {
+        f"{index}.{field.name}": getattr(layer, field.name)
+        for index, layer in enumerate(layers)
+        for field in fields(LayerActivations)
+    }
+    return tensors, {"layers": len(layers)}
+
+
+def _decode_activations(
+    tensors: Tensors, info: Info, widths: list[int], config: SelfGenConfig
+) -> list[LayerActivations]:
+    """A stored entry's activations, if they have this model's layers and widths (float32,
+    finite) and one sample size no larger than `config.kept_tokens`; else `CacheEntryError`."""
+    if info.get("layers") != len(widths):
+        raise CacheEntryError(f"{info.get('layers')} layers stored, the model has {len(widths)}")
+    layers = [
+        LayerActivations(
+            rms=stored_tensor(tensors, f"{index}.rms", torch.float32, (width,)),
+            mean_abs=stored_tensor(tensors, f"{index}.mean_abs", torch.float32, (width,)),
+            max_abs=stored_tensor(tensors, f"{index}.max_abs", torch.float32, (width,)),
+            sample=stored_tensor(tensors, f"{index}.sample", torch.float32, (None, width)),
+        )
+        for index, width in enumerate(widths)
+    ]
+    rows = {layer.sample.shape[0] for layer in layers}
+    if len(rows) > 1 or any(not 0 < count <= config.kept_tokens for count in rows):
+        raise CacheEntryError(f"sample rows {sorted(rows)} for kept_tokens={config.kept_tokens}")
+    return layers

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from prunenet.allocation import DEFAULT_MAX_RATIO, CostGrid, allocate_rows, rows_for_ratio
 from prunenet.arch import adapter_for, decoder_layers, ffn_modules, ffn_weights, ffn_widths
-from prunenet.cache import memoize
+from prunenet.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
 from prunenet.compress import keep_count, select_keep_indices
 from prunenet.errors import PruneNetError
 from prunenet.scorers import Scorer
@@ -63,6 +63,8 @@ def auto_allocation(
             "text": asdict(SENSITIVITY_TEXT),
         },
         lambda: layer_sensitivity(model, scorer.score_model(model, ratio=REFERENCE_RATIO)),
+        encode=_encode_curves,
+        decode=lambda tensors, info: _decode_curves(tensors, info, len(widths)),
     )
     return allocate_rows(curves, widths, rows_for_ratio(widths, ratio), max_ratio=max_layer_ratio)
 
@@ -129,3 +131,20 @@ def _keep_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     mask = torch.zeros(scores.numel())
     mask[select_keep_indices(scores, keep_count(scores.numel(), ratio))] = 1.0
     return mask
+
+
+def _encode_curves(curves: Sequence[CostGrid]) -> tuple[Tensors, Info]:
+    """The costs as one float64 `layers x ratios` tensor (exact for Python floats), the ratios
+    (shared by every layer's curve) in JSON."""
+    costs = torch.tensor([[float(c) for c in curve.costs] for curve in curves], dtype=torch.float64)
+    return {"costs": costs}, {"ratios": [float(r) for r in curves[0].ratios]}
+
+
+def _decode_curves(tensors: Tensors, info: Info, layer_count: int) -> list[CostGrid]:
+    """Stored curves, if measured at `SENSITIVITY_RATIOS` for `layer_count` layers with finite
+    costs; else `CacheEntryError`."""
+    ratios = info.get("ratios")
+    if ratios != list(SENSITIVITY_RATIOS):
+        raise CacheEntryError(f"curves measured at ratios {ratios}, expected {SENSITIVITY_RATIOS}")
+    costs = stored_tensor(tensors, "costs", torch.float64, (layer_count, len(ratios)))
+    return [CostGrid(tuple(ratios), tuple(row)) for row in costs.tolist()]

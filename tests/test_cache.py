@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import stat
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
-from prunenet.cache import memoize, weights_fingerprint
-from prunenet.selfgen import SelfGenConfig, collect_activations
-from tests.conftest import tiny_model
+import prunenet.selfgen
+import prunenet.sensitivity
+from prunenet.cache import (
+    CacheWarning,
+    Info,
+    Tensors,
+    _entry_key,
+    _write_entry,
+    entry_path,
+    memoize,
+    stored_tensor,
+    weights_fingerprint,
+)
+from prunenet.scorers import MagnitudeScorer
+from prunenet.selfgen import _encode_activations, collect_activations
+from prunenet.sensitivity import auto_allocation
+from tests.conftest import SMALL_SELFGEN, tiny_model
 
 
 @pytest.fixture
@@ -30,53 +51,234 @@ class Counter:
         return {"value": torch.arange(4.0) * self.calls}
 
 
+def encode_value(value: dict) -> tuple[Tensors, Info]:
+    return {"value": value["value"]}, {}
+
+
+def decode_value(tensors: Tensors, info: Info) -> dict:
+    return {"value": stored_tensor(tensors, "value", torch.float32, (4,))}
+
+
+def remember(kind: str, model: torch.nn.Module, settings: dict, compute: Counter) -> dict:
+    """`memoize` with the codec of `Counter`'s values."""
+    return memoize(kind, model, settings, compute, encode=encode_value, decode=decode_value)
+
+
+class TouchOnUnpickle:
+    """A pickle payload that creates `path` when it is loaded: stands in for arbitrary code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def legacy_entry_path(kind: str, model: torch.nn.Module, settings: dict) -> Path:
+    """Where the pickled (format 1) cache stored this entry."""
+    key = json.dumps(
+        {"format": 1, "kind": kind, "model": weights_fingerprint(model), **settings},
+        sort_keys=True,
+        default=str,
+    )
+    name = f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+    return entry_path(kind, model, settings).parent / name
+
+
+def plant_entry(
+    kind: str, model: torch.nn.Module, settings: dict, tensors: Tensors, info: Info
+) -> None:
+    """A consistent entry (this lookup's key, a valid checksum) holding anything: what anyone
+    who can write the cache folder could make, so only `decode` stands between it and use."""
+    path = entry_path(kind, model, settings)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write_entry(path, _entry_key(kind, model, settings), tensors, info)
+
+
 def test_memoize_computes_once_and_reuses_the_stored_result(cache_dir: Path) -> None:
     model, compute = tiny_model("llama"), Counter()
-    first = memoize("test", model, {"n": 1}, compute)
-    second = memoize("test", model, {"n": 1}, compute)
+    first = remember("test", model, {"n": 1}, compute)
+    second = remember("test", model, {"n": 1}, compute)
     assert compute.calls == 1
     assert torch.equal(first["value"], second["value"])
-    assert len(list(cache_dir.glob("test-*.pt"))) == 1
+    assert list(cache_dir.iterdir()) == [entry_path("test", model, {"n": 1})]
 
 
 def test_memoize_recomputes_for_other_settings_or_kind(cache_dir: Path) -> None:
     model, compute = tiny_model("llama"), Counter()
-    memoize("test", model, {"n": 1}, compute)
-    memoize("test", model, {"n": 2}, compute)
-    memoize("other", model, {"n": 1}, compute)
+    remember("test", model, {"n": 1}, compute)
+    remember("test", model, {"n": 2}, compute)
+    remember("other", model, {"n": 1}, compute)
     assert compute.calls == 3
 
 
 def test_a_model_with_changed_weights_gets_a_different_key(cache_dir: Path) -> None:
     model, compute = tiny_model("llama"), Counter()
     before = weights_fingerprint(model)
-    memoize("test", model, {}, compute)
+    remember("test", model, {}, compute)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] += 0.5
     assert weights_fingerprint(model) != before
-    memoize("test", model, {}, compute)
+    remember("test", model, {}, compute)
     assert compute.calls == 2
-    assert len(list(cache_dir.glob("test-*.pt"))) == 2
+    assert len(list(cache_dir.glob("test-*.safetensors"))) == 2
 
 
 def test_equal_weights_share_a_key_across_model_objects(cache_dir: Path) -> None:
     compute = Counter()
-    memoize("test", tiny_model("llama"), {}, compute)
-    memoize("test", tiny_model("llama"), {}, compute)
+    remember("test", tiny_model("llama"), {}, compute)
+    remember("test", tiny_model("llama"), {}, compute)
     assert compute.calls == 1
     assert weights_fingerprint(tiny_model("llama")) != weights_fingerprint(tiny_model("llama", 7))
 
 
-def test_a_damaged_cache_file_is_recomputed_and_replaced(cache_dir: Path) -> None:
-    model, compute = tiny_model("llama"), Counter()
-    memoize("test", model, {}, compute)
-    (entry,) = cache_dir.glob("test-*.pt")
-    entry.write_bytes(b"not a torch file")
+def test_an_entry_is_a_safetensors_file_whose_metadata_records_the_full_key(
+    cache_dir: Path,
+) -> None:
+    model = tiny_model("llama")
+    remember("test", model, {"n": 1}, Counter())
+    path = entry_path("test", model, {"n": 1})
+    assert torch.equal(safetensors.torch.load_file(path)["value"], torch.arange(4.0))
+    with safetensors.safe_open(path, "pt") as stored:
+        entry = json.loads(stored.metadata()["prunenet.entry"])
+    assert json.loads(entry["key"])["model"] == weights_fingerprint(model)
+    assert json.loads(entry["key"])["n"] == 1
 
-    value = memoize("test", model, {}, compute)
+
+@pytest.mark.parametrize("planted", ["torch.save file", "well-formed entry"])
+def test_a_planted_pickle_payload_is_never_executed_and_the_value_is_recomputed(
+    cache_dir: Path, tmp_path: Path, planted: str
+) -> None:
+    model, compute = tiny_model("llama"), Counter()
+    canary, marker = tmp_path / "canary", tmp_path / "payload-ran"
+    pickle.loads(pickle.dumps(TouchOnUnpickle(canary)))
+    assert canary.exists()  # the payload is live: unpickling it runs code
+
+    path = entry_path("test", model, {})
+    path.parent.mkdir(mode=0o700, parents=True)
+    torch.save({"value": TouchOnUnpickle(marker)}, legacy_entry_path("test", model, {}))
+    if planted == "torch.save file":  # a pickle exactly where the next lookup looks
+        torch.save({"value": TouchOnUnpickle(marker)}, path)
+    else:  # a consistent entry carrying the pickle bytes as a tensor and as JSON text
+        pickled = pickle.dumps({"value": TouchOnUnpickle(marker)})
+        payload = torch.frombuffer(bytearray(pickled), dtype=torch.uint8)
+        plant_entry("test", model, {}, {"value": payload}, {"pickle": pickled.hex()})
+
+    with pytest.warns(CacheWarning, match=path.name):
+        value = remember("test", model, {}, compute)
+    assert not marker.exists()
+    assert compute.calls == 1
+    assert torch.equal(value["value"], torch.arange(4.0))
+    assert torch.equal(remember("test", model, {}, compute)["value"], torch.arange(4.0))
+    assert compute.calls == 1  # the planted entry was replaced by a good one
+
+
+def test_a_cache_hit_never_unpickles(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, compute = tiny_model("llama"), Counter()
+    remember("test", model, {}, compute)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cache must not unpickle")
+
+    for module, name in [(torch, "load"), (pickle, "load"), (pickle, "loads")]:
+        monkeypatch.setattr(module, name, refuse)
+    assert torch.equal(remember("test", model, {}, compute)["value"], torch.arange(4.0))
+    assert compute.calls == 1
+
+
+def test_legacy_pt_entries_are_ignored(cache_dir: Path) -> None:
+    model, compute = tiny_model("llama"), Counter()
+    legacy = legacy_entry_path("test", model, {})
+    legacy.parent.mkdir(mode=0o700, parents=True)
+    torch.save({"value": torch.full((4,), 9.0)}, legacy)
+    assert torch.equal(remember("test", model, {}, compute)["value"], torch.arange(4.0))
+    assert compute.calls == 1
+
+
+def test_an_entry_with_flipped_bytes_is_detected_recomputed_and_replaced(cache_dir: Path) -> None:
+    model, compute = tiny_model("llama"), Counter()
+    remember("test", model, {}, compute)
+    path = entry_path("test", model, {})
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last tensor byte: 3.0 becomes another finite float
+    path.write_bytes(bytes(data))
+    assert not torch.equal(safetensors.torch.load_file(path)["value"], torch.arange(4.0))
+
+    with pytest.warns(CacheWarning, match=rf"{path.name}: .*checksum mismatch") as caught:
+        value = remember("test", model, {}, compute)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
     assert compute.calls == 2
     assert torch.equal(value["value"], torch.arange(4.0) * 2)
-    assert torch.equal(torch.load(entry, weights_only=False)["value"], value["value"])
+    assert torch.equal(remember("test", model, {}, compute)["value"], value["value"])
+    assert compute.calls == 2
+
+
+def test_a_truncated_entry_is_recomputed_with_a_warning(cache_dir: Path) -> None:
+    model, compute = tiny_model("llama"), Counter()
+    remember("test", model, {}, compute)
+    path = entry_path("test", model, {})
+    path.write_bytes(path.read_bytes()[:-3])
+
+    with pytest.warns(CacheWarning, match=path.name):
+        value = remember("test", model, {}, compute)
+    assert compute.calls == 2
+    assert torch.equal(value["value"], torch.arange(4.0) * 2)
+
+
+def test_an_entry_recording_another_key_is_not_used(cache_dir: Path) -> None:
+    """A hash collision stand-in: a valid entry of other settings under this lookup's name."""
+    model, compute = tiny_model("llama"), Counter()
+    remember("test", model, {"n": 1}, compute)
+    path = entry_path("test", model, {"n": 2})
+    entry_path("test", model, {"n": 1}).replace(path)
+
+    with pytest.warns(CacheWarning, match=rf"{path.name}: .*key"):
+        value = remember("test", model, {"n": 2}, compute)
+    assert compute.calls == 2
+    assert torch.equal(value["value"], torch.arange(4.0) * 2)
+
+
+def test_an_entry_the_decoder_rejects_as_non_finite_is_recomputed(cache_dir: Path) -> None:
+    model, calls = tiny_model("llama"), []
+
+    def compute() -> dict:
+        calls.append(None)
+        return {"value": torch.full((4,), float("nan") if len(calls) == 1 else 1.0)}
+
+    memoize("test", model, {}, compute, encode=encode_value, decode=decode_value)
+    with pytest.warns(CacheWarning, match="non-finite"):
+        value = memoize("test", model, {}, compute, encode=encode_value, decode=decode_value)
+    assert len(calls) == 2
+    assert torch.equal(value["value"], torch.ones(4))
+
+
+def test_the_cache_folder_is_created_private(cache_dir: Path) -> None:
+    remember("test", tiny_model("llama"), {}, Counter())
+    assert stat.S_IMODE(cache_dir.stat().st_mode) == 0o700
+
+
+def test_an_existing_cache_folder_is_narrowed_to_private(cache_dir: Path) -> None:
+    cache_dir.mkdir(mode=0o777, parents=True)
+    os.chmod(cache_dir, 0o777)
+    remember("test", tiny_model("llama"), {}, Counter())
+    assert stat.S_IMODE(cache_dir.stat().st_mode) == 0o700
+
+
+def test_entries_are_written_readable_by_their_owner_only(cache_dir: Path) -> None:
+    model = tiny_model("llama")
+    remember("test", model, {}, Counter())
+    assert stat.S_IMODE(entry_path("test", model, {}).stat().st_mode) == 0o600
+
+
+def test_a_cache_folder_owned_by_another_user_is_not_used(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, compute = tiny_model("llama"), Counter()
+    remember("test", model, {}, compute)
+    monkeypatch.setattr(os, "getuid", lambda: cache_dir.stat().st_uid + 1)
+    with pytest.warns(CacheWarning, match="belongs to another user"):
+        remember("test", model, {}, compute)
+    assert compute.calls == 2
 
 
 def test_prunenet_no_cache_disables_the_cache(
@@ -84,25 +286,69 @@ def test_prunenet_no_cache_disables_the_cache(
 ) -> None:
     monkeypatch.setenv("PRUNENET_NO_CACHE", "1")
     model, compute = tiny_model("llama"), Counter()
-    memoize("test", model, {}, compute)
-    memoize("test", model, {}, compute)
+    remember("test", model, {}, compute)
+    remember("test", model, {}, compute)
     assert compute.calls == 2
     assert not cache_dir.exists() or not any(cache_dir.iterdir())
 
 
 def test_cache_leaves_no_staging_files_behind(cache_dir: Path) -> None:
-    memoize("test", tiny_model("llama"), {}, Counter())
+    remember("test", tiny_model("llama"), {}, Counter())
     assert [p.name for p in cache_dir.iterdir() if p.name.startswith(".")] == []
 
 
-def test_cached_activations_equal_freshly_computed_ones(
+def test_cached_activations_equal_computed_ones_without_computing_again(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model, config = tiny_model("llama"), SelfGenConfig(sequences=2, length=16, kept_tokens=16)
-    collect_activations(model, config)  # fills the cache
-    cached = collect_activations(model, config)
-    monkeypatch.setenv("PRUNENET_NO_CACHE", "1")
-    fresh = collect_activations(model, config)
-    assert len(list(cache_dir.glob("activations-*.pt"))) == 1
-    for a, b in zip(cached, fresh, strict=True):
-        assert torch.equal(a.rms, b.rms) and torch.equal(a.sample, b.sample)
+    model, calls = tiny_model("llama"), []
+    compute = prunenet.selfgen._collect_activations
+    monkeypatch.setattr(
+        prunenet.selfgen, "_collect_activations", lambda *args: calls.append(1) or compute(*args)
+    )
+    computed = collect_activations(model, SMALL_SELFGEN)
+    cached = collect_activations(model, SMALL_SELFGEN)
+    assert len(calls) == 1
+    assert len(list(cache_dir.glob("activations-*.safetensors"))) == 1
+    assert len(cached) == len(computed)
+    for a, b in zip(cached, computed, strict=True):
+        assert torch.equal(a.rms, b.rms) and torch.equal(a.mean_abs, b.mean_abs)
+        assert torch.equal(a.max_abs, b.max_abs) and torch.equal(a.sample, b.sample)
+
+
+def test_a_consistent_activations_entry_with_wrong_shapes_is_recomputed(cache_dir: Path) -> None:
+    """The decoder checks the layout against the model: a checksum alone vouches for nothing."""
+    model, settings = tiny_model("llama"), dataclasses.asdict(SMALL_SELFGEN)
+    computed = collect_activations(model, SMALL_SELFGEN)
+    tensors, info = _encode_activations(computed)
+    tensors["1.rms"] = tensors["1.rms"][:-1]
+    plant_entry("activations", model, settings, tensors, info)
+    with pytest.warns(CacheWarning, match=r"'1.rms' has shape"):
+        recomputed = collect_activations(model, SMALL_SELFGEN)
+    assert torch.equal(recomputed[1].rms, computed[1].rms)
+
+
+def test_cached_sensitivity_curves_equal_computed_ones_without_measuring_again(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, measured, allocated = tiny_model("llama"), [], []
+    measure, allocate = prunenet.sensitivity.layer_sensitivity, prunenet.sensitivity.allocate_rows
+
+    def counted_measure(*args, **kwargs):
+        measured.append(None)
+        return measure(*args, **kwargs, text=SMALL_SELFGEN, progress=False)
+
+    def recorded_allocate(curves, *args, **kwargs):
+        allocated.append(curves)
+        return allocate(curves, *args, **kwargs)
+
+    monkeypatch.setattr(prunenet.sensitivity, "layer_sensitivity", counted_measure)
+    monkeypatch.setattr(prunenet.sensitivity, "allocate_rows", recorded_allocate)
+    first = auto_allocation(model, MagnitudeScorer(), 0.3)
+    second = auto_allocation(model, MagnitudeScorer(), 0.3)
+    assert len(measured) == 1
+    assert first == second
+    computed, cached = allocated
+    assert cached == computed
+    for a, b in zip(cached, computed, strict=True):
+        assert torch.equal(torch.tensor(a.costs), torch.tensor(b.costs))
+        assert tuple(a.ratios) == tuple(b.ratios)
