@@ -9,7 +9,7 @@ import threading
 
 from prunenet.commands import eval as eval_command
 from prunenet.commands import prune, train
-from prunenet.errors import PruneNetError
+from prunenet.errors import PruneNetError, Terminated
 
 COMMANDS = [prune, train, eval_command]
 
@@ -51,10 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so every `finally` and cleanup handler runs."""
 
 
 def _terminate(signum, frame) -> None:

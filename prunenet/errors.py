@@ -8,3 +8,7 @@ do; the CLI prints it without a traceback. Anything else is a bug and keeps its 
 
 class PruneNetError(ValueError):
     """A problem with the user's input, explained in the message."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C (the CLI installs the handler) so every cleanup runs."""

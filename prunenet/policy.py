@@ -12,24 +12,45 @@ fixed dimension (the feature count), so the PPO ratio does not explode with the 
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
+import re
+import shutil
+import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import safetensors.torch
 import torch
 from stable_baselines3.common.distributions import DiagGaussianDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.save_util import load_from_zip_file
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 from prunenet.errors import PruneNetError
-from prunenet.features import CONTEXT_FEATURES, FEATURE_VERSION, feature_names
+from prunenet.features import CONTEXT_FEATURES, FEATURE_SETS, FEATURE_VERSION, feature_names
 
 METADATA_FILE = "prunenet.json"
-CHECKPOINT_FORMAT = 1
+WEIGHTS_FILE = "policy.safetensors"
+LEGACY_WEIGHTS_FILE = "policy.pth"  # SB3's, the only weights of format-1 checkpoints
+SB3_DATA_FILE = "data"
+# 2: weights in policy.safetensors and constructor arguments in prunenet.json, nothing pickled.
+CHECKPOINT_FORMAT = 2
+# Constructor arguments a checkpoint may set, each a plain JSON number of this type. `hidden` is
+# the only one that shapes the network; anything else would be SB3 machinery PruneNet ignores.
+POLICY_KWARGS: dict[str, type] = {"hidden": int}
+# Feature sets each trainer's checkpoints may name: PPO policies read `prunenet.features`
+# columns, the REINFORCE baseline (`prunenet.reinforce`) the raw rows of the weights.
+ALGO_FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "ppo": tuple(FEATURE_SETS),
+    "reinforce": ("weights-raw",),
+}
+# Members PruneNet reads are kilobytes; a larger one (a zip bomb) is refused before inflating it.
+MAX_MEMBER_BYTES = 256 * 1024**2
 
 
 class FeatureSpaceGaussian(DiagGaussianDistribution):
@@ -166,10 +187,33 @@ def spaces_for(width: int, feature_set: str) -> tuple[gym.spaces.Box, gym.spaces
     return observation, action
 
 
-def write_metadata(checkpoint: str | Path, metadata: dict) -> None:
-    """Add PruneNet's metadata (feature version, ratios, source model, ...) into the SB3 zip."""
+# --------------------------------------------------------------------------- checkpoints
+#
+# A checkpoint is SB3's zip (written by `agent.save`, so a user who trusts the file can still
+# `PPO.load` it) plus two members PruneNet writes and is the only thing it ever reads:
+# `prunenet.json` (metadata and the policy's constructor arguments, plain JSON) and
+# `policy.safetensors` (the weights). SB3's own members hold cloudpickled objects, and unpickling
+# runs whatever code the file's author put there, so PruneNet never unpickles anything: format-1
+# checkpoints (before `policy.safetensors`) are read with `torch.load(weights_only=True)` and
+# plain `json.loads`, and refused where that is not enough.
+
+
+def write_metadata(
+    checkpoint: str | Path, metadata: dict, policy: RowScoringPolicy | None = None
+) -> None:
+    """Add PruneNet's metadata (feature version, ratios, source model, ...) into the zip.
+
+    :param checkpoint: the zip to append to (SB3's archive, or a new one).
+    :param metadata: JSON-serialisable facts about the run; `format` and `feature_version` are
+        added.
+    :param policy: when given, its weights go in as `policy.safetensors` and its constructor
+        arguments as `policy_kwargs`, which is all `load_policy` needs.
+    """
     full = {"format": CHECKPOINT_FORMAT, "feature_version": FEATURE_VERSION, **metadata}
     with zipfile.ZipFile(checkpoint, "a") as archive:
+        if policy is not None:
+            full["policy_kwargs"] = {name: getattr(policy, name) for name in POLICY_KWARGS}
+            archive.writestr(WEIGHTS_FILE, tensors_to_bytes(policy.state_dict()))
         archive.writestr(METADATA_FILE, json.dumps(full, indent=2))
 
 
@@ -182,50 +226,307 @@ def read_metadata(checkpoint: str | Path) -> dict:
         )
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            if METADATA_FILE not in names:
+            if METADATA_FILE not in archive.namelist():
                 raise PruneNetError(
                     f"{path} is a zip file but not a PruneNet policy checkpoint (no "
                     f"{METADATA_FILE}). Train one with `prunenet train`."
                 )
-            metadata = json.loads(archive.read(METADATA_FILE))
-    except (zipfile.BadZipFile, OSError, json.JSONDecodeError) as error:
+            metadata = json.loads(_read_checked(archive, METADATA_FILE))
+    except (zipfile.BadZipFile, OSError, ValueError) as error:  # ValueError: bad JSON or UTF-8
         raise PruneNetError(
             f"Policy checkpoint {path} is corrupt or not a zip file ({error}). "
             "Re-train it with `prunenet train` or restore the file."
         ) from None
-    if metadata.get("feature_version") != FEATURE_VERSION:
-        raise PruneNetError(
-            f"Policy checkpoint {path} was trained with feature version "
-            f"{metadata.get('feature_version')}, this PruneNet computes version "
-            f"{FEATURE_VERSION}: its scores would be meaningless. Re-train with `prunenet train`."
-        )
+    _validate_metadata(path, metadata)
     return metadata
 
 
-def load_policy(checkpoint: str | Path, width: int, device: str = "cpu") -> tuple:
-    """A `RowScoringPolicy` for FFNs of `width` rows, loaded from any-width checkpoint."""
+def load_policy(
+    checkpoint: str | Path, width: int, device: str = "cpu"
+) -> tuple[RowScoringPolicy, dict]:
+    """A `RowScoringPolicy` for FFNs of `width` rows, loaded from any-width checkpoint.
+
+    Reads only `prunenet.json` and the weights, never unpickling anything (module comment above).
+
+    :param checkpoint: a `prunenet train` zip, format 2 or (read safely) format 1.
+    :param width: row count of the FFNs it will score (shapes the spaces, not the weights).
+    :param device: where the returned policy lives.
+    :return: the policy in eval mode and the checkpoint's metadata.
+    """
     metadata = read_metadata(checkpoint)
-    try:
-        data, params, _ = load_from_zip_file(str(checkpoint), device=device)
-    except Exception as error:  # SB3 raises assorted types for damaged archives
+    if metadata["algo"] != "ppo":
         raise PruneNetError(
-            f"Policy checkpoint {checkpoint} could not be read ({type(error).__name__}: "
-            f"{error}). Re-train it with `prunenet train`."
-        ) from None
-    if data is None or "policy" not in params:
-        raise PruneNetError(
-            f"Policy checkpoint {checkpoint} has PruneNet metadata but no SB3 policy inside "
-            "(missing 'data' or 'policy.pth'). Re-train it with `prunenet train`."
+            f"{checkpoint} is a {metadata['algo']!r} checkpoint, not a PPO policy; load it with "
+            "prunenet.policy_scorer.load_scorer_from_checkpoint."
         )
+    state, kwargs = _read_policy(Path(checkpoint).expanduser(), metadata)
     observation_space, action_space = spaces_for(width, metadata["feature_set"])
-    kwargs = dict(data.get("policy_kwargs") or {})
     policy = RowScoringPolicy(observation_space, action_space, lambda _: 0.0, **kwargs)
     try:
-        policy.load_state_dict(params["policy"])
+        policy.load_state_dict(state)
     except (RuntimeError, KeyError) as error:
         raise PruneNetError(
             f"Policy checkpoint {checkpoint} does not match this PruneNet's policy network "
             f"({error}). Re-train it with `prunenet train`."
         ) from None
     return policy.to(device).eval(), metadata
+
+
+def resave_checkpoint(old: str | Path, new: str | Path) -> None:
+    """Write the PPO checkpoint `old` in the current format at `new` (the same path is fine).
+
+    Every member of `old` is copied byte for byte (SB3's too, so `PPO.load` keeps working for
+    users who trust the file) and all metadata is kept; the weights are added as
+    `policy.safetensors` and the constructor arguments as `policy_kwargs`. The weights are read
+    the way `load_policy` reads them, so a checkpoint it refuses is refused here too, and what
+    was written scores exactly as before (the tensors are copied, not recomputed).
+
+    :param old: a PPO checkpoint of any supported format.
+    :param new: where the converted zip goes; written beside it, then renamed into place.
+    """
+    old, new = Path(old).expanduser(), Path(new).expanduser()
+    metadata = read_metadata(old)
+    if metadata["algo"] != "ppo":
+        raise PruneNetError(
+            f"{old} is a {metadata['algo']!r} checkpoint; convert REINFORCE baselines with "
+            "prunenet.reinforce.resave_reinforce (scripts/convert_policy.py picks the right one)."
+        )
+    state, kwargs = _read_policy(old, metadata)
+    metadata = {**metadata, "format": CHECKPOINT_FORMAT, "policy_kwargs": kwargs}
+    new.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=new.parent, prefix=f".{new.name}.partial-") as staging:
+        path = Path(staging) / "policy.zip"
+        with zipfile.ZipFile(old) as source, zipfile.ZipFile(path, "w") as target:
+            for item in source.infolist():
+                if item.filename not in (METADATA_FILE, WEIGHTS_FILE):
+                    target.writestr(item, source.read(item.filename))
+            target.writestr(WEIGHTS_FILE, tensors_to_bytes(state))
+            target.writestr(METADATA_FILE, json.dumps(metadata, indent=2))
+        shutil.move(str(path), new)
+
+
+def refuse_existing_checkpoint(out: str | Path, overwrite: bool) -> None:
+    """Refuse to train into `out` if a file is there already, unless `overwrite`.
+
+    :param out: the checkpoint path a training run will write its best policy to.
+    :param overwrite: replace an existing file at `out`.
+    """
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise PruneNetError(f"Checkpoint path {path} is a folder; give a file path ending in .zip.")
+    if path.exists() and not overwrite:
+        raise PruneNetError(
+            f"Checkpoint {path} already exists. Pass --overwrite (overwrite=True) to replace it "
+            "with this run's best policy, or choose another --out."
+        )
+
+
+def read_state_dict(checkpoint: str | Path, member: str) -> dict[str, torch.Tensor]:
+    """The tensors stored in `member` of the zip `checkpoint`, on the CPU, never unpickled.
+
+    `.safetensors` members are parsed by safetensors; `.pt`/`.pth` members (older checkpoints)
+    by `torch.load(weights_only=True)`, which only rebuilds tensors and plain containers and
+    refuses anything else instead of running it.
+
+    :param checkpoint: the zip.
+    :param member: the member's name inside it.
+    """
+    data = _read_member(Path(checkpoint).expanduser(), member)
+    if member.endswith(".safetensors"):
+        try:
+            state = safetensors.torch.load(data)
+        except Exception as error:  # safetensors raises its own SafetensorError and others
+            raise PruneNetError(
+                f"Policy checkpoint {checkpoint} could not be read: {member} is not a valid "
+                f"safetensors file ({type(error).__name__}: {error}). Re-train it with "
+                "`prunenet train` or restore the file."
+            ) from None
+    else:
+        state = _torch_load_weights_only(checkpoint, member, data)
+    if not isinstance(state, dict) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+    ):
+        raise PruneNetError(
+            f"Policy checkpoint {checkpoint} could not be read: {member} holds "
+            f"{type(state).__name__}, not a dict of named tensors. Re-train it with "
+            "`prunenet train`."
+        )
+    return state
+
+
+def tensors_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """A state dict as safetensors bytes (contiguous CPU copies: safetensors needs both)."""
+    return safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def _validate_metadata(path: Path, metadata: object) -> None:
+    """Refuse metadata PruneNet cannot act on, saying what is wrong (never a KeyError later)."""
+    retrain = "Re-train it with `prunenet train`."
+    if not isinstance(metadata, dict):
+        raise PruneNetError(
+            f"Policy checkpoint {path} has a {METADATA_FILE} that is a JSON "
+            f"{type(metadata).__name__}, not an object of metadata. {retrain}"
+        )
+    if metadata.get("feature_version") != FEATURE_VERSION:
+        raise PruneNetError(
+            f"Policy checkpoint {path} was trained with feature version "
+            f"{metadata.get('feature_version')}, this PruneNet computes version "
+            f"{FEATURE_VERSION}: its scores would be meaningless. {retrain}"
+        )
+    version = metadata.get("format", 1)  # format 1 did not always record itself
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise PruneNetError(
+            f"Policy checkpoint {path} has an invalid format {version!r}. {retrain}"
+        )
+    if version > CHECKPOINT_FORMAT:
+        raise PruneNetError(
+            f"Policy checkpoint {path} is in format {version}, newer than this PruneNet reads "
+            f"(up to {CHECKPOINT_FORMAT}). Upgrade PruneNet."
+        )
+    algo = metadata.get("algo")
+    if algo not in ALGO_FEATURE_SETS:
+        known = ", ".join(ALGO_FEATURE_SETS)
+        found = "has no 'algo'" if algo is None else f"names the algo {algo!r}"
+        raise PruneNetError(
+            f"Policy checkpoint {path} {found} in its {METADATA_FILE}, so PruneNet cannot tell "
+            f"which policy it holds (known: {known}). {retrain}"
+        )
+    feature_set = metadata.get("feature_set")
+    if feature_set not in ALGO_FEATURE_SETS[algo]:
+        known = ", ".join(ALGO_FEATURE_SETS[algo])
+        found = "has no 'feature_set'" if feature_set is None else f"names {feature_set!r}"
+        raise PruneNetError(
+            f"Policy checkpoint {path} {found} as its feature set; a {algo} policy reads one of "
+            f"{known}, so PruneNet cannot compute its inputs. {retrain}"
+        )
+    if "policy_kwargs" in metadata:
+        _policy_kwargs(path, metadata["policy_kwargs"], METADATA_FILE)
+
+
+def _read_policy(path: Path, metadata: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """State dict and constructor arguments of a PPO checkpoint, read safely for its format."""
+    names = _member_names(path)
+    if WEIGHTS_FILE in names:
+        if "policy_kwargs" not in metadata:
+            raise PruneNetError(
+                f"Policy checkpoint {path} has {WEIGHTS_FILE} but no 'policy_kwargs' in its "
+                f"{METADATA_FILE}, so the network's shape is unknown. Re-train it with "
+                "`prunenet train`."
+            )
+        kwargs = _policy_kwargs(path, metadata["policy_kwargs"], METADATA_FILE)
+        return read_state_dict(path, WEIGHTS_FILE), kwargs
+    if SB3_DATA_FILE not in names or LEGACY_WEIGHTS_FILE not in names:
+        raise PruneNetError(
+            f"Policy checkpoint {path} has PruneNet metadata but no policy inside (neither "
+            f"{WEIGHTS_FILE} nor SB3's '{SB3_DATA_FILE}' and '{LEGACY_WEIGHTS_FILE}'). "
+            "Re-train it with `prunenet train`."
+        )
+    # Format 1: SB3's `data` is JSON in which every value SB3 could not write as plain JSON is a
+    # cloudpickle ({":serialized:": ...}). We parse the JSON and look only at `policy_kwargs`.
+    try:
+        sb3_data = json.loads(_read_member(path, SB3_DATA_FILE))
+    except ValueError as error:
+        raise PruneNetError(
+            f"Policy checkpoint {path} could not be read: its SB3 '{SB3_DATA_FILE}' is not "
+            f"JSON ({error}). Re-train it with `prunenet train`."
+        ) from None
+    if not isinstance(sb3_data, dict):
+        raise PruneNetError(
+            f"Policy checkpoint {path} could not be read: its SB3 '{SB3_DATA_FILE}' is a JSON "
+            f"{type(sb3_data).__name__}, not an object. Re-train it with `prunenet train`."
+        )
+    value = sb3_data.get("policy_kwargs")
+    kwargs = _policy_kwargs(path, {} if value is None else value, f"SB3 '{SB3_DATA_FILE}'")
+    return read_state_dict(path, LEGACY_WEIGHTS_FILE), kwargs
+
+
+def _policy_kwargs(path: Path, value: object, where: str) -> dict:
+    """Constructor arguments, accepted only as a JSON object of the known numeric arguments."""
+    if isinstance(value, dict) and ":serialized:" in value:
+        raise PruneNetError(
+            f"Policy checkpoint {path} stores its policy_kwargs (in {where}) as a cloudpickle. "
+            f"Reading them would need unpickling, which PruneNet never does because a pickle can "
+            "run code. Re-train it with `prunenet train`; or, only if you trust whoever made "
+            "the file, load it with stable_baselines3's PPO.load and save it again with "
+            "`agent.save(path)` and `prunenet.policy.write_metadata(path, metadata, "
+            "policy=agent.policy)`."
+        )
+    if not isinstance(value, dict):
+        raise PruneNetError(
+            f"Policy checkpoint {path} has policy_kwargs (in {where}) that are a JSON "
+            f"{type(value).__name__}, not an object of numbers. Re-train it with `prunenet train`."
+        )
+    for name, number in value.items():
+        if name not in POLICY_KWARGS:
+            raise PruneNetError(
+                f"Policy checkpoint {path} sets the policy argument {name!r} (in {where}); "
+                f"PruneNet only reads {', '.join(POLICY_KWARGS)}. Re-train it with "
+                "`prunenet train`."
+            )
+        # bool is an int to Python but not a width; every argument is a positive count so far.
+        if not isinstance(number, POLICY_KWARGS[name]) or isinstance(number, bool) or number < 1:
+            raise PruneNetError(
+                f"Policy checkpoint {path} sets the policy argument {name}={number!r} (in "
+                f"{where}); it must be a positive JSON integer. Re-train it with "
+                "`prunenet train`."
+            )
+    return dict(value)
+
+
+def _torch_load_weights_only(checkpoint: str | Path, member: str, data: bytes) -> object:
+    """`torch.load` that rebuilds only tensors and plain containers, never other objects."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as error:
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(error))
+        reason = found.group(1).split(". ")[0] if found else type(error).__name__
+        raise PruneNetError(
+            f"Policy checkpoint {checkpoint} could not be read: {member} is not plain tensors "
+            f"({reason}). It is damaged, or holds other objects, and rebuilding those would need "
+            "unpickling, which PruneNet never does because a pickle can run code. Re-train it "
+            "with `prunenet train`; checkpoints PruneNet writes hold only tensors."
+        ) from None
+    except Exception as error:  # torch raises assorted types for damaged or foreign files
+        raise PruneNetError(
+            f"Policy checkpoint {checkpoint} could not be read: {member} is damaged or not a "
+            f"torch file ({type(error).__name__}: {error}). Re-train it with `prunenet train` "
+            "or restore the file."
+        ) from None
+
+
+def _member_names(path: Path) -> set[str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return set(archive.namelist())
+    except (zipfile.BadZipFile, OSError) as error:
+        raise PruneNetError(
+            f"Policy checkpoint {path} is corrupt or not a zip file ({error}). "
+            "Re-train it with `prunenet train` or restore the file."
+        ) from None
+
+
+def _read_member(path: Path, member: str) -> bytes:
+    """The bytes of `member`, checked against its CRC; damage becomes a PruneNetError."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _read_checked(archive, member)
+    except (zipfile.BadZipFile, OSError, KeyError, EOFError, ValueError) as error:
+        # BadZipFile: bad CRC or header; KeyError: no such member; EOFError: truncated data;
+        # ValueError/zlib.error: a damaged compressed stream.
+        raise PruneNetError(
+            f"Policy checkpoint {path} could not be read ({type(error).__name__}: {error}). "
+            "Re-train it with `prunenet train` or restore the file."
+        ) from None
+
+
+def _read_checked(archive: zipfile.ZipFile, member: str) -> bytes:
+    """`archive.read(member)`, refusing a declared size no PruneNet member has (zipfile never
+    inflates past the declared size, so the check bounds the memory used)."""
+    size = archive.getinfo(member).file_size
+    if size > MAX_MEMBER_BYTES:
+        raise zipfile.BadZipFile(
+            f"{member} declares {size} bytes, more than any PruneNet checkpoint member"
+        )
+    return archive.read(member)

@@ -26,8 +26,12 @@ from prunenet.selfgen import SelfGenConfig
 
 
 def load_scorer_from_checkpoint(checkpoint: str, device: str = "cpu") -> Scorer:
-    """The right scorer for a `prunenet train` checkpoint, by its metadata's `algo`."""
-    algo = read_metadata(checkpoint).get("algo", "ppo")
+    """The right scorer for a `prunenet train` checkpoint, by its metadata's `algo`.
+
+    :param checkpoint: path of the zip; its metadata is validated first (`read_metadata`).
+    :param device: where the policy runs.
+    """
+    algo = read_metadata(checkpoint)["algo"]
     if algo == "ppo":
         return PolicyScorer(checkpoint, device)
     if algo == "reinforce":
@@ -68,14 +72,16 @@ class PolicyScorer(Scorer):
         self.checkpoint = str(checkpoint)
         self.device = device
         self.metadata = read_metadata(checkpoint)
-        if self.metadata.get("algo", "ppo") != "ppo":
+        if self.metadata["algo"] != "ppo":
             raise PruneNetError(
                 f"{checkpoint} is a {self.metadata['algo']!r} checkpoint, not a PPO policy; "
                 "load it with prunenet.policy_scorer.load_scorer_from_checkpoint."
             )
         self.feature_set = self.metadata["feature_set"]
         self.weights_only = self.feature_set == "weights"
-        self._policies: dict[int, RowScoringPolicy] = {}
+        # Read the weights now, so a damaged or unsafe checkpoint is refused before any model is
+        # loaded; each FFN width then gets its own policy (the spaces differ, the weights not).
+        self._policies: dict[int, RowScoringPolicy] = {1: load_policy(checkpoint, 1, device)[0]}
         # Features of the last model scored, keyed by its weights (not its id: a model pruned in
         # place, or a new one at a recycled address, must not reuse them).
         self._layer_data: tuple[str, list[LayerData]] | None = None

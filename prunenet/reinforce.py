@@ -33,7 +33,6 @@ Evaluation: the mean 1/KS reward over layers of the deterministic top-k at the t
 
 from __future__ import annotations
 
-import io
 import shutil
 import tempfile
 import time
@@ -50,14 +49,23 @@ from prunenet.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
 from prunenet.compress import keep_count, select_keep_indices, validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.features import LayerData
-from prunenet.policy import read_metadata, write_metadata
+from prunenet.policy import (
+    CHECKPOINT_FORMAT,
+    read_metadata,
+    read_state_dict,
+    refuse_existing_checkpoint,
+    tensors_to_bytes,
+    write_metadata,
+)
 from prunenet.rewards import NEEDS_ACTIVATIONS, reward_function
 from prunenet.scorers import Scorer
 from prunenet.selfgen import SelfGenConfig, collect_activations
+from prunenet.train import TrainingInterrupted
 
 ALGO = "reinforce"
 FEATURE_SET = "weights-raw"  # the raw rows of the first FFN input projection, no features
-STATE_FILE = "reinforce_policy.pt"
+STATE_FILE = "reinforce_policy.safetensors"
+LEGACY_STATE_FILE = "reinforce_policy.pt"  # format 1: torch.save, read with weights_only=True
 BASELINE_DECAY = 0.9  # moving average of past returns per layer position
 
 
@@ -134,6 +142,7 @@ def train_reinforce(
     :param source_model: recorded in the checkpoint's metadata.
     :param device: where the policy runs; rewards are computed on the CPU.
     :param progress: show a progress bar.
+    :raises TrainingInterrupted: on Ctrl-C; the best checkpoint so far stays at `out`.
     """
     ratio = validate_ratio(ratio)
     if episodes < 1:
@@ -165,37 +174,46 @@ def train_reinforce(
     metadata = {"ratio": ratio, "reward": reward, "gamma": gamma, "learning_rate": lr,
                 "episodes": episodes, "seed": seed, "source_model": source_model}  # fmt: skip
     start = time.perf_counter()
+    saved: str | None = None  # the checkpoint written so far, for an interruption's message
     bar = tqdm(range(1, episodes + 1), desc="REINFORCE episodes", leave=False, disable=not progress)
-    for episode in bar:
-        tick = time.perf_counter()
-        log_probs, rewards = [], []
-        for layer, layer_rows in zip(layer_data, rows, strict=True):
-            logits = policy(layer_rows)
-            chosen = sample_rows(logits.detach(), kept, generator)
-            rewards.append(reward_of(layer, chosen.sort().values.cpu()))
-            # The paper's loss: the sum of the chosen rows' log-probabilities under one softmax.
-            # It is not the exact log-probability of a sample without replacement (that is the
-            # Plackett-Luce product over the sampled order), only the paper's surrogate for it.
-            log_probs.append(torch.log_softmax(logits, dim=0)[chosen].sum())
-        returns = discounted_returns(rewards, gamma)
-        baseline = returns.clone() if baseline is None else baseline
-        loss = -(torch.stack(log_probs) * (returns - baseline).to(device)).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        baseline = BASELINE_DECAY * baseline + (1 - BASELINE_DECAY) * returns
-        result.train_seconds += time.perf_counter() - tick
-        result.sampled_rewards.append(sum(rewards) / len(rewards))
-        if episode % eval_every == 0 or episode == episodes:
-            value = evaluate_reinforce(policy, layer_data, ratio, reward)
-            result.history.append((episode, result.train_seconds, value))
-            if value > result.best_reward:
-                result.best_reward, result.best_episode = value, episode
-                result.seconds_to_best = result.train_seconds
-                if out is not None:
-                    save_reinforce(policy, out, {**metadata, "episode": episode,
-                                                 "eval_reward": value})  # fmt: skip
-            bar.set_postfix(eval_reward=f"{value:.4f}", best=f"{result.best_reward:.4f}")
+    try:
+        for episode in bar:
+            tick = time.perf_counter()
+            log_probs, rewards = [], []
+            for layer, layer_rows in zip(layer_data, rows, strict=True):
+                logits = policy(layer_rows)
+                chosen = sample_rows(logits.detach(), kept, generator)
+                rewards.append(reward_of(layer, chosen.sort().values.cpu()))
+                # The paper's loss: the sum of the chosen rows' log-probabilities under one softmax.
+                # It is not the exact log-probability of a sample without replacement (that is the
+                # Plackett-Luce product over the sampled order), only the paper's surrogate for it.
+                log_probs.append(torch.log_softmax(logits, dim=0)[chosen].sum())
+            returns = discounted_returns(rewards, gamma)
+            baseline = returns.clone() if baseline is None else baseline
+            loss = -(torch.stack(log_probs) * (returns - baseline).to(device)).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            baseline = BASELINE_DECAY * baseline + (1 - BASELINE_DECAY) * returns
+            result.train_seconds += time.perf_counter() - tick
+            result.sampled_rewards.append(sum(rewards) / len(rewards))
+            if episode % eval_every == 0 or episode == episodes:
+                value = evaluate_reinforce(policy, layer_data, ratio, reward)
+                result.history.append((episode, result.train_seconds, value))
+                if value > result.best_reward:
+                    # Saved first, recorded second, so an interrupted save is never reported.
+                    if out is not None:
+                        save_reinforce(policy, out, {**metadata, "episode": episode,
+                                                     "eval_reward": value})  # fmt: skip
+                        saved = str(out)
+                    result.best_reward, result.best_episode = value, episode
+                    result.seconds_to_best = result.train_seconds
+                bar.set_postfix(eval_reward=f"{value:.4f}", best=f"{result.best_reward:.4f}")
+    except KeyboardInterrupt as interrupt:
+        bar.close()
+        raise TrainingInterrupted(
+            saved, result.best_episode, result.best_reward, unit="episode"
+        ) from interrupt
     result.seconds = time.perf_counter() - start
     return result
 
@@ -211,8 +229,13 @@ def train_reinforce_from_model(
     reward: str = "ks",
     device: str = "cpu",
     threads: int = 1,
+    overwrite: bool = False,
 ) -> ReinforceResult:
-    """`prunenet train --algo reinforce`: load `model`, train the baseline, save the best."""
+    """`prunenet train --algo reinforce`: load `model`, train the baseline, save the best.
+
+    Settings are `train_reinforce`'s; `overwrite` replaces an existing checkpoint at `out`,
+    which is otherwise refused before the model is loaded.
+    """
     from prunenet.models import load_model
 
     torch.set_num_threads(threads)
@@ -220,6 +243,7 @@ def train_reinforce_from_model(
     reward_function(reward)
     if not str(out).endswith(".zip"):
         raise PruneNetError(f"Checkpoint path {out} must end in .zip.")
+    refuse_existing_checkpoint(out, overwrite)
     loaded, _ = load_model(model)
     selfgen = SelfGenConfig(seed=seed) if reward in NEEDS_ACTIVATIONS else None
     layer_data = weight_layer_data(loaded, selfgen)
@@ -275,15 +299,20 @@ def weight_layer_data(model: nn.Module, selfgen: SelfGenConfig | None = None) ->
 
 
 def save_reinforce(policy: RowLogitPolicy, out: str | Path, metadata: dict) -> None:
-    """Zip with the torch state dict and PruneNet metadata, written beside `out` then renamed."""
+    """Zip with the state dict (safetensors) and PruneNet metadata, written beside `out`.
+
+    Nothing in it is pickled, so loading it cannot run code (`prunenet.policy`'s checkpoints).
+
+    :param policy: the baseline policy to save.
+    :param out: the checkpoint path (.zip); replaced atomically (staged beside it, renamed).
+    :param metadata: training facts (`ratio` is required); kept in `prunenet.json`.
+    """
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save({k: v.cpu() for k, v in policy.state_dict().items()}, buffer)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.partial-") as staging:
         path = Path(staging) / "policy.zip"
         with zipfile.ZipFile(path, "w") as archive:
-            archive.writestr(STATE_FILE, buffer.getvalue())
+            archive.writestr(STATE_FILE, tensors_to_bytes(policy.state_dict()))
         write_metadata(
             path,
             {
@@ -300,24 +329,67 @@ def save_reinforce(policy: RowLogitPolicy, out: str | Path, metadata: dict) -> N
 
 
 def load_reinforce(checkpoint: str | Path, device: str = "cpu") -> tuple[RowLogitPolicy, dict]:
-    """The baseline policy and its metadata; clear errors for foreign or damaged files."""
+    """The baseline policy and its metadata; clear errors for foreign or damaged files.
+
+    The weights are read from `reinforce_policy.safetensors`, or in format-1 checkpoints from
+    `reinforce_policy.pt` with `torch.load(weights_only=True)`: never unpickled.
+
+    :param checkpoint: a `prunenet train --algo reinforce` zip.
+    :param device: where the returned policy lives.
+    """
     metadata = read_metadata(checkpoint)
-    if metadata.get("algo") != ALGO:
+    if metadata["algo"] != ALGO:
         raise PruneNetError(
-            f"{checkpoint} is a {metadata.get('algo')!r} checkpoint, not a REINFORCE baseline; "
+            f"{checkpoint} is a {metadata['algo']!r} checkpoint, not a REINFORCE baseline; "
             "load it with prunenet.policy_scorer.load_scorer_from_checkpoint."
         )
+    state = read_state_dict(checkpoint, _state_member(checkpoint))
     try:
-        with zipfile.ZipFile(Path(checkpoint).expanduser()) as archive:
-            state = torch.load(io.BytesIO(archive.read(STATE_FILE)), map_location=device)
-        policy = RowLogitPolicy(int(metadata["d_model"]), int(metadata["d_ff"]))
+        policy = RowLogitPolicy(_positive_int(metadata, "d_model"), _positive_int(metadata, "d_ff"))
         policy.load_state_dict(state)
-    except (KeyError, RuntimeError, ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+    except (KeyError, RuntimeError, TypeError, ValueError) as error:
         raise PruneNetError(
             f"REINFORCE checkpoint {checkpoint} could not be read ({type(error).__name__}: "
             f"{error}). Re-train it with `prunenet train --algo reinforce`."
         ) from None
     return policy.to(device).eval(), metadata
+
+
+def resave_reinforce(old: str | Path, new: str | Path) -> None:
+    """Write the REINFORCE checkpoint `old` in the current format at `new` (may be the same).
+
+    The weights are read as `load_reinforce` reads them (a format-1 `.pt` only with
+    `weights_only=True`) and written as safetensors; all metadata is kept.
+
+    :param old: a REINFORCE checkpoint of any supported format.
+    :param new: where the converted zip goes; written beside it, then renamed into place.
+    """
+    policy, metadata = load_reinforce(old)
+    save_reinforce(policy, new, {**metadata, "format": CHECKPOINT_FORMAT})
+
+
+def _state_member(checkpoint: str | Path) -> str:
+    try:
+        with zipfile.ZipFile(Path(checkpoint).expanduser()) as archive:
+            names = set(archive.namelist())
+    except (zipfile.BadZipFile, OSError) as error:
+        raise PruneNetError(
+            f"REINFORCE checkpoint {checkpoint} is corrupt or not a zip file ({error})."
+        ) from None
+    for member in (STATE_FILE, LEGACY_STATE_FILE):
+        if member in names:
+            return member
+    raise PruneNetError(
+        f"REINFORCE checkpoint {checkpoint} has PruneNet metadata but no policy inside (no "
+        f"{STATE_FILE}). Re-train it with `prunenet train --algo reinforce`."
+    )
+
+
+def _positive_int(metadata: dict, key: str) -> int:
+    value = metadata[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    return value
 
 
 class ReinforceScorer(Scorer):

@@ -30,7 +30,7 @@ from prunenet.compress import keep_count, select_keep_indices, validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.features import LayerData, model_layer_data
 from prunenet.models import load_model
-from prunenet.policy import RowScoringPolicy, write_metadata
+from prunenet.policy import RowScoringPolicy, refuse_existing_checkpoint, write_metadata
 from prunenet.rewards import NEEDS_ACTIVATIONS, reward_function
 from prunenet.selfgen import SelfGenConfig
 
@@ -53,6 +53,8 @@ class TrainConfig:
     :param seed: seeds PPO, the environment and the self-generated text.
     :param device: torch device for the policy (`cpu` or `cuda`).
     :param threads: torch CPU threads (1 by default: 2 threads were 10-130x slower here).
+    :param overwrite: replace an existing checkpoint at `out`; without it, an existing file is
+        refused before anything is loaded (a long run must not silently replace a policy).
     """
 
     model: str
@@ -69,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 1
+    overwrite: bool = False
 
 
 @dataclass
@@ -89,48 +92,86 @@ class TrainResult:
     history: list[tuple[int, float, float]] = field(default_factory=list)  # step, seconds, reward
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during training, with where the best checkpoint so far was saved.
+
+    Still a `KeyboardInterrupt`, so callers that stop on one keep doing so.
+
+    :param checkpoint: path of the best checkpoint saved by this run, None if none was yet.
+    :param step: the PPO step (or REINFORCE episode) that checkpoint is from.
+    :param reward: its evaluation reward.
+    :param unit: what `step` counts ("step" or "episode").
+    """
+
+    def __init__(
+        self, checkpoint: str | None, step: int = 0, reward: float = 0.0, unit: str = "step"
+    ) -> None:
+        super().__init__(checkpoint)
+        self.checkpoint, self.step, self.reward, self.unit = checkpoint, step, reward, unit
+
+    def summary(self) -> str:
+        """One line for the user: where the best policy so far is, or that none was saved."""
+        if self.checkpoint is None:
+            return "no checkpoint was saved yet (none before the first evaluation)"
+        return (
+            f"the best checkpoint so far ({self.unit} {self.step}, eval reward "
+            f"{self.reward:.4f}) is saved at {self.checkpoint}"
+        )
+
+
 def train_policy(config: TrainConfig, layer_data: list[LayerData] | None = None) -> TrainResult:
     """Train a policy with PPO and save the best checkpoint at `config.out`.
 
+    :param config: the run's settings.
     :param layer_data: precomputed features (skips loading `config.model`), for benchmarks.
+    :raises TrainingInterrupted: on Ctrl-C; the best checkpoint so far stays at `config.out`.
     """
     validate_train_config(config)
     torch.set_num_threads(config.threads)
     start = time.perf_counter()
-    if layer_data is None:
-        model, _ = load_model(config.model)
-        collect = config.reward in NEEDS_ACTIVATIONS
-        layer_data = model_layer_data(
-            model, config.feature_set, SelfGenConfig(seed=config.seed), collect=collect
+    callback: BestCheckpointCallback | None = None
+    try:
+        if layer_data is None:
+            model, _ = load_model(config.model)
+            collect = config.reward in NEEDS_ACTIVATIONS
+            layer_data = model_layer_data(
+                model, config.feature_set, SelfGenConfig(seed=config.seed), collect=collect
+            )
+            del model
+        feature_seconds = time.perf_counter() - start
+        env = Monitor(
+            FFNPruneEnv(
+                layer_data=[layer_data],
+                feature_set=config.feature_set,
+                reward=config.reward,
+                ratio_range=config.ratios,
+            )
         )
-        del model
-    feature_seconds = time.perf_counter() - start
-    env = Monitor(
-        FFNPruneEnv(
-            layer_data=[layer_data],
-            feature_set=config.feature_set,
-            reward=config.reward,
-            ratio_range=config.ratios,
+        env.reset(seed=config.seed)
+        layers = len(layer_data)
+        agent = PPO(
+            RowScoringPolicy,
+            env,
+            n_steps=4 * layers,
+            batch_size=layers,
+            n_epochs=5,
+            learning_rate=config.learning_rate,
+            gamma=config.gamma,
+            seed=config.seed,
+            device=config.device,
+            policy_kwargs={"hidden": config.hidden},
+            verbose=0,
         )
-    )
-    env.reset(seed=config.seed)
-    layers = len(layer_data)
-    agent = PPO(
-        RowScoringPolicy,
-        env,
-        n_steps=4 * layers,
-        batch_size=layers,
-        n_epochs=5,
-        learning_rate=config.learning_rate,
-        gamma=config.gamma,
-        seed=config.seed,
-        device=config.device,
-        policy_kwargs={"hidden": config.hidden},
-        verbose=0,
-    )
-    callback = BestCheckpointCallback(config, layer_data, start_time=time.perf_counter())
-    agent.learn(total_timesteps=config.timesteps, callback=callback)
-    callback.evaluate_and_save()  # the final policy competes too
+        callback = BestCheckpointCallback(config, layer_data, start_time=time.perf_counter())
+        agent.learn(total_timesteps=config.timesteps, callback=callback)
+        callback.evaluate_and_save()  # the final policy competes too
+    except KeyboardInterrupt as interrupt:
+        if callback is None:
+            raise TrainingInterrupted(None) from interrupt
+        callback.bar.close()  # SB3 skips _on_training_end when learn() is interrupted
+        raise TrainingInterrupted(
+            callback.checkpoint, callback.best_step, callback.best_reward
+        ) from interrupt
     return TrainResult(
         checkpoint=config.out,
         best_reward=callback.best_reward,
@@ -177,6 +218,7 @@ class BestCheckpointCallback(BaseCallback):
         self.best_step = 0
         self.best_seconds = 0.0
         self.eval_seconds = 0.0
+        self.checkpoint: str | None = None  # set once a best policy is saved at config.out
         self.history: list[tuple[int, float, float]] = []
         self.bar = tqdm(total=config.timesteps, desc="PPO steps", unit="step", leave=False)
 
@@ -202,17 +244,29 @@ class BestCheckpointCallback(BaseCallback):
             eval_reward=f"{reward:.4f}", best=f"{max(reward, self.best_reward):.4f}"
         )
         if reward > self.best_reward:
+            # Saved first, recorded second: an interrupted or failed save leaves the record
+            # describing the checkpoint that is really at config.out.
+            save_checkpoint(self.model, self.config, reward, self.num_timesteps)
             self.best_reward, self.best_step, self.best_seconds = (
                 reward,
                 self.num_timesteps,
                 seconds,
             )
-            save_checkpoint(self.model, self.config, reward, self.num_timesteps)
+            self.checkpoint = self.config.out
         self.eval_seconds += time.perf_counter() - tick
 
 
 def save_checkpoint(agent: PPO, config: TrainConfig, reward: float, step: int) -> None:
-    """SB3 zip + PruneNet metadata, written beside the target and renamed into place."""
+    """SB3 zip + PruneNet's weights and metadata, written beside the target and renamed.
+
+    PruneNet loads only `policy.safetensors` and `prunenet.json` (nothing pickled); SB3's own
+    members stay so that a user who trusts the file can still `PPO.load` it.
+
+    :param agent: the PPO agent whose policy is saved.
+    :param config: the run's settings (recorded; `config.out` is the target).
+    :param reward: the policy's evaluation reward.
+    :param step: the PPO step it was evaluated at.
+    """
     out = Path(config.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.partial-") as staging:
@@ -233,11 +287,16 @@ def save_checkpoint(agent: PPO, config: TrainConfig, reward: float, step: int) -
                 "train_config": asdict(config),
                 "prunenet_version": __version__,
             },
+            policy=agent.policy,
         )
         shutil.move(str(path), out)
 
 
 def validate_train_config(config: TrainConfig) -> None:
+    """Refuse unusable settings before anything is loaded; normalises `config.ratios`.
+
+    :param config: the run's settings.
+    """
     config.ratios = validate_ratio_range(config.ratios)
     for ratio in config.eval_ratios or ():
         validate_ratio(ratio)
@@ -246,3 +305,4 @@ def validate_train_config(config: TrainConfig) -> None:
         raise PruneNetError(f"--timesteps must be positive, got {config.timesteps}.")
     if not str(config.out).endswith(".zip"):
         raise PruneNetError(f"Checkpoint path {config.out} must end in .zip (an SB3 archive).")
+    refuse_existing_checkpoint(config.out, config.overwrite)

@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import io
 import json
+import pathlib
+import pickle
 import shutil
 import zipfile
 from pathlib import Path
 
+import cloudpickle
 import numpy as np
 import pytest
+import stable_baselines3.common.save_util as save_util
 import torch
 from stable_baselines3 import PPO
 
 from envs.ffn_prune import FFNPruneEnv, observation_for
+from prunenet.cli import main as cli_main
 from prunenet.errors import PruneNetError
 from prunenet.features import FEATURE_VERSION, model_layer_data
 from prunenet.policy import (
+    CHECKPOINT_FORMAT,
+    LEGACY_WEIGHTS_FILE,
     METADATA_FILE,
+    SB3_DATA_FILE,
+    WEIGHTS_FILE,
     FeatureSpaceGaussian,
     RowScoringPolicy,
     load_policy,
     read_metadata,
+    read_state_dict,
+    resave_checkpoint,
     spaces_for,
     write_metadata,
 )
@@ -48,8 +62,68 @@ def checkpoint(layer_data, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     agent.learn(total_timesteps=8)
     path = tmp_path_factory.mktemp("policy") / "policy.zip"
     agent.save(path)
-    write_metadata(path, METADATA)
+    write_metadata(path, METADATA, policy=agent.policy)
     return path, agent
+
+
+@pytest.fixture(scope="module")
+def legacy_checkpoint(checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same agent as a format-1 checkpoint: SB3's zip and metadata, no policy.safetensors."""
+    path, agent = checkpoint
+    legacy = tmp_path_factory.mktemp("legacy") / "legacy.zip"
+    agent.save(legacy)
+    metadata = {"format": 1, "feature_version": FEATURE_VERSION, **METADATA}
+    with zipfile.ZipFile(legacy, "a") as archive:
+        archive.writestr(METADATA_FILE, json.dumps(metadata))
+    return legacy
+
+
+class RunsCode:
+    """Unpickling this creates `marker`: stands in for any code a crafted checkpoint could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def _sb3_serialized(value: object) -> dict:
+    """`value` as SB3's `data_to_json` stores what plain JSON cannot hold: a cloudpickle."""
+    encoded = base64.b64encode(cloudpickle.dumps(value)).decode()
+    return {":type:": str(type(value)), ":serialized:": encoded}
+
+
+def _replace_members(source: Path, target: Path, replacements: dict[str, bytes | None]) -> Path:
+    """A copy of the zip `source` with members replaced (bytes) or left out (None)."""
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as copy:
+        for item in original.infolist():
+            if item.filename not in replacements:
+                copy.writestr(item, original.read(item.filename))
+        for name, content in replacements.items():
+            if content is not None:
+                copy.writestr(name, content)
+    return target
+
+
+def _data_with_payload_in_every_key(checkpoint: Path, marker: Path) -> bytes:
+    """SB3's `data` member of `checkpoint`, every value replaced by a code-running cloudpickle."""
+    with zipfile.ZipFile(checkpoint) as archive:
+        keys = json.loads(archive.read(SB3_DATA_FILE))
+    assert "policy_kwargs" in keys
+    return json.dumps({key: _sb3_serialized(RunsCode(marker)) for key in keys}).encode()
+
+
+def _torch_payload(marker: Path) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(RunsCode(marker), buffer)
+    return buffer.getvalue()
+
+
+PICKLE_PAYLOADS = {
+    "torch.save of an object": _torch_payload,
+    "a raw pickle": lambda marker: pickle.dumps(RunsCode(marker)),
+}
 
 
 def _policy(width: int = FFN_WIDTH, feature_set: str = "selfgen", seed: int = 0):
@@ -189,7 +263,12 @@ def test_a_loaded_policy_reproduces_the_trained_agents_scores(checkpoint, layer_
 
 def test_metadata_round_trips_with_format_and_feature_version(checkpoint) -> None:
     metadata = read_metadata(checkpoint[0])
-    assert metadata == {"format": 1, "feature_version": FEATURE_VERSION, **METADATA}
+    assert metadata == {
+        "format": CHECKPOINT_FORMAT,
+        "feature_version": FEATURE_VERSION,
+        **METADATA,
+        "policy_kwargs": {"hidden": 8},
+    }
 
 
 def test_a_checkpoint_from_another_feature_version_is_refused(checkpoint, tmp_path: Path) -> None:
@@ -217,9 +296,19 @@ def test_a_truncated_checkpoint_is_refused(checkpoint, tmp_path: Path) -> None:
         load_policy(path, FFN_WIDTH)
 
 
-def test_a_checkpoint_with_damaged_members_is_refused(checkpoint, tmp_path: Path) -> None:
-    data = bytearray(checkpoint[0].read_bytes())
-    data[200:400] = bytes(b ^ 0xFF for b in data[200:400])  # inside the first member
+@pytest.mark.parametrize("member", [WEIGHTS_FILE, LEGACY_WEIGHTS_FILE])
+def test_a_checkpoint_with_damaged_members_is_refused(
+    checkpoint, legacy_checkpoint, tmp_path: Path, member: str
+) -> None:
+    """Bytes flipped inside the member the loader reads (new format: safetensors; old: SB3's)."""
+    source = checkpoint[0] if member == WEIGHTS_FILE else legacy_checkpoint
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        start = archive.getinfo(member).header_offset
+    name_length = int.from_bytes(data[start + 26 : start + 28], "little")
+    extra_length = int.from_bytes(data[start + 28 : start + 30], "little")
+    first = start + 30 + name_length + extra_length + 100  # inside the member's content
+    data[first : first + 200] = bytes(b ^ 0xFF for b in data[first : first + 200])
     path = tmp_path / "damaged.zip"
     path.write_bytes(bytes(data))
     with pytest.raises(PruneNetError, match="could not be read"):
@@ -233,12 +322,12 @@ def test_a_zip_without_prunenet_metadata_is_refused(checkpoint, tmp_path: Path) 
         load_policy(path, FFN_WIDTH)
 
 
-def test_metadata_without_an_sb3_policy_is_refused(tmp_path: Path) -> None:
+def test_metadata_without_a_policy_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "metadata_only.zip"
     with zipfile.ZipFile(path, "w") as archive:
         metadata = {"feature_version": FEATURE_VERSION, **METADATA}
         archive.writestr(METADATA_FILE, json.dumps(metadata))
-    with pytest.raises(PruneNetError, match="no SB3 policy inside"):
+    with pytest.raises(PruneNetError, match="no policy inside.*policy.safetensors.*SB3"):
         load_policy(path, FFN_WIDTH)
 
 
@@ -259,3 +348,245 @@ def test_loading_leaves_the_original_checkpoint_untouched(checkpoint, tmp_path: 
     shutil.copy(checkpoint[0], copy)
     load_policy(copy, 40)
     assert copy.read_bytes() == checkpoint[0].read_bytes()
+
+
+# ----- the checkpoint format: nothing pickled, nothing unpickled --------------------------------
+
+
+def test_a_new_checkpoint_holds_its_weights_as_safetensors_and_its_shape_in_metadata(
+    checkpoint,
+) -> None:
+    path, agent = checkpoint
+    state = read_state_dict(path, WEIGHTS_FILE)
+    assert state.keys() == agent.policy.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in agent.policy.state_dict().items())
+    assert read_metadata(path)["policy_kwargs"] == {"hidden": 8}
+
+
+def test_a_new_checkpoint_still_loads_with_sb3_ppo_load(checkpoint, layer_data) -> None:
+    """SB3's members are kept, so a user who trusts the file can still use SB3 directly."""
+    path, agent = checkpoint
+    loaded = PPO.load(path, device="cpu")
+    observation = observation_for(layer_data[0].features, 0.3, 0.0)
+    assert torch.equal(loaded.policy.row_scores(observation), agent.policy.row_scores(observation))
+
+
+def test_loading_never_unpickles_or_calls_sb3_loaders(
+    checkpoint, legacy_checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def forbidden(*args, **kwargs):
+        raise AssertionError("load_policy must not unpickle")
+
+    for module, name in [
+        (save_util, "load_from_zip_file"),
+        (save_util, "json_to_data"),
+        (PPO, "load"),
+        (cloudpickle, "loads"),
+        (cloudpickle, "load"),
+        (pickle, "loads"),
+        (pickle, "load"),
+    ]:
+        monkeypatch.setattr(module, name, forbidden)
+    for path in (checkpoint[0], legacy_checkpoint):
+        assert load_policy(path, FFN_WIDTH)[0].row_scores(_observation()).shape == (FFN_WIDTH,)
+
+
+def test_a_format_1_checkpoint_loads_with_the_same_scores(
+    checkpoint, legacy_checkpoint, layer_data
+) -> None:
+    observation = observation_for(layer_data[0].features, 0.3, 0.0)
+    new, _ = load_policy(checkpoint[0], FFN_WIDTH)
+    legacy, metadata = load_policy(legacy_checkpoint, FFN_WIDTH)
+    assert metadata["format"] == 1 and legacy.hidden == 8
+    assert torch.equal(legacy.row_scores(observation), new.row_scores(observation))
+
+
+def test_resaving_a_format_1_checkpoint_keeps_its_scores_metadata_and_sb3_members(
+    legacy_checkpoint, layer_data, tmp_path: Path
+) -> None:
+    converted = tmp_path / "converted.zip"
+    resave_checkpoint(legacy_checkpoint, converted)
+    with zipfile.ZipFile(legacy_checkpoint) as old, zipfile.ZipFile(converted) as new:
+        kept = [name for name in old.namelist() if name != METADATA_FILE]
+        assert all(old.read(name) == new.read(name) for name in kept)
+        assert WEIGHTS_FILE in new.namelist()
+    before, after = read_metadata(legacy_checkpoint), read_metadata(converted)
+    assert after == {**before, "format": CHECKPOINT_FORMAT, "policy_kwargs": {"hidden": 8}}
+    observation = observation_for(layer_data[0].features, 0.3, 0.0)
+    scores = [
+        load_policy(p, FFN_WIDTH)[0].row_scores(observation) for p in (legacy_checkpoint, converted)
+    ]
+    assert torch.equal(*scores)
+
+
+def test_the_payload_used_below_does_run_code_when_sb3_unpickles_it(tmp_path: Path) -> None:
+    """Control: the crafted `data` really executes under SB3's own loader (json_to_data)."""
+    marker = tmp_path / "ran"
+    save_util.json_to_data(json.dumps({"policy_kwargs": _sb3_serialized(RunsCode(marker))}))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("payload", PICKLE_PAYLOADS)
+def test_the_torch_payloads_used_below_do_run_code_without_weights_only(
+    tmp_path: Path, payload: str
+) -> None:
+    """Control: the crafted `policy.pth` contents execute under a plain `torch.load`."""
+    marker = tmp_path / "ran"
+    data = PICKLE_PAYLOADS[payload](marker)
+    with contextlib.suppress(RuntimeError):  # a raw pickle runs first, then fails torch's checks
+        torch.load(io.BytesIO(data), weights_only=False)
+    assert marker.exists()
+
+
+def test_a_new_checkpoint_with_code_in_every_sb3_data_key_loads_without_running_it(
+    checkpoint, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    data = _data_with_payload_in_every_key(checkpoint[0], marker)
+    evil = _replace_members(checkpoint[0], tmp_path / "evil.zip", {SB3_DATA_FILE: data})
+    policy, _ = load_policy(evil, FFN_WIDTH)
+    expected, _ = load_policy(checkpoint[0], FFN_WIDTH)
+    assert torch.equal(policy.row_scores(_observation()), expected.row_scores(_observation()))
+    assert not marker.exists()
+
+
+def test_a_format_1_checkpoint_with_code_in_every_sb3_data_key_is_refused_without_running_it(
+    legacy_checkpoint, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    data = _data_with_payload_in_every_key(legacy_checkpoint, marker)
+    evil = _replace_members(legacy_checkpoint, tmp_path / "evil.zip", {SB3_DATA_FILE: data})
+    with pytest.raises(PruneNetError, match="never does because a pickle can run code"):
+        load_policy(evil, FFN_WIDTH)
+    assert not marker.exists()
+
+
+def test_format_1_policy_kwargs_stored_as_a_cloudpickle_are_refused_without_running_them(
+    legacy_checkpoint, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    with zipfile.ZipFile(legacy_checkpoint) as archive:
+        data = json.loads(archive.read(SB3_DATA_FILE))
+    data["policy_kwargs"] = _sb3_serialized(RunsCode(marker))
+    evil = _replace_members(
+        legacy_checkpoint, tmp_path / "evil.zip", {SB3_DATA_FILE: json.dumps(data).encode()}
+    )
+    with pytest.raises(PruneNetError, match="policy_kwargs.*cloudpickle.*would need unpickling"):
+        load_policy(evil, FFN_WIDTH)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload", PICKLE_PAYLOADS)
+def test_a_pickle_payload_as_sb3_policy_weights_is_refused_without_running_it(
+    legacy_checkpoint, tmp_path: Path, payload: str
+) -> None:
+    marker = tmp_path / "ran"
+    content = PICKLE_PAYLOADS[payload](marker)
+    evil = _replace_members(
+        legacy_checkpoint, tmp_path / "evil.zip", {LEGACY_WEIGHTS_FILE: content}
+    )
+    with pytest.raises(PruneNetError, match="never does because a pickle can run code"):
+        load_policy(evil, FFN_WIDTH)
+    assert not marker.exists()
+
+
+def test_a_pickle_payload_as_policy_safetensors_is_refused_without_running_it(
+    checkpoint, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    content = _torch_payload(marker)
+    evil = _replace_members(checkpoint[0], tmp_path / "evil.zip", {WEIGHTS_FILE: content})
+    with pytest.raises(PruneNetError, match="not a valid safetensors file"):
+        load_policy(evil, FFN_WIDTH)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ([1, 2, 3], "prunenet.json that is a JSON list, not an object"),
+        ("selfgen", "prunenet.json that is a JSON str, not an object"),
+        ({"algo": "ppo"}, "has no 'feature_set'"),
+        ({"algo": "ppo", "feature_set": "pixels"}, "names 'pixels'.*one of weights, selfgen"),
+        ({"algo": "reinforce", "feature_set": "selfgen"}, "a reinforce policy reads.*weights-raw"),
+        ({"feature_set": "selfgen"}, "has no 'algo'"),
+        ({"algo": "sac", "feature_set": "selfgen"}, "names the algo 'sac'.*known: ppo, reinforce"),
+        ({**METADATA, "format": 3}, "format 3, newer than this PruneNet reads"),
+        ({**METADATA, "format": "2"}, "invalid format '2'"),
+        ({**METADATA, "policy_kwargs": [8]}, "policy_kwargs.*JSON list, not an object"),
+        ({**METADATA, "policy_kwargs": {"hidden": "8"}}, "hidden='8'.*positive JSON integer"),
+        ({**METADATA, "policy_kwargs": {"hidden": True}}, "hidden=True.*positive JSON integer"),
+        ({**METADATA, "policy_kwargs": {"hidden": 0}}, "hidden=0.*positive JSON integer"),
+        ({**METADATA, "policy_kwargs": {"net_arch": 8}}, "'net_arch'.*only reads hidden"),
+    ],
+)
+def test_unusable_metadata_is_refused_with_a_reason(
+    tmp_path: Path, metadata: object, message: str
+) -> None:
+    if isinstance(metadata, dict):
+        metadata = {"feature_version": FEATURE_VERSION, **metadata}
+    path = tmp_path / "policy.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(METADATA_FILE, json.dumps(metadata))
+    with pytest.raises(PruneNetError, match=message):
+        read_metadata(path)
+    with pytest.raises(PruneNetError, match=message):
+        load_policy(path, FFN_WIDTH)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{not json", b'{"algo": '])
+def test_metadata_that_is_not_json_is_refused_as_corrupt(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "policy.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(METADATA_FILE, content)
+    with pytest.raises(PruneNetError, match="corrupt"):
+        read_metadata(path)
+
+
+def test_a_new_checkpoint_without_policy_kwargs_is_refused(checkpoint, tmp_path: Path) -> None:
+    with zipfile.ZipFile(checkpoint[0]) as archive:
+        metadata = json.loads(archive.read(METADATA_FILE))
+    del metadata["policy_kwargs"]
+    path = _replace_members(
+        checkpoint[0], tmp_path / "no_kwargs.zip", {METADATA_FILE: json.dumps(metadata).encode()}
+    )
+    with pytest.raises(PruneNetError, match="no 'policy_kwargs'.*shape is unknown"):
+        load_policy(path, FFN_WIDTH)
+
+
+# ----- through the command line ------------------------------------------------------------------
+
+
+@pytest.fixture
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.usefixtures("_private_cache")
+def test_prune_refuses_a_format_1_policy_carrying_code_with_exit_2_and_runs_nothing(
+    legacy_checkpoint, tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    marker = tmp_path / "ran"
+    data = _data_with_payload_in_every_key(legacy_checkpoint, marker)
+    evil = _replace_members(legacy_checkpoint, tmp_path / "evil.zip", {SB3_DATA_FILE: data})
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(tiny_model_folder), "--ratio", "0.3", "--policy", str(evil),
+            "--out", str(out)]  # fmt: skip
+    assert cli_main(argv) == 2
+    assert "a pickle can run code" in capsys.readouterr().err
+    assert not marker.exists() and not out.exists()
+
+
+@pytest.mark.usefixtures("_private_cache")
+def test_prune_with_a_new_policy_whose_sb3_data_carries_code_prunes_without_running_it(
+    checkpoint, tiny_model_folder: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    data = _data_with_payload_in_every_key(checkpoint[0], marker)
+    evil = _replace_members(checkpoint[0], tmp_path / "evil.zip", {SB3_DATA_FILE: data})
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(tiny_model_folder), "--ratio", "0.3", "--policy", str(evil),
+            "--out", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    assert (out / "config.json").is_file()
+    assert not marker.exists()

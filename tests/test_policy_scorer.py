@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import zipfile
 from pathlib import Path
 
 import pytest
+import stable_baselines3.common.save_util as save_util
 import torch
 from stable_baselines3 import PPO
 
@@ -12,8 +15,16 @@ from envs.ffn_prune import FFNPruneEnv
 from prunenet.arch import adapter_for, decoder_layers, ffn_weights
 from prunenet.errors import PruneNetError
 from prunenet.features import model_layer_data
-from prunenet.policy import RowScoringPolicy, write_metadata
-from prunenet.policy_scorer import PolicyScorer
+from prunenet.policy import (
+    LEGACY_WEIGHTS_FILE,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    RowScoringPolicy,
+    read_metadata,
+    read_state_dict,
+    write_metadata,
+)
+from prunenet.policy_scorer import BUNDLED_POLICY, PolicyScorer
 from prunenet.selfgen import SelfGenConfig
 from tests.conftest import FFN_WIDTH, tiny_model
 from tests.conftest import SMALL_SELFGEN as SMALL
@@ -39,7 +50,9 @@ def _save_policy(folder: Path, feature_set: str, reward: str) -> Path:
     path = folder / f"{feature_set}.zip"
     agent.save(path)
     metadata = {"algo": "ppo", "feature_set": feature_set, "reward": reward, "seed": 0}
-    write_metadata(path, {**metadata, "ratios": [0.1, 0.5], "source_model": "tiny"})
+    write_metadata(
+        path, {**metadata, "ratios": [0.1, 0.5], "source_model": "tiny"}, policy=agent.policy
+    )
     return path
 
 
@@ -121,3 +134,63 @@ def test_describe_records_the_checkpoint_and_its_training_settings(selfgen_check
 def test_a_missing_checkpoint_is_refused_when_the_scorer_is_built(tmp_path: Path) -> None:
     with pytest.raises(PruneNetError, match="does not exist"):
         PolicyScorer(tmp_path / "missing.zip")
+
+
+def test_a_damaged_checkpoint_is_refused_when_the_scorer_is_built(
+    selfgen_checkpoint, tmp_path: Path
+) -> None:
+    """Before any model is loaded: `prunenet prune --policy` fails fast."""
+    damaged = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(selfgen_checkpoint) as source, zipfile.ZipFile(damaged, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            target.writestr(item, data[:20] if item.filename == WEIGHTS_FILE else data)
+    with pytest.raises(PruneNetError, match="could not be read"):
+        PolicyScorer(damaged)
+
+
+# ----- the bundled policy ------------------------------------------------------------------------
+
+
+def test_the_bundled_policy_is_in_the_current_format_with_safetensors_weights() -> None:
+    metadata = read_metadata(BUNDLED_POLICY)
+    assert metadata["format"] == 2 and metadata["policy_kwargs"] == {"hidden": 32}
+    with zipfile.ZipFile(BUNDLED_POLICY) as archive:
+        assert WEIGHTS_FILE in archive.namelist()
+
+
+def test_the_bundled_policy_loads_without_sb3_loaders(monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the bundled policy must load without unpickling")
+
+    monkeypatch.setattr(save_util, "load_from_zip_file", forbidden)
+    monkeypatch.setattr(save_util, "json_to_data", forbidden)
+    scores = PolicyScorer(BUNDLED_POLICY).score_model(tiny_model("llama"), ratio=0.3)
+    assert all(s.shape == (FFN_WIDTH,) and torch.all(torch.isfinite(s)) for s in scores)
+
+
+def test_the_bundled_safetensors_weights_are_exactly_the_trained_sb3_weights() -> None:
+    """The conversion copied tensors: the SB3 `policy.pth` kept in the zip holds the same ones."""
+    converted = read_state_dict(BUNDLED_POLICY, WEIGHTS_FILE)
+    trained = read_state_dict(BUNDLED_POLICY, LEGACY_WEIGHTS_FILE)
+    assert converted.keys() == trained.keys()
+    assert all(torch.equal(converted[k], trained[k]) for k in trained)
+    assert all(converted[k].dtype == trained[k].dtype for k in trained)
+
+
+def test_the_bundled_policy_scores_exactly_as_its_format_1_original(tmp_path: Path) -> None:
+    """The bundled zip without its safetensors member is what shipped before: same scores."""
+    original = tmp_path / "format1.zip"
+    with zipfile.ZipFile(BUNDLED_POLICY) as source, zipfile.ZipFile(original, "w") as target:
+        for item in source.infolist():
+            if item.filename == METADATA_FILE:
+                metadata = json.loads(source.read(item.filename))
+                metadata["format"] = 1
+                del metadata["policy_kwargs"]
+                target.writestr(item, json.dumps(metadata))
+            elif item.filename != WEIGHTS_FILE:
+                target.writestr(item, source.read(item.filename))
+    model = tiny_model("llama")
+    bundled = PolicyScorer(BUNDLED_POLICY).score_model(model, ratio=0.3)
+    legacy = PolicyScorer(original).score_model(model, ratio=0.3)
+    assert all(torch.equal(a, b) for a, b in zip(bundled, legacy, strict=True))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import json
+import pathlib
+import pickle
 import zipfile
 
 import pytest
@@ -11,17 +15,21 @@ from prunenet import rewards
 from prunenet.cli import main as cli_main
 from prunenet.compress import keep_count
 from prunenet.errors import PruneNetError
-from prunenet.policy import read_metadata
+from prunenet.policy import METADATA_FILE, read_metadata
 from prunenet.policy_scorer import PolicyScorer, load_scorer_from_checkpoint
 from prunenet.reinforce import (
+    LEGACY_STATE_FILE,
+    STATE_FILE,
     ReinforceScorer,
     discounted_returns,
     evaluate_reinforce,
     load_reinforce,
+    resave_reinforce,
     sample_rows,
     train_reinforce,
     weight_layer_data,
 )
+from prunenet.train import TrainingInterrupted
 from tests.conftest import FFN_WIDTH, HIDDEN_SIZE, tiny_model
 
 
@@ -142,9 +150,120 @@ def test_damaged_checkpoint_is_refused_clearly(trained, tmp_path):
     with zipfile.ZipFile(out) as source, zipfile.ZipFile(damaged, "w") as target:
         for name in source.namelist():
             data = source.read(name)
-            target.writestr(name, data[:10] if name.endswith(".pt") else data)
+            target.writestr(name, data[:10] if name == STATE_FILE else data)
     with pytest.raises(PruneNetError, match="could not be read"):
         ReinforceScorer(damaged)
+
+
+# ----- the checkpoint format: nothing pickled, format-1 `.pt` read with weights_only ----------
+
+
+class RunsCode:
+    """Unpickling this creates `marker`: stands in for any code a crafted checkpoint could run."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def _legacy_checkpoint(out, target, state_bytes: bytes | None = None):
+    """`out` as format 1 wrote it: `reinforce_policy.pt` (torch.save), metadata of format 1."""
+    policy, metadata = load_reinforce(out)
+    if state_bytes is None:
+        state_bytes = _torch_bytes(policy.state_dict())
+    with zipfile.ZipFile(target, "w") as archive:
+        archive.writestr(LEGACY_STATE_FILE, state_bytes)
+        archive.writestr(METADATA_FILE, json.dumps({**metadata, "format": 1}))
+    return target
+
+
+def _torch_bytes(value) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _torch_payload(marker) -> bytes:
+    return _torch_bytes(RunsCode(marker))
+
+
+def test_a_checkpoint_holds_safetensors_weights_and_nothing_pickled(trained):
+    _, out = trained
+    with zipfile.ZipFile(out) as archive:
+        assert sorted(archive.namelist()) == sorted([STATE_FILE, METADATA_FILE])
+    assert read_metadata(out)["format"] == 2
+
+
+def test_a_format_1_checkpoint_loads_and_scores_as_the_new_one(trained, tmp_path):
+    _, out = trained
+    legacy = _legacy_checkpoint(out, tmp_path / "legacy.zip")
+    model = tiny_model("llama")
+    new_scores = ReinforceScorer(out).score_model(model, ratio=0.3)
+    old_scores = ReinforceScorer(legacy).score_model(model, ratio=0.3)
+    assert all(torch.equal(a, b) for a, b in zip(new_scores, old_scores, strict=True))
+
+
+def test_the_pt_payload_used_below_does_run_code_without_weights_only(tmp_path):
+    """Control: a plain `torch.load` of the crafted `.pt` executes it."""
+    marker = tmp_path / "ran"
+    torch.load(io.BytesIO(_torch_payload(marker)), weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (_torch_payload, "never does because a pickle can run code"),
+        (lambda marker: pickle.dumps(RunsCode(marker)), "never does because a pickle can run code"),
+        (lambda marker: b"not a torch file at all", "not plain tensors|damaged"),
+        (lambda marker: b"", "damaged or not a torch file"),
+        (lambda marker: _torch_bytes([1, 2]), "holds list, not a dict of named tensors"),
+    ],
+    ids=["torch.save payload", "raw pickle payload", "garbage", "empty", "not a state dict"],
+)
+def test_an_unusable_format_1_pt_is_refused_without_running_anything(
+    trained, tmp_path, content, message
+):
+    _, out = trained
+    marker = tmp_path / "ran"
+    evil = _legacy_checkpoint(out, tmp_path / "evil.zip", content(marker))
+    with pytest.raises(PruneNetError, match=message):
+        ReinforceScorer(evil)
+    assert not marker.exists()
+
+
+def test_resaving_a_format_1_checkpoint_keeps_its_weights_and_metadata(trained, tmp_path):
+    _, out = trained
+    legacy = _legacy_checkpoint(out, tmp_path / "legacy.zip")
+    converted = tmp_path / "converted.zip"
+    resave_reinforce(legacy, converted)
+    with zipfile.ZipFile(converted) as archive:
+        assert LEGACY_STATE_FILE not in archive.namelist()
+    assert read_metadata(converted) == {**read_metadata(legacy), "format": 2}
+    before, _ = load_reinforce(legacy)
+    after, _ = load_reinforce(converted)
+    assert all(torch.equal(v, after.state_dict()[k]) for k, v in before.state_dict().items())
+
+
+def test_ctrl_c_reports_the_best_checkpoint_saved_so_far(layer_data, tmp_path, monkeypatch):
+    out = tmp_path / "rf.zip"
+    calls = []
+
+    def evaluate_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return 1.0
+
+    monkeypatch.setattr("prunenet.reinforce.evaluate_reinforce", evaluate_then_interrupt)
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        train_reinforce(layer_data, 0.3, episodes=5, out=out, progress=False)
+    assert (interrupted.value.checkpoint, interrupted.value.step) == (str(out), 1)
+    assert "episode 1" in interrupted.value.summary()
+    assert read_metadata(out)["episode"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["rf.zip"]
 
 
 def test_training_refuses_bad_input(layer_data):
@@ -168,6 +287,19 @@ def test_cli_trains_the_baseline_at_one_ratio(tiny_model_folder, tmp_path, capsy
     assert (metadata["ratio"], metadata["seed"], metadata["gamma"]) == (0.25, 3, 0.99)
     assert metadata["reward"] == "ks"
     assert keep_count(FFN_WIDTH, metadata["ratio"]) == 18
+
+
+def test_cli_refuses_an_existing_out_unless_overwrite(tiny_model_folder, tmp_path, capsys):
+    out = tmp_path / "rf.zip"
+    out.write_bytes(b"a previous run")
+    argv = ["train", "--model", str(tmp_path / "no-such-model"), "--out", str(out),
+            "--algo", "reinforce", "--ratios", "0.25"]  # fmt: skip
+    assert cli_main(argv) == 2  # refused before the (missing) model is looked at
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_bytes() == b"a previous run"
+    argv[2] = str(tiny_model_folder)
+    assert cli_main([*argv, "--episodes", "1", "--overwrite"]) == 0
+    assert read_metadata(out)["ratio"] == 0.25
 
 
 def test_cli_asks_for_one_ratio(tiny_model_folder, tmp_path, capsys):

@@ -7,12 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from stable_baselines3 import PPO
 
+from envs.ffn_prune import observation_for
 from prunenet import train as train_module
 from prunenet.errors import PruneNetError
 from prunenet.features import FEATURE_VERSION, model_layer_data
-from prunenet.policy import METADATA_FILE, load_policy, read_metadata
-from prunenet.train import TrainConfig, evaluate_policy, evaluation_ratios, train_policy
+from prunenet.policy import METADATA_FILE, WEIGHTS_FILE, load_policy, read_metadata
+from prunenet.train import (
+    BestCheckpointCallback,
+    TrainConfig,
+    TrainingInterrupted,
+    evaluate_policy,
+    evaluation_ratios,
+    train_policy,
+)
 from tests.conftest import FFN_WIDTH, tiny_model
 from tests.conftest import SMALL_SELFGEN as SMALL
 
@@ -55,7 +64,23 @@ def test_the_best_checkpoint_is_the_only_file_left_in_its_folder(trained) -> Non
     assert [p.name for p in folder.iterdir()] == ["policy.zip"]
     with zipfile.ZipFile(result.checkpoint) as archive:
         assert archive.testzip() is None
-        assert {"data", "policy.pth", METADATA_FILE} <= set(archive.namelist())
+        assert {"data", "policy.pth", WEIGHTS_FILE, METADATA_FILE} <= set(archive.namelist())
+
+
+def test_the_checkpoint_records_the_policy_shape_in_plain_json(trained) -> None:
+    _, result, _ = trained
+    metadata = read_metadata(result.checkpoint)
+    assert metadata["format"] == 2 and metadata["policy_kwargs"] == {"hidden": 8}
+
+
+def test_the_checkpoint_still_loads_with_sb3_ppo_load_and_scores_the_same(
+    trained, layer_data
+) -> None:
+    _, result, _ = trained
+    observation = observation_for(layer_data[0].features, 0.3, 0.0)
+    ours, _ = load_policy(result.checkpoint, FFN_WIDTH)
+    sb3 = PPO.load(result.checkpoint, device="cpu")
+    assert torch.equal(sb3.policy.row_scores(observation), ours.row_scores(observation))
 
 
 def test_the_result_reports_the_best_of_the_evaluation_history(trained) -> None:
@@ -95,7 +120,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_no_partial_files(
 
     monkeypatch.setattr(train_module, "write_metadata", fail)
     with pytest.raises(OSError, match="disk full"):
-        train_policy(_config(out), layer_data=layer_data)
+        train_policy(_config(out, overwrite=True), layer_data=layer_data)
     assert [p.name for p in tmp_path.iterdir()] == ["policy.zip"]
     assert out.read_bytes() == before
 
@@ -148,11 +173,76 @@ def test_bad_settings_are_refused_with_a_clear_message(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_existing_checkpoint_is_refused_before_the_model_is_loaded(tmp_path: Path) -> None:
+    out = tmp_path / "policy.zip"
+    out.write_bytes(b"a previous run")
+    config = _config(out)
+    config.model = str(tmp_path / "no-such-model")
+    with pytest.raises(PruneNetError, match="already exists. Pass --overwrite"):
+        train_policy(config)
+    assert out.read_bytes() == b"a previous run"
+
+
+def test_overwrite_replaces_an_existing_checkpoint(layer_data, tmp_path: Path) -> None:
+    out = tmp_path / "policy.zip"
+    out.write_bytes(b"a previous run")
+    train_policy(_config(out, overwrite=True, timesteps=8), layer_data=layer_data)
+    assert read_metadata(out)["step"] == 8
+
+
+def test_a_folder_as_checkpoint_path_is_refused_even_with_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "policy.zip").mkdir()
+    with pytest.raises(PruneNetError, match="is a folder"):
+        train_policy(_config(tmp_path / "policy.zip", overwrite=True))
+
+
 def test_a_checkpoint_path_not_ending_in_zip_is_refused(tmp_path: Path) -> None:
     config = _config(tmp_path / "policy.pt")
     config.model = str(tmp_path / "no-such-model")
     with pytest.raises(PruneNetError, match="must end in .zip"):
         train_policy(config)
+
+
+# ----- Ctrl-C ------------------------------------------------------------------------------------
+
+
+def _interrupt_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Ctrl-C as SB3 would see it: KeyboardInterrupt from inside a training step."""
+    on_step = BestCheckpointCallback._on_step
+
+    def interrupted(self) -> bool:
+        if self.num_timesteps == step:
+            raise KeyboardInterrupt
+        return on_step(self)
+
+    monkeypatch.setattr(BestCheckpointCallback, "_on_step", interrupted)
+
+
+def test_ctrl_c_keeps_the_best_checkpoint_so_far_and_says_where_it_is(
+    layer_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "policy.zip"
+    _interrupt_at_step(monkeypatch, 12)  # after the evaluation at step 8
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        train_policy(_config(out), layer_data=layer_data)
+    assert (interrupted.value.checkpoint, interrupted.value.step) == (str(out), 8)
+    assert "(step 8, eval reward" in interrupted.value.summary()
+    assert str(out) in interrupted.value.summary()
+    assert read_metadata(out)["step"] == 8
+    assert load_policy(out, FFN_WIDTH)[0] is not None
+    assert [p.name for p in tmp_path.iterdir()] == ["policy.zip"]
+
+
+def test_ctrl_c_before_the_first_evaluation_reports_that_nothing_was_saved(
+    layer_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "policy.zip"
+    _interrupt_at_step(monkeypatch, 3)
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        train_policy(_config(out), layer_data=layer_data)
+    assert interrupted.value.checkpoint is None
+    assert "no checkpoint was saved yet" in interrupted.value.summary()
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----- the real model ----------------------------------------------------------------------------

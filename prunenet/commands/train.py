@@ -2,17 +2,24 @@
 
 `--algo reinforce` trains the paper-faithful REINFORCE baseline instead (`prunenet.reinforce`):
 one ratio, the paper's 1/KS reward and discount 0.99 by default, a width-bound policy.
+
+An existing `--out` is refused unless `--overwrite` is given. Ctrl-C stops training with one line
+saying where the best checkpoint so far is (exit code 130), since it is already saved there.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+from pathlib import Path
 
-from prunenet.errors import PruneNetError
+from prunenet.commands.options import positive_int
+from prunenet.errors import PruneNetError, Terminated
 from prunenet.features import FEATURE_SETS
 from prunenet.rewards import REWARDS
 from prunenet.stream import resolve_device
-from prunenet.train import TrainConfig, train_policy
+from prunenet.train import TrainConfig, TrainingInterrupted, train_policy
 
 
 def register(subparsers) -> None:
@@ -36,12 +43,17 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", required=True, help="checkpoint path (.zip)")
     parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out checkpoint"
+    )
+    parser.add_argument(
         "--ratios",
         default="0.1:0.5",
         type=parse_ratio_range,
         help="range of target ratios sampled per episode, LOW:HIGH (default 0.1:0.5)",
     )
-    parser.add_argument("--timesteps", type=int, default=3000, help="PPO steps (1 step = 1 layer)")
+    parser.add_argument(
+        "--timesteps", type=positive_int, default=3000, help="PPO steps (1 step = 1 layer)"
+    )
     parser.add_argument(
         "--episodes", type=int, default=20, help="reinforce episodes (1 episode = every layer)"
     )
@@ -65,10 +77,14 @@ def register(subparsers) -> None:
         help="discount over layers (ppo default 0; reinforce default 0.99, the paper's)",
     )
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--eval-every", type=int, default=600, help="steps between evaluations")
+    parser.add_argument(
+        "--eval-every", type=positive_int, default=600, help="steps between evaluations"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="policy device: cpu (default) or cuda")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=1, help="torch CPU threads (default 1)"
+    )
     parser.set_defaults(run=run)
 
 
@@ -86,8 +102,29 @@ def parse_ratio_range(text: str) -> tuple[float, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.algo == "reinforce":
-        return run_reinforce(args)
+    try:
+        return run_reinforce(args) if args.algo == "reinforce" else run_ppo(args)
+    except KeyboardInterrupt as interrupt:
+        return report_interruption(args, interrupt)
+
+
+def report_interruption(args: argparse.Namespace, interrupt: KeyboardInterrupt) -> int:
+    """Say where the best checkpoint so far is (training saves it as it goes); 128 + signal."""
+    if isinstance(interrupt, TrainingInterrupted):
+        progress, cause = interrupt, interrupt.__cause__
+    else:  # while loading the model, before training began
+        progress, cause = TrainingInterrupted(None), interrupt
+    where = progress.summary()
+    if progress.checkpoint is None and Path(args.out).expanduser().exists():
+        where += f"; {args.out} still holds the checkpoint that was there before"
+    terminated = isinstance(cause, Terminated)
+    name = "SIGTERM" if terminated else "Ctrl-C"
+    print(f"prunenet train: interrupted by {name}; {where}.", file=sys.stderr)
+    return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+
+
+def run_ppo(args: argparse.Namespace) -> int:
+    """Our size-agnostic PPO policy over a ratio range (`prunenet.train`)."""
     args.reward = args.reward or "function"
     args.gamma = 0.0 if args.gamma is None else args.gamma
     config = TrainConfig(
@@ -103,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         threads=args.threads,
+        overwrite=args.overwrite,
     )
     resolve_device(args.device)  # a clear error for --device cuda without CUDA
     result = train_policy(config)
@@ -134,6 +172,7 @@ def run_reinforce(args: argparse.Namespace) -> int:
     result = train_reinforce_from_model(
         args.model, low, args.episodes, args.out, seed=args.seed, lr=args.learning_rate,
         gamma=gamma, reward=reward, device=args.device, threads=args.threads,
+        overwrite=args.overwrite,
     )  # fmt: skip
     print(
         f"trained the REINFORCE baseline on {args.model} (raw weight rows, {reward} reward, "

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from prunenet.cli import main
+from prunenet.cli import Terminated, main
 from prunenet.policy import read_metadata
+from prunenet.train import BestCheckpointCallback
 
 
 @pytest.fixture(autouse=True)
@@ -92,3 +93,101 @@ def test_a_missing_model_exits_with_code_2(tmp_path: Path, capsys: pytest.Captur
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "p.zip").exists()
+
+
+def test_an_existing_out_exits_with_code_2_before_the_model_is_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "p.zip"
+    out.write_bytes(b"a previous run")
+    assert _train("--model", str(tmp_path / "none"), "--out", str(out)) == 2
+    error = capsys.readouterr().err
+    assert "already exists" in error and "--overwrite" in error
+    assert "does not exist" not in error  # the model was not looked at
+    assert out.read_bytes() == b"a previous run"
+
+
+def test_overwrite_replaces_an_existing_out(tiny_model_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.zip"
+    out.write_bytes(b"a previous run")
+    args = ["--model", str(tiny_model_folder), "--out", str(out), "--overwrite"]
+    assert _train(*args, "--timesteps", "8", "--eval-every", "8", "--seed", "4") == 0
+    assert read_metadata(out)["seed"] == 4
+
+
+def _messages(stderr: str) -> list[str]:
+    """stderr without the progress bar's redraws; asserts there is no traceback."""
+    assert "Traceback" not in stderr
+    lines = stderr.replace("\r", "\n").splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("PPO steps")]
+
+
+def _interrupt_at_step(
+    monkeypatch: pytest.MonkeyPatch, step: int, signal: type = KeyboardInterrupt
+) -> None:
+    """Ctrl-C as SB3 would see it: KeyboardInterrupt from inside a training step."""
+    on_step = BestCheckpointCallback._on_step
+
+    def interrupted(self) -> bool:
+        if self.num_timesteps == step:
+            raise signal
+        return on_step(self)
+
+    monkeypatch.setattr(BestCheckpointCallback, "_on_step", interrupted)
+
+
+def test_ctrl_c_says_where_the_best_checkpoint_is_and_exits_130(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    out = tmp_path / "p.zip"
+    _interrupt_at_step(monkeypatch, 12)  # after the evaluation at step 8
+    args = ["--model", str(tiny_model_folder), "--out", str(out), "--timesteps", "16"]
+    assert _train(*args, "--eval-every", "8") == 130
+    error = _messages(capsys.readouterr().err)
+    assert len(error) == 1 and error[0].startswith("prunenet train: interrupted by Ctrl-C;")
+    assert "best checkpoint so far (step 8, eval reward" in error[0]
+    assert error[0].endswith(f"is saved at {out}.")
+    assert read_metadata(out)["step"] == 8
+
+
+def test_ctrl_c_before_any_checkpoint_says_none_was_saved_and_exits_130(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    out = tmp_path / "p.zip"
+    _interrupt_at_step(monkeypatch, 3)
+    args = ["--model", str(tiny_model_folder), "--out", str(out), "--timesteps", "16"]
+    assert _train(*args, "--eval-every", "8") == 130
+    error = _messages(capsys.readouterr().err)
+    assert error == ["prunenet train: interrupted by Ctrl-C; no checkpoint was saved yet "
+                     "(none before the first evaluation)."]  # fmt: skip
+    assert not out.exists()
+
+
+def test_ctrl_c_with_overwrite_before_any_checkpoint_says_the_old_one_is_still_there(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    out = tmp_path / "p.zip"
+    out.write_bytes(b"a previous run")
+    _interrupt_at_step(monkeypatch, 3)
+    args = ["--model", str(tiny_model_folder), "--out", str(out), "--overwrite"]
+    assert _train(*args, "--timesteps", "16", "--eval-every", "8") == 130
+    assert f"{out} still holds the checkpoint that was there before" in capsys.readouterr().err
+    assert out.read_bytes() == b"a previous run"
+
+
+def test_sigterm_during_training_says_where_the_best_checkpoint_is_and_exits_143(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    out = tmp_path / "p.zip"
+    _interrupt_at_step(monkeypatch, 12, Terminated)  # what the CLI's SIGTERM handler raises
+    args = ["--model", str(tiny_model_folder), "--out", str(out), "--timesteps", "16"]
+    assert _train(*args, "--eval-every", "8") == 143
+    error = _messages(capsys.readouterr().err)
+    assert len(error) == 1 and error[0].startswith("prunenet train: interrupted by SIGTERM;")
+    assert error[0].endswith(f"is saved at {out}.")
+
+
+def test_threads_below_one_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "x", "--out", "p.zip", "--threads", "0"])
+    assert "at least 1" in capsys.readouterr().err
