@@ -3,7 +3,7 @@
 An episode samples a target ratio from `ratio_range` (and a model, when several are given) and
 visits every layer in order. The observation is the layer's per-row features plus two context
 columns (ratio, relative depth); the action is one score per row; the environment keeps the top
-`round((1 - ratio) * d_ff)` rows and pays the chosen reward (`prunenet.rewards`). Features are
+`round((1 - ratio) * d_ff)` rows and pays the chosen reward (`prunenet.rl.rewards`). Features are
 computed once at construction, so a step costs only the reward.
 """
 
@@ -13,11 +13,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from prunenet.compress import keep_count, select_keep_indices, validate_ratio
+from prunenet.analysis.features import CONTEXT_FEATURES, LayerData, feature_names, model_layer_data
+from prunenet.analysis.selfgen import SelfGenConfig
+from prunenet.core.compress import keep_count, select_keep_indices, validate_ratio
 from prunenet.errors import PruneNetError
-from prunenet.features import CONTEXT_FEATURES, LayerData, feature_names, model_layer_data
-from prunenet.rewards import NEEDS_ACTIVATIONS, reward_function
-from prunenet.selfgen import SelfGenConfig
+from prunenet.rl.rewards import NEEDS_ACTIVATIONS, reward_function
 
 # Wide finite bounds: check_env wants finite Boxes, and clipping to them must never create ties.
 BOUND = 1e6
@@ -29,8 +29,8 @@ class FFNPruneEnv(gym.Env):
     :param model: a loaded model or a model spec (folder, hub id, alias); ignored when
         `layer_data` is given.
     :param layer_data: precomputed `model_layer_data` per model (lists of equal FFN width).
-    :param feature_set: `selfgen` or `weights` (see `prunenet.features`).
-    :param reward: `function` or `ks` (see `prunenet.rewards`).
+    :param feature_set: `selfgen` or `weights` (see `prunenet.analysis.features`).
+    :param reward: `function` or `ks` (see `prunenet.rl.rewards`).
     :param ratio_range: (low, high) of the per-episode target ratio.
     :param seed: self-generation seed when features are computed here.
     """
@@ -121,7 +121,7 @@ def observation_for(features: torch.Tensor, ratio: float, depth: float) -> np.nd
 def load_layer_data(model, feature_set: str, reward: str, seed: int) -> list[LayerData]:
     """Layer data for a model object or spec, with activations when the reward needs them."""
     if isinstance(model, str):
-        from prunenet.models import load_model
+        from prunenet.io.models import load_model
 
         model, _ = load_model(model)
     return model_layer_data(

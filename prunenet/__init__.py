@@ -11,7 +11,7 @@ __all__ = ["load_pruned"]
 def __getattr__(name: str) -> Any:
     # Lazy, so `import prunenet` (and the CLI's --help) does not pay for importing transformers.
     if name == "load_pruned":
-        from prunenet.loading import load_pruned
+        from prunenet.io.loading import load_pruned
 
         return load_pruned
     raise AttributeError(f"module 'prunenet' has no attribute {name!r}")

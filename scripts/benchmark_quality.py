@@ -12,7 +12,7 @@ log scale and accuracy vs ratio, one line per method) to --out-dir.
     python scripts/benchmark_quality.py --methods selfgen,selfgen+auto,ppo --policy best.zip
 
 A method is a name and a function (dense model, ratio) -> PrunePlan (per-layer scores, and
-optionally per-layer ratios or kept-row counts). Every scorer in `prunenet.scorers.SCORERS` is a
+optionally per-layer ratios or kept-row counts). Every scorer in `prunenet.scoring.heuristics.SCORERS` is a
 method automatically; `--policy` / `--baseline-policy` add "ppo" / "reinforce" from `prunenet
 train` checkpoints; a "+auto" suffix gives any of them self-generated per-layer allocation;
 anything else goes into `EXTRA_METHODS` (see `build_methods`).
@@ -44,17 +44,18 @@ import transformers
 from torch import nn
 
 from prunenet import __version__
-from prunenet.allocation import (
+from prunenet.allocation.budget import (
     DEFAULT_MAX_RATIO,
     keep_counts,
     rows_for_ratio,
     uniform_allocation,
 )
-from prunenet.arch import ffn_widths
-from prunenet.compress import prune_model, validate_ratio
-from prunenet.data import PAPER_TASKS, data_versions
+from prunenet.allocation.sensitivity import auto_allocation
+from prunenet.core.arch import ffn_widths
+from prunenet.core.compress import prune_model, validate_ratio
 from prunenet.errors import PruneNetError
-from prunenet.evaluate import (
+from prunenet.evaluation.data import PAPER_TASKS, data_versions
+from prunenet.evaluation.evaluate import (
     DEFAULT_BATCH_SIZE,
     METRIC_DEFINITIONS,
     EvaluationSuite,
@@ -64,9 +65,8 @@ from prunenet.evaluate import (
     parameter_counts,
     zero_shot_average,
 )
-from prunenet.models import load_model
-from prunenet.scorers import SCORERS, Scorer, make_scorer
-from prunenet.sensitivity import auto_allocation
+from prunenet.io.models import load_model
+from prunenet.scoring.heuristics import SCORERS, Scorer, make_scorer
 from prunenet.tables import format_table, markdown_table
 
 PPL_TASKS = ("ppl_boolq", "ppl_lambada")
@@ -81,7 +81,7 @@ QUICK = {"limit": 4, "ppl_windows": 2, "seqlen": 128, "speed_seqlen": 32, "speed
 
 @dataclass
 class PrunePlan:
-    """What a method decides for one model and ratio; `prunenet.compress.prune_model` applies it.
+    """What a method decides for one model and ratio; `prunenet.core.compress.prune_model` applies it.
 
     :param scores: one importance vector per decoder layer (higher = keep).
     :param layer_ratios: per-layer fraction of rows removed (None: the ratio everywhere).
@@ -116,7 +116,7 @@ def scorer_method(
 
     :param make: builds the scorer (once, on first use).
     :param allocation: "uniform" removes `ratio` of every layer; "auto" lets
-        `prunenet.sensitivity.auto_allocation` spread the same total over the layers.
+        `prunenet.allocation.sensitivity.auto_allocation` spread the same total over the layers.
     :param max_layer_ratio: the most "auto" removes from one layer.
     """
     state: dict = {}
@@ -143,7 +143,7 @@ CHECKPOINT_FLAGS = {"ppo": "--policy", "reinforce": "--baseline-policy"}
 
 def checkpoint_scorer(algo: str, checkpoint: str, device: str) -> Scorer:
     """The scorer of a `prunenet train` checkpoint, refusing one trained with another algo."""
-    from prunenet.policy_scorer import load_scorer_from_checkpoint  # imports SB3: only if asked
+    from prunenet.rl.ppo.scorer import load_scorer_from_checkpoint  # imports SB3: only if asked
 
     scorer = load_scorer_from_checkpoint(checkpoint, device)
     found = scorer.describe().get("algo") or "ppo"
@@ -181,7 +181,7 @@ EXTRA_METHODS: dict[str, Callable[[argparse.Namespace], Method]] = {
 def build_methods(args: argparse.Namespace) -> list[Method]:
     """The methods to run: --methods (in that order), else every registered one.
 
-    Registered: every scorer in `prunenet.scorers.SCORERS`, "ppo" with --policy, "reinforce"
+    Registered: every scorer in `prunenet.scoring.heuristics.SCORERS`, "ppo" with --policy, "reinforce"
     with --baseline-policy, and `EXTRA_METHODS`. A scorer-backed name with the suffix "+auto"
     (e.g. "selfgen+auto") uses self-generated per-layer allocation instead of uniform ratios.
     """

@@ -3,19 +3,19 @@
 One run on one model (SmolLM2-135M by default) prints, side by side:
 
 1. training wall time per episode (one episode = every layer once) and time to the best
-   evaluation reward, for PPO (`prunenet.train`) and the REINFORCE baseline
-   (`prunenet.reinforce`), both on the SAME reward, the paper's 1/KS of singular values, and
+   evaluation reward, for PPO (`prunenet.rl.ppo.train`) and the REINFORCE baseline
+   (`prunenet.rl.reinforce.train`), both on the SAME reward, the paper's 1/KS of singular values, and
    both evaluated the same way: mean reward over layers of the deterministic top-k at --ratio;
 2. PPO's time to reach the baseline's best reward (its first evaluation >= that reward) and
    its ratio to the baseline's time to best (the target is <= 1/5);
 3. the time to prune the model at a NEW ratio from the saved PPO checkpoint (load model, score
    with `PolicyScorer`, `prune_model`, `save_pruned` to a temporary folder): the first call
    computes the self-generated activations, the second reads them from the disk cache
-   (`prunenet.cache`); the target is <= 10 s.
+   (`prunenet.io.cache`); the target is <= 10 s.
 
 Features and activations are computed once (`model_layer_data(..., collect=True)`) and shared by
 both trainers. Training seconds exclude evaluation (for both trainers; PPO's evaluations are
-excluded by `prunenet.train` itself, and `TrainConfig.eval_ratios` pins them to exactly --ratio
+excluded by `prunenet.rl.ppo.train` itself, and `TrainConfig.eval_ratios` pins them to exactly --ratio
 when PPO trains over a range of ratios), so they measure learning, not measuring it. Both trainers'
 first evaluation follows one episode and comes before any learning (PPO updates every 4
 episodes; REINFORCE's first episode only sets its baseline), so "first eval reward" shows what
@@ -43,15 +43,15 @@ from unittest import mock
 import torch
 import transformers
 
-from prunenet.compress import prune_model, save_pruned, validate_ratio
+from prunenet.analysis.features import FEATURE_SETS, model_layer_data
+from prunenet.analysis.selfgen import SelfGenConfig
+from prunenet.core.compress import prune_model, save_pruned, validate_ratio
 from prunenet.errors import PruneNetError
-from prunenet.features import FEATURE_SETS, model_layer_data
-from prunenet.models import load_model, resolve_model_path
-from prunenet.policy_scorer import load_scorer_from_checkpoint
-from prunenet.reinforce import train_reinforce
-from prunenet.selfgen import SelfGenConfig
+from prunenet.io.models import load_model, resolve_model_path
+from prunenet.rl.ppo.scorer import load_scorer_from_checkpoint
+from prunenet.rl.ppo.train import TrainConfig, train_policy
+from prunenet.rl.reinforce.train import train_reinforce
 from prunenet.tables import format_table
-from prunenet.train import TrainConfig, train_policy
 
 REWARD = "ks"  # the paper's 1/KS: the one reward both trainers are compared on
 # 20 REINFORCE episodes: the paper code's default budget.

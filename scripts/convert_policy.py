@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from prunenet.errors import PruneNetError  # noqa: E402
-from prunenet.policy import (  # noqa: E402
+from prunenet.rl.ppo.policy import (  # noqa: E402
     CHECKPOINT_FORMAT,
     LEGACY_WEIGHTS_FILE,
     WEIGHTS_FILE,
@@ -31,7 +31,7 @@ from prunenet.policy import (  # noqa: E402
     read_state_dict,
     resave_checkpoint,
 )
-from prunenet.reinforce import LEGACY_STATE_FILE, STATE_FILE, resave_reinforce  # noqa: E402
+from prunenet.rl.reinforce.train import LEGACY_STATE_FILE, STATE_FILE, resave_reinforce  # noqa: E402
 
 # algo -> (converter, weights member before, weights member after)
 CONVERTERS = {

@@ -29,8 +29,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from prunenet.arch import supported_model_types
-from prunenet.selfgen import SelfGenConfig
+from prunenet.analysis.selfgen import SelfGenConfig
+from prunenet.core.arch import supported_model_types
 
 torch.set_num_threads(1)
 hf_logging.set_verbosity_error()
@@ -54,7 +54,7 @@ _DECODER = {
 _GQA = {**_DECODER, "num_key_value_heads": 1, "intermediate_size": FFN_WIDTH}
 _GEMMA = {**_GQA, "head_dim": 8}
 
-# model_type -> config keyword arguments. Every adapter in prunenet.arch.ADAPTERS needs a row;
+# model_type -> config keyword arguments. Every adapter in prunenet.core.arch.ADAPTERS needs a row;
 # test_arch checks that the two lists agree.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": _GQA,

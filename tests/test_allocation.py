@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunenet.allocation import (
+from prunenet.allocation.budget import (
     CostGrid,
     allocate_rows,
     keep_counts,
@@ -16,8 +16,8 @@ from prunenet.allocation import (
     rows_for_ratio,
     uniform_allocation,
 )
-from prunenet.arch import ffn_width, ffn_widths
-from prunenet.compress import count_parameters, prune_model
+from prunenet.core.arch import ffn_width, ffn_widths
+from prunenet.core.compress import count_parameters, prune_model
 from prunenet.errors import PruneNetError
 from tests.conftest import tiny_model
 

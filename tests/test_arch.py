@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunenet.arch import (
+from prunenet.core.arch import (
     ADAPTERS,
     Adapter,
     adapter_for,

@@ -14,9 +14,11 @@ import pytest
 import safetensors.torch
 import torch
 
-import prunenet.selfgen
-import prunenet.sensitivity
-from prunenet.cache import (
+import prunenet.allocation.sensitivity
+import prunenet.analysis.selfgen
+from prunenet.allocation.sensitivity import auto_allocation
+from prunenet.analysis.selfgen import _encode_activations, collect_activations
+from prunenet.io.cache import (
     CacheWarning,
     Info,
     Tensors,
@@ -27,9 +29,7 @@ from prunenet.cache import (
     stored_tensor,
     weights_fingerprint,
 )
-from prunenet.scorers import MagnitudeScorer
-from prunenet.selfgen import _encode_activations, collect_activations
-from prunenet.sensitivity import auto_allocation
+from prunenet.scoring.heuristics import MagnitudeScorer
 from tests.conftest import SMALL_SELFGEN, tiny_model
 
 
@@ -301,9 +301,11 @@ def test_cached_activations_equal_computed_ones_without_computing_again(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, calls = tiny_model("llama"), []
-    compute = prunenet.selfgen._collect_activations
+    compute = prunenet.analysis.selfgen._collect_activations
     monkeypatch.setattr(
-        prunenet.selfgen, "_collect_activations", lambda *args: calls.append(1) or compute(*args)
+        prunenet.analysis.selfgen,
+        "_collect_activations",
+        lambda *args: calls.append(1) or compute(*args),
     )
     computed = collect_activations(model, SMALL_SELFGEN)
     cached = collect_activations(model, SMALL_SELFGEN)
@@ -331,7 +333,10 @@ def test_cached_sensitivity_curves_equal_computed_ones_without_measuring_again(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, measured, allocated = tiny_model("llama"), [], []
-    measure, allocate = prunenet.sensitivity.layer_sensitivity, prunenet.sensitivity.allocate_rows
+    measure, allocate = (
+        prunenet.allocation.sensitivity.layer_sensitivity,
+        prunenet.allocation.sensitivity.allocate_rows,
+    )
 
     def counted_measure(*args, **kwargs):
         measured.append(None)
@@ -341,8 +346,10 @@ def test_cached_sensitivity_curves_equal_computed_ones_without_measuring_again(
         allocated.append(curves)
         return allocate(curves, *args, **kwargs)
 
-    monkeypatch.setattr(prunenet.sensitivity, "layer_sensitivity", counted_measure)
-    monkeypatch.setattr(prunenet.sensitivity, "allocate_rows", recorded_allocate)
+    monkeypatch.setattr(
+        prunenet.allocation.sensitivity, "layer_sensitivity", counted_measure
+    )
+    monkeypatch.setattr(prunenet.allocation.sensitivity, "allocate_rows", recorded_allocate)
     first = auto_allocation(model, MagnitudeScorer(), 0.3)
     second = auto_allocation(model, MagnitudeScorer(), 0.3)
     assert len(measured) == 1

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prunenet.arch import adapter_for, decoder_layers, ffn_weights, ffn_width
-from prunenet.compress import (
+from prunenet.core.arch import adapter_for, decoder_layers, ffn_weights, ffn_width
+from prunenet.core.compress import (
     REPORT_FILE,
     count_parameters,
     keep_count,
@@ -22,7 +22,7 @@ from prunenet.compress import (
     validate_ratio,
 )
 from prunenet.errors import PruneNetError
-from prunenet.scorers import MagnitudeScorer, RandomScorer
+from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer
 from tests.conftest import (
     ALL_MODEL_TYPES,
     FFN_WIDTH,
@@ -228,7 +228,7 @@ def test_saved_folder_holds_the_report_with_both_ratios(tmp_path: Path) -> None:
 
 @pytest.mark.real_model
 def test_smollm2_pruned_at_30_percent_reloads_and_generates(tmp_path: Path) -> None:
-    from prunenet.models import load_model
+    from prunenet.io.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     config = model.config

@@ -6,9 +6,9 @@ import importlib.util
 
 import pytest
 
-from prunenet import data
-from prunenet.data import ChoiceItem
 from prunenet.errors import PruneNetError
+from prunenet.evaluation import data
+from prunenet.evaluation.data import ChoiceItem
 
 
 def _missing(*packages: str):

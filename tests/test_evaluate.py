@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from prunenet import evaluate
-from prunenet.compress import prune_model
-from prunenet.data import ChoiceItem
+from prunenet.core.compress import prune_model
 from prunenet.errors import PruneNetError
-from prunenet.scorers import make_scorer
+from prunenet.evaluation import evaluate
+from prunenet.evaluation.data import ChoiceItem
+from prunenet.scoring.heuristics import make_scorer
 from tests.conftest import VOCAB_SIZE, tiny_model, tiny_tokenizer
 
 # Words of the tiny tokenizer's vocabulary (w4..w63), so nothing maps to <unk>.
@@ -224,7 +224,7 @@ def test_measure_speed_reports_shape_and_consistent_throughput(llama):
 @pytest.mark.real_model
 def test_smollm2_perplexity_and_arc_are_in_the_expected_range():
     """SmolLM2-135M on one 256-token window and 8 ARC-Easy questions (about 20 s)."""
-    from prunenet.models import load_model
+    from prunenet.io.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     suite = evaluate.EvaluationSuite(

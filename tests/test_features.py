@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunenet.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
-from prunenet.errors import PruneNetError
-from prunenet.features import (
+from prunenet.analysis.features import (
     ACTIVATION_FEATURES,
     FEATURE_SETS,
     WEIGHT_FEATURES,
@@ -16,7 +14,9 @@ from prunenet.features import (
     model_layer_data,
     standardise,
 )
-from prunenet.selfgen import LayerActivations
+from prunenet.analysis.selfgen import LayerActivations
+from prunenet.core.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
+from prunenet.errors import PruneNetError
 from tests.conftest import FFN_WIDTH, tiny_model
 from tests.conftest import SMALL_SELFGEN as SMALL
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prunenet.errors import PruneNetError
-from prunenet.models import ALIASES, load_model, prunenet_cache_dir, resolve_model_path
+from prunenet.io.models import ALIASES, load_model, prunenet_cache_dir, resolve_model_path
 from tests.conftest import logits_of, tiny_model
 
 

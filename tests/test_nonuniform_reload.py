@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from prunenet import load_pruned
-from prunenet.arch import ffn_width, ffn_widths
-from prunenet.compress import prune_model, save_pruned
+from prunenet.core.arch import ffn_width, ffn_widths
+from prunenet.core.compress import prune_model, save_pruned
 from prunenet.errors import PruneNetError
-from prunenet.models import load_model
+from prunenet.io.models import load_model
 from tests.conftest import ALL_MODEL_TYPES, logits_of, tiny_model, tiny_tokenizer
 
 NAMED_IN_THE_ISSUE = ["llama", "qwen2", "gemma3_text", "opt"]

@@ -20,10 +20,10 @@ import torch
 from stable_baselines3 import PPO
 
 from envs.ffn_prune import FFNPruneEnv, observation_for
+from prunenet.analysis.features import FEATURE_VERSION, model_layer_data
 from prunenet.cli import main as cli_main
 from prunenet.errors import PruneNetError
-from prunenet.features import FEATURE_VERSION, model_layer_data
-from prunenet.policy import (
+from prunenet.rl.ppo.policy import (
     CHECKPOINT_FORMAT,
     LEGACY_WEIGHTS_FILE,
     METADATA_FILE,

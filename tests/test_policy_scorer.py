@@ -12,10 +12,11 @@ import torch
 from stable_baselines3 import PPO
 
 from envs.ffn_prune import FFNPruneEnv
-from prunenet.arch import adapter_for, decoder_layers, ffn_weights
+from prunenet.analysis.features import model_layer_data
+from prunenet.analysis.selfgen import SelfGenConfig
+from prunenet.core.arch import adapter_for, decoder_layers, ffn_weights
 from prunenet.errors import PruneNetError
-from prunenet.features import model_layer_data
-from prunenet.policy import (
+from prunenet.rl.ppo.policy import (
     LEGACY_WEIGHTS_FILE,
     METADATA_FILE,
     WEIGHTS_FILE,
@@ -24,8 +25,7 @@ from prunenet.policy import (
     read_state_dict,
     write_metadata,
 )
-from prunenet.policy_scorer import BUNDLED_POLICY, PolicyScorer
-from prunenet.selfgen import SelfGenConfig
+from prunenet.rl.ppo.scorer import BUNDLED_POLICY, PolicyScorer
 from tests.conftest import FFN_WIDTH, tiny_model
 from tests.conftest import SMALL_SELFGEN as SMALL
 
@@ -35,7 +35,7 @@ def _small_uncached_selfgen(monkeypatch: pytest.MonkeyPatch) -> None:
     """No disk cache, and the scorer's self-generated text shrunk to SMALL (speed only)."""
     monkeypatch.setenv("PRUNENET_NO_CACHE", "1")
     monkeypatch.setattr(
-        "prunenet.policy_scorer.SelfGenConfig",
+        "prunenet.rl.ppo.scorer.SelfGenConfig",
         lambda seed=0: SelfGenConfig(SMALL.sequences, SMALL.length, seed, SMALL.kept_tokens),
     )
 

@@ -11,13 +11,14 @@ import zipfile
 import pytest
 import torch
 
-from prunenet import rewards
 from prunenet.cli import main as cli_main
-from prunenet.compress import keep_count
+from prunenet.core.compress import keep_count
 from prunenet.errors import PruneNetError
-from prunenet.policy import METADATA_FILE, read_metadata
-from prunenet.policy_scorer import PolicyScorer, load_scorer_from_checkpoint
-from prunenet.reinforce import (
+from prunenet.rl import rewards
+from prunenet.rl.ppo.policy import METADATA_FILE, read_metadata
+from prunenet.rl.ppo.scorer import PolicyScorer, load_scorer_from_checkpoint
+from prunenet.rl.ppo.train import TrainingInterrupted
+from prunenet.rl.reinforce.train import (
     LEGACY_STATE_FILE,
     STATE_FILE,
     ReinforceScorer,
@@ -29,7 +30,6 @@ from prunenet.reinforce import (
     train_reinforce,
     weight_layer_data,
 )
-from prunenet.train import TrainingInterrupted
 from tests.conftest import FFN_WIDTH, HIDDEN_SIZE, tiny_model
 
 
@@ -257,7 +257,7 @@ def test_ctrl_c_reports_the_best_checkpoint_saved_so_far(layer_data, tmp_path, m
             raise KeyboardInterrupt
         return 1.0
 
-    monkeypatch.setattr("prunenet.reinforce.evaluate_reinforce", evaluate_then_interrupt)
+    monkeypatch.setattr("prunenet.rl.reinforce.train.evaluate_reinforce", evaluate_then_interrupt)
     with pytest.raises(TrainingInterrupted) as interrupted:
         train_reinforce(layer_data, 0.3, episodes=5, out=out, progress=False)
     assert (interrupted.value.checkpoint, interrupted.value.step) == (str(out), 1)

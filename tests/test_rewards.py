@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prunenet.analysis.features import model_layer_data
+from prunenet.analysis.spectral import ks_reward
 from prunenet.errors import PruneNetError
-from prunenet.features import model_layer_data
-from prunenet.rewards import REWARDS, function_reward, reward_function, spectral_reward
-from prunenet.spectral import ks_reward
+from prunenet.rl.rewards import REWARDS, function_reward, reward_function, spectral_reward
 from tests.conftest import FFN_WIDTH, tiny_model
 from tests.conftest import SMALL_SELFGEN as SMALL
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from prunenet import saving
-from prunenet.compress import prune_model, save_pruned
+from prunenet.core.compress import prune_model, save_pruned
 from prunenet.errors import PruneNetError
-from prunenet.saving import atomic_directory, check_free_space, check_output_path, hold_output
-from prunenet.scorers import RandomScorer
+from prunenet.io import saving
+from prunenet.io.saving import atomic_directory, check_free_space, check_output_path, hold_output
+from prunenet.scoring.heuristics import RandomScorer
 from tests.conftest import tiny_model, tiny_tokenizer
 
 
@@ -255,7 +255,7 @@ def test_free_space_check_refuses_an_output_larger_than_the_disk(tmp_path: Path)
 _HOLD_UNTIL_FLAG = """
 import sys, time
 from pathlib import Path
-from prunenet.saving import hold_output
+from prunenet.io.saving import hold_output
 with hold_output(sys.argv[1], overwrite=False):
     print("holding", flush=True)
     while not Path(sys.argv[2]).exists():

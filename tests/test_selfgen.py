@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunenet.arch import decoder_layers, ffn_width
-from prunenet.selfgen import (
+from prunenet.analysis.selfgen import (
     SelfGenConfig,
     collect_activations,
     generate_own_text,
     start_token_id,
 )
+from prunenet.core.arch import decoder_layers, ffn_width
 from tests.conftest import SMALL_SELFGEN as SMALL
 from tests.conftest import SPECIAL_TOKENS, tiny_model
 

@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from prunenet.allocation import CostGrid, rows_for_ratio
-from prunenet.arch import decoder_layers, ffn_widths
+from prunenet.allocation.budget import CostGrid, rows_for_ratio
+from prunenet.allocation.sensitivity import (
+    SENSITIVITY_RATIOS,
+    auto_allocation,
+    layer_sensitivity,
+)
+from prunenet.core.arch import decoder_layers, ffn_widths
 from prunenet.errors import PruneNetError
-from prunenet.scorers import MagnitudeScorer, RandomScorer
-from prunenet.sensitivity import SENSITIVITY_RATIOS, auto_allocation, layer_sensitivity
+from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer
 from tests.conftest import SMALL_SELFGEN as SMALL
 from tests.conftest import tiny_model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import ks_2samp
 
-from prunenet.spectral import (
+from prunenet.analysis.spectral import (
     function_error,
     ks_distance,
     ks_reward,

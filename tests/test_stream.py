@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from prunenet.cli import main
-from prunenet.compress import count_parameters, keep_count, prune_model, select_keep_indices
+from prunenet.core.compress import count_parameters, keep_count, prune_model, select_keep_indices
 from prunenet.errors import PruneNetError
-from prunenet.scorers import MagnitudeScorer, RandomScorer, Scorer
-from prunenet.stream import INDEX_FILE, stream_prune
+from prunenet.io.stream.prune import INDEX_FILE, stream_prune
+from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer, Scorer
 from tests.conftest import FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer
 
 RATIO = 0.3
@@ -251,7 +251,7 @@ def test_cli_stream_writes_a_reloadable_folder(checkpoints, tmp_path, capsys):
 def test_cli_switches_to_stream_when_the_checkpoint_would_crowd_ram(
     checkpoints, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setattr("prunenet.stream.available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr("prunenet.io.stream.prune.available_memory_bytes", lambda: 1000)
     args = ["prune", "--model", str(checkpoints("llama")), "--ratio", "0.2,0.4"]
     args += ["--scorer", "magnitude"]
 
@@ -294,8 +294,8 @@ def copy_checkpoint(source: Path, target: Path) -> Path:
 
 def test_stream_with_a_weights_only_policy_matches_in_memory_pruning(checkpoints, tmp_path):
     """A policy trained on weights-only features streams, bit for bit like in-memory pruning."""
-    from prunenet.policy_scorer import PolicyScorer
-    from prunenet.train import TrainConfig, train_policy
+    from prunenet.rl.ppo.scorer import PolicyScorer
+    from prunenet.rl.ppo.train import TrainConfig, train_policy
 
     source = checkpoints("llama")
     checkpoint = tmp_path / "policy.zip"

@@ -10,11 +10,11 @@ import torch
 from stable_baselines3 import PPO
 
 from envs.ffn_prune import observation_for
-from prunenet import train as train_module
+from prunenet.analysis.features import FEATURE_VERSION, model_layer_data
 from prunenet.errors import PruneNetError
-from prunenet.features import FEATURE_VERSION, model_layer_data
-from prunenet.policy import METADATA_FILE, WEIGHTS_FILE, load_policy, read_metadata
-from prunenet.train import (
+from prunenet.rl.ppo import train as train_module
+from prunenet.rl.ppo.policy import METADATA_FILE, WEIGHTS_FILE, load_policy, read_metadata
+from prunenet.rl.ppo.train import (
     BestCheckpointCallback,
     TrainConfig,
     TrainingInterrupted,
@@ -249,8 +249,8 @@ def test_ctrl_c_before_the_first_evaluation_reports_that_nothing_was_saved(
 
 
 def _mean_function_reward(layer_data, layer_scores, ratio: float) -> float:
-    from prunenet.compress import keep_count, select_keep_indices
-    from prunenet.rewards import function_reward
+    from prunenet.core.compress import keep_count, select_keep_indices
+    from prunenet.rl.rewards import function_reward
 
     rewards = [
         function_reward(layer, select_keep_indices(scores, keep_count(layer.ffn.width, ratio)))
@@ -263,8 +263,8 @@ def _mean_function_reward(layer_data, layer_scores, ratio: float) -> float:
 def test_smollm2_policy_keeps_the_ffn_function_better_than_magnitude_and_random(
     tmp_path: Path,
 ) -> None:
-    from prunenet.models import load_model
-    from prunenet.scorers import MagnitudeScorer, RandomScorer
+    from prunenet.io.models import load_model
+    from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer
 
     model, _ = load_model("smollm2-135m")
     layer_data = model_layer_data(model, "selfgen")

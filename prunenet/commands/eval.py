@@ -22,10 +22,10 @@ from transformers.utils import logging as hf_logging
 
 from prunenet import __version__
 from prunenet.commands.options import non_negative_int, positive_int
-from prunenet.compress import REPORT_FILE
-from prunenet.data import DEFAULT_TASKS, all_task_names, data_versions, parse_tasks
+from prunenet.core.compress import REPORT_FILE
 from prunenet.errors import PruneNetError
-from prunenet.evaluate import (
+from prunenet.evaluation.data import DEFAULT_TASKS, all_task_names, data_versions, parse_tasks
+from prunenet.evaluation.evaluate import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_PPL_WINDOWS,
     DEFAULT_SEQLEN,
@@ -45,8 +45,8 @@ from prunenet.evaluate import (
     parameter_counts,
     zero_shot_average,
 )
-from prunenet.models import ALIASES, load_model, resolve_model_path
-from prunenet.saving import check_writable_parent
+from prunenet.io.models import ALIASES, load_model, resolve_model_path
+from prunenet.io.saving import check_writable_parent
 from prunenet.tables import format_table
 
 
@@ -279,7 +279,7 @@ def protocol_record(
         },
         "data_packages": data_versions(),
         "evaluation_harness": (
-            "lm-evaluation-harness definitions and prompts reimplemented in prunenet.evaluate "
+            "lm-evaluation-harness definitions and prompts reimplemented in prunenet.evaluation.evaluate "
             "(its hub-based dataset loading does not work offline)"
         ),
         "metric_definitions": METRIC_DEFINITIONS,

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from prunenet.allocation import DEFAULT_MAX_RATIO, keep_counts
-from prunenet.arch import ffn_width, ffn_widths
+from prunenet.allocation.budget import DEFAULT_MAX_RATIO, keep_counts
+from prunenet.allocation.sensitivity import ALLOCATIONS, SENSITIVITY_RATIOS, auto_allocation
 from prunenet.commands.options import positive_int
-from prunenet.compress import (
+from prunenet.core.arch import ffn_width, ffn_widths
+from prunenet.core.compress import (
     PruneReport,
     estimated_output_bytes,
     keep_count,
@@ -23,17 +24,16 @@ from prunenet.compress import (
     validate_ratio,
 )
 from prunenet.errors import PruneNetError
-from prunenet.models import ALIASES, load_model, resolve_model_path
-from prunenet.saving import check_free_space, hold_output
-from prunenet.scorers import SCORERS, Scorer, make_scorer
-from prunenet.sensitivity import ALLOCATIONS, SENSITIVITY_RATIOS, auto_allocation
-from prunenet.stream import (
+from prunenet.io.models import ALIASES, load_model, resolve_model_path
+from prunenet.io.saving import check_free_space, hold_output
+from prunenet.io.stream.prune import (
     load_config,
     require_weights_only,
     resolve_device,
     should_stream,
     stream_prune,
 )
+from prunenet.scoring.heuristics import SCORERS, Scorer, make_scorer
 from prunenet.tables import format_table
 
 
@@ -204,7 +204,7 @@ def warn_if_nothing_removed(width: int, ratio: float) -> int:
 def build_scorer(args: argparse.Namespace) -> Scorer:
     """The checkpoint's scorer when --policy is given (PPO or REINFORCE), else the named one."""
     if args.policy:
-        from prunenet.policy_scorer import load_scorer_from_checkpoint  # imports SB3: if asked
+        from prunenet.rl.ppo.scorer import load_scorer_from_checkpoint  # imports SB3: if asked
 
         return load_scorer_from_checkpoint(args.policy, device=args.device)
     return make_scorer(args.scorer, seed=args.seed)

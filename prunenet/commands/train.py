@@ -1,6 +1,6 @@
 """`prunenet train`: learn a row-scoring policy on a model with PPO, save the best checkpoint.
 
-`--algo reinforce` trains the paper-faithful REINFORCE baseline instead (`prunenet.reinforce`):
+`--algo reinforce` trains the paper-faithful REINFORCE baseline instead (`prunenet.rl.reinforce.train`):
 one ratio, the paper's 1/KS reward and discount 0.99 by default, a width-bound policy.
 
 An existing `--out` is refused unless `--overwrite` is given. Ctrl-C stops training with one line
@@ -14,12 +14,12 @@ import signal
 import sys
 from pathlib import Path
 
+from prunenet.analysis.features import FEATURE_SETS
 from prunenet.commands.options import positive_int
 from prunenet.errors import PruneNetError, Terminated
-from prunenet.features import FEATURE_SETS
-from prunenet.rewards import REWARDS
-from prunenet.stream import resolve_device
-from prunenet.train import TrainConfig, TrainingInterrupted, train_policy
+from prunenet.io.stream.prune import resolve_device
+from prunenet.rl.ppo.train import TrainConfig, TrainingInterrupted, train_policy
+from prunenet.rl.rewards import REWARDS
 
 
 def register(subparsers) -> None:
@@ -124,7 +124,7 @@ def report_interruption(args: argparse.Namespace, interrupt: KeyboardInterrupt) 
 
 
 def run_ppo(args: argparse.Namespace) -> int:
-    """Our size-agnostic PPO policy over a ratio range (`prunenet.train`)."""
+    """Our size-agnostic PPO policy over a ratio range (`prunenet.rl.ppo.train`)."""
     args.reward = args.reward or "function"
     args.gamma = 0.0 if args.gamma is None else args.gamma
     config = TrainConfig(
@@ -155,8 +155,8 @@ def run_ppo(args: argparse.Namespace) -> int:
 
 
 def run_reinforce(args: argparse.Namespace) -> int:
-    """The paper's REINFORCE baseline at one ratio (`prunenet.reinforce`)."""
-    from prunenet.reinforce import train_reinforce_from_model
+    """The paper's REINFORCE baseline at one ratio (`prunenet.rl.reinforce.train`)."""
+    from prunenet.rl.reinforce.train import train_reinforce_from_model
 
     low, high = args.ratios
     if low != high:

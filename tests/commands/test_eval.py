@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from prunenet import data
 from prunenet.cli import main
 from prunenet.commands import eval as eval_command
 from prunenet.commands.eval import effective_limits
+from prunenet.evaluation import data
 
 QUICK = ["--seqlen", "8", "--limit", "2", "--speed-seqlen", "8", "--speed-repeats", "2"]
 

@@ -16,12 +16,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_utils import PreTrainedModel
 
-from prunenet import saving
-from prunenet.arch import ffn_width, supported_model_types
 from prunenet.cli import main
 from prunenet.commands import prune as prune_command
-from prunenet.compress import REPORT_FILE, keep_count
-from prunenet.scorers import RandomScorer
+from prunenet.core.arch import ffn_width, supported_model_types
+from prunenet.core.compress import REPORT_FILE, keep_count
+from prunenet.io import saving
+from prunenet.scoring.heuristics import RandomScorer
 from tests.conftest import FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer
 
 
@@ -386,7 +386,7 @@ def _wait_for(condition, timeout: float = 120.0) -> None:
 _WAIT_IN_SCORER = """
 import sys, time
 from pathlib import Path
-from prunenet.scorers import RandomScorer
+from prunenet.scoring.heuristics import RandomScorer
 real = RandomScorer.score_layer
 def wait_then_score(self, *args, **kwargs):
     while not Path(sys.argv[1]).exists():

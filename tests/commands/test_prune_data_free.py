@@ -60,7 +60,7 @@ def test_probe_detects_a_dataset_read(tmp_path: Path) -> None:
     report = tmp_path / "probe.json"
     code = PROBE.replace(
         "code = main(sys.argv[2:])",
-        "from prunenet.data import load_text; load_text('ppl_boolq'); code = 0",
+        "from prunenet.evaluation.data import load_text; load_text('ppl_boolq'); code = 0",
     )
     subprocess.run([sys.executable, "-c", code, str(report)], check=True, timeout=300)
     probe = json.loads(report.read_text())

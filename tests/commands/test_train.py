@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from prunenet.cli import Terminated, main
-from prunenet.policy import read_metadata
-from prunenet.train import BestCheckpointCallback
+from prunenet.rl.ppo.policy import read_metadata
+from prunenet.rl.ppo.train import BestCheckpointCallback
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,8 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import envs
 from envs.ffn_prune import FFNPruneEnv
+from prunenet.analysis.features import CONTEXT_FEATURES, feature_names, model_layer_data
 from prunenet.errors import PruneNetError
-from prunenet.features import CONTEXT_FEATURES, feature_names, model_layer_data
 from tests.conftest import FFN_WIDTH, NUM_LAYERS, tiny_model
 from tests.conftest import SMALL_SELFGEN as SMALL
 

@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import torch
 
+from prunenet.analysis.features import LayerData
+from prunenet.analysis.spectral import function_error, ks_reward
 from prunenet.errors import PruneNetError
-from prunenet.features import LayerData
-from prunenet.spectral import function_error, ks_reward
 
 
 def function_reward(layer: LayerData, keep: torch.Tensor) -> float:

@@ -1,7 +1,7 @@
 """Importance scorers: one small class per criterion, higher score = keep the neuron.
 
 A scorer only answers "how important is each FFN neuron"; which neurons to drop for a ratio is
-the compressor's job (`prunenet.compress`). Weights-only scorers implement `score_layer`, which
+the compressor's job (`prunenet.core.compress`). Weights-only scorers implement `score_layer`, which
 sees one layer's FFN at a time, so the streaming pruner can use them without loading the whole
 model. Scorers that need the model's forward pass override `score_model` instead.
 """
@@ -14,9 +14,9 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from prunenet.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
+from prunenet.analysis.selfgen import SelfGenConfig, collect_activations
+from prunenet.core.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
 from prunenet.errors import PruneNetError
-from prunenet.selfgen import SelfGenConfig, collect_activations
 
 
 class Scorer:
@@ -107,7 +107,7 @@ class SelfGenScorer(Scorer):
 
 
 def _bundled_policy(seed: int) -> Scorer:
-    from prunenet.policy_scorer import bundled_policy_scorer  # imports SB3: only when asked
+    from prunenet.rl.ppo.scorer import bundled_policy_scorer  # imports SB3: only when asked
 
     return bundled_policy_scorer(seed)
 

@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunenet.allocation import DEFAULT_MAX_RATIO, CostGrid, allocate_rows, rows_for_ratio
-from prunenet.arch import adapter_for, decoder_layers, ffn_modules, ffn_weights, ffn_widths
-from prunenet.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
-from prunenet.compress import keep_count, select_keep_indices
+from prunenet.allocation.budget import DEFAULT_MAX_RATIO, CostGrid, allocate_rows, rows_for_ratio
+from prunenet.analysis.selfgen import SelfGenConfig, collect_activations, generate_own_text
+from prunenet.analysis.spectral import function_error, output_energy
+from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules, ffn_weights, ffn_widths
+from prunenet.core.compress import keep_count, select_keep_indices
 from prunenet.errors import PruneNetError
-from prunenet.scorers import Scorer
-from prunenet.selfgen import SelfGenConfig, collect_activations, generate_own_text
-from prunenet.spectral import function_error, output_energy
+from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
+from prunenet.scoring.heuristics import Scorer
 
 SENSITIVITY_RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 13))  # 0.05 .. 0.6
 SENSITIVITY_TEXT = SelfGenConfig(sequences=4, length=96)

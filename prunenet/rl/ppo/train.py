@@ -26,13 +26,13 @@ from tqdm.auto import tqdm
 
 from envs.ffn_prune import FFNPruneEnv, observation_for, validate_ratio_range
 from prunenet import __version__
-from prunenet.compress import keep_count, select_keep_indices, validate_ratio
+from prunenet.analysis.features import LayerData, model_layer_data
+from prunenet.analysis.selfgen import SelfGenConfig
+from prunenet.core.compress import keep_count, select_keep_indices, validate_ratio
 from prunenet.errors import PruneNetError
-from prunenet.features import LayerData, model_layer_data
-from prunenet.models import load_model
-from prunenet.policy import RowScoringPolicy, refuse_existing_checkpoint, write_metadata
-from prunenet.rewards import NEEDS_ACTIVATIONS, reward_function
-from prunenet.selfgen import SelfGenConfig
+from prunenet.io.models import load_model
+from prunenet.rl.ppo.policy import RowScoringPolicy, refuse_existing_checkpoint, write_metadata
+from prunenet.rl.rewards import NEEDS_ACTIVATIONS, reward_function
 
 
 @dataclass

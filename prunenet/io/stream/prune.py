@@ -39,8 +39,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig
 
-from prunenet.arch import Adapter, FFNWeights, adapter_for, cut_ffn, ffn_weights, ffn_width
-from prunenet.compress import (
+from prunenet.core.arch import Adapter, FFNWeights, adapter_for, cut_ffn, ffn_weights, ffn_width
+from prunenet.core.compress import (
     REPORT_FILE,
     PruneReport,
     keep_count,
@@ -49,8 +49,8 @@ from prunenet.compress import (
     validate_ratio,
 )
 from prunenet.errors import PruneNetError
-from prunenet.saving import atomic_directory, check_free_space, check_output_path
-from prunenet.scorers import Scorer
+from prunenet.io.saving import atomic_directory, check_free_space, check_output_path
+from prunenet.scoring.heuristics import Scorer
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from prunenet.arch import adapter_for, decoder_layers, ffn_modules, ffn_widths
-from prunenet.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
+from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules, ffn_widths
+from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from prunenet.errors import PruneNetError
-from prunenet.loading import load_pruned
-from prunenet.saving import atomic_directory
+from prunenet.io.loading import load_pruned
+from prunenet.io.saving import atomic_directory
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from prunenet.models import prunenet_cache_dir
+from prunenet.io.models import prunenet_cache_dir
 
 CACHE_FORMAT = 2  # 1 was pickled `.pt` files
 ENTRY_SUFFIX = ".safetensors"

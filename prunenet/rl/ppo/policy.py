@@ -31,8 +31,13 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
+from prunenet.analysis.features import (
+    CONTEXT_FEATURES,
+    FEATURE_SETS,
+    FEATURE_VERSION,
+    feature_names,
+)
 from prunenet.errors import PruneNetError
-from prunenet.features import CONTEXT_FEATURES, FEATURE_SETS, FEATURE_VERSION, feature_names
 
 METADATA_FILE = "prunenet.json"
 WEIGHTS_FILE = "policy.safetensors"
@@ -43,8 +48,8 @@ CHECKPOINT_FORMAT = 2
 # Constructor arguments a checkpoint may set, each a plain JSON number of this type. `hidden` is
 # the only one that shapes the network; anything else would be SB3 machinery PruneNet ignores.
 POLICY_KWARGS: dict[str, type] = {"hidden": int}
-# Feature sets each trainer's checkpoints may name: PPO policies read `prunenet.features`
-# columns, the REINFORCE baseline (`prunenet.reinforce`) the raw rows of the weights.
+# Feature sets each trainer's checkpoints may name: PPO policies read `prunenet.analysis.features`
+# columns, the REINFORCE baseline (`prunenet.rl.reinforce.train`) the raw rows of the weights.
 ALGO_FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "ppo": tuple(FEATURE_SETS),
     "reinforce": ("weights-raw",),
@@ -257,7 +262,7 @@ def load_policy(
     if metadata["algo"] != "ppo":
         raise PruneNetError(
             f"{checkpoint} is a {metadata['algo']!r} checkpoint, not a PPO policy; load it with "
-            "prunenet.policy_scorer.load_scorer_from_checkpoint."
+            "prunenet.rl.ppo.scorer.load_scorer_from_checkpoint."
         )
     state, kwargs = _read_policy(Path(checkpoint).expanduser(), metadata)
     observation_space, action_space = spaces_for(width, metadata["feature_set"])
@@ -289,7 +294,7 @@ def resave_checkpoint(old: str | Path, new: str | Path) -> None:
     if metadata["algo"] != "ppo":
         raise PruneNetError(
             f"{old} is a {metadata['algo']!r} checkpoint; convert REINFORCE baselines with "
-            "prunenet.reinforce.resave_reinforce (scripts/convert_policy.py picks the right one)."
+            "prunenet.rl.reinforce.train.resave_reinforce (scripts/convert_policy.py picks the right one)."
         )
     state, kwargs = _read_policy(old, metadata)
     metadata = {**metadata, "format": CHECKPOINT_FORMAT, "policy_kwargs": kwargs}
@@ -448,7 +453,7 @@ def _policy_kwargs(path: Path, value: object, where: str) -> dict:
             f"Reading them would need unpickling, which PruneNet never does because a pickle can "
             "run code. Re-train it with `prunenet train`; or, only if you trust whoever made "
             "the file, load it with stable_baselines3's PPO.load and save it again with "
-            "`agent.save(path)` and `prunenet.policy.write_metadata(path, metadata, "
+            "`agent.save(path)` and `prunenet.rl.ppo.policy.write_metadata(path, metadata, "
             "policy=agent.policy)`."
         )
     if not isinstance(value, dict):

@@ -2,7 +2,7 @@
 
 Why not lm-evaluation-harness itself: its tasks load datasets through `datasets.load_dataset`
 from the hub, which is unreachable here, and its pinned dependencies clash with ours. So we
-implement its definitions and prompt formats (see `prunenet.data`) and record the protocol with
+implement its definitions and prompt formats (see `prunenet.evaluation.data`) and record the protocol with
 every result, because sequence length, BOS handling and acc vs acc_norm are what usually make
 two "perplexities" or "accuracies" incomparable:
 
@@ -38,16 +38,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from prunenet.arch import adapter_for, decoder_layers, ffn_modules
-from prunenet.compress import count_parameters
-from prunenet.data import (
+from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules
+from prunenet.core.compress import count_parameters
+from prunenet.errors import PruneNetError
+from prunenet.evaluation.data import (
     PERPLEXITY_TEXTS,
     ChoiceItem,
     load_text,
     load_zero_shot,
     zero_shot_task,
 )
-from prunenet.errors import PruneNetError
 
 DEFAULT_SEQLEN = 512
 DEFAULT_PPL_WINDOWS = 16  # 16 x 512 = 8192 tokens per text: ~30 s per text for SmolLM2 on 1 CPU
@@ -176,7 +176,7 @@ class EvaluationSuite:
     tokenizer, so tokenizing the corpora and the questions once saves minutes.
 
     :param tokenizer: the models' tokenizer.
-    :param tasks: task names from `prunenet.data` (`ppl_*` perplexity texts, zero-shot tasks).
+    :param tasks: task names from `prunenet.evaluation.data` (`ppl_*` perplexity texts, zero-shot tasks).
     :param seqlen: perplexity window length in tokens.
     :param ppl_windows: windows per perplexity text (None or 0: every window of the corpus).
     :param limit: items per zero-shot task (None or 0: the whole split).
@@ -494,7 +494,7 @@ def _stderr(p: float, n: int) -> float:
 
 
 def parameter_counts(model: nn.Module) -> ParameterCounts:
-    """Total parameters and those of the FFNs (found through `prunenet.arch`)."""
+    """Total parameters and those of the FFNs (found through `prunenet.core.arch`)."""
     adapter = adapter_for(model.config)
     ffn = 0
     widths = []

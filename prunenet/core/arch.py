@@ -110,7 +110,7 @@ def ffn_width(config) -> int:
     if len(set(widths)) != 1:
         raise PruneNetError(
             f"This model's layers have different FFN widths ({widths}), so there is no single "
-            "d_ff; read them per layer with prunenet.arch.ffn_widths(config)."
+            "d_ff; read them per layer with prunenet.core.arch.ffn_widths(config)."
         )
     return widths[0]
 

@@ -5,7 +5,7 @@ One checkpoint serves any ratio and any FFN width: the features of a model are c
 pass of the policy per layer.
 
 `load_scorer_from_checkpoint` picks the scorer from the checkpoint's metadata: `PolicyScorer`
-for PPO checkpoints, `prunenet.reinforce.ReinforceScorer` for the paper-faithful baseline.
+for PPO checkpoints, `prunenet.rl.reinforce.train.ReinforceScorer` for the paper-faithful baseline.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from envs.ffn_prune import observation_for
-from prunenet.arch import FFNWeights
-from prunenet.cache import weights_fingerprint
+from prunenet.analysis.features import LayerData, layer_features, model_layer_data
+from prunenet.analysis.selfgen import SelfGenConfig
+from prunenet.core.arch import FFNWeights
 from prunenet.errors import PruneNetError
-from prunenet.features import LayerData, layer_features, model_layer_data
-from prunenet.policy import RowScoringPolicy, load_policy, read_metadata
-from prunenet.scorers import Scorer
-from prunenet.selfgen import SelfGenConfig
+from prunenet.io.cache import weights_fingerprint
+from prunenet.rl.ppo.policy import RowScoringPolicy, load_policy, read_metadata
+from prunenet.scoring.heuristics import Scorer
 
 
 def load_scorer_from_checkpoint(checkpoint: str, device: str = "cpu") -> Scorer:
@@ -35,7 +35,7 @@ def load_scorer_from_checkpoint(checkpoint: str, device: str = "cpu") -> Scorer:
     if algo == "ppo":
         return PolicyScorer(checkpoint, device)
     if algo == "reinforce":
-        from prunenet.reinforce import ReinforceScorer
+        from prunenet.rl.reinforce.train import ReinforceScorer
 
         return ReinforceScorer(checkpoint, device)
     raise PruneNetError(
@@ -44,7 +44,7 @@ def load_scorer_from_checkpoint(checkpoint: str, device: str = "cpu") -> Scorer:
     )
 
 
-BUNDLED_POLICY = Path(__file__).parent / "policies" / "smollm2-135m-ppo.zip"
+BUNDLED_POLICY = Path(__file__).resolve().parents[2] / "policies" / "smollm2-135m-ppo.zip"
 
 
 def bundled_policy_scorer(seed: int = 0) -> Scorer:
@@ -75,7 +75,7 @@ class PolicyScorer(Scorer):
         if self.metadata["algo"] != "ppo":
             raise PruneNetError(
                 f"{checkpoint} is a {self.metadata['algo']!r} checkpoint, not a PPO policy; "
-                "load it with prunenet.policy_scorer.load_scorer_from_checkpoint."
+                "load it with prunenet.rl.ppo.scorer.load_scorer_from_checkpoint."
             )
         self.feature_set = self.metadata["feature_set"]
         self.weights_only = self.feature_set == "weights"

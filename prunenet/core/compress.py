@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunenet.arch import (
+from prunenet.core.arch import (
     adapter_for,
     cut_ffn,
     decoder_layers,
@@ -24,7 +24,7 @@ from prunenet.arch import (
     set_ffn_widths,
 )
 from prunenet.errors import PruneNetError
-from prunenet.saving import atomic_directory
+from prunenet.io.saving import atomic_directory
 
 REPORT_FILE = "prunenet_report.json"
 
@@ -130,7 +130,7 @@ def prune_model(
     :param ratio: global fraction of FFN rows to remove (recorded in the report).
     :param layer_ratios: per-layer ratios; defaults to `ratio` in every layer.
     :param layer_keep: exact rows to keep per layer (overrides `layer_ratios`). Pass this for a
-        global budget (prunenet.allocation): rounding each layer's ratio can miss the total.
+        global budget (prunenet.allocation.budget): rounding each layer's ratio can miss the total.
     """
     start = time.perf_counter()
     ratio = validate_ratio(ratio)

@@ -2,7 +2,7 @@
 
 Why a loader at all. A pruned model with per-layer widths is saved in transformers' own schema
 for heterogeneous models: the width field (`intermediate_size`, `ffn_dim`, ...) holds the widest
-layer and `per_layer_config` overrides the narrower layers (prunenet.arch.set_ffn_widths).
+layer and `per_layer_config` overrides the narrower layers (prunenet.core.arch.set_ffn_widths).
 transformers 5.23 reads and writes that schema in the config (HeterogeneousConfigMixin), but
 only a few new architectures (Gemma4, Step3p7, dots3_note, ...) build their layers from
 `config.per_layer_config[i]`; the MLPs of Llama, Qwen2, Gemma3, OPT, GPT-2, ... read the one
@@ -14,7 +14,7 @@ either: only Gemma3n's config accepts a list, the others' strict configs reject 
   `AmbiguousGlobalPerLayerAttributeError` while building the first MLP (loud, nothing loaded);
 - forcing the global value (`allow_global_per_layer_attribute_access=True`) builds every layer
   at the widest width and the load stops with a size-mismatch error;
-- `prunenet.load_pruned(DIR)` (and `prunenet.models.load_model`, which the CLI uses) builds the
+- `prunenet.load_pruned(DIR)` (and `prunenet.io.models.load_model`, which the CLI uses) builds the
   model at the widest width, narrows each layer's FFN modules to its recorded width through the
   architecture adapter (no per-architecture code here), then lets `from_pretrained` load the
   weights: exact logits, with every `from_pretrained` feature (dtype, sharding, tied weights).
@@ -34,7 +34,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.auto_factory import _get_model_class
 
-from prunenet.arch import (
+from prunenet.core.arch import (
     ADAPTERS,
     adapter_for,
     cut_ffn,

@@ -17,7 +17,7 @@ array over k, or a callable of k. `allocate_rows` then picks row counts k_l that
 
 `uniform_allocation` is the trivial case: the same ratio in every layer, with the rounding
 remainder spread over the first layers so that the total is still exact. Hand the result to
-`prunenet.compress.prune_model(..., layer_keep=keep_counts(widths, removed))`.
+`prunenet.core.compress.prune_model(..., layer_keep=keep_counts(widths, removed))`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunenet.arch import adapter_for, decoder_layers, ffn_modules, ffn_weights
+from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules, ffn_weights
 from prunenet.errors import PruneNetError
 
 DEFAULT_MAX_RATIO = 0.6

@@ -1,6 +1,6 @@
 """BASELINE: the PruneNet paper's REINFORCE trainer, kept only to compare our PPO trainer with.
 
-This is not PruneNet's recommended trainer (that is `prunenet.train`, PPO with a size-agnostic
+This is not PruneNet's recommended trainer (that is `prunenet.rl.ppo.train`, PPO with a size-agnostic
 policy). It re-implements, from the paper's description ("You Only Prune Once", ICLR 2025), the
 policy learner the paper trains:
 
@@ -10,13 +10,13 @@ policy learner the paper trains:
   collapses to one `d_model` weight vector plus a bias; we keep the collapsed form (same
   function class, far cheaper). Its parameters depend on d_model and it is trained for one model
   and one ratio, so it cannot transfer to another width: a checkpoint is refused on a model whose
-  d_model or d_ff differs. Our PPO policy (`prunenet.policy`) has no width-dependent parameter
+  d_model or d_ff differs. Our PPO policy (`prunenet.rl.ppo.policy`) has no width-dependent parameter
   and one checkpoint serves every width and ratio; that is the difference this baseline shows.
 - **Actions.** One policy per target ratio r: in every layer, k = round((1 - r) * d_ff) rows are
   sampled WITHOUT replacement from softmax(logits) (Gumbel-top-k, which is exactly sequential
   sampling without replacement).
 - **Reward.** The paper's 1 / KS between the singular values of the FFN input projections before
-  and after (`prunenet.rewards.spectral_reward`, the same function PPO uses with `reward="ks"`).
+  and after (`prunenet.rl.rewards.spectral_reward`, the same function PPO uses with `reward="ks"`).
 - **Return.** Discounted with gamma = 0.99 over the layers of an episode (one episode = every
   layer of the model once). A baseline is subtracted: per layer position, a moving average of
   past returns (it starts at the first episode's returns, so the first episode only sets it).
@@ -45,11 +45,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunenet import __version__
-from prunenet.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
-from prunenet.compress import keep_count, select_keep_indices, validate_ratio
+from prunenet.analysis.features import LayerData
+from prunenet.analysis.selfgen import SelfGenConfig, collect_activations
+from prunenet.core.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
+from prunenet.core.compress import keep_count, select_keep_indices, validate_ratio
 from prunenet.errors import PruneNetError
-from prunenet.features import LayerData
-from prunenet.policy import (
+from prunenet.rl.ppo.policy import (
     CHECKPOINT_FORMAT,
     read_metadata,
     read_state_dict,
@@ -57,10 +58,9 @@ from prunenet.policy import (
     tensors_to_bytes,
     write_metadata,
 )
-from prunenet.rewards import NEEDS_ACTIVATIONS, reward_function
-from prunenet.scorers import Scorer
-from prunenet.selfgen import SelfGenConfig, collect_activations
-from prunenet.train import TrainingInterrupted
+from prunenet.rl.ppo.train import TrainingInterrupted
+from prunenet.rl.rewards import NEEDS_ACTIVATIONS, reward_function
+from prunenet.scoring.heuristics import Scorer
 
 ALGO = "reinforce"
 FEATURE_SET = "weights-raw"  # the raw rows of the first FFN input projection, no features
@@ -129,14 +129,14 @@ def train_reinforce(
     """Train the paper's baseline policy at one `ratio`; save the best one at `out` if given.
 
     :param layer_data: per-layer data of one model (only `.ffn` is read, plus activations for
-        rewards that need them); see `weight_layer_data` and `prunenet.features.model_layer_data`.
+        rewards that need them); see `weight_layer_data` and `prunenet.analysis.features.model_layer_data`.
     :param ratio: the one target ratio this policy is for (fraction of FFN rows removed).
     :param episodes: episodes; one episode prunes every layer once (one reward per layer).
     :param seed: seeds the policy's initialisation and the row sampling.
     :param lr: Adam step size (the paper's code uses 1e-3).
     :param out: checkpoint path (.zip); None keeps nothing on disk.
     :param gamma: discount over layers (the paper's 0.99).
-    :param reward: `ks` (the paper's 1/KS, default) or another name in `prunenet.rewards.REWARDS`.
+    :param reward: `ks` (the paper's 1/KS, default) or another name in `prunenet.rl.rewards.REWARDS`.
     :param eval_every: episodes between evaluations of the deterministic top-k (the last episode
         is always evaluated).
     :param source_model: recorded in the checkpoint's metadata.
@@ -236,7 +236,7 @@ def train_reinforce_from_model(
     Settings are `train_reinforce`'s; `overwrite` replaces an existing checkpoint at `out`,
     which is otherwise refused before the model is loaded.
     """
-    from prunenet.models import load_model
+    from prunenet.io.models import load_model
 
     torch.set_num_threads(threads)
     validate_ratio(ratio)
@@ -301,7 +301,7 @@ def weight_layer_data(model: nn.Module, selfgen: SelfGenConfig | None = None) ->
 def save_reinforce(policy: RowLogitPolicy, out: str | Path, metadata: dict) -> None:
     """Zip with the state dict (safetensors) and PruneNet metadata, written beside `out`.
 
-    Nothing in it is pickled, so loading it cannot run code (`prunenet.policy`'s checkpoints).
+    Nothing in it is pickled, so loading it cannot run code (`prunenet.rl.ppo.policy`'s checkpoints).
 
     :param policy: the baseline policy to save.
     :param out: the checkpoint path (.zip); replaced atomically (staged beside it, renamed).
@@ -341,7 +341,7 @@ def load_reinforce(checkpoint: str | Path, device: str = "cpu") -> tuple[RowLogi
     if metadata["algo"] != ALGO:
         raise PruneNetError(
             f"{checkpoint} is a {metadata['algo']!r} checkpoint, not a REINFORCE baseline; "
-            "load it with prunenet.policy_scorer.load_scorer_from_checkpoint."
+            "load it with prunenet.rl.ppo.scorer.load_scorer_from_checkpoint."
         )
     state = read_state_dict(checkpoint, _state_member(checkpoint))
     try:

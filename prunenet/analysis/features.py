@@ -2,7 +2,7 @@
 
 Two feature sets share one layout. `weights` reads only the weights (so it also works when
 streaming a checkpoint that never fits in memory). `selfgen` adds activation statistics on text
-the model generated itself (see `prunenet.selfgen`); it is the default because on SmolLM2 the
+the model generated itself (see `prunenet.analysis.selfgen`); it is the default because on SmolLM2 the
 weights alone did not predict which neurons matter. Every feature is log-scaled where positive
 and standardised within its layer, so the policy sees scale-free inputs and one checkpoint
 transfers across layers, widths and models.
@@ -19,10 +19,10 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from prunenet.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
+from prunenet.analysis.selfgen import LayerActivations, SelfGenConfig, collect_activations
+from prunenet.analysis.spectral import output_energy, row_spectral_stats, singular_values
+from prunenet.core.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
 from prunenet.errors import PruneNetError
-from prunenet.selfgen import LayerActivations, SelfGenConfig, collect_activations
-from prunenet.spectral import output_energy, row_spectral_stats, singular_values
 
 FEATURE_VERSION = 1
 SPECTRAL_RANK = 32
