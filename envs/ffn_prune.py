@@ -13,14 +13,13 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from prunenet.analysis.features import CONTEXT_FEATURES, LayerData, feature_names, model_layer_data
+from prunenet.analysis.features import LayerData, feature_names, model_layer_data
 from prunenet.analysis.selfgen import SelfGenConfig
-from prunenet.core.compress import keep_count, select_keep_indices, validate_ratio
+from prunenet.core.compress import select_keep_indices
+from prunenet.core.ratios import keep_count, validate_ratio_range
 from prunenet.errors import PruneNetError
+from prunenet.rl.observation import observation_for, spaces_for
 from prunenet.rl.rewards import NEEDS_ACTIVATIONS, reward_function
-
-# Wide finite bounds: check_env wants finite Boxes, and clipping to them must never create ties.
-BOUND = 1e6
 
 
 class FFNPruneEnv(gym.Env):
@@ -74,9 +73,7 @@ class FFNPruneEnv(gym.Env):
                 f"The {reward!r} reward needs self-generated activations: compute layer_data "
                 "with model_layer_data(..., collect=True)."
             )
-        columns = len(feature_names(feature_set)) + len(CONTEXT_FEATURES)
-        self.observation_space = gym.spaces.Box(-BOUND, BOUND, (self.width, columns), np.float32)
-        self.action_space = gym.spaces.Box(-BOUND, BOUND, (self.width,), np.float32)
+        self.observation_space, self.action_space = spaces_for(self.width, feature_set)
         self.render_mode = render_mode
         self._layers: list[LayerData] = layer_data[0]
         self._layer_index = 0
@@ -111,13 +108,6 @@ class FFNPruneEnv(gym.Env):
         return np.zeros(self.observation_space.shape, dtype=np.float32)
 
 
-def observation_for(features: torch.Tensor, ratio: float, depth: float) -> np.ndarray:
-    """Row features plus the (ratio, depth) context columns, as a fresh float32 array."""
-    rows = features.shape[0]
-    context = torch.tensor([ratio, depth], dtype=torch.float32).expand(rows, 2)
-    return torch.cat([features.float(), context], dim=1).numpy().copy()
-
-
 def load_layer_data(model, feature_set: str, reward: str, seed: int) -> list[LayerData]:
     """Layer data for a model object or spec, with activations when the reward needs them."""
     if isinstance(model, str):
@@ -127,16 +117,3 @@ def load_layer_data(model, feature_set: str, reward: str, seed: int) -> list[Lay
     return model_layer_data(
         model, feature_set, SelfGenConfig(seed=seed), collect=reward in NEEDS_ACTIVATIONS
     )
-
-
-def validate_ratio_range(ratio_range) -> tuple[float, float]:
-    try:
-        low, high = (validate_ratio(r) for r in ratio_range)
-    except (TypeError, ValueError) as error:
-        raise PruneNetError(
-            f"Invalid ratio range {ratio_range!r}: give two ratios low <= high in (0, 1), "
-            f"e.g. 0.1:0.5 ({error})."
-        ) from None
-    if low > high:
-        raise PruneNetError(f"Ratio range {low}:{high} is empty: low must be <= high.")
-    return low, high

@@ -12,7 +12,7 @@ log scale and accuracy vs ratio, one line per method) to --out-dir.
     python scripts/benchmark_quality.py --methods selfgen,selfgen+auto,ppo --policy best.zip
 
 A method is a name and a function (dense model, ratio) -> PrunePlan (per-layer scores, and
-optionally per-layer ratios or kept-row counts). Every scorer in `prunenet.scoring.heuristics.SCORERS` is a
+optionally per-layer ratios or kept-row counts). Every scorer in `prunenet.scoring.registry.SCORERS` is a
 method automatically; `--policy` / `--baseline-policy` add "ppo" / "reinforce" from `prunenet
 train` checkpoints; a "+auto" suffix gives any of them self-generated per-layer allocation;
 anything else goes into `EXTRA_METHODS` (see `build_methods`).
@@ -26,7 +26,6 @@ less noisy than each accuracy's own standard error (about +-0.1 at 25 questions)
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import functools
 import gc
@@ -36,7 +35,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,15 +43,9 @@ import transformers
 from torch import nn
 
 from prunenet import __version__
-from prunenet.allocation.budget import (
-    DEFAULT_MAX_RATIO,
-    keep_counts,
-    rows_for_ratio,
-    uniform_allocation,
-)
-from prunenet.allocation.sensitivity import auto_allocation
+from prunenet.allocation.budget import DEFAULT_MAX_RATIO, keep_counts, uniform_allocation
 from prunenet.core.arch import ffn_widths
-from prunenet.core.compress import prune_model, validate_ratio
+from prunenet.core.ratios import rows_for_ratio, validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.evaluation.data import PAPER_TASKS, data_versions
 from prunenet.evaluation.evaluate import (
@@ -66,7 +59,9 @@ from prunenet.evaluation.evaluate import (
     zero_shot_average,
 )
 from prunenet.io.models import load_model
-from prunenet.scoring.heuristics import SCORERS, Scorer, make_scorer
+from prunenet.pipeline import Planner, PrunePlan, apply_plan, scorer_planner
+from prunenet.scoring.base import Scorer
+from prunenet.scoring.registry import SCORERS, make_scorer
 from prunenet.tables import format_table, markdown_table
 
 PPL_TASKS = ("ppl_boolq", "ppl_lambada")
@@ -77,22 +72,6 @@ QUICK = {"limit": 4, "ppl_windows": 2, "seqlen": 128, "speed_seqlen": 32, "speed
 
 
 # --------------------------------------------------------------------------- methods
-
-
-@dataclass
-class PrunePlan:
-    """What a method decides for one model and ratio; `prunenet.core.compress.prune_model` applies it.
-
-    :param scores: one importance vector per decoder layer (higher = keep).
-    :param layer_ratios: per-layer fraction of rows removed (None: the ratio everywhere).
-    :param layer_keep: exact rows kept per layer, overriding `layer_ratios` (global budgets).
-    :param info: what to record about the method's settings.
-    """
-
-    scores: list[torch.Tensor]
-    layer_ratios: list[float] | None = None
-    layer_keep: list[int] | None = None
-    info: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -119,20 +98,12 @@ def scorer_method(
         `prunenet.allocation.sensitivity.auto_allocation` spread the same total over the layers.
     :param max_layer_ratio: the most "auto" removes from one layer.
     """
-    state: dict = {}
+    planner: list[Planner] = []  # built on first use: loading a policy costs time
 
     def plan(model: nn.Module, ratio: float) -> PrunePlan:
-        if "scorer" not in state:
-            state["scorer"] = make()
-        scorer = state["scorer"]
-        if scorer.ratio_aware or "scores" not in state:
-            state["scores"] = scorer.score_model(model, ratio=ratio)
-        layer_keep = None
-        if allocation == "auto":
-            removed = auto_allocation(model, scorer, ratio, max_layer_ratio)
-            layer_keep = keep_counts(ffn_widths(model.config), removed)
-        info = {**scorer.describe(), "allocation": allocation}
-        return PrunePlan(state["scores"], layer_keep=layer_keep, info=info)
+        if not planner:
+            planner.append(scorer_planner(make(), allocation, max_layer_ratio))
+        return planner[0](model, ratio)
 
     return Method(name, plan)
 
@@ -143,7 +114,7 @@ CHECKPOINT_FLAGS = {"ppo": "--policy", "reinforce": "--baseline-policy"}
 
 def checkpoint_scorer(algo: str, checkpoint: str, device: str) -> Scorer:
     """The scorer of a `prunenet train` checkpoint, refusing one trained with another algo."""
-    from prunenet.rl.ppo.scorer import load_scorer_from_checkpoint  # imports SB3: only if asked
+    from prunenet.scoring.registry import load_scorer_from_checkpoint
 
     scorer = load_scorer_from_checkpoint(checkpoint, device)
     found = scorer.describe().get("algo") or "ppo"
@@ -167,7 +138,7 @@ def random_spare_ends(args: argparse.Namespace) -> Method:
         removed = [0 if i in spared else next(shares) for i in range(len(widths))]
         scores = make_scorer("random", seed=args.seed).score_model(model)
         info = {"scorer": "random", "seed": args.seed, "allocation": "spare 0, L-2, L-1"}
-        return PrunePlan(scores, layer_keep=keep_counts(widths, removed), info=info)
+        return PrunePlan(scores, keep_counts(widths, removed), info)
 
     return Method("random-spare-ends", plan)
 
@@ -181,7 +152,7 @@ EXTRA_METHODS: dict[str, Callable[[argparse.Namespace], Method]] = {
 def build_methods(args: argparse.Namespace) -> list[Method]:
     """The methods to run: --methods (in that order), else every registered one.
 
-    Registered: every scorer in `prunenet.scoring.heuristics.SCORERS`, "ppo" with --policy, "reinforce"
+    Registered: every scorer in `prunenet.scoring.registry.SCORERS`, "ppo" with --policy, "reinforce"
     with --baseline-policy, and `EXTRA_METHODS`. A scorer-backed name with the suffix "+auto"
     (e.g. "selfgen+auto") uses self-generated per-layer allocation instead of uniform ratios.
     """
@@ -524,9 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         for ratio in args.ratios:
             plan_start = time.perf_counter()
             plan = method.plan(model, ratio)
-            pruned = copy.deepcopy(model)
-            extra = {"layer_keep": plan.layer_keep} if plan.layer_keep is not None else {}
-            prune_model(pruned, plan.scores, ratio, layer_ratios=plan.layer_ratios, **extra)
+            pruned, _ = apply_plan(model, plan, ratio)
             plan_seconds = time.perf_counter() - plan_start
             protocol["method_info"][method.name] = plan.info
             row = evaluate_row(

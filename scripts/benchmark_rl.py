@@ -45,12 +45,13 @@ import transformers
 
 from prunenet.analysis.features import FEATURE_SETS, model_layer_data
 from prunenet.analysis.selfgen import SelfGenConfig
-from prunenet.core.compress import prune_model, save_pruned, validate_ratio
+from prunenet.core.ratios import validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.io.models import load_model, resolve_model_path
-from prunenet.rl.ppo.scorer import load_scorer_from_checkpoint
+from prunenet.pipeline import prune_and_save, scorer_planner
 from prunenet.rl.ppo.train import TrainConfig, train_policy
 from prunenet.rl.reinforce.train import train_reinforce
+from prunenet.scoring.registry import load_scorer_from_checkpoint
 from prunenet.tables import format_table
 
 REWARD = "ks"  # the paper's 1/KS: the one reward both trainers are compared on
@@ -209,10 +210,9 @@ def time_new_ratio(args, folder: str, checkpoint: Path, workdir: Path) -> list[f
         for call in ("first", "second"):
             tick = time.perf_counter()
             model, tokenizer = load_model(folder)
-            scorer = load_scorer_from_checkpoint(str(checkpoint))
-            scores = scorer.score_model(model, ratio=args.new_ratio)
-            report = prune_model(model, scores, args.new_ratio)
-            save_pruned(model, tokenizer, workdir / f"pruned-{call}", report, overwrite=True)
+            planner = scorer_planner(load_scorer_from_checkpoint(str(checkpoint)))
+            out = workdir / f"pruned-{call}"
+            prune_and_save(model, tokenizer, planner, [args.new_ratio], [out], overwrite=True)
             seconds.append(time.perf_counter() - tick)
             del model
     return seconds

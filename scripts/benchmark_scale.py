@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from prunenet.core.compress import keep_count  # noqa: E402
+from prunenet.core.ratios import keep_count
 from prunenet.tables import format_table, markdown_table  # noqa: E402
 
 HIDDEN, FFN, VOCAB, HEADS = 4096, 11008, 32000, 32

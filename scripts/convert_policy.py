@@ -23,15 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from prunenet.errors import PruneNetError  # noqa: E402
-from prunenet.rl.ppo.policy import (  # noqa: E402
-    CHECKPOINT_FORMAT,
-    LEGACY_WEIGHTS_FILE,
-    WEIGHTS_FILE,
-    read_metadata,
-    read_state_dict,
-    resave_checkpoint,
-)
-from prunenet.rl.reinforce.train import LEGACY_STATE_FILE, STATE_FILE, resave_reinforce  # noqa: E402
+from prunenet.rl.checkpoint import CHECKPOINT_FORMAT, read_metadata, read_state_dict
+from prunenet.rl.ppo.checkpoint import LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, resave_checkpoint
+from prunenet.rl.reinforce.checkpoint import LEGACY_STATE_FILE, STATE_FILE, resave_reinforce
 
 # algo -> (converter, weights member before, weights member after)
 CONVERTERS = {

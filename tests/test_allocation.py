@@ -13,11 +13,11 @@ from prunenet.allocation.budget import (
     allocate_rows,
     keep_counts,
     rows_for_parameter_target,
-    rows_for_ratio,
     uniform_allocation,
 )
 from prunenet.core.arch import ffn_width, ffn_widths
 from prunenet.core.compress import count_parameters, prune_model
+from prunenet.core.ratios import rows_for_ratio
 from prunenet.errors import PruneNetError
 from tests.conftest import tiny_model
 
@@ -165,7 +165,7 @@ def test_prune_model_with_allocated_keep_counts_removes_the_exact_budget():
     total = rows_for_ratio(widths, 0.3)
     removed = allocate_rows([quadratic(2.0), quadratic(1.0)], widths, total)
     scores = [torch.arange(w, dtype=torch.float32) for w in widths]
-    report = prune_model(model, scores, 0.3, layer_keep=keep_counts(widths, removed))
+    report = prune_model(model, scores, keep_counts(widths, removed), target_ratio=0.3)
     assert sum(widths) - sum(report.ffn_widths_after) == total
     assert ffn_widths(model.config) == report.ffn_widths_after
 
@@ -175,5 +175,5 @@ def test_prune_model_refuses_bad_keep_counts_and_leaves_the_model_untouched(bad_
     model = tiny_model("llama")
     width = ffn_width(model.config)
     with pytest.raises(PruneNetError):
-        prune_model(model, [torch.rand(width)] * 2, 0.3, layer_keep=bad_keep)
+        prune_model(model, [torch.rand(width)] * 2, bad_keep, target_ratio=0.3)
     assert ffn_widths(model.config) == [width, width]

@@ -346,9 +346,7 @@ def test_cached_sensitivity_curves_equal_computed_ones_without_measuring_again(
         allocated.append(curves)
         return allocate(curves, *args, **kwargs)
 
-    monkeypatch.setattr(
-        prunenet.allocation.sensitivity, "layer_sensitivity", counted_measure
-    )
+    monkeypatch.setattr(prunenet.allocation.sensitivity, "layer_sensitivity", counted_measure)
     monkeypatch.setattr(prunenet.allocation.sensitivity, "allocate_rows", recorded_allocate)
     first = auto_allocation(model, MagnitudeScorer(), 0.3)
     second = auto_allocation(model, MagnitudeScorer(), 0.3)

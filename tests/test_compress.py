@@ -11,17 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prunenet.core.arch import adapter_for, decoder_layers, ffn_weights, ffn_width
-from prunenet.core.compress import (
-    REPORT_FILE,
-    count_parameters,
-    keep_count,
-    prune_model,
-    save_pruned,
-    select_keep_indices,
-    validate_ratio,
-)
+from prunenet.core.arch import adapter_for, decoder_layers, ffn_weights, ffn_width, ffn_widths
+from prunenet.core.compress import count_parameters, prune_model, select_keep_indices
+from prunenet.core.ratios import keep_count, uniform_keep, validate_ratio
 from prunenet.errors import PruneNetError
+from prunenet.io.saving import REPORT_FILE, save_pruned
 from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer
 from tests.conftest import (
     ALL_MODEL_TYPES,
@@ -124,7 +118,7 @@ def test_pruned_model_reloads_with_identical_logits(model_type: str, tmp_path: P
     kept = _kept_indices(scores, width, 0.5)
     assert not torch.equal(kept[0], kept[1]), "layers should keep different rows in this test"
 
-    report = prune_model(model, scores, 0.5)
+    report = prune_model(model, scores, uniform_keep(ffn_widths(model.config), 0.5))
     save_pruned(model, None, tmp_path / "pruned", report)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
 
@@ -139,7 +133,11 @@ def test_ratio_that_keeps_every_row_leaves_logits_unchanged(model_type: str) -> 
     ratio = 0.4 / width  # removes less than half a row: rounding keeps all of them
     assert keep_count(width, ratio) == width
 
-    prune_model(pruned, RandomScorer(seed=3).score_model(pruned), ratio)
+    prune_model(
+        pruned,
+        RandomScorer(seed=3).score_model(pruned),
+        uniform_keep(ffn_widths(pruned.config), ratio),
+    )
 
     assert torch.equal(logits_of(pruned), logits_of(original))
 
@@ -150,7 +148,7 @@ def test_prune_model_keeps_the_rows_its_scores_select() -> None:
     scores = RandomScorer(seed=5).score_model(model)
     kept = _kept_indices(scores, FFN_WIDTH, 0.5)
 
-    prune_model(model, scores, 0.5)
+    prune_model(model, scores, uniform_keep(ffn_widths(model.config), 0.5))
 
     pairs = zip(decoder_layers(model), decoder_layers(original), kept, strict=True)
     for layer, original_layer, keep in pairs:
@@ -162,7 +160,9 @@ def test_prune_model_keeps_the_rows_its_scores_select() -> None:
 
 def test_report_counts_removed_parameters_and_both_ratios() -> None:
     model = tiny_model("llama")
-    report = prune_model(model, RandomScorer(seed=0).score_model(model), 0.5)
+    report = prune_model(
+        model, RandomScorer(seed=0).score_model(model), uniform_keep(ffn_widths(model.config), 0.5)
+    )
     removed_rows = FFN_WIDTH - keep_count(FFN_WIDTH, 0.5)
 
     # Llama's FFN has three bias-free matrices per layer (gate, up, down), each d_model x d_ff.
@@ -185,27 +185,31 @@ def test_count_parameters_counts_tied_embeddings_once() -> None:
 def test_prune_model_refuses_a_score_vector_of_the_wrong_length() -> None:
     model = tiny_model("llama")
     with pytest.raises(PruneNetError, match=f"FFN width is {FFN_WIDTH}"):
-        prune_model(model, [torch.rand(FFN_WIDTH), torch.rand(FFN_WIDTH + 1)], 0.5)
+        prune_model(
+            model,
+            [torch.rand(FFN_WIDTH), torch.rand(FFN_WIDTH + 1)],
+            uniform_keep(ffn_widths(model.config), 0.5),
+        )
 
 
 def test_prune_model_refuses_a_score_vector_count_other_than_the_layer_count() -> None:
     model = tiny_model("llama")
     with pytest.raises(PruneNetError, match=f"model with {NUM_LAYERS} layers"):
-        prune_model(model, [torch.rand(FFN_WIDTH)], 0.5)
+        prune_model(model, [torch.rand(FFN_WIDTH)], uniform_keep(ffn_widths(model.config), 0.5))
 
 
-def test_refused_ratio_leaves_the_model_untouched() -> None:
+def test_refused_keep_count_leaves_the_model_untouched() -> None:
     model, original = tiny_model("llama"), tiny_model("llama")
-    with pytest.raises(PruneNetError, match="would remove all"):
-        prune_model(model, RandomScorer().score_model(model), 0.99)
+    with pytest.raises(PruneNetError, match="Cannot keep 0 rows"):
+        prune_model(model, RandomScorer().score_model(model), [0, 0])
     assert ffn_width(model.config) == FFN_WIDTH
     assert torch.equal(logits_of(model), logits_of(original))
 
 
 def test_refusal_in_a_later_layer_leaves_earlier_layers_uncut() -> None:
     model, original = tiny_model("llama"), tiny_model("llama")
-    with pytest.raises(PruneNetError, match="would remove all"):
-        prune_model(model, RandomScorer().score_model(model), 0.5, layer_ratios=[0.5, 0.99])
+    with pytest.raises(PruneNetError, match="Cannot keep 0 rows"):
+        prune_model(model, RandomScorer().score_model(model), [FFN_WIDTH // 2, 0])
     assert ffn_width(model.config) == FFN_WIDTH
     assert torch.equal(logits_of(model), logits_of(original))
 
@@ -215,7 +219,9 @@ def test_refusal_in_a_later_layer_leaves_earlier_layers_uncut() -> None:
 
 def test_saved_folder_holds_the_report_with_both_ratios(tmp_path: Path) -> None:
     model = tiny_model("llama")
-    report = prune_model(model, RandomScorer().score_model(model), 0.5)
+    report = prune_model(
+        model, RandomScorer().score_model(model), uniform_keep(ffn_widths(model.config), 0.5)
+    )
     out = save_pruned(model, None, tmp_path / "pruned", report)
     saved = json.loads((out / REPORT_FILE).read_text())
     assert saved["ffn_ratio"] == pytest.approx(report.ffn_ratio)
@@ -239,7 +245,9 @@ def test_smollm2_pruned_at_30_percent_reloads_and_generates(tmp_path: Path) -> N
     )
     params_before = sum(p.numel() for p in model.parameters())
 
-    report = prune_model(model, MagnitudeScorer().score_model(model), 0.3)
+    report = prune_model(
+        model, MagnitudeScorer().score_model(model), uniform_keep(ffn_widths(model.config), 0.3)
+    )
     save_pruned(model, tokenizer, tmp_path / "smollm2-pruned", report)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "smollm2-pruned").eval()
 

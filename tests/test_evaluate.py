@@ -9,11 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from prunenet.core.arch import ffn_widths
 from prunenet.core.compress import prune_model
+from prunenet.core.ratios import uniform_keep
 from prunenet.errors import PruneNetError
 from prunenet.evaluation import evaluate
 from prunenet.evaluation.data import ChoiceItem
-from prunenet.scoring.heuristics import make_scorer
+from prunenet.scoring.registry import make_scorer
 from tests.conftest import VOCAB_SIZE, tiny_model, tiny_tokenizer
 
 # Words of the tiny tokenizer's vocabulary (w4..w63), so nothing maps to <unk>.
@@ -203,7 +205,11 @@ def test_parameter_counts_find_every_ffn_and_shrink_with_pruning():
     # 2 layers x (gate + up + down) x hidden 16 x d_ff 24, no biases.
     assert counts.ffn == 2 * 3 * 16 * 24
     assert counts.ffn_widths == [24, 24]
-    prune_model(model, make_scorer("magnitude").score_model(model), 0.5)
+    prune_model(
+        model,
+        make_scorer("magnitude").score_model(model),
+        uniform_keep(ffn_widths(model.config), 0.5),
+    )
     pruned = evaluate.parameter_counts(model)
     assert pruned.ffn == counts.ffn // 2
     assert pruned.total == counts.total - counts.ffn // 2

@@ -17,9 +17,11 @@ from transformers import AutoModelForCausalLM
 
 from prunenet import load_pruned
 from prunenet.core.arch import ffn_width, ffn_widths
-from prunenet.core.compress import prune_model, save_pruned
+from prunenet.core.compress import prune_model
+from prunenet.core.ratios import uniform_keep
 from prunenet.errors import PruneNetError
 from prunenet.io.models import load_model
+from prunenet.io.saving import save_pruned
 from tests.conftest import ALL_MODEL_TYPES, logits_of, tiny_model, tiny_tokenizer
 
 NAMED_IN_THE_ISSUE = ["llama", "qwen2", "gemma3_text", "opt"]
@@ -31,7 +33,7 @@ def prune_unevenly(model_type: str):
     width = ffn_width(model.config)
     generator = torch.Generator().manual_seed(7)
     scores = [torch.rand(width, generator=generator) for _ in range(2)]
-    report = prune_model(model, scores, 0.2, layer_keep=[width - 3, width - 7])
+    report = prune_model(model, scores, [width - 3, width - 7], target_ratio=0.2)
     return model, report
 
 
@@ -89,7 +91,9 @@ def test_a_reloaded_model_saves_the_same_config(tmp_path):
 def test_uniform_widths_write_no_per_layer_config_and_load_plainly(tmp_path):
     model = tiny_model("qwen2")
     width = ffn_width(model.config)
-    report = prune_model(model, [torch.rand(width)] * 2, 0.25)
+    report = prune_model(
+        model, [torch.rand(width)] * 2, uniform_keep(ffn_widths(model.config), 0.25)
+    )
     save_pruned(model, None, tmp_path / "out", report)
     assert "per_layer_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -100,7 +104,7 @@ def test_pruning_a_nonuniform_model_again_is_refused_clearly():
     model, _ = prune_unevenly("llama")
     scores = [torch.rand(width) for width in ffn_widths(model.config)]
     with pytest.raises(PruneNetError, match="different FFN widths"):
-        prune_model(model, scores, 0.1)
+        prune_model(model, scores, uniform_keep(ffn_widths(model.config), 0.1))
 
 
 def test_load_model_reads_nonuniform_folders_transparently(tmp_path):

@@ -19,25 +19,26 @@ import stable_baselines3.common.save_util as save_util
 import torch
 from stable_baselines3 import PPO
 
-from envs.ffn_prune import FFNPruneEnv, observation_for
+from envs.ffn_prune import FFNPruneEnv
 from prunenet.analysis.features import FEATURE_VERSION, model_layer_data
 from prunenet.cli import main as cli_main
 from prunenet.errors import PruneNetError
-from prunenet.rl.ppo.policy import (
+from prunenet.rl.checkpoint import (
     CHECKPOINT_FORMAT,
-    LEGACY_WEIGHTS_FILE,
     METADATA_FILE,
-    SB3_DATA_FILE,
-    WEIGHTS_FILE,
-    FeatureSpaceGaussian,
-    RowScoringPolicy,
-    load_policy,
     read_metadata,
     read_state_dict,
-    resave_checkpoint,
-    spaces_for,
-    write_metadata,
 )
+from prunenet.rl.observation import observation_for, spaces_for
+from prunenet.rl.ppo.checkpoint import (
+    LEGACY_WEIGHTS_FILE,
+    SB3_DATA_FILE,
+    WEIGHTS_FILE,
+    load_policy,
+    resave_checkpoint,
+    write_policy_members,
+)
+from prunenet.rl.ppo.policy import FeatureSpaceGaussian, RowScoringPolicy
 from tests.conftest import FFN_WIDTH, tiny_model
 from tests.conftest import SMALL_SELFGEN as SMALL
 
@@ -62,7 +63,7 @@ def checkpoint(layer_data, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     agent.learn(total_timesteps=8)
     path = tmp_path_factory.mktemp("policy") / "policy.zip"
     agent.save(path)
-    write_metadata(path, METADATA, policy=agent.policy)
+    write_policy_members(path, METADATA, agent.policy)
     return path, agent
 
 

@@ -16,16 +16,11 @@ from prunenet.analysis.features import model_layer_data
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.core.arch import adapter_for, decoder_layers, ffn_weights
 from prunenet.errors import PruneNetError
-from prunenet.rl.ppo.policy import (
-    LEGACY_WEIGHTS_FILE,
-    METADATA_FILE,
-    WEIGHTS_FILE,
-    RowScoringPolicy,
-    read_metadata,
-    read_state_dict,
-    write_metadata,
-)
-from prunenet.rl.ppo.scorer import BUNDLED_POLICY, PolicyScorer
+from prunenet.rl.checkpoint import METADATA_FILE, read_metadata, read_state_dict
+from prunenet.rl.ppo.checkpoint import LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, write_policy_members
+from prunenet.rl.ppo.policy import RowScoringPolicy
+from prunenet.rl.ppo.scorer import PolicyScorer
+from prunenet.scoring.registry import BUNDLED_POLICY
 from tests.conftest import FFN_WIDTH, tiny_model
 from tests.conftest import SMALL_SELFGEN as SMALL
 
@@ -50,8 +45,8 @@ def _save_policy(folder: Path, feature_set: str, reward: str) -> Path:
     path = folder / f"{feature_set}.zip"
     agent.save(path)
     metadata = {"algo": "ppo", "feature_set": feature_set, "reward": reward, "seed": 0}
-    write_metadata(
-        path, {**metadata, "ratios": [0.1, 0.5], "source_model": "tiny"}, policy=agent.policy
+    write_policy_members(
+        path, {**metadata, "ratios": [0.1, 0.5], "source_model": "tiny"}, agent.policy
     )
     return path
 

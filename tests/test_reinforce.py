@@ -12,24 +12,26 @@ import pytest
 import torch
 
 from prunenet.cli import main as cli_main
-from prunenet.core.compress import keep_count
+from prunenet.core.ratios import keep_count
 from prunenet.errors import PruneNetError
 from prunenet.rl import rewards
-from prunenet.rl.ppo.policy import METADATA_FILE, read_metadata
-from prunenet.rl.ppo.scorer import PolicyScorer, load_scorer_from_checkpoint
-from prunenet.rl.ppo.train import TrainingInterrupted
-from prunenet.rl.reinforce.train import (
+from prunenet.rl.checkpoint import METADATA_FILE, TrainingInterrupted, read_metadata
+from prunenet.rl.ppo.scorer import PolicyScorer
+from prunenet.rl.reinforce.checkpoint import (
     LEGACY_STATE_FILE,
     STATE_FILE,
-    ReinforceScorer,
-    discounted_returns,
-    evaluate_reinforce,
     load_reinforce,
     resave_reinforce,
+)
+from prunenet.rl.reinforce.scorer import ReinforceScorer
+from prunenet.rl.reinforce.train import (
+    discounted_returns,
+    evaluate_reinforce,
     sample_rows,
     train_reinforce,
     weight_layer_data,
 )
+from prunenet.scoring.registry import load_scorer_from_checkpoint
 from tests.conftest import FFN_WIDTH, HIDDEN_SIZE, tiny_model
 
 

@@ -12,10 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from prunenet.core.compress import prune_model, save_pruned
+from prunenet.core.arch import ffn_widths
+from prunenet.core.compress import prune_model
+from prunenet.core.ratios import uniform_keep
 from prunenet.errors import PruneNetError
 from prunenet.io import saving
-from prunenet.io.saving import atomic_directory, check_free_space, check_output_path, hold_output
+from prunenet.io.saving import (
+    atomic_directory,
+    check_free_space,
+    check_output_path,
+    hold_output,
+    save_pruned,
+)
 from prunenet.scoring.heuristics import RandomScorer
 from tests.conftest import tiny_model, tiny_tokenizer
 
@@ -85,7 +93,9 @@ def test_save_pruned_failing_midway_leaves_no_folder_and_no_staging(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = tiny_model("llama")
-    report = prune_model(model, RandomScorer().score_model(model), 0.5)
+    report = prune_model(
+        model, RandomScorer().score_model(model), uniform_keep(ffn_widths(model.config), 0.5)
+    )
     real_save = type(model).save_pretrained
 
     def save_then_crash(self, folder, *args, **kwargs):

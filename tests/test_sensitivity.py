@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from prunenet.allocation.budget import CostGrid, rows_for_ratio
+from prunenet.allocation.budget import CostGrid
 from prunenet.allocation.sensitivity import (
     SENSITIVITY_RATIOS,
     auto_allocation,
     layer_sensitivity,
 )
 from prunenet.core.arch import decoder_layers, ffn_widths
+from prunenet.core.ratios import rows_for_ratio
 from prunenet.errors import PruneNetError
 from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer
 from tests.conftest import SMALL_SELFGEN as SMALL

@@ -12,10 +12,13 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from prunenet.cli import main
-from prunenet.core.compress import count_parameters, keep_count, prune_model, select_keep_indices
+from prunenet.core.arch import ffn_widths
+from prunenet.core.compress import count_parameters, prune_model, select_keep_indices
+from prunenet.core.ratios import keep_count, uniform_keep
 from prunenet.errors import PruneNetError
 from prunenet.io.stream.prune import INDEX_FILE, stream_prune
-from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer, Scorer
+from prunenet.scoring.base import Scorer
+from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer
 from tests.conftest import FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer
 
 RATIO = 0.3
@@ -44,7 +47,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory):
 
 def prune_in_memory(source: Path, out: Path, scorer: Scorer):
     model = AutoModelForCausalLM.from_pretrained(source)
-    report = prune_model(model, scorer.score_model(model, ratio=RATIO), RATIO)
+    report = prune_model(
+        model, scorer.score_model(model, ratio=RATIO), uniform_keep(ffn_widths(model.config), RATIO)
+    )
     model.save_pretrained(out)
     return model, report
 
@@ -227,7 +232,8 @@ def test_stream_gives_the_scorer_each_layers_target_ratio(checkpoints, tmp_path)
 def test_stream_with_per_layer_ratios_matches_in_memory_pruning(checkpoints, tmp_path):
     source = checkpoints("llama")
     model = AutoModelForCausalLM.from_pretrained(source)
-    prune_model(model, MagnitudeScorer().score_model(model), RATIO, layer_ratios=[0.25, 0.5])
+    keep = [keep_count(FFN_WIDTH, 0.25), keep_count(FFN_WIDTH, 0.5)]
+    prune_model(model, MagnitudeScorer().score_model(model), keep, target_ratio=RATIO)
     model.save_pretrained(tmp_path / "memory")
 
     stream_prune(source, tmp_path / "stream", MagnitudeScorer(), RATIO, layer_ratios=[0.25, 0.5])

@@ -9,15 +9,15 @@ import pytest
 import torch
 from stable_baselines3 import PPO
 
-from envs.ffn_prune import observation_for
 from prunenet.analysis.features import FEATURE_VERSION, model_layer_data
 from prunenet.errors import PruneNetError
+from prunenet.rl.checkpoint import METADATA_FILE, TrainingInterrupted, read_metadata
+from prunenet.rl.observation import observation_for
 from prunenet.rl.ppo import train as train_module
-from prunenet.rl.ppo.policy import METADATA_FILE, WEIGHTS_FILE, load_policy, read_metadata
+from prunenet.rl.ppo.checkpoint import WEIGHTS_FILE, load_policy
 from prunenet.rl.ppo.train import (
     BestCheckpointCallback,
     TrainConfig,
-    TrainingInterrupted,
     evaluate_policy,
     evaluation_ratios,
     train_policy,
@@ -118,7 +118,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_no_partial_files(
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(train_module, "write_metadata", fail)
+    monkeypatch.setattr(train_module, "write_policy_members", fail)
     with pytest.raises(OSError, match="disk full"):
         train_policy(_config(out, overwrite=True), layer_data=layer_data)
     assert [p.name for p in tmp_path.iterdir()] == ["policy.zip"]
@@ -249,7 +249,8 @@ def test_ctrl_c_before_the_first_evaluation_reports_that_nothing_was_saved(
 
 
 def _mean_function_reward(layer_data, layer_scores, ratio: float) -> float:
-    from prunenet.core.compress import keep_count, select_keep_indices
+    from prunenet.core.compress import select_keep_indices
+    from prunenet.core.ratios import keep_count
     from prunenet.rl.rewards import function_reward
 
     rewards = [

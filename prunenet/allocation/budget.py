@@ -73,13 +73,6 @@ CostCurve = CostGrid | Callable[[int], float] | Sequence[float] | np.ndarray | t
 Ratios = float | Sequence[float]
 
 
-def rows_for_ratio(widths: Sequence[int], ratio: float) -> int:
-    """Rows to remove for a global ratio: `ratio` of all FFN rows, rounded to the nearest row."""
-    if not 0.0 <= ratio < 1.0:
-        raise PruneNetError(f"Global ratio {ratio!r} must be in [0, 1): it is a fraction of rows.")
-    return round(ratio * sum(widths))
-
-
 def rows_for_parameter_target(model: nn.Module, target_params: int) -> int:
     """Fewest FFN rows to remove so the model has at most `target_params` parameters.
 

@@ -24,14 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunenet.allocation.budget import DEFAULT_MAX_RATIO, CostGrid, allocate_rows, rows_for_ratio
+from prunenet.allocation.budget import DEFAULT_MAX_RATIO, CostGrid, allocate_rows
 from prunenet.analysis.selfgen import SelfGenConfig, collect_activations, generate_own_text
 from prunenet.analysis.spectral import function_error, output_energy
 from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules, ffn_weights, ffn_widths
-from prunenet.core.compress import keep_count, select_keep_indices
+from prunenet.core.compress import select_keep_indices
+from prunenet.core.ratios import keep_count, rows_for_ratio
 from prunenet.errors import PruneNetError
 from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
-from prunenet.scoring.heuristics import Scorer
+from prunenet.scoring.base import Scorer
 
 SENSITIVITY_RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 13))  # 0.05 .. 0.6
 SENSITIVITY_TEXT = SelfGenConfig(sequences=4, length=96)

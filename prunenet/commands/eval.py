@@ -22,7 +22,6 @@ from transformers.utils import logging as hf_logging
 
 from prunenet import __version__
 from prunenet.commands.options import non_negative_int, positive_int
-from prunenet.core.compress import REPORT_FILE
 from prunenet.errors import PruneNetError
 from prunenet.evaluation.data import DEFAULT_TASKS, all_task_names, data_versions, parse_tasks
 from prunenet.evaluation.evaluate import (
@@ -46,7 +45,7 @@ from prunenet.evaluation.evaluate import (
     zero_shot_average,
 )
 from prunenet.io.models import ALIASES, load_model, resolve_model_path
-from prunenet.io.saving import check_writable_parent
+from prunenet.io.saving import REPORT_FILE, check_writable_parent
 from prunenet.tables import format_table
 
 

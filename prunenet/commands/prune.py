@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 import time
@@ -11,18 +10,12 @@ from pathlib import Path
 
 import torch
 
-from prunenet.allocation.budget import DEFAULT_MAX_RATIO, keep_counts
-from prunenet.allocation.sensitivity import ALLOCATIONS, SENSITIVITY_RATIOS, auto_allocation
+from prunenet.allocation.budget import DEFAULT_MAX_RATIO
+from prunenet.allocation.sensitivity import ALLOCATIONS, SENSITIVITY_RATIOS
 from prunenet.commands.options import positive_int
-from prunenet.core.arch import ffn_width, ffn_widths
-from prunenet.core.compress import (
-    PruneReport,
-    estimated_output_bytes,
-    keep_count,
-    prune_model,
-    save_pruned,
-    validate_ratio,
-)
+from prunenet.core.arch import ffn_width
+from prunenet.core.compress import PruneReport, estimated_output_bytes
+from prunenet.core.ratios import keep_count, validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.io.models import ALIASES, load_model, resolve_model_path
 from prunenet.io.saving import check_free_space, hold_output
@@ -33,7 +26,9 @@ from prunenet.io.stream.prune import (
     should_stream,
     stream_prune,
 )
-from prunenet.scoring.heuristics import SCORERS, Scorer, make_scorer
+from prunenet.pipeline import prune_and_save, scorer_planner
+from prunenet.scoring.base import Scorer
+from prunenet.scoring.registry import SCORERS, make_scorer
 from prunenet.tables import format_table
 
 
@@ -168,22 +163,12 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
         f"scoring with {scorer.name} (seed {args.seed}, {device}), {args.allocation} allocation",
         flush=True,
     )
-    rows = []
-    scores = None
-    for ratio, folder in zip(args.ratio, folders, strict=True):
-        start = time.perf_counter()
-        if scores is None or scorer.ratio_aware:  # one ranking serves every ratio otherwise
-            scores = scorer.score_model(model, ratio=ratio)
-        layer_keep = None
-        if args.allocation == "auto":
-            removed = auto_allocation(model, scorer, ratio, args.max_layer_ratio)
-            layer_keep = keep_counts(ffn_widths(model.config), removed)
-        pruned = copy.deepcopy(model) if len(folders) > 1 else model
-        report = prune_model(pruned, scores, ratio, layer_keep=layer_keep)
-        report.scorer = {**scorer.describe(), "allocation": args.allocation}
-        save_pruned(pruned, tokenizer, folder, report, overwrite=args.overwrite)
-        report.seconds = time.perf_counter() - start
-        rows.append(summary_row(ratio, report, folder))
+    planner = scorer_planner(scorer, args.allocation, args.max_layer_ratio)
+    reports = prune_and_save(model, tokenizer, planner, args.ratio, folders, args.overwrite)
+    rows = [
+        summary_row(ratio, report, folder)
+        for ratio, report, folder in zip(args.ratio, reports, folders, strict=True)
+    ]
     print(format_table(SUMMARY_HEADERS, rows))
     return 0
 
@@ -204,7 +189,7 @@ def warn_if_nothing_removed(width: int, ratio: float) -> int:
 def build_scorer(args: argparse.Namespace) -> Scorer:
     """The checkpoint's scorer when --policy is given (PPO or REINFORCE), else the named one."""
     if args.policy:
-        from prunenet.rl.ppo.scorer import load_scorer_from_checkpoint  # imports SB3: if asked
+        from prunenet.scoring.registry import load_scorer_from_checkpoint
 
         return load_scorer_from_checkpoint(args.policy, device=args.device)
     return make_scorer(args.scorer, seed=args.seed)

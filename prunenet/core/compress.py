@@ -6,11 +6,8 @@ not the fraction of all parameters, so every report carries both.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,10 +20,8 @@ from prunenet.core.arch import (
     ffn_width,
     set_ffn_widths,
 )
+from prunenet.core.ratios import validate_ratio
 from prunenet.errors import PruneNetError
-from prunenet.io.saving import atomic_directory
-
-REPORT_FILE = "prunenet_report.json"
 
 
 @dataclass
@@ -58,34 +53,6 @@ class PruneReport:
         data["ffn_ratio"] = self.ffn_ratio
         data["params_removed_fraction"] = self.params_removed_fraction
         return data
-
-
-def validate_ratio(ratio) -> float:
-    """A ratio as float in (0, 1), or a clear error."""
-    try:
-        value = float(ratio)
-    except (TypeError, ValueError):
-        raise PruneNetError(f"Ratio {ratio!r} is not a number; pass a value in (0, 1).") from None
-    if not math.isfinite(value) or not 0.0 < value < 1.0:
-        raise PruneNetError(
-            f"Ratio {ratio!r} is outside (0, 1). It is the fraction of FFN rows removed: "
-            "0.3 removes 30% of each FFN's neurons."
-        )
-    return value
-
-
-def keep_count(width: int, ratio: float) -> int:
-    """Rows kept at `ratio`: round((1 - r) * width), refusing to remove every row."""
-    kept = round((1.0 - validate_ratio(ratio)) * width)
-    if kept < 1:
-        # Suggest 1 - 1/width rounded down: (1 - r) * width = 0.5 would round to 0 (half to
-        # even), so the boundary itself is not a safe suggestion.
-        largest = math.floor((1.0 - 1.0 / width) * 1e4) / 1e4
-        raise PruneNetError(
-            f"Ratio {ratio} would remove all {width} FFN rows of a layer; use a smaller ratio "
-            f"(at most {largest:.4f} keeps one row)."
-        )
-    return kept
 
 
 def select_keep_indices(scores: torch.Tensor, kept: int) -> torch.Tensor:
@@ -120,42 +87,42 @@ def estimated_output_bytes(model: nn.Module, ratio: float) -> int:
 def prune_model(
     model: nn.Module,
     layer_scores: list[torch.Tensor],
-    ratio: float,
-    layer_ratios: list[float] | None = None,
-    layer_keep: list[int] | None = None,
+    layer_keep: list[int],
+    *,
+    target_ratio: float | None = None,
 ) -> PruneReport:
-    """Remove the lowest-scoring FFN rows of every layer in place and update the config.
+    """Keep the `layer_keep[i]` highest-scoring FFN rows of layer i, in place; update the config.
 
+    How much to keep is said one way only, in whole rows per layer: `prunenet.core.ratios.
+    uniform_keep` for the same ratio everywhere, `prunenet.allocation` for a global budget
+    (rounding per-layer ratios could miss the total).
+
+    :param model: a model of a supported architecture (`prunenet.core.arch`).
     :param layer_scores: one score vector per decoder layer (higher = keep).
-    :param ratio: global fraction of FFN rows to remove (recorded in the report).
-    :param layer_ratios: per-layer ratios; defaults to `ratio` in every layer.
-    :param layer_keep: exact rows to keep per layer (overrides `layer_ratios`). Pass this for a
-        global budget (prunenet.allocation.budget): rounding each layer's ratio can miss the total.
+    :param layer_keep: rows to keep per layer, each in 1..width.
+    :param target_ratio: the ratio the caller asked for, recorded in the report; defaults to the
+        fraction of all FFN rows actually removed.
     """
     start = time.perf_counter()
-    ratio = validate_ratio(ratio)
     adapter = adapter_for(model.config)
     layers = decoder_layers(model)
     if len(layer_scores) != len(layers):
         raise PruneNetError(
             f"Got {len(layer_scores)} score vectors for a model with {len(layers)} layers."
         )
-    layer_ratios = layer_ratios or [ratio] * len(layers)
     width = ffn_width(model.config)
     params_before = count_parameters(model)
     # Check every input before the first cut: a refusal must leave the model untouched.
     for scores in layer_scores:
         if scores.numel() != width:
             raise PruneNetError(f"Score vector has {scores.numel()} entries, FFN width is {width}.")
-    if layer_keep is not None:
-        widths_after = [_checked_keep(kept, width) for kept in layer_keep]
-    else:
-        widths_after = [keep_count(width, layer_ratio) for layer_ratio in layer_ratios]
+    widths_after = [_checked_keep(kept, width) for kept in layer_keep]
     if len(widths_after) != len(layers):
         raise PruneNetError(f"Got {len(widths_after)} per-layer targets for {len(layers)} layers.")
     for layer, scores, kept in zip(layers, layer_scores, widths_after, strict=True):
         cut_ffn(layer, adapter, select_keep_indices(scores, kept))
     record_ffn_widths(model.config, widths_after)
+    achieved = 1.0 - sum(widths_after) / (width * len(layers))
     return PruneReport(
         model_type=model.config.model_type,
         num_layers=len(layers),
@@ -163,7 +130,7 @@ def prune_model(
         ffn_widths_after=widths_after,
         params_before=params_before,
         params_after=count_parameters(model),
-        target_ratio=ratio,
+        target_ratio=achieved if target_ratio is None else validate_ratio(target_ratio),
         seconds=time.perf_counter() - start,
     )
 
@@ -184,16 +151,3 @@ def _checked_keep(kept, width: int) -> int:
             f"Cannot keep {kept!r} rows of an FFN with {width}: keep a whole number in 1..{width}."
         )
     return int(kept)
-
-
-def save_pruned(
-    model: nn.Module, tokenizer, out: str | Path, report: PruneReport, overwrite: bool = False
-) -> Path:
-    """Save model, tokenizer and report atomically: nothing appears at `out` unless all succeed."""
-    out = Path(out).expanduser()
-    with atomic_directory(out, overwrite) as staging:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
-    return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ try:  # POSIX; without it (Windows) runs are not locked against each other
 except ImportError:  # pragma: no cover - not reachable on Linux/macOS
     fcntl = None
 
+REPORT_FILE = "prunenet_report.json"
 PARTIAL = "partial"
 PREVIOUS = "previous"
 # Locks this process holds, by absolute destination: nested writers of the same run reuse them.
@@ -138,6 +140,33 @@ def atomic_directory(out: str | Path, overwrite: bool) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    The one atomic writer for single files (policy checkpoints, cache entries): a reader sees
+    the old file or the new one, never half of one, and a failed write leaves nothing behind.
+
+    :param path: the destination file; its folder is created if needed.
+    :param mode: permission bits for the new file (default: 0666 minus the umask, like `open`).
+    """
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.{PARTIAL}-", dir=path.parent)
+    os.close(handle)
+    staging = Path(name)
+    try:
+        yield staging
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        staging.chmod(mode)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def clean_stale_siblings(out: Path) -> list[str]:
@@ -268,3 +297,21 @@ def _set_default_mode(folder: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
+
+
+def save_pruned(model, tokenizer, out: str | Path, report, overwrite: bool = False) -> Path:
+    """Save model, tokenizer and report atomically: nothing appears at `out` unless all succeed.
+
+    :param model: a `transformers` model (`save_pretrained`).
+    :param tokenizer: its tokenizer, or None (then the folder has none).
+    :param out: the destination folder.
+    :param report: what the run did (`prunenet.core.compress.PruneReport`, any `to_dict()`).
+    :param overwrite: replace an existing `out`.
+    """
+    out = Path(out).expanduser()
+    with atomic_directory(out, overwrite) as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
+    return out

@@ -8,12 +8,15 @@ comparison; on SmolLM2 the selection with the best spectrum had worse perplexity
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from prunenet.analysis.features import LayerData
 from prunenet.analysis.spectral import function_error, ks_reward
+from prunenet.core.compress import select_keep_indices
+from prunenet.core.ratios import keep_count
 from prunenet.errors import PruneNetError
 
 
@@ -39,3 +42,27 @@ def reward_function(name: str) -> Callable[[LayerData, torch.Tensor], float]:
     if name not in REWARDS:
         raise PruneNetError(f"Unknown reward {name!r}; choose one of {', '.join(REWARDS)}.")
     return REWARDS[name]
+
+
+def mean_reward(
+    layer_data: Sequence[LayerData],
+    ratios: Sequence[float],
+    reward: str,
+    layer_scores: Callable[[int, LayerData, float], torch.Tensor],
+) -> float:
+    """How every trainer evaluates a policy: the mean reward of its deterministic top-k rows.
+
+    :param layer_data: the layers of one model.
+    :param ratios: target ratios to evaluate at (each layer is scored at each).
+    :param reward: a name in `REWARDS`.
+    :param layer_scores: `(layer index, layer data, ratio) -> row scores` of the policy.
+    """
+    reward_of = reward_function(reward)
+    values = []
+    for ratio in ratios:
+        for index, layer in enumerate(layer_data):
+            kept = keep_count(layer.ffn.width, ratio)
+            values.append(
+                reward_of(layer, select_keep_indices(layer_scores(index, layer, ratio), kept))
+            )
+    return float(np.mean(values))

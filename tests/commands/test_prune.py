@@ -19,8 +19,9 @@ from transformers.modeling_utils import PreTrainedModel
 from prunenet.cli import main
 from prunenet.commands import prune as prune_command
 from prunenet.core.arch import ffn_width, supported_model_types
-from prunenet.core.compress import REPORT_FILE, keep_count
+from prunenet.core.ratios import keep_count
 from prunenet.io import saving
+from prunenet.io.saving import REPORT_FILE
 from prunenet.scoring.heuristics import RandomScorer
 from tests.conftest import FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from prunenet.cli import Terminated, main
-from prunenet.rl.ppo.policy import read_metadata
+from prunenet.rl.checkpoint import read_metadata
 from prunenet.rl.ppo.train import BestCheckpointCallback
 
 

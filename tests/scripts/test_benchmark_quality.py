@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from prunenet.errors import PruneNetError
-from prunenet.scoring.heuristics import SCORERS
+from prunenet.scoring.registry import SCORERS
 from tests.conftest import load_script
 
 

@@ -40,17 +40,11 @@ from torch import nn
 from transformers import AutoConfig
 
 from prunenet.core.arch import Adapter, FFNWeights, adapter_for, cut_ffn, ffn_weights, ffn_width
-from prunenet.core.compress import (
-    REPORT_FILE,
-    PruneReport,
-    keep_count,
-    record_ffn_widths,
-    select_keep_indices,
-    validate_ratio,
-)
+from prunenet.core.compress import PruneReport, record_ffn_widths, select_keep_indices
+from prunenet.core.ratios import keep_count, validate_ratio
 from prunenet.errors import PruneNetError
-from prunenet.io.saving import atomic_directory, check_free_space, check_output_path
-from prunenet.scoring.heuristics import Scorer
+from prunenet.io.saving import REPORT_FILE, atomic_directory, check_free_space, check_output_path
+from prunenet.scoring.base import Scorer
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

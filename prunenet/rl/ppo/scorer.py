@@ -3,59 +3,23 @@
 One checkpoint serves any ratio and any FFN width: the features of a model are computed once
 (and the self-generated activations cached on disk), then every ratio costs one small forward
 pass of the policy per layer.
-
-`load_scorer_from_checkpoint` picks the scorer from the checkpoint's metadata: `PolicyScorer`
-for PPO checkpoints, `prunenet.rl.reinforce.train.ReinforceScorer` for the paper-faithful baseline.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from envs.ffn_prune import observation_for
 from prunenet.analysis.features import LayerData, layer_features, model_layer_data
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.core.arch import FFNWeights
 from prunenet.errors import PruneNetError
 from prunenet.io.cache import weights_fingerprint
-from prunenet.rl.ppo.policy import RowScoringPolicy, load_policy, read_metadata
-from prunenet.scoring.heuristics import Scorer
-
-
-def load_scorer_from_checkpoint(checkpoint: str, device: str = "cpu") -> Scorer:
-    """The right scorer for a `prunenet train` checkpoint, by its metadata's `algo`.
-
-    :param checkpoint: path of the zip; its metadata is validated first (`read_metadata`).
-    :param device: where the policy runs.
-    """
-    algo = read_metadata(checkpoint)["algo"]
-    if algo == "ppo":
-        return PolicyScorer(checkpoint, device)
-    if algo == "reinforce":
-        from prunenet.rl.reinforce.train import ReinforceScorer
-
-        return ReinforceScorer(checkpoint, device)
-    raise PruneNetError(
-        f"Checkpoint {checkpoint} was trained with algo {algo!r}, which this PruneNet cannot "
-        "score with (known: ppo, reinforce). Re-train it with `prunenet train`."
-    )
-
-
-BUNDLED_POLICY = Path(__file__).resolve().parents[2] / "policies" / "smollm2-135m-ppo.zip"
-
-
-def bundled_policy_scorer(seed: int = 0) -> Scorer:
-    """The PPO policy that ships with PruneNet (`--scorer policy`, the default).
-
-    Trained with `prunenet train --model smollm2-135m --timesteps 1800 --seed 0` (selfgen
-    features, function reward, ratios 0.1:0.5). It is size-agnostic, so it scores any supported
-    model; its quality was measured on SmolLM2-135M (README). `seed` is unused: the policy's
-    scores are deterministic and its self-generated text uses the seed it was trained with.
-    """
-    return PolicyScorer(str(BUNDLED_POLICY))
+from prunenet.rl.checkpoint import read_metadata
+from prunenet.rl.observation import observation_for
+from prunenet.rl.ppo.checkpoint import load_policy
+from prunenet.rl.ppo.policy import RowScoringPolicy
+from prunenet.scoring.base import Scorer
 
 
 class PolicyScorer(Scorer):
@@ -75,7 +39,7 @@ class PolicyScorer(Scorer):
         if self.metadata["algo"] != "ppo":
             raise PruneNetError(
                 f"{checkpoint} is a {self.metadata['algo']!r} checkpoint, not a PPO policy; "
-                "load it with prunenet.rl.ppo.scorer.load_scorer_from_checkpoint."
+                "load it with prunenet.scoring.registry.load_scorer_from_checkpoint."
             )
         self.feature_set = self.metadata["feature_set"]
         self.weights_only = self.feature_set == "weights"

@@ -11,12 +11,10 @@ layers (the paper uses 0.99) only adds the other layers' noise to every advantag
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
 from stable_baselines3 import PPO
@@ -24,15 +22,26 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.monitor import Monitor
 from tqdm.auto import tqdm
 
-from envs.ffn_prune import FFNPruneEnv, observation_for, validate_ratio_range
 from prunenet import __version__
 from prunenet.analysis.features import LayerData, model_layer_data
 from prunenet.analysis.selfgen import SelfGenConfig
-from prunenet.core.compress import keep_count, select_keep_indices, validate_ratio
+from prunenet.core.ratios import validate_ratio, validate_ratio_range
 from prunenet.errors import PruneNetError
 from prunenet.io.models import load_model
-from prunenet.rl.ppo.policy import RowScoringPolicy, refuse_existing_checkpoint, write_metadata
-from prunenet.rl.rewards import NEEDS_ACTIVATIONS, reward_function
+from prunenet.io.saving import atomic_file
+from prunenet.rl.checkpoint import (
+    TrainingInterrupted,
+    refuse_existing_checkpoint,
+)
+from prunenet.rl.observation import observation_for
+from prunenet.rl.ppo.checkpoint import write_policy_members
+from prunenet.rl.ppo.policy import RowScoringPolicy
+from prunenet.rl.rewards import NEEDS_ACTIVATIONS, mean_reward, reward_function
+
+# The environment is reached by its registered id, as for any Gymnasium environment: the "envs:"
+# prefix makes gym.make import the top-level `envs` package, which imports `prunenet` (never the
+# reverse, so the library has no import of the environments).
+ROW_ENV_ID = "envs:PruneNet/FFNPrune-v0"
 
 
 @dataclass
@@ -92,33 +101,6 @@ class TrainResult:
     history: list[tuple[int, float, float]] = field(default_factory=list)  # step, seconds, reward
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM) during training, with where the best checkpoint so far was saved.
-
-    Still a `KeyboardInterrupt`, so callers that stop on one keep doing so.
-
-    :param checkpoint: path of the best checkpoint saved by this run, None if none was yet.
-    :param step: the PPO step (or REINFORCE episode) that checkpoint is from.
-    :param reward: its evaluation reward.
-    :param unit: what `step` counts ("step" or "episode").
-    """
-
-    def __init__(
-        self, checkpoint: str | None, step: int = 0, reward: float = 0.0, unit: str = "step"
-    ) -> None:
-        super().__init__(checkpoint)
-        self.checkpoint, self.step, self.reward, self.unit = checkpoint, step, reward, unit
-
-    def summary(self) -> str:
-        """One line for the user: where the best policy so far is, or that none was saved."""
-        if self.checkpoint is None:
-            return "no checkpoint was saved yet (none before the first evaluation)"
-        return (
-            f"the best checkpoint so far ({self.unit} {self.step}, eval reward "
-            f"{self.reward:.4f}) is saved at {self.checkpoint}"
-        )
-
-
 def train_policy(config: TrainConfig, layer_data: list[LayerData] | None = None) -> TrainResult:
     """Train a policy with PPO and save the best checkpoint at `config.out`.
 
@@ -140,7 +122,9 @@ def train_policy(config: TrainConfig, layer_data: list[LayerData] | None = None)
             del model
         feature_seconds = time.perf_counter() - start
         env = Monitor(
-            FFNPruneEnv(
+            gym.make(
+                ROW_ENV_ID,
+                disable_env_checker=True,  # the env's own tests run check_env
                 layer_data=[layer_data],
                 feature_set=config.feature_set,
                 reward=config.reward,
@@ -187,16 +171,19 @@ def train_policy(config: TrainConfig, layer_data: list[LayerData] | None = None)
 def evaluate_policy(
     policy: RowScoringPolicy, layer_data: list[LayerData], ratios: list[float], reward: str
 ) -> float:
-    """Mean reward of the deterministic policy over all layers at each of `ratios`."""
-    reward_of = reward_function(reward)
-    width = layer_data[0].ffn.width
-    values = []
-    for ratio in ratios:
-        for index, layer in enumerate(layer_data):
-            depth = index / max(len(layer_data) - 1, 1)
-            scores = policy.row_scores(observation_for(layer.features, ratio, depth))
-            values.append(reward_of(layer, select_keep_indices(scores, keep_count(width, ratio))))
-    return float(np.mean(values))
+    """Mean reward of the deterministic policy over all layers at each of `ratios`.
+
+    :param policy: the policy being trained.
+    :param layer_data: the layers it is evaluated on.
+    :param ratios: evaluation ratios.
+    :param reward: a name in `prunenet.rl.rewards.REWARDS`.
+    """
+
+    def scores(index: int, layer: LayerData, ratio: float) -> torch.Tensor:
+        depth = index / max(len(layer_data) - 1, 1)
+        return policy.row_scores(observation_for(layer.features, ratio, depth))
+
+    return mean_reward(layer_data, ratios, reward, scores)
 
 
 def evaluation_ratios(config: TrainConfig) -> list[float]:
@@ -267,12 +254,9 @@ def save_checkpoint(agent: PPO, config: TrainConfig, reward: float, step: int) -
     :param reward: the policy's evaluation reward.
     :param step: the PPO step it was evaluated at.
     """
-    out = Path(config.out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.partial-") as staging:
-        path = Path(staging) / "policy.zip"
+    with atomic_file(config.out) as path:
         agent.save(path)
-        write_metadata(
+        write_policy_members(
             path,
             {
                 "algo": "ppo",
@@ -287,9 +271,8 @@ def save_checkpoint(agent: PPO, config: TrainConfig, reward: float, step: int) -
                 "train_config": asdict(config),
                 "prunenet_version": __version__,
             },
-            policy=agent.policy,
+            agent.policy,
         )
-        shutil.move(str(path), out)
 
 
 def validate_train_config(config: TrainConfig) -> None:

@@ -33,10 +33,7 @@ Evaluation: the mean 1/KS reward over layers of the deterministic top-k at the t
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,28 +41,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunenet import __version__
 from prunenet.analysis.features import LayerData
 from prunenet.analysis.selfgen import SelfGenConfig, collect_activations
-from prunenet.core.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
-from prunenet.core.compress import keep_count, select_keep_indices, validate_ratio
+from prunenet.core.arch import adapter_for, decoder_layers, ffn_weights
+from prunenet.core.ratios import keep_count, validate_ratio
 from prunenet.errors import PruneNetError
-from prunenet.rl.ppo.policy import (
-    CHECKPOINT_FORMAT,
-    read_metadata,
-    read_state_dict,
+from prunenet.rl.checkpoint import (
+    TrainingInterrupted,
     refuse_existing_checkpoint,
-    tensors_to_bytes,
-    write_metadata,
 )
-from prunenet.rl.ppo.train import TrainingInterrupted
-from prunenet.rl.rewards import NEEDS_ACTIVATIONS, reward_function
-from prunenet.scoring.heuristics import Scorer
+from prunenet.rl.reinforce.checkpoint import save_reinforce
+from prunenet.rl.reinforce.policy import RowLogitPolicy, policy_rows
+from prunenet.rl.rewards import NEEDS_ACTIVATIONS, mean_reward, reward_function
 
-ALGO = "reinforce"
-FEATURE_SET = "weights-raw"  # the raw rows of the first FFN input projection, no features
-STATE_FILE = "reinforce_policy.safetensors"
-LEGACY_STATE_FILE = "reinforce_policy.pt"  # format 1: torch.save, read with weights_only=True
 BASELINE_DECAY = 0.9  # moving average of past returns per layer position
 
 
@@ -92,24 +80,6 @@ class ReinforceResult:
     @property
     def seconds_per_episode(self) -> float:
         return self.train_seconds / max(self.episodes, 1)
-
-
-class RowLogitPolicy(nn.Module):
-    """logit_i = <w, row_i> + b: the paper's policy, one logit per FFN row from its weights.
-
-    :param d_model: length of a row (the model's hidden size); the only parameter shape.
-    :param d_ff: number of rows of the model it is trained for (recorded and checked, since the
-        paper's policy is tied to one model).
-    """
-
-    def __init__(self, d_model: int, d_ff: int) -> None:
-        super().__init__()
-        self.d_model = d_model
-        self.d_ff = d_ff
-        self.linear = nn.Linear(d_model, 1)
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.linear(rows).squeeze(-1)
 
 
 def train_reinforce(
@@ -273,14 +243,20 @@ def discounted_returns(rewards: list[float], gamma: float) -> torch.Tensor:
 def evaluate_reinforce(
     policy: RowLogitPolicy, layer_data: list[LayerData], ratio: float, reward: str = "ks"
 ) -> float:
-    """Mean reward over layers of the deterministic top-k of the logits at `ratio`."""
-    reward_of = reward_function(reward)
-    values = []
-    for layer in layer_data:
-        logits = policy(_rows(layer.ffn).to(next(policy.parameters()).device))
-        keep = select_keep_indices(logits, keep_count(layer.ffn.width, ratio))
-        values.append(reward_of(layer, keep))
-    return sum(values) / len(values)
+    """Mean reward over layers of the deterministic top-k of the logits at `ratio`.
+
+    :param policy: the baseline policy.
+    :param layer_data: the layers it is evaluated on.
+    :param ratio: the one ratio it is trained for.
+    :param reward: a name in `prunenet.rl.rewards.REWARDS`.
+    """
+    device = next(policy.parameters()).device
+    return mean_reward(
+        layer_data,
+        [ratio],
+        reward,
+        lambda index, layer, _: policy(policy_rows(layer.ffn).to(device)),
+    )
 
 
 def weight_layer_data(model: nn.Module, selfgen: SelfGenConfig | None = None) -> list[LayerData]:
@@ -295,153 +271,10 @@ def weight_layer_data(model: nn.Module, selfgen: SelfGenConfig | None = None) ->
     return data
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_reinforce(policy: RowLogitPolicy, out: str | Path, metadata: dict) -> None:
-    """Zip with the state dict (safetensors) and PruneNet metadata, written beside `out`.
-
-    Nothing in it is pickled, so loading it cannot run code (`prunenet.rl.ppo.policy`'s checkpoints).
-
-    :param policy: the baseline policy to save.
-    :param out: the checkpoint path (.zip); replaced atomically (staged beside it, renamed).
-    :param metadata: training facts (`ratio` is required); kept in `prunenet.json`.
-    """
-    out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.partial-") as staging:
-        path = Path(staging) / "policy.zip"
-        with zipfile.ZipFile(path, "w") as archive:
-            archive.writestr(STATE_FILE, tensors_to_bytes(policy.state_dict()))
-        write_metadata(
-            path,
-            {
-                "algo": ALGO,
-                "feature_set": FEATURE_SET,
-                "ratios": [metadata["ratio"], metadata["ratio"]],
-                "d_model": policy.d_model,
-                "d_ff": policy.d_ff,
-                "prunenet_version": __version__,
-                **metadata,
-            },
-        )
-        shutil.move(str(path), out)
-
-
-def load_reinforce(checkpoint: str | Path, device: str = "cpu") -> tuple[RowLogitPolicy, dict]:
-    """The baseline policy and its metadata; clear errors for foreign or damaged files.
-
-    The weights are read from `reinforce_policy.safetensors`, or in format-1 checkpoints from
-    `reinforce_policy.pt` with `torch.load(weights_only=True)`: never unpickled.
-
-    :param checkpoint: a `prunenet train --algo reinforce` zip.
-    :param device: where the returned policy lives.
-    """
-    metadata = read_metadata(checkpoint)
-    if metadata["algo"] != ALGO:
-        raise PruneNetError(
-            f"{checkpoint} is a {metadata['algo']!r} checkpoint, not a REINFORCE baseline; "
-            "load it with prunenet.rl.ppo.scorer.load_scorer_from_checkpoint."
-        )
-    state = read_state_dict(checkpoint, _state_member(checkpoint))
-    try:
-        policy = RowLogitPolicy(_positive_int(metadata, "d_model"), _positive_int(metadata, "d_ff"))
-        policy.load_state_dict(state)
-    except (KeyError, RuntimeError, TypeError, ValueError) as error:
-        raise PruneNetError(
-            f"REINFORCE checkpoint {checkpoint} could not be read ({type(error).__name__}: "
-            f"{error}). Re-train it with `prunenet train --algo reinforce`."
-        ) from None
-    return policy.to(device).eval(), metadata
-
-
-def resave_reinforce(old: str | Path, new: str | Path) -> None:
-    """Write the REINFORCE checkpoint `old` in the current format at `new` (may be the same).
-
-    The weights are read as `load_reinforce` reads them (a format-1 `.pt` only with
-    `weights_only=True`) and written as safetensors; all metadata is kept.
-
-    :param old: a REINFORCE checkpoint of any supported format.
-    :param new: where the converted zip goes; written beside it, then renamed into place.
-    """
-    policy, metadata = load_reinforce(old)
-    save_reinforce(policy, new, {**metadata, "format": CHECKPOINT_FORMAT})
-
-
-def _state_member(checkpoint: str | Path) -> str:
-    try:
-        with zipfile.ZipFile(Path(checkpoint).expanduser()) as archive:
-            names = set(archive.namelist())
-    except (zipfile.BadZipFile, OSError) as error:
-        raise PruneNetError(
-            f"REINFORCE checkpoint {checkpoint} is corrupt or not a zip file ({error})."
-        ) from None
-    for member in (STATE_FILE, LEGACY_STATE_FILE):
-        if member in names:
-            return member
-    raise PruneNetError(
-        f"REINFORCE checkpoint {checkpoint} has PruneNet metadata but no policy inside (no "
-        f"{STATE_FILE}). Re-train it with `prunenet train --algo reinforce`."
-    )
-
-
-def _positive_int(metadata: dict, key: str) -> int:
-    value = metadata[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    return value
-
-
-class ReinforceScorer(Scorer):
-    """Scores from a baseline checkpoint: the policy's logits, deterministic, weights only.
-
-    Any ratio can be asked for (the top-k of the logits), but the paper trains one policy per
-    ratio, so `describe()` records the ratio it was trained for.
-
-    :param checkpoint: path of a `prunenet train --algo reinforce` zip.
-    :param device: where the policy runs.
-    """
-
-    name = "reinforce"
-    weights_only = True
-
-    def __init__(self, checkpoint: str | Path, device: str = "cpu") -> None:
-        self.checkpoint = str(checkpoint)
-        self.device = device
-        self.policy, self.metadata = load_reinforce(checkpoint, device)
-
-    @torch.no_grad()
-    def score_layer(
-        self, ffn: FFNWeights, layer_index: int, num_layers: int, ratio: float | None = None
-    ) -> torch.Tensor:
-        rows = _rows(ffn)
-        if tuple(rows.shape) != (self.policy.d_ff, self.policy.d_model):
-            raise PruneNetError(
-                f"REINFORCE checkpoint {self.checkpoint} was trained on "
-                f"{self.metadata.get('source_model')} (d_model {self.policy.d_model}, d_ff "
-                f"{self.policy.d_ff}); layer {layer_index} of this model has d_model "
-                f"{rows.shape[1]}, d_ff {rows.shape[0]}. The paper's policy is a linear map "
-                "over one model's rows and cannot score another width: train one for this model "
-                "with `prunenet train --algo reinforce`, or use the size-agnostic PPO policy "
-                "(`prunenet train`), whose checkpoints score any width."
-            )
-        return self.policy(rows.to(self.device)).cpu()
-
-    def describe(self) -> dict:
-        keys = ("algo", "feature_set", "reward", "ratio", "source_model", "seed", "episode")
-        return {"scorer": self.name, "checkpoint": self.checkpoint,
-                **{k: self.metadata.get(k) for k in keys}}  # fmt: skip
-
-
-def _rows(ffn: FFNWeights) -> torch.Tensor:
-    """The policy's input: rows of the first FFN input projection (fc1 or gate_proj)."""
-    return ffn.inputs[0].detach().float()
-
-
 def _layer_rows(layer_data: list[LayerData], device: str) -> list[torch.Tensor]:
     if not layer_data:
         raise PruneNetError("The model has no FFN layers to train on.")
-    rows = [_rows(layer.ffn).to(device) for layer in layer_data]
+    rows = [policy_rows(layer.ffn).to(device) for layer in layer_data]
     shapes = {tuple(r.shape) for r in rows}
     if len(shapes) != 1:
         raise PruneNetError(
