@@ -45,19 +45,13 @@ from torch import nn
 from prunenet import __version__
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO, keep_counts, uniform_allocation
 from prunenet.core.arch import ffn_widths
+from prunenet.core.devices import default_device, describe_device
 from prunenet.core.ratios import rows_for_ratio, validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.evaluation.data import PAPER_TASKS, data_versions
-from prunenet.evaluation.evaluate import (
-    DEFAULT_BATCH_SIZE,
-    METRIC_DEFINITIONS,
-    EvaluationSuite,
-    default_device,
-    describe_device,
-    measure_speed,
-    parameter_counts,
-    zero_shot_average,
-)
+from prunenet.evaluation.speed import measure_speed, parameter_counts
+from prunenet.evaluation.suite import METRIC_DEFINITIONS, EvaluationSuite
+from prunenet.evaluation.zero_shot import DEFAULT_BATCH_SIZE, zero_shot_average
 from prunenet.io.models import load_model
 from prunenet.pipeline import Planner, PrunePlan, apply_plan, scorer_planner
 from prunenet.scoring.base import Scorer

@@ -13,8 +13,18 @@ from prunenet.core.arch import ffn_widths
 from prunenet.core.compress import prune_model
 from prunenet.core.ratios import uniform_keep
 from prunenet.errors import PruneNetError
-from prunenet.evaluation import evaluate
 from prunenet.evaluation.data import ChoiceItem
+from prunenet.evaluation.perplexity import perplexity, token_windows
+from prunenet.evaluation.speed import measure_speed, parameter_counts
+from prunenet.evaluation.suite import EvaluationSuite
+from prunenet.evaluation.zero_shot import (
+    choice_logliks,
+    encode_item,
+    encode_pair,
+    evaluate_zero_shot,
+    item_correct,
+    zero_shot_average,
+)
 from prunenet.scoring.registry import make_scorer
 from tests.conftest import VOCAB_SIZE, tiny_model, tiny_tokenizer
 
@@ -41,8 +51,8 @@ def _hand_log_softmax(logits: torch.Tensor) -> torch.Tensor:
 
 def test_perplexity_equals_hand_computed_value(llama, tokenizer):
     seqlen = 8
-    windows = evaluate.token_windows(tokenizer, TEXT, seqlen, limit=None)
-    result = evaluate.perplexity(llama, windows, tokenizer.bos_token_id)
+    windows = token_windows(tokenizer, TEXT, seqlen, limit=None)
+    result = perplexity(llama, windows, tokenizer.bos_token_id)
 
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     nll, count = 0.0, 0
@@ -60,22 +70,22 @@ def test_perplexity_equals_hand_computed_value(llama, tokenizer):
 
 
 def test_perplexity_without_bos_skips_each_windows_first_token(llama, tokenizer):
-    windows = evaluate.token_windows(tokenizer, TEXT, 8, limit=None)
-    result = evaluate.perplexity(llama, windows, bos_id=None)
+    windows = token_windows(tokenizer, TEXT, 8, limit=None)
+    result = perplexity(llama, windows, bos_id=None)
     assert result.scored_tokens == 5 * 7
     assert result.bos_token_id is None
 
 
 def test_perplexity_is_independent_of_batch_size(llama, tokenizer):
-    windows = evaluate.token_windows(tokenizer, TEXT, 8, limit=None)
-    one = evaluate.perplexity(llama, windows, 1, batch_size=1)
-    three = evaluate.perplexity(llama, windows, 1, batch_size=3)
+    windows = token_windows(tokenizer, TEXT, 8, limit=None)
+    one = perplexity(llama, windows, 1, batch_size=1)
+    three = perplexity(llama, windows, 1, batch_size=3)
     assert three.perplexity == pytest.approx(one.perplexity, rel=1e-5)
 
 
 def test_window_limit_takes_windows_evenly_spaced_through_the_text(tokenizer):
     text = " ".join(f"w{4 + i % 60}" for i in range(100))  # 100 tokens -> 10 windows of 10
-    windows = evaluate.token_windows(tokenizer, text, 10, limit=3)
+    windows = token_windows(tokenizer, text, 10, limit=3)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     starts = [0, 30, 60]  # windows 0, 3, 6 of 10
     assert windows.windows.tolist() == [ids[s : s + 10] for s in starts]
@@ -85,21 +95,21 @@ def test_window_limit_takes_windows_evenly_spaced_through_the_text(tokenizer):
 
 def test_text_shorter_than_one_window_is_refused(tokenizer):
     with pytest.raises(PruneNetError, match="fewer than one window"):
-        evaluate.token_windows(tokenizer, "w4 w5", 8, limit=None)
+        token_windows(tokenizer, "w4 w5", 8, limit=None)
 
 
 def test_acc_norm_divides_by_choice_length_and_can_flip_the_answer():
     # Choice 1 is longer: a lower total log-likelihood but a higher one per character.
     item = ChoiceItem.shared_context("Q:", ["short", "a much longer answer"], gold=1)
-    acc, acc_norm = evaluate.item_correct(item, [-10.0, -12.0])
+    acc, acc_norm = item_correct(item, [-10.0, -12.0])
     assert (acc, acc_norm) == (False, True)
     item_gold_0 = ChoiceItem.shared_context("Q:", ["short", "a much longer answer"], gold=0)
-    assert evaluate.item_correct(item_gold_0, [-10.0, -12.0]) == (True, False)
+    assert item_correct(item_gold_0, [-10.0, -12.0]) == (True, False)
 
 
 def test_ties_go_to_the_first_choice_like_numpy_argmax():
     item = ChoiceItem.shared_context("Q:", ["ab", "cd"], gold=0)
-    assert evaluate.item_correct(item, [-1.0, -1.0]) == (True, True)
+    assert item_correct(item, [-1.0, -1.0]) == (True, True)
 
 
 class PreferredTokenLM(nn.Module):
@@ -128,13 +138,13 @@ def test_zero_shot_picks_the_choice_made_of_the_preferred_token(tokenizer):
         ChoiceItem.shared_context("w4 w5", ["w9", "w7", "w11"], gold=1),
         ChoiceItem.shared_context("w6", ["w7 w7 w7", "w9"], gold=0),
     ]
-    encoded = [evaluate.encode_item(tokenizer, item, tokenizer.bos_token_id) for item in items]
-    logliks = evaluate.choice_logliks(model, encoded, batch_size=2)
+    encoded = [encode_item(tokenizer, item, tokenizer.bos_token_id) for item in items]
+    logliks = choice_logliks(model, encoded, batch_size=2)
 
     log_p = torch.log_softmax(model.bias.detach(), dim=0)
     assert logliks[0] == pytest.approx([log_p[ids[w]].item() for w in ("w9", "w7", "w11")])
     assert logliks[1] == pytest.approx([3 * log_p[ids["w7"]].item(), log_p[ids["w9"]].item()])
-    outcomes = [evaluate.item_correct(i, ll) for i, ll in zip(items, logliks, strict=True)]
+    outcomes = [item_correct(i, ll) for i, ll in zip(items, logliks, strict=True)]
     assert outcomes == [(True, True), (True, True)]
 
 
@@ -143,8 +153,8 @@ def test_batched_padded_logliks_equal_one_sequence_at_a_time(llama, tokenizer):
         ChoiceItem.shared_context("w4 w5 w6 w7 w8", ["w9", "w10 w11 w12"], gold=0),
         ChoiceItem.shared_context("w13", ["w14 w15", "w16", "w17 w18 w19 w20"], gold=2),
     ]
-    encoded = [evaluate.encode_item(tokenizer, item, tokenizer.bos_token_id) for item in items]
-    batched = evaluate.choice_logliks(llama, encoded, batch_size=5)
+    encoded = [encode_item(tokenizer, item, tokenizer.bos_token_id) for item in items]
+    batched = choice_logliks(llama, encoded, batch_size=5)
     for item_logliks, choices in zip(batched, encoded, strict=True):
         for value, (tokens, cont_len) in zip(item_logliks, choices, strict=True):
             with torch.no_grad():
@@ -158,14 +168,14 @@ def test_batched_padded_logliks_equal_one_sequence_at_a_time(llama, tokenizer):
 
 
 def test_encode_pair_moves_trailing_context_spaces_to_the_continuation(tokenizer):
-    context, continuation = evaluate.encode_pair(tokenizer, "w4 w5 ", "w6")
+    context, continuation = encode_pair(tokenizer, "w4 w5 ", "w6")
     assert tokenizer.convert_ids_to_tokens(context) == ["w4", "w5"]
     assert tokenizer.convert_ids_to_tokens(continuation) == ["w6"]
 
 
 def test_encode_item_prepends_bos_once_per_choice(tokenizer):
     item = ChoiceItem.shared_context("w4", ["w5", "w6 w7"], gold=0)
-    encoded = evaluate.encode_item(tokenizer, item, tokenizer.bos_token_id)
+    encoded = encode_item(tokenizer, item, tokenizer.bos_token_id)
     assert [tokenizer.convert_ids_to_tokens(t) for t, _ in encoded] == [
         ["<s>", "w4", "w5"],
         ["<s>", "w4", "w6", "w7"],
@@ -174,7 +184,7 @@ def test_encode_item_prepends_bos_once_per_choice(tokenizer):
 
 
 def test_evaluate_zero_shot_on_real_items_reports_sample_and_metrics(llama, tokenizer):
-    result = evaluate.evaluate_zero_shot(llama, tokenizer, "arc_easy", limit=3, seed=0)
+    result = evaluate_zero_shot(llama, tokenizer, "arc_easy", limit=3, seed=0)
     assert result.items == 3
     assert result.items_available == 2376
     assert result.primary_metric == "acc_norm"
@@ -183,25 +193,25 @@ def test_evaluate_zero_shot_on_real_items_reports_sample_and_metrics(llama, toke
 
 
 def test_winogrande_reports_acc_only(llama, tokenizer):
-    result = evaluate.evaluate_zero_shot(llama, tokenizer, "winogrande", limit=2)
+    result = evaluate_zero_shot(llama, tokenizer, "winogrande", limit=2)
     assert result.acc_norm is None
     assert result.score == result.acc
 
 
 def test_suite_runs_every_task_kind(llama, tokenizer):
-    suite = evaluate.EvaluationSuite(
+    suite = EvaluationSuite(
         tokenizer, ["ppl_lambada", "piqa"], seqlen=8, ppl_windows=2, limit=2, seed=0
     )
     results = suite.run(llama)
     assert results["ppl_lambada"].windows == 2
     assert results["piqa"].items == 2
-    assert evaluate.zero_shot_average(results) == results["piqa"].score
+    assert zero_shot_average(results) == results["piqa"].score
     assert suite.protocol()["bos_token"] == "<s>"
 
 
 def test_parameter_counts_find_every_ffn_and_shrink_with_pruning():
     model = tiny_model("llama")
-    counts = evaluate.parameter_counts(model)
+    counts = parameter_counts(model)
     # 2 layers x (gate + up + down) x hidden 16 x d_ff 24, no biases.
     assert counts.ffn == 2 * 3 * 16 * 24
     assert counts.ffn_widths == [24, 24]
@@ -210,18 +220,18 @@ def test_parameter_counts_find_every_ffn_and_shrink_with_pruning():
         make_scorer("magnitude").score_model(model),
         uniform_keep(ffn_widths(model.config), 0.5),
     )
-    pruned = evaluate.parameter_counts(model)
+    pruned = parameter_counts(model)
     assert pruned.ffn == counts.ffn // 2
     assert pruned.total == counts.total - counts.ffn // 2
 
 
 def test_parameter_counts_handle_conv1d_layout():
-    counts = evaluate.parameter_counts(tiny_model("gpt2"))
+    counts = parameter_counts(tiny_model("gpt2"))
     assert counts.ffn_widths == [64, 64]  # GPT-2's default d_ff = 4 x hidden
 
 
 def test_measure_speed_reports_shape_and_consistent_throughput(llama):
-    speed = evaluate.measure_speed(llama, batch_size=2, seqlen=8, repeats=3)
+    speed = measure_speed(llama, batch_size=2, seqlen=8, repeats=3)
     assert (speed.batch_size, speed.seqlen, len(speed.latencies_s)) == (2, 8, 3)
     assert speed.tokens_per_second == pytest.approx(16 / speed.latency_s)
     assert speed.device.startswith("cpu")
@@ -233,7 +243,7 @@ def test_smollm2_perplexity_and_arc_are_in_the_expected_range():
     from prunenet.io.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
-    suite = evaluate.EvaluationSuite(
+    suite = EvaluationSuite(
         tokenizer, ["ppl_boolq", "arc_easy"], seqlen=256, ppl_windows=1, limit=8, seed=0
     )
     results = suite.run(model)

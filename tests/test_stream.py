@@ -16,7 +16,8 @@ from prunenet.core.arch import ffn_widths
 from prunenet.core.compress import count_parameters, prune_model, select_keep_indices
 from prunenet.core.ratios import keep_count, uniform_keep
 from prunenet.errors import PruneNetError
-from prunenet.io.stream.prune import INDEX_FILE, stream_prune
+from prunenet.io.stream.checkpoint import INDEX_FILE
+from prunenet.io.stream.prune import stream_prune
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer
 from tests.conftest import FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer

@@ -22,26 +22,24 @@ from transformers.utils import logging as hf_logging
 
 from prunenet import __version__
 from prunenet.commands.options import non_negative_int, positive_int
+from prunenet.core.devices import default_device, describe_device
 from prunenet.errors import PruneNetError
 from prunenet.evaluation.data import DEFAULT_TASKS, all_task_names, data_versions, parse_tasks
-from prunenet.evaluation.evaluate import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_PPL_WINDOWS,
-    DEFAULT_SEQLEN,
+from prunenet.evaluation.perplexity import DEFAULT_PPL_WINDOWS, DEFAULT_SEQLEN, PerplexityResult
+from prunenet.evaluation.speed import (
     DEFAULT_SPEED_BATCH,
     DEFAULT_SPEED_REPEATS,
     DEFAULT_SPEED_SEQLEN,
-    DEFAULT_ZERO_SHOT_LIMIT,
-    METRIC_DEFINITIONS,
-    EvaluationSuite,
     ParameterCounts,
-    PerplexityResult,
     SpeedResult,
-    ZeroShotResult,
-    default_device,
-    describe_device,
     measure_speed,
     parameter_counts,
+)
+from prunenet.evaluation.suite import METRIC_DEFINITIONS, EvaluationSuite
+from prunenet.evaluation.zero_shot import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_ZERO_SHOT_LIMIT,
+    ZeroShotResult,
     zero_shot_average,
 )
 from prunenet.io.models import ALIASES, load_model, resolve_model_path
@@ -278,7 +276,7 @@ def protocol_record(
         },
         "data_packages": data_versions(),
         "evaluation_harness": (
-            "lm-evaluation-harness definitions and prompts reimplemented in prunenet.evaluation.evaluate "
+            "lm-evaluation-harness definitions and prompts reimplemented in prunenet.evaluation "
             "(its hub-based dataset loading does not work offline)"
         ),
         "metric_definitions": METRIC_DEFINITIONS,

@@ -15,17 +15,13 @@ from prunenet.allocation.sensitivity import ALLOCATIONS, SENSITIVITY_RATIOS
 from prunenet.commands.options import positive_int
 from prunenet.core.arch import ffn_width
 from prunenet.core.compress import PruneReport, estimated_output_bytes
+from prunenet.core.devices import resolve_device
 from prunenet.core.ratios import keep_count, validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.io.models import ALIASES, load_model, resolve_model_path
 from prunenet.io.saving import check_free_space, hold_output
-from prunenet.io.stream.prune import (
-    load_config,
-    require_weights_only,
-    resolve_device,
-    should_stream,
-    stream_prune,
-)
+from prunenet.io.stream.checkpoint import load_config
+from prunenet.io.stream.prune import require_weights_only, should_stream, stream_prune
 from prunenet.pipeline import prune_and_save, scorer_planner
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import SCORERS, make_scorer

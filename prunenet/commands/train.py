@@ -16,8 +16,8 @@ from pathlib import Path
 
 from prunenet.analysis.features import FEATURE_SETS
 from prunenet.commands.options import positive_int
+from prunenet.core.devices import resolve_device
 from prunenet.errors import PruneNetError, Terminated
-from prunenet.io.stream.prune import resolve_device
 from prunenet.rl.checkpoint import TrainingInterrupted
 from prunenet.rl.ppo.train import TrainConfig, train_policy
 from prunenet.rl.rewards import REWARDS

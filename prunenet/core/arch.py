@@ -242,3 +242,30 @@ def _width_in(config, field: str, adapter: Adapter) -> int:
         hidden = getattr(config, "hidden_size", None) or config.n_embd
         width = adapter.default_width * hidden
     return int(width)
+
+
+def layer_shell(tensors: dict[str, torch.Tensor], roles: dict[str, tuple[int, str, str]]):
+    """A bare module tree shaped like one decoder layer's FFN, holding the given tensors.
+
+    `arch.ffn_weights` and `arch.cut_ffn` walk module paths and read `.weight`/`.bias`, so on
+    this shell they do exactly what they do on the loaded model.
+    """
+    root = nn.Module()
+    for name, (_, path, param) in roles.items():
+        module = root
+        for part in path.split("."):
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(param, nn.Parameter(tensors[name], requires_grad=False))
+    return root
+
+
+def shell_tensors(shell: nn.Module, roles: dict[str, tuple[int, str, str]]):
+    tensors = {}
+    for name, (_, path, param) in roles.items():
+        module = shell
+        for part in path.split("."):
+            module = getattr(module, part)
+        tensors[name] = getattr(module, param).detach()
+    return tensors

@@ -14,6 +14,9 @@ Packages are located with `importlib.util.find_spec` without importing them: imp
 Zero-shot items are built with the prompt formats of lm-evaluation-harness's task configs
 (`lm_eval/tasks/<task>/*.yaml`), so accuracies are comparable with papers that used it; the
 format of each task is documented next to its reader.
+
+Why this module is long: one small reader per task and text (seven zero-shot tasks, two texts),
+each with the prompt format it reproduces; splitting them apart would scatter one table.
 """
 
 from __future__ import annotations

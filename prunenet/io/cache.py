@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from prunenet.io.models import prunenet_cache_dir
+from prunenet.io.saving import atomic_file
 
 CACHE_FORMAT = 2  # 1 was pickled `.pt` files
 ENTRY_SUFFIX = ".safetensors"
@@ -201,21 +201,13 @@ def _read_entry(path: Path, key: str) -> tuple[Tensors, Info]:
 
 
 def _write_entry(path: Path, key: str, tensors: Tensors, info: Info) -> None:
-    """Store an entry atomically: a 0600 staging file in the same folder, then `os.replace`."""
+    """Store an entry atomically and privately (0600), through the one atomic file writer."""
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     entry_text = json.dumps({"key": key, "info": info}, sort_keys=True, allow_nan=False)
     metadata = {_ENTRY_FIELD: entry_text, _CHECKSUM_FIELD: _checksum(entry_text, tensors)}
     data = safetensors.torch.save(tensors, metadata=metadata)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())  # so a crash never leaves a renamed but empty entry
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
+    with atomic_file(path, mode=0o600) as staging:
+        staging.write_bytes(data)
 
 
 def _checksum(entry_text: str, tensors: Tensors) -> str:

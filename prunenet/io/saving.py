@@ -159,6 +159,8 @@ def atomic_file(path: str | Path, mode: int | None = None) -> Iterator[Path]:
     staging = Path(name)
     try:
         yield staging
+        with open(staging, "rb+") as written:
+            os.fsync(written.fileno())  # a crash after the rename never leaves an empty file
         if mode is None:
             umask = os.umask(0)
             os.umask(umask)
