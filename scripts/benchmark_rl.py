@@ -4,8 +4,8 @@ One run on one model (SmolLM2-135M by default) prints, side by side:
 
 1. training wall time per episode (one episode = every layer once) and time to the best
    evaluation reward, for PPO (`prunenet.rl.ppo.train`) and the REINFORCE baseline
-   (`prunenet.rl.reinforce.train`), both on the SAME reward, the paper's 1/KS of singular values, and
-   both evaluated the same way: mean reward over layers of the deterministic top-k at --ratio;
+   (`prunenet.rl.reinforce.train`), both on the SAME reward, the paper's 1/KS of singular values,
+   and both evaluated the same way: mean reward over layers of the deterministic top-k at --ratio;
 2. PPO's time to reach the baseline's best reward (its first evaluation >= that reward) and
    its ratio to the baseline's time to best (the target is <= 1/5);
 3. the time to prune the model at a NEW ratio from the saved PPO checkpoint (load model, score
@@ -15,11 +15,12 @@ One run on one model (SmolLM2-135M by default) prints, side by side:
 
 Features and activations are computed once (`model_layer_data(..., collect=True)`) and shared by
 both trainers. Training seconds exclude evaluation (for both trainers; PPO's evaluations are
-excluded by `prunenet.rl.ppo.train` itself, and `TrainConfig.eval_ratios` pins them to exactly --ratio
-when PPO trains over a range of ratios), so they measure learning, not measuring it. Both trainers'
-first evaluation follows one episode and comes before any learning (PPO updates every 4
-episodes; REINFORCE's first episode only sets its baseline), so "first eval reward" shows what
-each policy's inputs give before training: PPO's row features vs the paper's raw weight rows.
+excluded by `prunenet.rl.ppo.train` itself, and `TrainConfig.eval_ratios` pins them to exactly
+--ratio when PPO trains over a range of ratios), so they measure learning, not measuring it.
+Both trainers' first evaluation follows one episode and comes before any learning (PPO updates
+every 4 episodes; REINFORCE's first episode only sets its baseline), so "first eval reward"
+shows what each policy's inputs give before training: PPO's row features vs the paper's raw
+weight rows.
 
     python scripts/benchmark_rl.py                      # ~10 min on a loaded 2-core CPU
     python scripts/benchmark_rl.py --ppo-ratios 0.3:0.3 # PPO trained at the baseline's ratio only

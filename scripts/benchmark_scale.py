@@ -38,11 +38,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 from prunenet.core.ratios import keep_count
-from prunenet.tables import format_table, markdown_table  # noqa: E402
+from prunenet.tables import format_table, markdown_table
+
+REPO = Path(__file__).resolve().parent.parent
 
 HIDDEN, FFN, VOCAB, HEADS = 4096, 11008, 32000, 32
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -19,10 +19,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from prunenet.errors import PruneNetError  # noqa: E402
+from prunenet.errors import PruneNetError
 from prunenet.rl.checkpoint import CHECKPOINT_FORMAT, read_metadata, read_state_dict
 from prunenet.rl.ppo.checkpoint import LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, resave_checkpoint
 from prunenet.rl.reinforce.checkpoint import LEGACY_STATE_FILE, STATE_FILE, resave_reinforce

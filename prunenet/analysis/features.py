@@ -2,10 +2,10 @@
 
 Two feature sets share one layout. `weights` reads only the weights (so it also works when
 streaming a checkpoint that never fits in memory). `selfgen` adds activation statistics on text
-the model generated itself (see `prunenet.analysis.selfgen`); it is the default because on SmolLM2 the
-weights alone did not predict which neurons matter. Every feature is log-scaled where positive
-and standardised within its layer, so the policy sees scale-free inputs and one checkpoint
-transfers across layers, widths and models.
+the model generated itself (`prunenet.analysis.selfgen`); it is the default because on
+SmolLM2 the weights alone did not predict which neurons matter. Every feature is log-scaled
+where positive and standardised within its layer, so the policy sees scale-free inputs and one
+checkpoint transfers across layers, widths and models.
 
 `FEATURE_VERSION` changes whenever the meaning or order of features changes; policy
 checkpoints record it and are refused by a different version.

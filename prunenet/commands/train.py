@@ -1,7 +1,8 @@
 """`prunenet train`: learn a row-scoring policy on a model with PPO, save the best checkpoint.
 
-`--algo reinforce` trains the paper-faithful REINFORCE baseline instead (`prunenet.rl.reinforce.train`):
-one ratio, the paper's 1/KS reward and discount 0.99 by default, a width-bound policy.
+`--algo reinforce` trains the paper-faithful REINFORCE baseline instead
+(`prunenet.rl.reinforce.train`): one ratio, the paper's 1/KS reward and discount 0.99 by
+default, a width-bound policy.
 
 An existing `--out` is refused unless `--overwrite` is given. Ctrl-C stops training with one line
 saying where the best checkpoint so far is (exit code 130), since it is already saved there.

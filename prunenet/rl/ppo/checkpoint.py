@@ -98,17 +98,21 @@ def resave_checkpoint(old: str | Path, new: str | Path) -> None:
     if metadata["algo"] != "ppo":
         raise PruneNetError(
             f"{old} is a {metadata['algo']!r} checkpoint; convert REINFORCE baselines with "
-            "prunenet.rl.reinforce.checkpoint.resave_reinforce (scripts/convert_policy.py picks the right one)."
+            "prunenet.rl.reinforce.checkpoint.resave_reinforce (scripts/convert_policy.py "
+            "picks the right one)."
         )
     state, kwargs = _read_policy(old, metadata)
     metadata = {**metadata, "format": CHECKPOINT_FORMAT, "policy_kwargs": kwargs}
-    with atomic_file(new) as path:
-        with zipfile.ZipFile(old) as source, zipfile.ZipFile(path, "w") as target:
-            for item in source.infolist():
-                if item.filename not in (METADATA_FILE, WEIGHTS_FILE):
-                    target.writestr(item, source.read(item.filename))
-            target.writestr(WEIGHTS_FILE, tensors_to_bytes(state))
-            target.writestr(METADATA_FILE, json.dumps(metadata, indent=2))
+    with (
+        atomic_file(new) as path,
+        zipfile.ZipFile(old) as source,
+        zipfile.ZipFile(path, "w") as target,
+    ):
+        for item in source.infolist():
+            if item.filename not in (METADATA_FILE, WEIGHTS_FILE):
+                target.writestr(item, source.read(item.filename))
+        target.writestr(WEIGHTS_FILE, tensors_to_bytes(state))
+        target.writestr(METADATA_FILE, json.dumps(metadata, indent=2))
 
 
 def _read_policy(path: Path, metadata: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -22,7 +22,7 @@ LEGACY_STATE_FILE = "reinforce_policy.pt"  # format 1: torch.save, read with wei
 def save_reinforce(policy: RowLogitPolicy, out: str | Path, metadata: dict) -> None:
     """Zip with the state dict (safetensors) and PruneNet metadata, written beside `out`.
 
-    Nothing in it is pickled, so loading it cannot run code (`prunenet.rl.ppo.policy`'s checkpoints).
+    Nothing in it is pickled, so loading it cannot run code (`prunenet.rl.checkpoint`).
 
     :param policy: the baseline policy to save.
     :param out: the checkpoint path (.zip); replaced atomically (staged beside it, renamed).

@@ -1,8 +1,8 @@
 """BASELINE: the PruneNet paper's REINFORCE trainer, kept only to compare our PPO trainer with.
 
-This is not PruneNet's recommended trainer (that is `prunenet.rl.ppo.train`, PPO with a size-agnostic
-policy). It re-implements, from the paper's description ("You Only Prune Once", ICLR 2025), the
-policy learner the paper trains:
+This is not PruneNet's recommended trainer (that is `prunenet.rl.ppo.train`, PPO with a
+size-agnostic policy). It re-implements, from the paper's description ("You Only Prune Once",
+ICLR 2025), the policy learner the paper trains:
 
 - **Policy.** A linear map from each row's weight vector (the row of the FFN's first input
   projection, `fc1` or `gate_proj`: d_model numbers) to one logit per row. The paper's code
@@ -10,8 +10,9 @@ policy learner the paper trains:
   collapses to one `d_model` weight vector plus a bias; we keep the collapsed form (same
   function class, far cheaper). Its parameters depend on d_model and it is trained for one model
   and one ratio, so it cannot transfer to another width: a checkpoint is refused on a model whose
-  d_model or d_ff differs. Our PPO policy (`prunenet.rl.ppo.policy`) has no width-dependent parameter
-  and one checkpoint serves every width and ratio; that is the difference this baseline shows.
+  d_model or d_ff differs. Our PPO policy (`prunenet.rl.ppo.policy`) has no width-dependent
+  parameter and one checkpoint serves every width and ratio; that is the difference this
+  baseline shows.
 - **Actions.** One policy per target ratio r: in every layer, k = round((1 - r) * d_ff) rows are
   sampled WITHOUT replacement from softmax(logits) (Gumbel-top-k, which is exactly sequential
   sampling without replacement).
@@ -99,14 +100,16 @@ def train_reinforce(
     """Train the paper's baseline policy at one `ratio`; save the best one at `out` if given.
 
     :param layer_data: per-layer data of one model (only `.ffn` is read, plus activations for
-        rewards that need them); see `weight_layer_data` and `prunenet.analysis.features.model_layer_data`.
+        rewards that need them); see `weight_layer_data` and
+        `prunenet.analysis.features.model_layer_data`.
     :param ratio: the one target ratio this policy is for (fraction of FFN rows removed).
     :param episodes: episodes; one episode prunes every layer once (one reward per layer).
     :param seed: seeds the policy's initialisation and the row sampling.
     :param lr: Adam step size (the paper's code uses 1e-3).
     :param out: checkpoint path (.zip); None keeps nothing on disk.
     :param gamma: discount over layers (the paper's 0.99).
-    :param reward: `ks` (the paper's 1/KS, default) or another name in `prunenet.rl.rewards.REWARDS`.
+    :param reward: `ks` (the paper's 1/KS, default) or another name in
+        `prunenet.rl.rewards.REWARDS`.
     :param eval_every: episodes between evaluations of the deterministic top-k (the last episode
         is always evaluated).
     :param source_model: recorded in the checkpoint's metadata.

@@ -1,0 +1,74 @@
+"""The one pruning loop: a ratio list is scored once unless the scorer observes the ratio,
+every plan is applied to a copy, and prune_and_save writes one reloadable folder per ratio."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prunenet.core.arch import ffn_width
+from prunenet.core.ratios import keep_count
+from prunenet.errors import PruneNetError
+from prunenet.pipeline import apply_plan, prune_and_save, scorer_planner
+from prunenet.scoring.heuristics import RandomScorer
+from tests.conftest import FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer
+
+
+class CountingScorer(RandomScorer):
+    """Random scores that count how often the model is scored, and with which ratios."""
+
+    def __init__(self, ratio_aware: bool) -> None:
+        super().__init__(seed=0)
+        self.ratio_aware = ratio_aware
+        self.ratios_seen: list[float | None] = []
+
+    def score_model(self, model, ratio=None):
+        self.ratios_seen.append(ratio)
+        return super().score_model(model, ratio=ratio)
+
+
+@pytest.mark.parametrize(("ratio_aware", "expected"), [(False, [0.1]), (True, [0.1, 0.3, 0.5])])
+def test_a_ratio_list_is_scored_once_unless_the_scorer_observes_the_ratio(
+    ratio_aware: bool, expected: list[float]
+) -> None:
+    scorer = CountingScorer(ratio_aware)
+    plan = scorer_planner(scorer)
+    model = tiny_model("llama")
+    for ratio in (0.1, 0.3, 0.5):
+        plan(model, ratio)
+    assert scorer.ratios_seen == expected
+
+
+def test_uniform_plans_keep_the_same_rows_in_every_layer() -> None:
+    plan = scorer_planner(RandomScorer(seed=0))(tiny_model("llama"), 0.3)
+    assert plan.layer_keep == [keep_count(FFN_WIDTH, 0.3)] * 2
+    assert plan.info["allocation"] == "uniform"
+
+
+def test_apply_plan_prunes_a_copy_and_leaves_the_dense_model_alone() -> None:
+    model = tiny_model("llama")
+    dense_logits = logits_of(model)
+    plan = scorer_planner(RandomScorer(seed=0))(model, 0.5)
+    pruned, report = apply_plan(model, plan, 0.5)
+    assert ffn_width(pruned.config) == keep_count(FFN_WIDTH, 0.5)
+    assert ffn_width(model.config) == FFN_WIDTH
+    assert torch.equal(logits_of(model), dense_logits)
+    assert report.target_ratio == 0.5
+
+
+def test_prune_and_save_writes_one_reloadable_folder_per_ratio(tmp_path: Path) -> None:
+    folders = [tmp_path / "a", tmp_path / "b"]
+    planner = scorer_planner(RandomScorer(seed=0))
+    reports = prune_and_save(tiny_model("llama"), tiny_tokenizer(), planner, [0.25, 0.5], folders)
+    for folder, ratio, report in zip(folders, [0.25, 0.5], reports, strict=True):
+        reloaded = AutoModelForCausalLM.from_pretrained(folder)
+        assert ffn_width(reloaded.config) == keep_count(FFN_WIDTH, ratio)
+        assert report.seconds > 0
+
+
+def test_an_unknown_allocation_is_refused() -> None:
+    with pytest.raises(PruneNetError, match="Unknown allocation"):
+        scorer_planner(RandomScorer(), allocation="greedy")
