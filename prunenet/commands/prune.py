@@ -21,7 +21,7 @@ from prunenet.errors import PruneNetError
 from prunenet.io.models import ALIASES, load_model, resolve_model_path
 from prunenet.io.saving import check_free_space, hold_output
 from prunenet.io.stream.checkpoint import load_config
-from prunenet.io.stream.prune import require_weights_only, should_stream, stream_prune
+from prunenet.stream import require_weights_only, should_stream, stream_prune
 from prunenet.pipeline import prune_and_save, scorer_planner
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import SCORERS, make_scorer

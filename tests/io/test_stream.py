@@ -17,7 +17,7 @@ from prunenet.core.compress import count_parameters, prune_model, select_keep_in
 from prunenet.core.ratios import keep_count, uniform_keep
 from prunenet.errors import PruneNetError
 from prunenet.io.stream.checkpoint import INDEX_FILE
-from prunenet.io.stream.prune import stream_prune
+from prunenet.stream import stream_prune
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer
 from tests.conftest import FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer
@@ -258,7 +258,7 @@ def test_cli_stream_writes_a_reloadable_folder(checkpoints, tmp_path, capsys):
 def test_cli_switches_to_stream_when_the_checkpoint_would_crowd_ram(
     checkpoints, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setattr("prunenet.io.stream.prune.available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr("prunenet.stream.available_memory_bytes", lambda: 1000)
     args = ["prune", "--model", str(checkpoints("llama")), "--ratio", "0.2,0.4"]
     args += ["--scorer", "magnitude"]
 

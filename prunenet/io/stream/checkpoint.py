@@ -2,7 +2,7 @@
 
 Every shard's header is validated up front (names, dtypes, shapes), so a broken checkpoint fails
 before anything is written; tensors are then read one at a time through short-lived handles, so
-memory stays bounded (`prunenet.io.stream.prune` says why).
+memory stays bounded (`prunenet.stream` says why).
 """
 
 from __future__ import annotations
