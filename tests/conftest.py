@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 # Set before torch starts its thread pools: 1 thread is fast and reproducible on 2-core machines
-# (DESIGN.md, "Threads"), and subprocesses inherit it.
+# (docs/architecture.md, "Findings"), and subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
