@@ -9,12 +9,13 @@ own token statistics, which is what makes activation-based scores work without a
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
-from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules, ffn_widths
+from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules, ffn_widths, max_positions
 from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
 
 
@@ -64,7 +65,20 @@ def start_token_id(model: nn.Module) -> int:
 
 @torch.no_grad()
 def generate_own_text(model: nn.Module, config: SelfGenConfig) -> torch.Tensor:
-    """`sequences x length` token ids sampled by the model from its start token."""
+    """`sequences x length` token ids sampled by the model from its start token.
+
+    A model that cannot see `length` positions (learned position tables, as GPT-2 and OPT have)
+    writes as many as it can: sampling past its table would index out of range.
+    """
+    length = config.length
+    limit = max_positions(model.config)
+    if limit is not None and length > limit:
+        print(
+            f"prunenet: the model sees at most {limit} positions; writing {limit}-token "
+            f"sequences instead of {length}",
+            file=sys.stderr,
+        )
+        length = limit
     start = torch.full((config.sequences, 1), start_token_id(model), dtype=torch.long)
     start = start.to(next(model.parameters()).device)
     with torch.random.fork_rng(devices=[]):
@@ -76,8 +90,8 @@ def generate_own_text(model: nn.Module, config: SelfGenConfig) -> torch.Tensor:
             top_k=0,
             top_p=1.0,
             temperature=1.0,
-            max_length=config.length,
-            min_length=config.length,
+            max_length=length,
+            min_length=length,
             pad_token_id=start_token_id(model),
         )
     return tokens

@@ -33,6 +33,8 @@ class Adapter:
         Conv1D, in x out), `fused_gate_up` (Phi-3: one Linear holding gate rows then up rows).
     :param default_width: d_ff when the config leaves the width field empty, as a multiple of
         the hidden size (GPT-2's `n_inner=None` means 4 x n_embd).
+    :param learned_positions: positions come from a learned table (GPT-2, OPT), so no sequence
+        may be longer than the table; rotary models extrapolate past their nominal maximum.
     """
 
     layers: str
@@ -41,6 +43,7 @@ class Adapter:
     width_field: str
     layout: Layout = "linear"
     default_width: int | None = None
+    learned_positions: bool = False
 
 
 # Aligned by hand so each architecture reads as one row.
@@ -61,9 +64,9 @@ ADAPTERS: dict[str, Adapter] = {
     "phi": Adapter("model.layers", ("mlp.fc1",), "mlp.fc2", "intermediate_size"),
     "phi3": Adapter("model.layers", ("mlp.gate_up_proj",), "mlp.down_proj", "intermediate_size",
                     layout="fused_gate_up"),
-    "opt": Adapter("model.decoder.layers", ("fc1",), "fc2", "ffn_dim"),
+    "opt": Adapter("model.decoder.layers", ("fc1",), "fc2", "ffn_dim", learned_positions=True),
     "gpt2": Adapter("transformer.h", ("mlp.c_fc",), "mlp.c_proj", "n_inner", layout="conv1d",
-                    default_width=4),
+                    default_width=4, learned_positions=True),
     "gpt_neox": Adapter("gpt_neox.layers", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
                         "intermediate_size"),
     "falcon": Adapter("transformer.h", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
@@ -102,6 +105,26 @@ def adapter_for(config) -> Adapter:
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(_get(model, adapter_for(model.config).layers))
+
+
+# Config fields that bound the positions a model can see, by the names architectures use.
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model can process: its position table's size for architectures
+    with learned positions, None for the others (they have no hard limit).
+
+    :param config: a `transformers` config (a multimodal one's text config is looked at too).
+    """
+    if not adapter_for(config).learned_positions:
+        return None
+    for owner in (getattr(config, "text_config", None), config):
+        for field in _POSITION_FIELDS:
+            value = getattr(owner, field, None) if owner is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
 
 
 def ffn_width(config) -> int:

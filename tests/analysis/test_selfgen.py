@@ -103,3 +103,15 @@ def test_collect_activations_match_the_mlp_intermediate_computed_directly() -> N
         assert torch.allclose(
             recorded.sample.pow(2).sum(0), intermediate.pow(2).sum(0), rtol=1e-4, atol=1e-5
         )
+
+
+def test_a_model_with_a_learned_position_table_writes_no_longer_than_its_table() -> None:
+    model = tiny_model("gpt2")  # n_positions 64
+    tokens = generate_own_text(model, SelfGenConfig(sequences=2, length=100, seed=0))
+    assert tokens.shape == (2, 64)
+
+
+def test_rotary_models_write_the_requested_length_past_their_nominal_maximum() -> None:
+    model = tiny_model("llama")  # max_position_embeddings 64, rotary
+    tokens = generate_own_text(model, SelfGenConfig(sequences=1, length=80, seed=0))
+    assert tokens.shape == (1, 80)
