@@ -65,8 +65,13 @@ def write_metadata(
         archive.writestr(METADATA_FILE, json.dumps(full, indent=2))
 
 
-def read_metadata(checkpoint: str | Path) -> dict:
-    """The checkpoint's metadata, validated; clear errors for missing, corrupt or foreign files."""
+def read_metadata(checkpoint: str | Path, algo: str | None = None) -> dict:
+    """The checkpoint's metadata, validated; clear errors for missing, corrupt or foreign files.
+
+    :param checkpoint: a `prunenet train` zip.
+    :param algo: the algorithm the caller loads (`ppo`, `reinforce`); another one is refused
+        with a pointer to the loader that picks the right one.
+    """
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise PruneNetError(
@@ -86,6 +91,12 @@ def read_metadata(checkpoint: str | Path) -> dict:
             "Re-train it with `prunenet train` or restore the file."
         ) from None
     validate_metadata(path, metadata)
+    if algo is not None and metadata["algo"] != algo:
+        raise PruneNetError(
+            f"{path} is a {metadata['algo']!r} checkpoint, not a {algo!r} one; load it with "
+            "prunenet.scoring.registry.load_scorer_from_checkpoint, which picks the right loader "
+            "(scripts/convert_policy.py converts either)."
+        )
     return metadata
 
 

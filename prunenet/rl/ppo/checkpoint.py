@@ -62,12 +62,7 @@ def load_policy(
     :param device: where the returned policy lives.
     :return: the policy in eval mode and the checkpoint's metadata.
     """
-    metadata = read_metadata(checkpoint)
-    if metadata["algo"] != "ppo":
-        raise PruneNetError(
-            f"{checkpoint} is a {metadata['algo']!r} checkpoint, not a PPO policy; load it with "
-            "prunenet.scoring.registry.load_scorer_from_checkpoint."
-        )
+    metadata = read_metadata(checkpoint, "ppo")
     state, kwargs = _read_policy(Path(checkpoint).expanduser(), metadata)
     observation_space, action_space = spaces_for(width, metadata["feature_set"])
     policy = RowScoringPolicy(observation_space, action_space, lambda _: 0.0, **kwargs)
@@ -94,13 +89,7 @@ def resave_checkpoint(old: str | Path, new: str | Path) -> None:
     :param new: where the converted zip goes; written beside it, then renamed into place.
     """
     old, new = Path(old).expanduser(), Path(new).expanduser()
-    metadata = read_metadata(old)
-    if metadata["algo"] != "ppo":
-        raise PruneNetError(
-            f"{old} is a {metadata['algo']!r} checkpoint; convert REINFORCE baselines with "
-            "prunenet.rl.reinforce.checkpoint.resave_reinforce (scripts/convert_policy.py "
-            "picks the right one)."
-        )
+    metadata = read_metadata(old, "ppo")
     state, kwargs = _read_policy(old, metadata)
     metadata = {**metadata, "format": CHECKPOINT_FORMAT, "policy_kwargs": kwargs}
     with (

@@ -35,12 +35,7 @@ class PolicyScorer(Scorer):
     def __init__(self, checkpoint: str, device: str = "cpu") -> None:
         self.checkpoint = str(checkpoint)
         self.device = device
-        self.metadata = read_metadata(checkpoint)
-        if self.metadata["algo"] != "ppo":
-            raise PruneNetError(
-                f"{checkpoint} is a {self.metadata['algo']!r} checkpoint, not a PPO policy; "
-                "load it with prunenet.scoring.registry.load_scorer_from_checkpoint."
-            )
+        self.metadata = read_metadata(checkpoint, "ppo")
         self.feature_set = self.metadata["feature_set"]
         self.weights_only = self.feature_set == "weights"
         # Read the weights now, so a damaged or unsafe checkpoint is refused before any model is

@@ -54,12 +54,7 @@ def load_reinforce(checkpoint: str | Path, device: str = "cpu") -> tuple[RowLogi
     :param checkpoint: a `prunenet train --algo reinforce` zip.
     :param device: where the returned policy lives.
     """
-    metadata = read_metadata(checkpoint)
-    if metadata["algo"] != ALGO:
-        raise PruneNetError(
-            f"{checkpoint} is a {metadata['algo']!r} checkpoint, not a REINFORCE baseline; "
-            "load it with prunenet.scoring.registry.load_scorer_from_checkpoint."
-        )
+    metadata = read_metadata(checkpoint, ALGO)
     state = read_state_dict(checkpoint, _state_member(checkpoint))
     try:
         policy = RowLogitPolicy(_positive_int(metadata, "d_model"), _positive_int(metadata, "d_ff"))
