@@ -24,9 +24,12 @@ from torch import nn
 
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO, keep_counts
 from prunenet.allocation.sensitivity import ALLOCATIONS, auto_allocation
+from prunenet.analysis.selfgen import SelfGenConfig
+from prunenet.analysis.sequential import REFIT_SELFGEN, SequentialRefit
 from prunenet.core.arch import ffn_widths
 from prunenet.core.compress import PruneReport, prune_model
 from prunenet.core.ratios import uniform_keep
+from prunenet.core.refit import REFITS
 from prunenet.errors import PruneNetError
 from prunenet.io.saving import save_pruned
 from prunenet.scoring.base import Scorer
@@ -85,20 +88,40 @@ def scorer_planner(
 
 
 def apply_plan(
-    model: nn.Module, plan: PrunePlan, ratio: float, in_place: bool = False
+    model: nn.Module,
+    plan: PrunePlan,
+    ratio: float,
+    in_place: bool = False,
+    refit: str = "none",
+    refit_selfgen: SelfGenConfig = REFIT_SELFGEN,
 ) -> tuple[nn.Module, PruneReport]:
-    """Cut `model` (or a deep copy, leaving `model` dense) to `plan`.
+    """Cut `model` (or a deep copy, leaving `model` dense) to `plan`, refitting if asked.
 
     :param model: the dense model.
     :param plan: from a `Planner` at `ratio`.
     :param ratio: the target ratio (recorded in the report).
     :param in_place: prune `model` itself instead of a copy (saves memory for the last ratio).
+    :param refit: `none` (the plain cut), `bias` or `lsq`: repair each layer's output
+        projection on self-generated activations, layer by layer (`prunenet.analysis.
+        sequential`); the report records the ridge and held-out errors per layer.
+    :param refit_selfgen: the self-generated text the refit fits on (a quarter held out).
     :return: the pruned model and what was done to it.
     """
+    check_refit(refit)
     pruned = model if in_place else copy.deepcopy(model)
-    report = prune_model(pruned, plan.scores, plan.layer_keep, target_ratio=ratio)
+    cut = None if refit == "none" else SequentialRefit(pruned, refit, refit_selfgen)
+    report = prune_model(pruned, plan.scores, plan.layer_keep, target_ratio=ratio, cut=cut)
     report.scorer = dict(plan.info)
+    if cut is not None:
+        report.scorer["refit"] = cut.log.to_dict()
     return pruned, report
+
+
+def check_refit(refit: str) -> str:
+    """`refit` if it names a refit (`prunenet.core.refit.REFITS`), else a clear error."""
+    if refit not in REFITS:
+        raise PruneNetError(f"Unknown refit {refit!r}; choose one of {', '.join(REFITS)}.")
+    return refit
 
 
 def prune_and_save(
@@ -108,6 +131,8 @@ def prune_and_save(
     ratios: Sequence[float],
     folders: Sequence[str | Path],
     overwrite: bool = False,
+    refit: str = "none",
+    refit_selfgen: SelfGenConfig = REFIT_SELFGEN,
 ) -> list[PruneReport]:
     """Prune at each ratio and save each result atomically into its folder.
 
@@ -117,15 +142,19 @@ def prune_and_save(
     :param ratios: target ratios, one folder each.
     :param folders: output folders, as many as `ratios`.
     :param overwrite: replace existing folders.
+    :param refit: `none`, `bias` or `lsq` (`apply_plan`).
+    :param refit_selfgen: the self-generated text a refit fits on.
     :return: one report per ratio, with `seconds` covering planning, cutting and saving.
     """
+    check_refit(refit)
     if len(ratios) != len(folders):
         raise PruneNetError(f"Got {len(ratios)} ratios for {len(folders)} output folders.")
     reports = []
     for index, (ratio, folder) in enumerate(zip(ratios, folders, strict=True)):
         start = time.perf_counter()
         plan = planner(model, ratio)
-        pruned, report = apply_plan(model, plan, ratio, in_place=index == len(ratios) - 1)
+        last = index == len(ratios) - 1
+        pruned, report = apply_plan(model, plan, ratio, last, refit, refit_selfgen)
         save_pruned(pruned, tokenizer, folder, report, overwrite=overwrite)
         report.seconds = time.perf_counter() - start
         reports.append(report)

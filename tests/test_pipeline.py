@@ -9,12 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prunenet.core.arch import ffn_width
+from prunenet.analysis.selfgen import SelfGenConfig
+from prunenet.core.arch import adapter_for, can_store_output_bias, ffn_width, ffn_widths
+from prunenet.core.compress import prune_model
 from prunenet.core.ratios import keep_count
 from prunenet.errors import PruneNetError
-from prunenet.pipeline import apply_plan, prune_and_save, scorer_planner
+from prunenet.pipeline import PrunePlan, apply_plan, prune_and_save, scorer_planner
 from prunenet.scoring.heuristics import RandomScorer
-from tests.conftest import FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer
+from tests.conftest import ALL_MODEL_TYPES, FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer
 
 
 class CountingScorer(RandomScorer):
@@ -72,3 +74,61 @@ def test_prune_and_save_writes_one_reloadable_folder_per_ratio(tmp_path: Path) -
 def test_an_unknown_allocation_is_refused() -> None:
     with pytest.raises(PruneNetError, match="Unknown allocation"):
         scorer_planner(RandomScorer(), allocation="greedy")
+
+
+# ----- refit ------------------------------------------------------------------------------------
+
+REFIT_SELFGEN = SelfGenConfig(sequences=8, length=32, seed=0)
+
+
+def test_refit_none_writes_the_same_safetensors_bytes_as_a_plain_prune_model(
+    tmp_path: Path,
+) -> None:
+    scorer = RandomScorer(seed=3)
+    prune_and_save(tiny_model("llama"), None, scorer_planner(scorer), [0.3], [tmp_path / "a"],
+                   refit="none")  # fmt: skip
+    direct = tiny_model("llama")
+    widths = ffn_widths(direct.config)
+    prune_model(direct, scorer.score_model(direct), [keep_count(w, 0.3) for w in widths])
+    direct.save_pretrained(tmp_path / "b")
+    written = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert written == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+REFIT_CASES = [
+    (model_type, refit)
+    for model_type in ALL_MODEL_TYPES
+    for refit in ("bias", "lsq")
+    if refit == "lsq" or can_store_output_bias(tiny_model(model_type).config)
+]
+
+
+@pytest.mark.parametrize(("model_type", "refit"), REFIT_CASES)
+def test_refitted_folders_reload_with_plain_from_pretrained_and_identical_logits(
+    model_type: str, refit: str, tmp_path: Path
+) -> None:
+    model = tiny_model(model_type)
+    widths = ffn_widths(model.config)
+    scores = [torch.rand(w, generator=torch.Generator().manual_seed(0)) for w in widths]
+    plan = PrunePlan(scores, [keep_count(w, 0.3) for w in widths])
+    pruned, _ = apply_plan(model, plan, 0.3, refit=refit, refit_selfgen=REFIT_SELFGEN)
+    pruned.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits_of(reloaded), logits_of(pruned), rtol=0, atol=0)
+
+
+def test_a_refit_changes_the_pruned_weights() -> None:
+    model = tiny_model("llama")
+    widths = ffn_widths(model.config)
+    plan = PrunePlan([torch.arange(w, dtype=torch.float) for w in widths],
+                     [keep_count(w, 0.3) for w in widths])  # fmt: skip
+    plain, _ = apply_plan(model, plan, 0.3)
+    refitted, report = apply_plan(model, plan, 0.3, refit="lsq", refit_selfgen=REFIT_SELFGEN)
+    assert not torch.equal(logits_of(plain), logits_of(refitted))
+    assert report.scorer["refit"]["intercept"] is can_store_output_bias(model.config)
+    assert adapter_for(refitted.config).output_bias == "switchable" and refitted.config.mlp_bias
+
+
+def test_an_unknown_refit_is_refused() -> None:
+    with pytest.raises(PruneNetError, match="Unknown refit"):
+        apply_plan(tiny_model("llama"), PrunePlan([], []), 0.3, refit="ols")

@@ -12,19 +12,22 @@ import torch
 
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO
 from prunenet.allocation.sensitivity import ALLOCATIONS, SENSITIVITY_RATIOS
+from prunenet.analysis.selfgen import SelfGenConfig
+from prunenet.analysis.sequential import REFIT_SELFGEN
 from prunenet.commands.options import positive_int
-from prunenet.core.arch import ffn_width
+from prunenet.core.arch import can_store_output_bias, ffn_width
 from prunenet.core.compress import PruneReport, estimated_output_bytes
 from prunenet.core.devices import resolve_device
 from prunenet.core.ratios import keep_count, validate_ratio
+from prunenet.core.refit import REFITS
 from prunenet.errors import PruneNetError
 from prunenet.io.models import ALIASES, load_model, resolve_model_path
 from prunenet.io.saving import check_free_space, hold_output
 from prunenet.io.stream.checkpoint import load_config
-from prunenet.stream import require_weights_only, should_stream, stream_prune
 from prunenet.pipeline import prune_and_save, scorer_planner
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import SCORERS, make_scorer
+from prunenet.stream import require_weights_only, should_stream, stream_prune
 from prunenet.tables import format_table
 
 
@@ -72,6 +75,23 @@ def register(subparsers) -> None:
         default=DEFAULT_MAX_RATIO,
         help=f"auto allocation never removes more than this fraction of one layer (default "
         f"{DEFAULT_MAX_RATIO}, at most {SENSITIVITY_RATIOS[-1]})",
+    )
+    parser.add_argument(
+        "--refit",
+        default="none",
+        choices=REFITS,
+        help="repair each layer's FFN output projection after the cut, layer by layer on text "
+        "the model writes itself: none (default; the plain cut), bias (add the removed rows' "
+        "mean contribution as an output bias), lsq (ridge least squares of the kept columns "
+        "and bias; a no-intercept refit where the architecture stores no FFN output bias). "
+        "Needs the model in memory (not with --stream)",
+    )
+    parser.add_argument(
+        "--refit-sequences",
+        type=positive_int,
+        default=REFIT_SELFGEN.sequences,
+        help=f"self-generated sequences of {REFIT_SELFGEN.length} tokens the refit fits on, a "
+        f"quarter held out to choose the ridge (default {REFIT_SELFGEN.sequences})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for random and selfgen scoring")
     parser.add_argument("--out", required=True, help="output folder")
@@ -137,6 +157,11 @@ def run(args: argparse.Namespace) -> int:
     folders = output_folders(args.out, args.ratio)
     device = resolve_device(args.device)
     scorer = build_scorer(args)  # a bad --policy fails here, before the model is read
+    if args.stream and args.refit != "none":
+        raise PruneNetError(
+            f"--refit {args.refit} fits each layer on its activations on self-generated text, "
+            "which needs the model in memory; drop --stream, or use --refit none with --stream."
+        )
     with hold_output(args.out, args.overwrite):
         # Own --out for the whole run: a second run to it exits 2 now, not after its scoring,
         # and cannot replace this run's output. A ratio list's subfolders live inside it.
@@ -154,13 +179,25 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
     for ratio in args.ratio:
         warn_if_nothing_removed(width, ratio)
     check_free_space(folders[0], sum(estimated_output_bytes(model, ratio) for ratio in args.ratio))
+    if args.refit == "bias" and not can_store_output_bias(model.config):
+        raise PruneNetError(
+            f"--refit bias adds an FFN output bias, which {model.config.model_type} models "
+            "cannot store (plain from_pretrained would drop it); use --refit lsq, which refits "
+            "them without an intercept, or --refit none."
+        )
     print(
         f"model {args.model} ({model.config.model_type}) loaded in {load_seconds:.1f} s; "
-        f"scoring with {scorer.name} (seed {args.seed}, {device}), {args.allocation} allocation",
+        f"scoring with {scorer.name} (seed {args.seed}, {device}), {args.allocation} allocation, "
+        f"refit {args.refit}",
         flush=True,
     )
     planner = scorer_planner(scorer, args.allocation, args.max_layer_ratio)
-    reports = prune_and_save(model, tokenizer, planner, args.ratio, folders, args.overwrite)
+    refit_selfgen = SelfGenConfig(
+        sequences=args.refit_sequences, length=REFIT_SELFGEN.length, seed=args.seed
+    )
+    reports = prune_and_save(
+        model, tokenizer, planner, args.ratio, folders, args.overwrite, args.refit, refit_selfgen
+    )
     rows = [
         summary_row(ratio, report, folder)
         for ratio, report, folder in zip(args.ratio, reports, folders, strict=True)
@@ -221,10 +258,11 @@ def _use_stream(args: argparse.Namespace, scorer: Scorer) -> bool:
     large, size, available = should_stream(path)
     if not large:
         return False
-    if not scorer.weights_only:
+    if not scorer.weights_only or args.refit != "none":
+        needs = f"scorer {args.scorer}" if not scorer.weights_only else f"--refit {args.refit}"
         print(
             f"model {args.model}: safetensors {size / 1e9:.1f} GB > half of available RAM "
-            f"({available / 1e9:.1f} GB), but scorer {args.scorer} needs the model in memory; "
+            f"({available / 1e9:.1f} GB), but {needs} needs the model in memory; "
             "loading it anyway"
         )
         return False

@@ -10,7 +10,7 @@ architecture.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 from prunenet.errors import PruneNetError
 
 Layout = Literal["linear", "conv1d", "fused_gate_up"]
+BiasSupport = Literal["always", "if_flag", "switchable", "never"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,14 @@ class Adapter:
         the hidden size (GPT-2's `n_inner=None` means 4 x n_embd).
     :param learned_positions: positions come from a learned table (GPT-2, OPT), so no sequence
         may be longer than the table; rotary models extrapolate past their nominal maximum.
+    :param output_bias: whether the output projection can carry a bias that plain
+        `from_pretrained` reloads (a refit's intercept goes there): `always` (it has one),
+        `if_flag` (it has one when the config field `bias_flag` is true; the flag also gives
+        attention biases, so PruneNet never switches it on), `switchable` (`bias_flag` gives
+        biases to the FFN projections only, so PruneNet may switch it on, with zero biases on
+        the input projections), `never` (the modeling code hard-codes no bias: a refit of this
+        architecture has no intercept).
+    :param bias_flag: the config field behind `if_flag` and `switchable`.
     """
 
     layers: str
@@ -44,6 +53,8 @@ class Adapter:
     layout: Layout = "linear"
     default_width: int | None = None
     learned_positions: bool = False
+    output_bias: BiasSupport = "never"
+    bias_flag: str | None = None
 
 
 # Aligned by hand so each architecture reads as one row.
@@ -51,8 +62,10 @@ class Adapter:
 _GATED = Adapter("model.layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
                  "intermediate_size")
 
+# Llama's `mlp_bias` puts biases on gate, up and down and nowhere else (transformers 5.24);
+# Mistral, Qwen2/3, Gemma 1-3 and Phi-3 hard-code bias=False on their FFN projections.
 ADAPTERS: dict[str, Adapter] = {
-    "llama": _GATED,
+    "llama": replace(_GATED, output_bias="switchable", bias_flag="mlp_bias"),
     "mistral": _GATED,
     "qwen2": _GATED,
     "qwen3": _GATED,
@@ -61,16 +74,18 @@ ADAPTERS: dict[str, Adapter] = {
     "gemma3_text": _GATED,
     "gemma3": Adapter("model.language_model.layers", ("mlp.gate_proj", "mlp.up_proj"),
                       "mlp.down_proj", "text_config.intermediate_size"),
-    "phi": Adapter("model.layers", ("mlp.fc1",), "mlp.fc2", "intermediate_size"),
+    "phi": Adapter("model.layers", ("mlp.fc1",), "mlp.fc2", "intermediate_size",
+                   output_bias="always"),
     "phi3": Adapter("model.layers", ("mlp.gate_up_proj",), "mlp.down_proj", "intermediate_size",
                     layout="fused_gate_up"),
-    "opt": Adapter("model.decoder.layers", ("fc1",), "fc2", "ffn_dim", learned_positions=True),
+    "opt": Adapter("model.decoder.layers", ("fc1",), "fc2", "ffn_dim", learned_positions=True,
+                   output_bias="if_flag", bias_flag="enable_bias"),
     "gpt2": Adapter("transformer.h", ("mlp.c_fc",), "mlp.c_proj", "n_inner", layout="conv1d",
-                    default_width=4, learned_positions=True),
+                    default_width=4, learned_positions=True, output_bias="always"),
     "gpt_neox": Adapter("gpt_neox.layers", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
-                        "intermediate_size"),
+                        "intermediate_size", output_bias="always"),
     "falcon": Adapter("transformer.h", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
-                      "ffn_hidden_size", default_width=4),
+                      "ffn_hidden_size", default_width=4, output_bias="if_flag", bias_flag="bias"),
 }
 # fmt: on
 
@@ -227,6 +242,72 @@ def cut_ffn(layer: nn.Module, adapter: Adapter, keep: torch.Tensor) -> None:
             rows = torch.cat([keep, keep + half])
         _cut_neurons(module, rows, neuron_dim=1 if adapter.layout == "conv1d" else 0, bias=True)
     _cut_neurons(output, keep, neuron_dim=0 if adapter.layout == "conv1d" else 1, bias=False)
+
+
+def can_store_output_bias(config) -> bool:
+    """Whether a refit's intercept can live in this model's FFN output projections, in a folder
+    that plain `from_pretrained` reloads (`Adapter.output_bias` says how per architecture)."""
+    adapter = adapter_for(config)
+    if adapter.output_bias == "if_flag":
+        return bool(getattr(config, adapter.bias_flag, False))
+    return adapter.output_bias != "never"
+
+
+def enable_output_biases(model: nn.Module) -> None:
+    """Give every FFN projection a bias where the architecture needs a config switch for it.
+
+    A `switchable` flag (Llama's `mlp_bias`) makes `from_pretrained` expect biases on every FFN
+    projection of every layer, so all of them get one: zero on the input projections (the
+    function is unchanged) and zero on the output projection until a refit fills it in. Does
+    nothing where the biases already exist; refuses where none can be stored.
+    """
+    adapter = adapter_for(model.config)
+    if not can_store_output_bias(model.config):
+        raise PruneNetError(
+            f"{model.config.model_type} models cannot store an FFN output bias that plain "
+            "from_pretrained reloads; refit them without an intercept (--refit lsq)."
+        )
+    if adapter.output_bias != "switchable" or getattr(model.config, adapter.bias_flag):
+        return
+    for layer in decoder_layers(model):
+        inputs, output = ffn_modules(layer, adapter)
+        for module in (*inputs, output):
+            weight = module.weight
+            module.bias = nn.Parameter(
+                torch.zeros(module.out_features, dtype=weight.dtype, device=weight.device)
+            )
+    setattr(model.config, adapter.bias_flag, True)
+
+
+def ffn_output_bias(layer: nn.Module, adapter: Adapter) -> torch.Tensor | None:
+    """The FFN output projection's bias (d_model), or None when it has none."""
+    bias = getattr(_get(layer, adapter.output), "bias", None)
+    return None if bias is None else bias.detach()
+
+
+def set_ffn_output(
+    layer: nn.Module, adapter: Adapter, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """Overwrite one layer's FFN output projection in place, after its rows were cut.
+
+    :param layer: a decoder layer, already cut to `weight.shape[1]` neurons.
+    :param adapter: the layer's adapter.
+    :param weight: the new neuron-first output weights, d_model x kept (any float dtype).
+    :param bias: the new output bias (d_model), or None to leave the bias as it is.
+    """
+    module = _get(layer, adapter.output)
+    stored = weight.T if adapter.layout == "conv1d" else weight
+    if stored.shape != module.weight.shape:
+        raise PruneNetError(
+            f"Refitted output weights {tuple(weight.shape)} do not fit the cut layer's "
+            f"{tuple(module.weight.shape)} (layout {adapter.layout})."
+        )
+    with torch.no_grad():
+        module.weight.copy_(stored.to(module.weight.dtype))
+        if bias is not None:
+            if getattr(module, "bias", None) is None:
+                raise PruneNetError("This output projection has no bias to write into.")
+            module.bias.copy_(bias.to(module.bias.dtype))
 
 
 def _cut_neurons(module: nn.Module, index: torch.Tensor, neuron_dim: int, bias: bool) -> None:

@@ -7,6 +7,7 @@ not the fraction of all parameters, so every report carries both.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -90,6 +91,7 @@ def prune_model(
     layer_keep: list[int],
     *,
     target_ratio: float | None = None,
+    cut: Callable[[int, nn.Module, torch.Tensor], None] | None = None,
 ) -> PruneReport:
     """Keep the `layer_keep[i]` highest-scoring FFN rows of layer i, in place; update the config.
 
@@ -102,6 +104,9 @@ def prune_model(
     :param layer_keep: rows to keep per layer, each in 1..width.
     :param target_ratio: the ratio the caller asked for, recorded in the report; defaults to the
         fraction of all FFN rows actually removed.
+    :param cut: `cut(index, layer, keep_indices)` removes the rows of one layer, called for the
+        layers in order; the default is `arch.cut_ffn`. A refit replaces it
+        (`prunenet.analysis.sequential.SequentialRefit`) to repair each layer as it is cut.
     """
     start = time.perf_counter()
     adapter = adapter_for(model.config)
@@ -119,8 +124,14 @@ def prune_model(
     widths_after = [_checked_keep(kept, width) for kept in layer_keep]
     if len(widths_after) != len(layers):
         raise PruneNetError(f"Got {len(widths_after)} per-layer targets for {len(layers)} layers.")
-    for layer, scores, kept in zip(layers, layer_scores, widths_after, strict=True):
-        cut_ffn(layer, adapter, select_keep_indices(scores, kept))
+    for index, (layer, scores, kept) in enumerate(
+        zip(layers, layer_scores, widths_after, strict=True)
+    ):
+        keep = select_keep_indices(scores, kept)
+        if cut is None:
+            cut_ffn(layer, adapter, keep)
+        else:
+            cut(index, layer, keep)
     record_ffn_widths(model.config, widths_after)
     achieved = 1.0 - sum(widths_after) / (width * len(layers))
     return PruneReport(

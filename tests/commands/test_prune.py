@@ -409,3 +409,36 @@ def save_then_hang(self, folder, *args, **kwargs):
         time.sleep(0.05)
 PreTrainedModel.save_pretrained = save_then_hang
 """
+
+
+# ----- --refit ----------------------------------------------------------------------------------
+
+
+def test_refit_lsq_writes_a_folder_that_plain_from_pretrained_reloads(
+    tiny_model_folder: Path, tmp_path: Path, no_disk_cache: None
+) -> None:
+    out = tmp_path / "out"
+    assert _prune(tiny_model_folder, out, "0.3", "--refit", "lsq", "--refit-sequences", "4") == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.mlp_bias is True
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["scorer"]["refit"]["mode"] == "lsq"
+
+
+def test_refit_with_stream_exits_2_before_the_model_is_loaded(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    err = _refused_with_exit_2(
+        capsys, tiny_model_folder, tmp_path / "out", "0.3", "--refit", "lsq", "--stream"
+    )
+    assert "needs the model in memory" in err and "--refit none" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_refit_bias_on_a_model_without_output_bias_exits_2_naming_lsq(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = tmp_path / "qwen2"
+    tiny_model("qwen2").save_pretrained(folder)
+    err = _refused_with_exit_2(capsys, folder, tmp_path / "out", "0.3", "--refit", "bias")
+    assert "cannot store" in err and "--refit lsq" in err

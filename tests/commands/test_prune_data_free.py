@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from prunenet.io.saving import REPORT_FILE
+
 # Runs `prunenet prune` in a fresh interpreter with an audit hook that records every file opened
 # and, at exit, every imported module: the only honest way to show nothing reads data behind
 # our back (a monkeypatch would only cover the readers we thought of).
@@ -48,6 +50,22 @@ def test_default_prune_opens_no_dataset_file(
     )  # fmt: skip
     assert probe["code"] == 0 and (out / "config.json").is_file()
     # Package metadata (.dist-info, scanned for entry points by libraries) is not data.
+    dataset_files = [
+        p for p in probe["opened"] if any(m in p for m in DATASET_MARKERS) and ".dist-info" not in p
+    ]
+    assert dataset_files == [], dataset_files
+    assert "olmo_eval" not in probe["modules"] and "datasets" not in probe["modules"]
+
+
+def test_refit_prune_opens_no_dataset_file(tiny_model_folder: Path, tmp_path: Path) -> None:
+    """The refit fits on self-generated text only."""
+    out = tmp_path / "out"
+    probe = run_probe(
+        tmp_path, "--model", str(tiny_model_folder), "--ratio", "0.3",
+        "--refit", "lsq", "--refit-sequences", "4", "--out", str(out),
+    )  # fmt: skip
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert probe["code"] == 0 and report["scorer"]["refit"]["mode"] == "lsq"
     dataset_files = [
         p for p in probe["opened"] if any(m in p for m in DATASET_MARKERS) and ".dist-info" not in p
     ]

@@ -12,8 +12,10 @@ from prunenet.core.arch import (
     ADAPTERS,
     Adapter,
     adapter_for,
+    can_store_output_bias,
     cut_ffn,
     decoder_layers,
+    enable_output_biases,
     ffn_modules,
     ffn_weights,
     ffn_width,
@@ -184,3 +186,38 @@ def test_readme_lists_every_adapter_as_the_code_defines_it() -> None:
     assert not missing, "README architecture table is out of date; regenerate with:\n" + "\n".join(
         architecture_table_rows()
     )
+
+
+# ----- output biases (where a refit's intercept can live) ---------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ALL_MODEL_TYPES)
+def test_output_bias_support_matches_what_the_modeling_code_builds(model_type: str) -> None:
+    model = tiny_model(model_type)
+    adapter = adapter_for(model.config)
+    _, output = ffn_modules(decoder_layers(model)[0], adapter)
+    has_bias = getattr(output, "bias", None) is not None
+    if adapter.output_bias == "switchable":
+        # The flag is off by default: no bias yet, but one can be switched on.
+        assert not has_bias and can_store_output_bias(model.config)
+    else:
+        assert has_bias == can_store_output_bias(model.config)
+
+
+def test_switching_llama_output_biases_on_keeps_logits_and_reloads_with_them(
+    tmp_path: Path,
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    before = logits_of(model)
+    enable_output_biases(model)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.mlp_bias is True
+    torch.testing.assert_close(logits_of(reloaded), before)
+
+
+def test_switching_output_biases_on_is_refused_where_none_can_be_stored() -> None:
+    with pytest.raises(PruneNetError, match="cannot store an FFN output bias"):
+        enable_output_biases(tiny_model("qwen2"))

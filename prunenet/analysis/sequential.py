@@ -1,0 +1,197 @@
+"""Layer by layer through the model being pruned: each layer sees what the pruned layers before
+it really pass on, and its cut output projection is refitted on those activations.
+
+One forward pass of the dense model records every decoder layer's keyword arguments (masks,
+position embeddings; a forward pre-hook per layer, because Gemma 2/3 give layers of different
+attention types different ones) and the first layer's input hidden states. From then on each
+layer is called directly on the hidden states the already-cut layers produced: one pass per
+layer, not a full forward per layer (DESIGN.md, "Findings from December experiments"). The
+text is the model's own (`prunenet.analysis.selfgen`), never a dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunenet.analysis.selfgen import SelfGenConfig, generate_own_text
+from prunenet.core.arch import (
+    adapter_for,
+    can_store_output_bias,
+    cut_ffn,
+    decoder_layers,
+    enable_output_biases,
+    ffn_modules,
+    ffn_output_bias,
+    ffn_weights,
+    set_ffn_output,
+)
+from prunenet.core.refit import refit_output
+from prunenet.errors import PruneNetError
+
+# Self-generated text for the refit: 64 x 128 tokens let ridge 0.1 generalise where 8 x 128
+# overfitted (DESIGN.md); a quarter of the sequences is held out to choose the ridge.
+REFIT_SELFGEN = SelfGenConfig(sequences=64, length=128, seed=0)
+HELD_OUT_FRACTION = 0.25
+
+
+@dataclass
+class RefitLog:
+    """What the refit did per layer: the chosen ridge and the held-out output errors."""
+
+    mode: str
+    sequences: int
+    held_out_sequences: int
+    intercept: bool
+    layers: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "sequences": self.sequences,
+            "held_out_sequences": self.held_out_sequences,
+            "intercept": self.intercept,
+            "layers": self.layers,
+        }
+
+
+class SequentialRefit:
+    """A `cut` for `prunenet.core.compress.prune_model`: cut layer i, refit it on activations
+    that went through the already-cut layers 0..i-1, and pass its output on to layer i+1.
+
+    Layers must be cut in order, each once, and the model must be the dense one at creation.
+
+    :param model: the dense model that is about to be cut (it is modified: with an intercept on
+        a `switchable` architecture, every FFN projection gets a bias first).
+    :param mode: `bias` or `lsq` (`prunenet.core.refit`).
+    :param selfgen: how much text the model writes for the refit.
+    :param held_out_fraction: share of the sequences held out to choose the ridge on.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str,
+        selfgen: SelfGenConfig = REFIT_SELFGEN,
+        held_out_fraction: float = HELD_OUT_FRACTION,
+    ) -> None:
+        self.adapter = adapter_for(model.config)
+        self.mode = mode
+        self.intercept = can_store_output_bias(model.config)
+        if mode == "bias" and not self.intercept:
+            raise PruneNetError(
+                f"--refit bias adds an FFN output bias, which {model.config.model_type} models "
+                "cannot store (plain from_pretrained would drop it); use --refit lsq, which "
+                "refits these models without an intercept, or --refit none."
+            )
+        tokens = generate_own_text(model, selfgen)
+        held_sequences = max(1, round(tokens.shape[0] * held_out_fraction))
+        if held_sequences >= tokens.shape[0]:
+            raise PruneNetError(
+                f"The refit needs at least 2 self-generated sequences, got {tokens.shape[0]}."
+            )
+        self._held_rows = held_sequences * tokens.shape[1]
+        if self.intercept:
+            enable_output_biases(model)  # zero biases: the model still computes the same
+        self.layers = decoder_layers(model)
+        self.hidden, self.layer_kwargs = capture_layer_inputs(model, tokens)
+        self.log = RefitLog(mode, tokens.shape[0], held_sequences, self.intercept)
+        self._next = 0
+
+    def __call__(self, index: int, layer: nn.Module, keep: torch.Tensor) -> None:
+        if index != self._next or layer is not self.layers[index]:
+            raise PruneNetError(f"SequentialRefit cuts layers in order; got layer {index}.")
+        kwargs = self.layer_kwargs[index]
+        acts = ffn_activations(layer, self.adapter, self.hidden, kwargs)
+        weights = ffn_weights(layer, self.adapter)
+        dense_weight = weights.output.clone()
+        dense_bias = ffn_output_bias(layer, self.adapter)
+        dense_bias = None if dense_bias is None else dense_bias.clone()
+        cut_ffn(layer, self.adapter, keep)
+        fit, held = acts[: -self._held_rows], acts[-self._held_rows :]
+        result = refit_output(
+            dense_weight, dense_bias, keep, fit, held, mode=self.mode, intercept=self.intercept
+        )
+        set_ffn_output(layer, self.adapter, result.weight, result.bias)
+        self.log.layers.append(
+            {
+                "ridge": result.ridge,
+                "held_error_cut": result.held_error_cut,
+                "held_error_refit": result.held_error_refit,
+            }
+        )
+        self.hidden = run_layer(layer, self.hidden, kwargs)
+        self._next += 1
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, tokens: torch.Tensor
+) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+    """The first decoder layer's input hidden states and every layer's other arguments.
+
+    :param model: the (dense) model.
+    :param tokens: batch x length token ids.
+    :return: hidden states (batch x length x d_model) and, per layer, (extra positional
+        arguments, keyword arguments) as the model passed them.
+    """
+    layers = decoder_layers(model)
+    captured: list[tuple[tuple, dict] | None] = [None] * len(layers)
+    first_hidden: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs, index):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if index == 0:
+            first_hidden.append(hidden.detach())
+        extra = args[1:] if args else ()
+        captured[index] = (extra, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda module, args, kwargs, index=index: hook(module, args, kwargs, index),
+            with_kwargs=True,
+        )
+        for index, layer in enumerate(layers)
+    ]
+    try:
+        # No cache: a cache object in the kwargs would grow with every later layer call.
+        model(tokens, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return first_hidden[0], captured
+
+
+@torch.no_grad()
+def run_layer(
+    layer: nn.Module, hidden: torch.Tensor, arguments: tuple[tuple, dict]
+) -> torch.Tensor:
+    """One decoder layer applied to `hidden` with the arguments the model gave it."""
+    extra, kwargs = arguments
+    output = layer(hidden, *extra, **kwargs)
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def ffn_activations(
+    layer: nn.Module, adapter, hidden: torch.Tensor, arguments: tuple[tuple, dict]
+) -> torch.Tensor:
+    """The FFN output projection's inputs (tokens x d_ff, float32) when `layer` runs on `hidden`.
+
+    :param layer: a decoder layer.
+    :param adapter: its `prunenet.core.arch.Adapter`.
+    :param hidden: the layer's input hidden states.
+    :param arguments: the layer's other arguments (`capture_layer_inputs`).
+    """
+    _, output = ffn_modules(layer, adapter)
+    captured: list[torch.Tensor] = []
+    handle = output.register_forward_pre_hook(
+        lambda module, inputs: captured.append(inputs[0].reshape(-1, inputs[0].shape[-1]))
+    )
+    try:
+        run_layer(layer, hidden, arguments)
+    finally:
+        handle.remove()
+    return captured[0].float()

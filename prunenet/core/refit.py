@@ -1,0 +1,158 @@
+"""Refit of a cut FFN's output projection, so the smaller layer still computes what it did.
+
+Removing neurons drops their contribution to the FFN output. Two repairs, both fitted on the
+layer's own intermediate activations on self-generated text (`prunenet.analysis.sequential`
+collects them; this module only does the algebra):
+
+- `bias`: add the removed neurons' mean contribution to the output bias (exact on average);
+- `lsq`: ridge least squares of the kept output columns (and, where the architecture can store
+  one, an intercept as the bias) so the cut FFN reproduces the dense FFN output. Normal
+  equations in float64 (a float32 Gram loses the small eigenvalues; docs/architecture.md), ridge
+  = lambda x mean Gram diagonal, lambda chosen on a held-out self-generated split: December's
+  experiments found 0.1 right at 64 x 128 tokens and 0.01 overfitting at 8 x 128 (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prunenet.errors import PruneNetError
+
+REFITS = ("none", "bias", "lsq")
+# Relative ridges tried on the held-out split (x mean Gram diagonal); DESIGN.md's 0.1 sits inside.
+RIDGE_CANDIDATES = (0.01, 0.03, 0.1, 0.3, 1.0)
+DEFAULT_RIDGE = 0.1
+
+
+@dataclass
+class RefitResult:
+    """A cut layer's new output projection and what the refit achieved.
+
+    :param weight: neuron-first output weights, d_model x kept (float64).
+    :param bias: the new output bias (d_model, float64), or None for a refit without intercept.
+    :param ridge: the relative ridge used (`lsq` only).
+    :param held_error_cut: mean squared error against the dense FFN output on the held-out rows
+        after the plain cut (None without held-out rows).
+    :param held_error_refit: the same after the refit.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    ridge: float | None = None
+    held_error_cut: float | None = None
+    held_error_refit: float | None = None
+
+
+def refit_output(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep: torch.Tensor,
+    fit: torch.Tensor,
+    held: torch.Tensor | None = None,
+    mode: str = "lsq",
+    intercept: bool = True,
+    ridges: tuple[float, ...] = RIDGE_CANDIDATES,
+) -> RefitResult:
+    """The output projection that best replaces the dense one once only rows `keep` remain.
+
+    The target is the dense FFN output on the same activations, `acts @ weight.T + bias`.
+
+    :param weight: the dense neuron-first output weights, d_model x d_ff.
+    :param bias: the dense output bias (d_model), or None.
+    :param keep: sorted indices of the kept neurons.
+    :param fit: N x d_ff intermediate activations (the output projection's inputs) to fit on.
+    :param held: M x d_ff held-out activations to choose the ridge on and measure the errors
+        on; None fits with `DEFAULT_RIDGE` and measures nothing.
+    :param mode: `bias` (removed neurons' mean contribution into the bias) or `lsq`.
+    :param intercept: fit (or keep) a bias; False where the architecture cannot store one.
+    :param ridges: relative ridges tried on `held` (`lsq`).
+    """
+    if mode not in ("bias", "lsq"):
+        raise PruneNetError(f"Unknown refit {mode!r}; choose one of {', '.join(REFITS[1:])}.")
+    if mode == "bias" and not intercept:
+        raise PruneNetError("--refit bias needs an output bias; this architecture has none.")
+    weight = weight.double()
+    bias = None if bias is None else bias.double()
+    keep = keep.to(torch.long)
+    cut_weight = weight[:, keep]
+    if bias is None and intercept:
+        bias = torch.zeros(weight.shape[0], dtype=torch.float64)  # a bias the caller will add
+    cut_bias = bias
+    if mode == "bias":
+        removed = torch.ones(weight.shape[1], dtype=torch.bool)
+        removed[keep] = False
+        lost = fit.double()[:, removed].mean(dim=0) @ weight[:, removed].T
+        result = RefitResult(cut_weight, cut_bias + lost)
+    else:
+        result = _least_squares(weight, bias, keep, fit, held, intercept, ridges)
+    if held is not None:
+        result.held_error_cut = output_error(weight, bias, keep, held, cut_weight, cut_bias)
+        result.held_error_refit = output_error(weight, bias, keep, held, result.weight, result.bias)
+    return result
+
+
+def output_error(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep: torch.Tensor,
+    acts: torch.Tensor,
+    new_weight: torch.Tensor,
+    new_bias: torch.Tensor | None,
+) -> float:
+    """Mean squared difference between the dense FFN output and the cut one on `acts`.
+
+    :param weight: dense neuron-first output weights, d_model x d_ff.
+    :param bias: dense output bias, or None.
+    :param keep: the kept neurons.
+    :param acts: M x d_ff activations.
+    :param new_weight: the cut layer's output weights, d_model x kept.
+    :param new_bias: the cut layer's output bias, or None.
+    """
+    acts = acts.double()
+    dense = _affine(acts, weight.double(), bias)
+    cut = _affine(acts[:, keep.to(torch.long)], new_weight.double(), new_bias)
+    return float((dense - cut).pow(2).mean())
+
+
+def _least_squares(weight, bias, keep, fit, held, intercept, ridges) -> RefitResult:
+    """Ridge least squares; the ridge that does best on `held` is refitted on all rows."""
+    candidates = tuple(ridges) if held is not None else (DEFAULT_RIDGE,)
+    solutions = _ridge_solutions(weight, bias, keep, fit.double(), intercept, candidates)
+    if held is None:
+        new_weight, new_bias = solutions[0]
+        return RefitResult(new_weight, new_bias, ridge=DEFAULT_RIDGE)
+    errors = [output_error(weight, bias, keep, held, w, b) for w, b in solutions]
+    best = candidates[min(range(len(errors)), key=errors.__getitem__)]
+    rows = torch.cat([fit, held]).double()
+    ((new_weight, new_bias),) = _ridge_solutions(weight, bias, keep, rows, intercept, (best,))
+    return RefitResult(new_weight, new_bias, ridge=best)
+
+
+def _ridge_solutions(weight, bias, keep, acts, intercept, ridges):
+    """(weight d_model x kept, bias or None) per relative ridge, from one eigendecomposition."""
+    target = _affine(acts, weight, bias)
+    kept_acts = acts[:, keep]
+    if intercept:
+        # Centring fits the intercept exactly and leaves it out of the ridge penalty.
+        acts_mean, target_mean = kept_acts.mean(dim=0), target.mean(dim=0)
+        kept_acts, target = kept_acts - acts_mean, target - target_mean
+    gram = kept_acts.T @ kept_acts
+    cross = kept_acts.T @ target  # kept x d_model
+    # A layer whose kept neurons never fire has a zero Gram; any positive scale keeps it solvable.
+    scale = float(gram.diagonal().mean().clamp_min(1e-12))
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    projected = eigenvectors.T @ cross
+    solutions = []
+    for ridge in ridges:
+        denominators = (eigenvalues.clamp_min(0) + ridge * scale).unsqueeze(1)
+        coefficients = eigenvectors @ (projected / denominators)  # kept x d_model
+        new_bias = target_mean - acts_mean @ coefficients if intercept else None
+        solutions.append((coefficients.T.contiguous(), new_bias))
+    return solutions
+
+
+def _affine(acts: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = acts @ weight.T
+    return out if bias is None else out + bias

@@ -1,0 +1,69 @@
+"""The output-projection refit: it repairs the cut on tokens it never saw, and says what it fits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prunenet.analysis.selfgen import SelfGenConfig, generate_own_text
+from prunenet.analysis.sequential import capture_layer_inputs, ffn_activations
+from prunenet.core.arch import adapter_for, decoder_layers, ffn_output_bias, ffn_weights
+from prunenet.core.refit import output_error, refit_output
+from prunenet.errors import PruneNetError
+from tests.conftest import FFN_WIDTH, tiny_model
+
+KEEP = torch.arange(0, FFN_WIDTH, 2)  # half the neurons
+
+
+def _self_generated_activations(model_type: str) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Layer 0's FFN activations on 8 self-generated sequences: 6 to fit on, 2 held out."""
+    model = tiny_model(model_type)
+    tokens = generate_own_text(model, SelfGenConfig(sequences=8, length=32, seed=0))
+    hidden, arguments = capture_layer_inputs(model, tokens)
+    layer = decoder_layers(model)[0]
+    acts = ffn_activations(layer, adapter_for(model.config), hidden, arguments[0])
+    held_rows = 2 * tokens.shape[1]
+    return acts[:-held_rows], acts[-held_rows:], layer
+
+
+@pytest.mark.parametrize(("model_type", "intercept"), [("llama", True), ("qwen2", False)])
+def test_lsq_refit_lowers_the_output_error_on_held_out_self_generated_tokens(
+    model_type: str, intercept: bool
+) -> None:
+    fit, held, layer = _self_generated_activations(model_type)
+    weight = ffn_weights(layer, adapter_for(tiny_model(model_type).config)).output
+    result = refit_output(weight, None, KEEP, fit, held, mode="lsq", intercept=intercept)
+    plain_cut = output_error(weight, None, KEEP, held, weight[:, KEEP], None)
+    refitted = output_error(weight, None, KEEP, held, result.weight, result.bias)
+    assert refitted < 0.9 * plain_cut
+    assert result.held_error_cut == pytest.approx(plain_cut)
+
+
+def test_bias_refit_restores_the_dense_mean_output_on_the_fitted_tokens() -> None:
+    fit, _, layer = _self_generated_activations("gpt2")
+    adapter = adapter_for(tiny_model("gpt2").config)
+    weight, bias = ffn_weights(layer, adapter).output, ffn_output_bias(layer, adapter)
+    result = refit_output(weight, bias, KEEP, fit, mode="bias")
+    dense_mean = (fit.double() @ weight.double().T + bias.double()).mean(dim=0)
+    cut_mean = (fit.double()[:, KEEP] @ result.weight.T + result.bias).mean(dim=0)
+    torch.testing.assert_close(cut_mean, dense_mean)
+
+
+def test_a_refit_without_intercept_leaves_the_bias_alone() -> None:
+    fit, held, layer = _self_generated_activations("qwen2")
+    weight = ffn_weights(layer, adapter_for(tiny_model("qwen2").config)).output
+    assert refit_output(weight, None, KEEP, fit, held, mode="lsq", intercept=False).bias is None
+
+
+def test_the_ridge_comes_from_the_candidates_tried_on_the_held_out_rows() -> None:
+    fit, held, layer = _self_generated_activations("llama")
+    weight = ffn_weights(layer, adapter_for(tiny_model("llama").config)).output
+    result = refit_output(weight, None, KEEP, fit, held, mode="lsq", ridges=(0.5,))
+    assert result.ridge == 0.5
+
+
+def test_bias_refit_without_an_intercept_is_refused() -> None:
+    fit, _, layer = _self_generated_activations("qwen2")
+    weight = ffn_weights(layer, adapter_for(tiny_model("qwen2").config)).output
+    with pytest.raises(PruneNetError, match="needs an output bias"):
+        refit_output(weight, None, KEEP, fit, mode="bias", intercept=False)
