@@ -45,7 +45,8 @@ def test_singular_values_equal_svdvals_in_float64_on_an_ill_conditioned_matrix()
     matrix = _with_condition_number(64, 16, condition=1e6)
     expected = torch.linalg.svdvals(matrix)
     assert expected[0] / expected[-1] == pytest.approx(1e6, rel=1e-6)
-    # A float32 Gram would be off by tens of percent on the smallest values (docs/architecture.md, "Findings").
+    # A float32 Gram would be off by tens of percent on the smallest values
+    # (docs/architecture.md, "Findings").
     assert torch.allclose(singular_values(matrix), expected, rtol=1e-4, atol=0)
 
 
