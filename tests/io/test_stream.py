@@ -17,9 +17,9 @@ from prunenet.core.compress import count_parameters, prune_model, select_keep_in
 from prunenet.core.ratios import keep_count, uniform_keep
 from prunenet.errors import PruneNetError
 from prunenet.io.stream.checkpoint import INDEX_FILE
-from prunenet.stream import stream_prune
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer
+from prunenet.stream import stream_prune
 from tests.conftest import FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer
 
 RATIO = 0.3

