@@ -7,8 +7,8 @@ through lm-evaluation-harness with stderr (the paper's five tasks: PIQA, HellaSw
 ARC-e, ARC-c) and their average, the fraction of all parameters removed, and the speed-up over
 dense (prefill, decode at batch 1 and 8; dense and pruned alternated in this process). It writes
 a CSV, a Markdown table with the protocol and the exact command, a JSON record, and a PNG plot to
---out-dir. The README's table and plot come from ONE command (about 8 min per model on one
-CPU thread at the defaults):
+--out-dir. The README's table and plot come from ONE command (at the defaults about 8 min per
+model on one idle CPU thread; expect about twice that on a loaded 2-core machine):
 
     python scripts/benchmark_quality.py --methods policy,selfgen,random --ratios 0.2,0.3,0.5 \\
         --out-dir results/quality
