@@ -112,7 +112,7 @@ def register(subparsers) -> None:
         "--threads",
         type=positive_int,
         default=1,
-        help="CPU threads for torch (default 1: see docs/architecture.md, \"Findings\")",
+        help='CPU threads for torch (default 1: see docs/architecture.md, "Findings")',
     )
     parser.add_argument(
         "--speed-rounds",
