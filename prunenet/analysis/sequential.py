@@ -11,10 +11,12 @@ text is the model's own (`prunenet.analysis.selfgen`), never a dataset.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from prunenet.analysis.selfgen import SelfGenConfig, generate_own_text
 from prunenet.core.arch import (
@@ -86,6 +88,12 @@ class SequentialRefit:
                 "cannot store (plain from_pretrained would drop it); use --refit lsq, which "
                 "refits these models without an intercept, or --refit none."
             )
+        print(
+            f"refit: the model writes {selfgen.sequences} x {selfgen.length} tokens of its own "
+            "text (the slow part), then each layer is cut and refitted in turn",
+            file=sys.stderr,
+            flush=True,
+        )
         tokens = generate_own_text(model, selfgen)
         held_sequences = max(1, round(tokens.shape[0] * held_out_fraction))
         if held_sequences >= tokens.shape[0]:
@@ -99,6 +107,7 @@ class SequentialRefit:
         self.hidden, self.layer_kwargs = capture_layer_inputs(model, tokens)
         self.log = RefitLog(mode, tokens.shape[0], held_sequences, self.intercept)
         self._next = 0
+        self._bar = tqdm(total=len(self.layers), desc=f"refit {mode}", unit="layer", leave=False)
 
     def __call__(self, index: int, layer: nn.Module, keep: torch.Tensor) -> None:
         if index != self._next or layer is not self.layers[index]:
@@ -124,6 +133,9 @@ class SequentialRefit:
         )
         self.hidden = run_layer(layer, self.hidden, kwargs)
         self._next += 1
+        self._bar.update(1)
+        if self._next == len(self.layers):
+            self._bar.close()
 
 
 @torch.no_grad()
