@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from prunenet.analysis import sequential
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.core.arch import adapter_for, can_store_output_bias, ffn_width, ffn_widths
 from prunenet.core.compress import prune_model
@@ -132,3 +133,24 @@ def test_a_refit_changes_the_pruned_weights() -> None:
 def test_an_unknown_refit_is_refused() -> None:
     with pytest.raises(PruneNetError, match="Unknown refit"):
         apply_plan(tiny_model("llama"), PrunePlan([], []), 0.3, refit="ols")
+
+
+def test_a_refit_over_a_ratio_list_generates_its_text_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real = sequential.generate_own_text
+
+    def counting(model, config):
+        calls.append(config)
+        return real(model, config)
+
+    monkeypatch.setattr(sequential, "generate_own_text", counting)
+    small = SelfGenConfig(sequences=4, length=16, seed=0)
+    planner = scorer_planner(RandomScorer(seed=0))
+    folders = [tmp_path / "a", tmp_path / "b"]
+    prune_and_save(
+        tiny_model("llama"), None, planner, [0.25, 0.5], folders, refit="lsq", refit_selfgen=small
+    )
+    assert len(calls) == 1
+    assert all((folder / "model.safetensors").is_file() for folder in folders)
