@@ -14,6 +14,7 @@ measures exactly what the command ships. The stages it strings together:
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,11 +26,16 @@ from torch import nn
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO, keep_counts
 from prunenet.allocation.sensitivity import ALLOCATIONS, auto_allocation
 from prunenet.analysis.selfgen import SelfGenConfig
-from prunenet.analysis.sequential import REFIT_SELFGEN, SequentialRefit, refit_text
+from prunenet.analysis.sequential import (
+    ANALYSIS_SELFGEN,
+    LayerScore,
+    SequentialCut,
+    analysis_text,
+)
 from prunenet.core.arch import ffn_widths
 from prunenet.core.compress import PruneReport, prune_model
 from prunenet.core.ratios import uniform_keep
-from prunenet.core.refit import REFITS
+from prunenet.core.refit import check_refit
 from prunenet.errors import PruneNetError
 from prunenet.io.saving import save_pruned
 from prunenet.scoring.base import Scorer
@@ -39,52 +45,91 @@ from prunenet.scoring.base import Scorer
 class PrunePlan:
     """What to cut at one ratio: scores and kept rows per layer, and how they were decided.
 
-    :param scores: one importance vector per decoder layer (higher = keep).
+    :param scores: one importance vector per decoder layer (higher = keep); None when
+        `layer_score` scores each layer as it is cut.
     :param layer_keep: rows kept per layer.
     :param info: what to record about the method (scorer, allocation, ...).
+    :param layer_score: sequential analysis: scores each layer on the activations it sees once
+        the layers before it are cut (`prunenet.analysis.sequential.SequentialCut`).
     """
 
-    scores: list[torch.Tensor]
+    scores: list[torch.Tensor] | None
     layer_keep: list[int]
     info: dict = field(default_factory=dict)
+    layer_score: LayerScore | None = None
 
+
+ANALYSES = ("oneshot", "sequential")
 
 # (dense model, target ratio) -> plan. A planner must not modify the model.
 Planner = Callable[[nn.Module, float], PrunePlan]
 
 
 def scorer_planner(
-    scorer: Scorer, allocation: str = "uniform", max_layer_ratio: float = DEFAULT_MAX_RATIO
+    scorer: Scorer,
+    allocation: str = "uniform",
+    max_layer_ratio: float = DEFAULT_MAX_RATIO,
+    analysis: str = "oneshot",
 ) -> Planner:
     """The standard planner: `scorer`'s ranking with a uniform or an automatic allocation.
 
-    The scores are computed on the first call and reused for later ratios, because for a
+    One-shot scores are computed on the first call and reused for later ratios, because for a
     ratio-blind scorer one ranking serves every ratio (and scoring is the slow part); a
     ratio-aware scorer (`Scorer.ratio_aware`, e.g. a policy that observes the ratio) is asked
-    again at every ratio.
+    again at every ratio. Sequential scores are computed while the model is cut.
 
     :param scorer: ranks each layer's rows.
     :param allocation: `uniform` (the same ratio in every layer) or `auto` (the same total,
         spread by self-generated layer sensitivity; `prunenet.allocation.sensitivity`).
     :param max_layer_ratio: the most `auto` removes from one layer.
+    :param analysis: `oneshot` (every layer scored on the dense model's activations) or
+        `sequential` (each layer scored on the activations of the model whose earlier layers
+        are already cut; needs an activation-based scorer).
     """
     if allocation not in ALLOCATIONS:
         raise PruneNetError(
             f"Unknown allocation {allocation!r}; choose {' or '.join(ALLOCATIONS)}."
         )
+    check_analysis(analysis, scorer)
     cached: list[list[torch.Tensor]] = []
 
     def plan(model: nn.Module, ratio: float) -> PrunePlan:
-        if scorer.ratio_aware or not cached:
-            cached[:] = [scorer.score_model(model, ratio=ratio)]
         widths = ffn_widths(model.config)
         if allocation == "auto":
             layer_keep = keep_counts(widths, auto_allocation(model, scorer, ratio, max_layer_ratio))
         else:
             layer_keep = uniform_keep(widths, ratio)
-        return PrunePlan(cached[0], layer_keep, {**scorer.describe(), "allocation": allocation})
+        info = {**scorer.describe(), "allocation": allocation, "analysis": analysis}
+        if analysis == "sequential":
+            score = functools.partial(_score_activations, scorer, ratio)
+            return PrunePlan(None, layer_keep, info, layer_score=score)
+        if scorer.ratio_aware or not cached:
+            cached[:] = [scorer.score_model(model, ratio=ratio)]
+        return PrunePlan(cached[0], layer_keep, info)
 
     return plan
+
+
+def _score_activations(scorer: Scorer, ratio: float, ffn, stats, index: int, count: int):
+    return scorer.score_activations(ffn, stats, index, count, ratio)
+
+
+def check_analysis(analysis: str, scorer: Scorer) -> str:
+    """`analysis` if it names one (`ANALYSES`) that `scorer` can do, else a clear error."""
+    if analysis not in ANALYSES:
+        raise PruneNetError(f"Unknown analysis {analysis!r}; choose one of {', '.join(ANALYSES)}.")
+    if analysis == "sequential" and scorer.weights_only:
+        raise PruneNetError(
+            f"Scorer {scorer.name!r} reads only weights, so sequential analysis would pick the "
+            "same rows as one-shot; use --analysis oneshot (a refit is sequential either way), "
+            "or an activation-based scorer (policy, selfgen)."
+        )
+    return analysis
+
+
+def needs_text(plan: PrunePlan, refit: str) -> bool:
+    """Whether cutting to `plan` with `refit` walks the model layer by layer on its own text."""
+    return plan.layer_score is not None or check_refit(refit) != "none"
 
 
 def apply_plan(
@@ -93,8 +138,8 @@ def apply_plan(
     ratio: float,
     in_place: bool = False,
     refit: str = "none",
-    refit_selfgen: SelfGenConfig = REFIT_SELFGEN,
-    refit_tokens: torch.Tensor | None = None,
+    selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
+    tokens: torch.Tensor | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """Cut `model` (or a deep copy, leaving `model` dense) to `plan`, refitting if asked.
 
@@ -105,28 +150,23 @@ def apply_plan(
     :param refit: `none` (the plain cut), `bias` or `lsq`: repair each layer's output
         projection on self-generated activations, layer by layer (`prunenet.analysis.
         sequential`); the report records the ridge and held-out errors per layer.
-    :param refit_selfgen: the self-generated text the refit fits on (a quarter held out).
-    :param refit_tokens: that text, generated by the dense model beforehand (`refit_text`);
-        None generates it here.
+    :param selfgen: the self-generated text sequential scoring and the refit use (a quarter
+        held out).
+    :param tokens: that text, generated by the dense model beforehand (`analysis_text`); None
+        generates it here (when the plan or the refit needs it).
     :return: the pruned model and what was done to it.
     """
-    check_refit(refit)
-    pruned = model if in_place else copy.deepcopy(model)
     cut = None
-    if refit != "none":
-        cut = SequentialRefit(pruned, refit, refit_selfgen, tokens=refit_tokens)
+    if needs_text(plan, refit) and tokens is None:
+        tokens = analysis_text(model, selfgen)
+    pruned = model if in_place else copy.deepcopy(model)
+    if needs_text(plan, refit):
+        cut = SequentialCut(pruned, refit, tokens, plan.layer_score)
     report = prune_model(pruned, plan.scores, plan.layer_keep, target_ratio=ratio, cut=cut)
     report.scorer = dict(plan.info)
     if cut is not None:
-        report.scorer["refit"] = cut.log.to_dict()
+        report.scorer["sequential"] = cut.log.to_dict()
     return pruned, report
-
-
-def check_refit(refit: str) -> str:
-    """`refit` if it names a refit (`prunenet.core.refit.REFITS`), else a clear error."""
-    if refit not in REFITS:
-        raise PruneNetError(f"Unknown refit {refit!r}; choose one of {', '.join(REFITS)}.")
-    return refit
 
 
 def prune_and_save(
@@ -137,7 +177,7 @@ def prune_and_save(
     folders: Sequence[str | Path],
     overwrite: bool = False,
     refit: str = "none",
-    refit_selfgen: SelfGenConfig = REFIT_SELFGEN,
+    selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
 ) -> list[PruneReport]:
     """Prune at each ratio and save each result atomically into its folder.
 
@@ -148,23 +188,23 @@ def prune_and_save(
     :param folders: output folders, as many as `ratios`.
     :param overwrite: replace existing folders.
     :param refit: `none`, `bias` or `lsq` (`apply_plan`).
-    :param refit_selfgen: the self-generated text a refit fits on.
-    :return: one report per ratio, with `seconds` covering planning, cutting and saving.
+    :param selfgen: the self-generated text sequential scoring and the refit use.
+    :return: one report per ratio, with `seconds` covering planning, cutting and saving (the
+        first ratio's include writing the text).
     """
     check_refit(refit)
     if len(ratios) != len(folders):
         raise PruneNetError(f"Got {len(ratios)} ratios for {len(folders)} output folders.")
-    # The dense model writes the refit's text once; every ratio fits on the same text.
-    start = time.perf_counter()
-    tokens = refit_text(model, refit_selfgen) if refit != "none" else None
-    text_seconds = time.perf_counter() - start  # counted in the first ratio's time
+    tokens = None  # the dense model writes its text once; every ratio uses the same text
     reports = []
     for index, (ratio, folder) in enumerate(zip(ratios, folders, strict=True)):
         start = time.perf_counter()
         plan = planner(model, ratio)
+        if tokens is None and needs_text(plan, refit):
+            tokens = analysis_text(model, selfgen)
         last = index == len(ratios) - 1
-        pruned, report = apply_plan(model, plan, ratio, last, refit, refit_selfgen, tokens)
+        pruned, report = apply_plan(model, plan, ratio, last, refit, selfgen, tokens)
         save_pruned(pruned, tokenizer, folder, report, overwrite=overwrite)
-        report.seconds = time.perf_counter() - start + (text_seconds if index == 0 else 0.0)
+        report.seconds = time.perf_counter() - start
         reports.append(report)
     return reports

@@ -48,6 +48,8 @@ from torch import nn
 
 from prunenet import __version__
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO, keep_counts, uniform_allocation
+from prunenet.analysis.selfgen import SelfGenConfig
+from prunenet.analysis.sequential import ANALYSIS_SELFGEN, analysis_text
 from prunenet.core.arch import ffn_widths
 from prunenet.core.devices import default_device, describe_device
 from prunenet.core.ratios import rows_for_ratio, validate_ratio
@@ -64,7 +66,7 @@ from prunenet.evaluation.zero_shot import (
     zero_shot_average,
 )
 from prunenet.io.models import load_model
-from prunenet.pipeline import Planner, PrunePlan, apply_plan, scorer_planner
+from prunenet.pipeline import Planner, PrunePlan, apply_plan, needs_text, scorer_planner
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import SCORERS, make_scorer
 from prunenet.tables import format_table, markdown_table
@@ -91,6 +93,12 @@ class Method:
 
     name: str
     plan: Callable[[nn.Module, float], PrunePlan]
+    refit: str = "none"
+
+
+# Name suffixes of scorer-backed methods: "+auto" allocation, "+seq" sequential analysis,
+# "+bias" / "+lsq" refit (e.g. "selfgen+seq+lsq").
+MODIFIERS = ("auto", "seq", "bias", "lsq")
 
 
 def scorer_method(
@@ -98,6 +106,8 @@ def scorer_method(
     make: Callable[[], Scorer],
     allocation: str = "uniform",
     max_layer_ratio: float = DEFAULT_MAX_RATIO,
+    analysis: str = "oneshot",
+    refit: str = "none",
 ) -> Method:
     """A `Scorer` as a method, with uniform or self-generated ("auto") per-layer allocation.
 
@@ -105,15 +115,17 @@ def scorer_method(
     :param allocation: "uniform" removes `ratio` of every layer; "auto" lets
         `prunenet.allocation.sensitivity.auto_allocation` spread the same total over the layers.
     :param max_layer_ratio: the most "auto" removes from one layer.
+    :param analysis: "oneshot" or "sequential" (`prunenet.pipeline.scorer_planner`).
+    :param refit: "none", "bias" or "lsq" (`prunenet.pipeline.apply_plan`).
     """
     planner: list[Planner] = []  # built on first use: loading a policy costs time
 
     def plan(model: nn.Module, ratio: float) -> PrunePlan:
         if not planner:
-            planner.append(scorer_planner(make(), allocation, max_layer_ratio))
+            planner.append(scorer_planner(make(), allocation, max_layer_ratio, analysis))
         return planner[0](model, ratio)
 
-    return Method(name, plan)
+    return Method(name, plan, refit)
 
 
 # Methods read from `prunenet train` checkpoints: name (= the checkpoint's algo) -> flag.
@@ -180,21 +192,35 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
     names = names or [*factories, *EXTRA_METHODS]
     methods, unknown = [], []
     for name in dict.fromkeys(names):
-        base, _, suffix = name.partition("+")
+        base, *mods = name.split("+")
+        refits = [m for m in mods if m in ("bias", "lsq")]
         if name in EXTRA_METHODS:
             methods.append(EXTRA_METHODS[name](args))
-        elif base in factories and suffix in ("", "auto"):
-            make = factories[base]
-            allocation = "auto" if suffix else "uniform"
-            methods.append(scorer_method(name, make, allocation, args.max_layer_ratio))
+        elif (
+            base in factories
+            and all(m in MODIFIERS for m in mods)
+            and len(set(mods)) == len(mods)
+            and len(refits) <= 1
+        ):
+            methods.append(
+                scorer_method(
+                    name,
+                    factories[base],
+                    "auto" if "auto" in mods else "uniform",
+                    args.max_layer_ratio,
+                    "sequential" if "seq" in mods else "oneshot",
+                    refits[0] if refits else "none",
+                )
+            )
         else:
             unknown.append(name)
     if unknown:
         available = [*factories, *EXTRA_METHODS]
         raise PruneNetError(
             f"Unknown method {', '.join(unknown)}. Available: {', '.join(available)} (add "
-            "'+auto' to a scorer for self-generated per-layer allocation; ppo needs --policy, "
-            "reinforce needs --baseline-policy)."
+            "'+auto' to a scorer for self-generated per-layer allocation, '+seq' for sequential "
+            "analysis, '+bias' or '+lsq' for a refit; ppo needs --policy, reinforce needs "
+            "--baseline-policy)."
         )
     return methods
 
@@ -452,6 +478,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, default=None, help="tokens decoded (32)")
     parser.add_argument("--zero-shot-batch-size", type=int, default=DEFAULT_ZERO_SHOT_BATCH)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random scorer")
+    parser.add_argument(
+        "--selfgen-sequences",
+        type=int,
+        default=ANALYSIS_SELFGEN.sequences,
+        help="self-generated sequences of 128 tokens for '+seq' and refit methods (%(default)s)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out-dir", default="results")
@@ -539,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         "dense_params": dense_counts.total,
         "dense_ffn_params": dense_counts.ffn,
         "zero_shot_tasks": args.zero_shot_tasks,
-        **{k: getattr(args, k) for k in (*PRESET_KEYS, "seed", "threads")},
+        **{k: getattr(args, k) for k in (*PRESET_KEYS, "seed", "threads", "selfgen_sequences")},
         "bos_token": suite.protocol()["ppl_bos_token"],
         "ppl_texts": suite.protocol()["ppl_texts"],
         "python": f"Python {platform.python_version()}",
@@ -568,13 +600,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = [evaluate_row("dense", 0.0, model, suite, None, dense_counts, args)]
     _report_progress(rows, start, len(methods) * len(args.ratios))
     write_outputs(out_dir, stem, rows, protocol)
+    tokens = None  # the model's own text for sequential analysis and refits, written once
+    selfgen = SelfGenConfig(sequences=args.selfgen_sequences, length=ANALYSIS_SELFGEN.length)
     for method in methods:
         for ratio in args.ratios:
             plan_start = time.perf_counter()
             plan = method.plan(model, ratio)
-            pruned, _ = apply_plan(model, plan, ratio)
+            if tokens is None and needs_text(plan, method.refit):
+                text_start = time.perf_counter()
+                tokens = analysis_text(model, selfgen)
+                # Reported apart from plan_s: cold runs pay it once, warm runs read the cache.
+                protocol["text_seconds"] = time.perf_counter() - text_start
+                plan_start += protocol["text_seconds"]
+            pruned, _ = apply_plan(model, plan, ratio, refit=method.refit, tokens=tokens)
             plan_seconds = time.perf_counter() - plan_start
-            protocol["method_info"][method.name] = plan.info
+            protocol["method_info"][method.name] = {**plan.info, "refit": method.refit}
             row = evaluate_row(
                 method.name, ratio, pruned, suite, model, dense_counts, args, plan_seconds
             )

@@ -183,3 +183,10 @@ def load_script(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def private_prunenet_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> None:
+    """Every test gets an empty PruneNet cache: tests never write to (or read stale entries
+    from) the user's ~/.cache/prunenet, and one test's cached text cannot hide another's."""
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path_factory.mktemp("prunenet-cache")))

@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prunenet.analysis import sequential
+from prunenet.analysis import selfgen
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.core.arch import adapter_for, can_store_output_bias, ffn_width, ffn_widths
 from prunenet.core.compress import prune_model
 from prunenet.core.ratios import keep_count
 from prunenet.errors import PruneNetError
 from prunenet.pipeline import PrunePlan, apply_plan, prune_and_save, scorer_planner
-from prunenet.scoring.heuristics import RandomScorer
+from prunenet.scoring.heuristics import RandomScorer, SelfGenScorer
 from tests.conftest import ALL_MODEL_TYPES, FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer
 
 
@@ -112,7 +112,7 @@ def test_refitted_folders_reload_with_plain_from_pretrained_and_identical_logits
     widths = ffn_widths(model.config)
     scores = [torch.rand(w, generator=torch.Generator().manual_seed(0)) for w in widths]
     plan = PrunePlan(scores, [keep_count(w, 0.3) for w in widths])
-    pruned, _ = apply_plan(model, plan, 0.3, refit=refit, refit_selfgen=REFIT_SELFGEN)
+    pruned, _ = apply_plan(model, plan, 0.3, refit=refit, selfgen=REFIT_SELFGEN)
     pruned.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(logits_of(reloaded), logits_of(pruned), rtol=0, atol=0)
@@ -124,9 +124,9 @@ def test_a_refit_changes_the_pruned_weights() -> None:
     plan = PrunePlan([torch.arange(w, dtype=torch.float) for w in widths],
                      [keep_count(w, 0.3) for w in widths])  # fmt: skip
     plain, _ = apply_plan(model, plan, 0.3)
-    refitted, report = apply_plan(model, plan, 0.3, refit="lsq", refit_selfgen=REFIT_SELFGEN)
+    refitted, report = apply_plan(model, plan, 0.3, refit="lsq", selfgen=REFIT_SELFGEN)
     assert not torch.equal(logits_of(plain), logits_of(refitted))
-    assert report.scorer["refit"]["intercept"] is can_store_output_bias(model.config)
+    assert report.scorer["sequential"]["intercept"] is can_store_output_bias(model.config)
     assert adapter_for(refitted.config).output_bias == "switchable" and refitted.config.mlp_bias
 
 
@@ -136,21 +136,67 @@ def test_an_unknown_refit_is_refused() -> None:
 
 
 def test_a_refit_over_a_ratio_list_generates_its_text_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_disk_cache: None
 ) -> None:
     calls = []
-    real = sequential.generate_own_text
+    real = selfgen.generate_own_text
 
     def counting(model, config):
         calls.append(config)
         return real(model, config)
 
-    monkeypatch.setattr(sequential, "generate_own_text", counting)
+    monkeypatch.setattr(selfgen, "generate_own_text", counting)
     small = SelfGenConfig(sequences=4, length=16, seed=0)
     planner = scorer_planner(RandomScorer(seed=0))
     folders = [tmp_path / "a", tmp_path / "b"]
     prune_and_save(
-        tiny_model("llama"), None, planner, [0.25, 0.5], folders, refit="lsq", refit_selfgen=small
+        tiny_model("llama"), None, planner, [0.25, 0.5], folders, refit="lsq", selfgen=small
     )
     assert len(calls) == 1
     assert all((folder / "model.safetensors").is_file() for folder in folders)
+
+
+# ----- sequential analysis ----------------------------------------------------------------------
+
+
+def test_a_sequential_plan_leaves_scoring_to_the_cut() -> None:
+    plan = scorer_planner(SelfGenScorer(), analysis="sequential")(tiny_model("llama"), 0.3)
+    assert plan.scores is None and plan.layer_score is not None
+    assert plan.info["analysis"] == "sequential"
+
+
+def test_sequential_analysis_with_a_weights_only_scorer_is_refused() -> None:
+    with pytest.raises(PruneNetError, match="reads only weights"):
+        scorer_planner(RandomScorer(), analysis="sequential")
+
+
+def test_an_unknown_analysis_is_refused() -> None:
+    with pytest.raises(PruneNetError, match="Unknown analysis"):
+        scorer_planner(SelfGenScorer(), analysis="twice")
+
+
+@pytest.mark.parametrize("model_type", ALL_MODEL_TYPES)
+def test_sequentially_scored_and_refitted_folders_reload_with_identical_logits(
+    model_type: str, tmp_path: Path
+) -> None:
+    model = tiny_model(model_type)
+    plan = scorer_planner(SelfGenScorer(), analysis="sequential")(model, 0.3)
+    pruned, report = apply_plan(model, plan, 0.3, refit="lsq", selfgen=REFIT_SELFGEN)
+    assert report.scorer["sequential"]["scored"] == "sequential"
+    pruned.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits_of(reloaded), logits_of(pruned), rtol=0, atol=0)
+
+
+def test_sequential_analysis_over_a_ratio_list_generates_its_text_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real = selfgen.generate_own_text
+    monkeypatch.setattr(selfgen, "generate_own_text", lambda m, c: calls.append(c) or real(m, c))
+    planner = scorer_planner(SelfGenScorer(), analysis="sequential")
+    small = SelfGenConfig(sequences=4, length=16, seed=0)
+    folders = [tmp_path / "a", tmp_path / "b"]
+    prune_and_save(tiny_model("llama"), None, planner, [0.25, 0.5], folders, selfgen=small)
+    # One for the sequential text; SelfGenScorer's one-shot text is never written.
+    assert calls == [small]

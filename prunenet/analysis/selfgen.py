@@ -132,18 +132,24 @@ def _collect_activations(model: nn.Module, config: SelfGenConfig) -> list[LayerA
     finally:
         for handle in handles:
             handle.remove()
-    generator = torch.Generator().manual_seed(config.seed)
-    token_count = captured[0].shape[0]
-    sample_rows = torch.randperm(token_count, generator=generator)[: config.kept_tokens]
-    return [
-        LayerActivations(
-            rms=acts.pow(2).mean(dim=0).sqrt().cpu(),
-            mean_abs=acts.abs().mean(dim=0).cpu(),
-            max_abs=acts.abs().amax(dim=0).cpu(),
-            sample=acts[sample_rows.to(acts.device)].cpu(),
-        )
-        for acts in captured
-    ]
+    return [layer_activations(acts, config.kept_tokens, config.seed) for acts in captured]
+
+
+def layer_activations(acts: torch.Tensor, kept_tokens: int, seed: int) -> LayerActivations:
+    """Statistics of one layer's `tokens x d_ff` activations, and a seeded row sample.
+
+    :param acts: the FFN output projection's inputs, one row per token (float32).
+    :param kept_tokens: how many rows the sample keeps.
+    :param seed: which rows (the same seed samples the same rows).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    sample_rows = torch.randperm(acts.shape[0], generator=generator)[:kept_tokens]
+    return LayerActivations(
+        rms=acts.pow(2).mean(dim=0).sqrt().cpu(),
+        mean_abs=acts.abs().mean(dim=0).cpu(),
+        max_abs=acts.abs().amax(dim=0).cpu(),
+        sample=acts[sample_rows.to(acts.device)].cpu(),
+    )
 
 
 def _encode_activations(layers: list[LayerActivations]) -> tuple[Tensors, Info]:
@@ -176,3 +182,27 @@ def _decode_activations(
     if len(rows) > 1 or any(not 0 < count <= config.kept_tokens for count in rows):
         raise CacheEntryError(f"sample rows {sorted(rows)} for kept_tokens={config.kept_tokens}")
     return layers
+
+
+def own_text(model: nn.Module, config: SelfGenConfig) -> torch.Tensor:
+    """`generate_own_text`, cached per model weights and config (token ids only: generating
+    64 x 128 tokens takes minutes on a CPU, reading them back milliseconds)."""
+    return memoize(
+        "selfgen-text",
+        model,
+        asdict(config),
+        lambda: generate_own_text(model, config),
+        encode=lambda tokens: ({"tokens": tokens.cpu()}, {}),
+        decode=lambda tensors, info: _decode_text(tensors, model, config),
+    )
+
+
+def _decode_text(tensors: Tensors, model: nn.Module, config: SelfGenConfig) -> torch.Tensor:
+    """Stored token ids, if they are `sequences x <= length` ids within the vocabulary."""
+    tokens = stored_tensor(tensors, "tokens", torch.int64, (config.sequences, None))
+    vocab = getattr(model.config, "vocab_size", None)
+    if not 0 < tokens.shape[1] <= config.length:
+        raise CacheEntryError(f"{tokens.shape[1]} tokens per sequence, asked for {config.length}")
+    if tokens.min() < 0 or (vocab is not None and tokens.max() >= vocab):
+        raise CacheEntryError("token ids outside the vocabulary")
+    return tokens.to(next(model.parameters()).device)

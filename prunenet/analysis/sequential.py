@@ -1,5 +1,5 @@
 """Layer by layer through the model being pruned: each layer sees what the pruned layers before
-it really pass on, and its cut output projection is refitted on those activations.
+it really pass on; it is scored on those activations and its cut output projection refitted.
 
 One forward pass of the dense model records every decoder layer's keyword arguments (masks,
 position embeddings; a forward pre-hook per layer, because Gemma 2/3 give layers of different
@@ -12,14 +12,21 @@ text is the model's own (`prunenet.analysis.selfgen`), never a dataset.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunenet.analysis.selfgen import SelfGenConfig, generate_own_text
+from prunenet.analysis.selfgen import (
+    LayerActivations,
+    SelfGenConfig,
+    layer_activations,
+    own_text,
+)
 from prunenet.core.arch import (
+    FFNWeights,
     adapter_for,
     can_store_output_bias,
     cut_ffn,
@@ -30,20 +37,33 @@ from prunenet.core.arch import (
     ffn_weights,
     set_ffn_output,
 )
-from prunenet.core.refit import refit_output
+from prunenet.core.compress import select_keep_indices
+from prunenet.core.refit import check_refit, refit_output
 from prunenet.errors import PruneNetError
 
-# Self-generated text for the refit: 64 x 128 tokens let ridge 0.1 generalise where 8 x 128
-# overfitted (DESIGN.md); a quarter of the sequences is held out to choose the ridge.
-REFIT_SELFGEN = SelfGenConfig(sequences=64, length=128, seed=0)
+# Self-generated text for sequential analysis and the refit: 64 x 128 tokens let ridge 0.1
+# generalise where 8 x 128 overfitted, and sequential scores on 64 x 128 tokens beat those on
+# 8 x 128 (DESIGN.md; `scripts/benchmark_selfgen_budget.py` measures the curve). A quarter of the
+# sequences is held out: the ridge is chosen on it and scores never see it.
+ANALYSIS_SELFGEN = SelfGenConfig(sequences=64, length=128, seed=0)
 HELD_OUT_FRACTION = 0.25
+SAMPLE_ROWS = SelfGenConfig().kept_tokens  # activation rows a scorer's statistics carry
+
+# score(ffn weights, activation statistics, layer index, layer count) -> row scores
+LayerScore = Callable[[FFNWeights, LayerActivations, int, int], torch.Tensor]
 
 
 @dataclass
-class RefitLog:
-    """What the refit did per layer: the chosen ridge and the held-out output errors."""
+class SequentialLog:
+    """What the layer-by-layer cut did: where scores came from, the ridge and held-out errors.
 
-    mode: str
+    :param scored: `sequential` (each layer scored on the already-cut model's activations) or
+        `plan` (scores given beforehand).
+    :param refit: `none`, `bias` or `lsq`.
+    """
+
+    scored: str
+    refit: str
     sequences: int
     held_out_sequences: int
     intercept: bool
@@ -51,7 +71,8 @@ class RefitLog:
 
     def to_dict(self) -> dict:
         return {
-            "mode": self.mode,
+            "scored": self.scored,
+            "mode": self.refit,
             "sequences": self.sequences,
             "held_out_sequences": self.held_out_sequences,
             "intercept": self.intercept,
@@ -59,96 +80,124 @@ class RefitLog:
         }
 
 
-class SequentialRefit:
-    """A `cut` for `prunenet.core.compress.prune_model`: cut layer i, refit it on activations
-    that went through the already-cut layers 0..i-1, and pass its output on to layer i+1.
+class SequentialCut:
+    """A `cut` for `prunenet.core.compress.prune_model` that walks the model layer by layer.
 
-    Layers must be cut in order, each once, and the model must be the dense one at creation.
+    Layer i sees the hidden states that went through the already-cut (and refitted) layers
+    0..i-1. There, optionally, its rows are scored (`scorer.score_activations` on those
+    activations, not the dense model's), the top rows are kept, and its output projection is
+    refitted (`refit` bias or lsq) to reproduce the dense layer's FFN output on them. Its output
+    then feeds layer i+1. Layers must be cut in order, each once, and the model must be the
+    dense one at creation.
 
     :param model: the dense model that is about to be cut (it is modified: with an intercept on
-        a `switchable` architecture, every FFN projection gets a bias first).
-    :param mode: `bias` or `lsq` (`prunenet.core.refit`).
-    :param selfgen: how much text the model writes for the refit.
+        a `switchable` architecture, every FFN projection gets a zero bias first).
+    :param refit: `none`, `bias` or `lsq` (`prunenet.core.refit`).
+    :param tokens: sequences x length ids the dense model wrote (`analysis_text`); the last
+        `held_out_fraction` of the sequences is held out.
+    :param score: `score(ffn weights, activation statistics, layer index, layer count)` scores
+        each layer as it is reached (e.g. a `Scorer.score_activations` with the ratio bound);
+        None uses the scores given to the cut.
     :param held_out_fraction: share of the sequences held out to choose the ridge on.
-    :param tokens: that text, already generated by the dense model (`refit_text`); None
-        generates it here.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        mode: str,
-        selfgen: SelfGenConfig = REFIT_SELFGEN,
+        refit: str,
+        tokens: torch.Tensor,
+        score: LayerScore | None = None,
         held_out_fraction: float = HELD_OUT_FRACTION,
-        tokens: torch.Tensor | None = None,
     ) -> None:
         self.adapter = adapter_for(model.config)
-        self.mode = mode
-        self.intercept = can_store_output_bias(model.config)
-        if mode == "bias" and not self.intercept:
+        self.refit = check_refit(refit)
+        self.score = score
+        self.intercept = refit != "none" and can_store_output_bias(model.config)
+        if refit == "bias" and not self.intercept:
             raise PruneNetError(
                 f"--refit bias adds an FFN output bias, which {model.config.model_type} models "
                 "cannot store (plain from_pretrained would drop it); use --refit lsq, which "
                 "refits these models without an intercept, or --refit none."
             )
-        if tokens is None:
-            tokens = refit_text(model, selfgen)
         held_sequences = max(1, round(tokens.shape[0] * held_out_fraction))
         if held_sequences >= tokens.shape[0]:
             raise PruneNetError(
-                f"The refit needs at least 2 self-generated sequences, got {tokens.shape[0]}."
+                f"Sequential analysis needs at least 2 self-generated sequences, got "
+                f"{tokens.shape[0]}."
             )
         self._held_rows = held_sequences * tokens.shape[1]
         if self.intercept:
             enable_output_biases(model)  # zero biases: the model still computes the same
         self.layers = decoder_layers(model)
         self.hidden, self.layer_kwargs = capture_layer_inputs(model, tokens)
-        self.log = RefitLog(mode, tokens.shape[0], held_sequences, self.intercept)
+        scored = "sequential" if score is not None else "plan"
+        self.log = SequentialLog(scored, refit, tokens.shape[0], held_sequences, self.intercept)
         self._next = 0
-        self._bar = tqdm(total=len(self.layers), desc=f"refit {mode}", unit="layer", leave=False)
-
-    def __call__(self, index: int, layer: nn.Module, keep: torch.Tensor) -> None:
-        if index != self._next or layer is not self.layers[index]:
-            raise PruneNetError(f"SequentialRefit cuts layers in order; got layer {index}.")
-        kwargs = self.layer_kwargs[index]
-        acts = ffn_activations(layer, self.adapter, self.hidden, kwargs)
-        weights = ffn_weights(layer, self.adapter)
-        dense_weight = weights.output.clone()
-        dense_bias = ffn_output_bias(layer, self.adapter)
-        dense_bias = None if dense_bias is None else dense_bias.clone()
-        cut_ffn(layer, self.adapter, keep)
-        fit, held = acts[: -self._held_rows], acts[-self._held_rows :]
-        result = refit_output(
-            dense_weight, dense_bias, keep, fit, held, mode=self.mode, intercept=self.intercept
+        what = ", ".join(
+            part
+            for part in ("score" if score else "", f"refit {refit}" if refit != "none" else "")
+            if part
         )
-        set_ffn_output(layer, self.adapter, result.weight, result.bias)
-        self.log.layers.append(
-            {
+        self._bar = tqdm(total=len(self.layers), desc=f"cut ({what or 'plan'})", unit="layer",
+                         leave=False)  # fmt: skip
+
+    def __call__(
+        self, index: int, layer: nn.Module, scores: torch.Tensor | None, kept: int
+    ) -> torch.Tensor:
+        if index != self._next or layer is not self.layers[index]:
+            raise PruneNetError(f"SequentialCut cuts layers in order; got layer {index}.")
+        arguments = self.layer_kwargs[index]
+        acts = ffn_activations(layer, self.adapter, self.hidden, arguments)
+        fit, held = acts[: -self._held_rows], acts[-self._held_rows :]
+        weights = ffn_weights(layer, self.adapter)
+        if self.score is not None:
+            # Scores never see the held-out rows: they judge the ridge and the rewards.
+            stats = layer_activations(fit, kept_tokens=SAMPLE_ROWS, seed=0)
+            scores = self.score(weights, stats, index, len(self.layers))
+        if scores is None:
+            raise PruneNetError(f"No scores for layer {index} and no scorer to compute them.")
+        keep = select_keep_indices(scores, kept)
+        entry: dict = {}
+        if self.refit == "none":
+            cut_ffn(layer, self.adapter, keep)
+        else:
+            dense_weight = weights.output.clone()
+            dense_bias = ffn_output_bias(layer, self.adapter)
+            dense_bias = None if dense_bias is None else dense_bias.clone()
+            cut_ffn(layer, self.adapter, keep)
+            result = refit_output(
+                dense_weight, dense_bias, keep, fit, held, mode=self.refit, intercept=self.intercept
+            )
+            set_ffn_output(layer, self.adapter, result.weight, result.bias)
+            entry = {
                 "ridge": result.ridge,
                 "held_error_cut": result.held_error_cut,
                 "held_error_refit": result.held_error_refit,
             }
-        )
-        self.hidden = run_layer(layer, self.hidden, kwargs)
+        self.log.layers.append(entry)
+        self.hidden = run_layer(layer, self.hidden, arguments)
         self._next += 1
         self._bar.update(1)
         if self._next == len(self.layers):
             self._bar.close()
+        return keep
 
 
-def refit_text(model: nn.Module, selfgen: SelfGenConfig = REFIT_SELFGEN) -> torch.Tensor:
-    """The self-generated text a refit fits on; generate it once to refit at several ratios.
+def analysis_text(model: nn.Module, selfgen: SelfGenConfig = ANALYSIS_SELFGEN) -> torch.Tensor:
+    """The self-generated text sequential analysis and the refit run on (cached on disk);
+    generate it once to prune at several ratios.
 
     :param model: the dense model.
     :param selfgen: how much text it writes.
     """
     print(
-        f"refit: the model writes {selfgen.sequences} x {selfgen.length} tokens of its own "
-        "text (the slow part), then each layer is cut and refitted in turn",
+        f"sequential analysis: the model writes {selfgen.sequences} x {selfgen.length} tokens "
+        "of its own text (minutes on a CPU the first time; cached), then each layer is cut in "
+        "turn",
         file=sys.stderr,
         flush=True,
     )
-    return generate_own_text(model, selfgen)
+    return own_text(model, selfgen)
 
 
 @torch.no_grad()

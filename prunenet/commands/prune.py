@@ -13,7 +13,7 @@ import torch
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO
 from prunenet.allocation.sensitivity import ALLOCATIONS, SENSITIVITY_RATIOS
 from prunenet.analysis.selfgen import SelfGenConfig
-from prunenet.analysis.sequential import REFIT_SELFGEN
+from prunenet.analysis.sequential import ANALYSIS_SELFGEN
 from prunenet.commands.options import positive_int
 from prunenet.core.arch import can_store_output_bias, ffn_width
 from prunenet.core.compress import PruneReport, estimated_output_bytes
@@ -24,7 +24,7 @@ from prunenet.errors import PruneNetError
 from prunenet.io.models import ALIASES, load_model, resolve_model_path
 from prunenet.io.saving import check_free_space, hold_output
 from prunenet.io.stream.checkpoint import load_config
-from prunenet.pipeline import prune_and_save, scorer_planner
+from prunenet.pipeline import ANALYSES, check_analysis, prune_and_save, scorer_planner
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import SCORERS, make_scorer
 from prunenet.stream import require_weights_only, should_stream, stream_prune
@@ -87,11 +87,23 @@ def register(subparsers) -> None:
         "Needs the model in memory (not with --stream)",
     )
     parser.add_argument(
+        "--analysis",
+        default="oneshot",
+        choices=ANALYSES,
+        help="where activation-based scores come from: oneshot (default; the dense model's "
+        "activations on 8 x 128 self-generated tokens) or sequential (layer by layer, each "
+        "layer's activations from the model whose earlier layers are already cut, on "
+        "--selfgen-sequences x 128 tokens). Needs the model in memory (not with --stream)",
+    )
+    parser.add_argument(
+        "--selfgen-sequences",
         "--refit-sequences",
+        dest="selfgen_sequences",
         type=positive_int,
-        default=REFIT_SELFGEN.sequences,
-        help=f"self-generated sequences of {REFIT_SELFGEN.length} tokens the refit fits on, a "
-        f"quarter held out to choose the ridge (default {REFIT_SELFGEN.sequences})",
+        default=ANALYSIS_SELFGEN.sequences,
+        help=f"self-generated sequences of {ANALYSIS_SELFGEN.length} tokens for sequential "
+        f"analysis and the refit, a quarter held out to choose the ridge (default "
+        f"{ANALYSIS_SELFGEN.sequences}; generated once, then cached)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for random and selfgen scoring")
     parser.add_argument("--out", required=True, help="output folder")
@@ -157,10 +169,16 @@ def run(args: argparse.Namespace) -> int:
     folders = output_folders(args.out, args.ratio)
     device = resolve_device(args.device)
     scorer = build_scorer(args)  # a bad --policy fails here, before the model is read
+    check_analysis(args.analysis, scorer)
     if args.stream and args.refit != "none":
         raise PruneNetError(
             f"--refit {args.refit} fits each layer on its activations on self-generated text, "
             "which needs the model in memory; drop --stream, or use --refit none with --stream."
+        )
+    if args.stream and args.analysis != "oneshot":
+        raise PruneNetError(
+            "--analysis sequential runs each layer on self-generated text, which needs the model "
+            "in memory; drop --stream, or use --analysis oneshot with a weights-only scorer."
         )
     with hold_output(args.out, args.overwrite):
         # Own --out for the whole run: a second run to it exits 2 now, not after its scoring,
@@ -188,15 +206,15 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
     print(
         f"model {args.model} ({model.config.model_type}) loaded in {load_seconds:.1f} s; "
         f"scoring with {scorer.name} (seed {args.seed}, {device}), {args.allocation} allocation, "
-        f"refit {args.refit}",
+        f"{args.analysis} analysis, refit {args.refit}",
         flush=True,
     )
-    planner = scorer_planner(scorer, args.allocation, args.max_layer_ratio)
-    refit_selfgen = SelfGenConfig(
-        sequences=args.refit_sequences, length=REFIT_SELFGEN.length, seed=args.seed
+    planner = scorer_planner(scorer, args.allocation, args.max_layer_ratio, args.analysis)
+    selfgen = SelfGenConfig(
+        sequences=args.selfgen_sequences, length=ANALYSIS_SELFGEN.length, seed=args.seed
     )
     reports = prune_and_save(
-        model, tokenizer, planner, args.ratio, folders, args.overwrite, args.refit, refit_selfgen
+        model, tokenizer, planner, args.ratio, folders, args.overwrite, args.refit, selfgen
     )
     rows = [
         summary_row(ratio, report, folder)

@@ -56,6 +56,10 @@ class PruneReport:
         return data
 
 
+# cut(layer index, layer, its scores or None, rows to keep) -> the kept row indices.
+LayerCut = Callable[[int, nn.Module, "torch.Tensor | None", int], torch.Tensor]
+
+
 def select_keep_indices(scores: torch.Tensor, kept: int) -> torch.Tensor:
     """The `kept` highest-scoring rows, in their original order.
 
@@ -87,11 +91,11 @@ def estimated_output_bytes(model: nn.Module, ratio: float) -> int:
 
 def prune_model(
     model: nn.Module,
-    layer_scores: list[torch.Tensor],
+    layer_scores: list[torch.Tensor] | None,
     layer_keep: list[int],
     *,
     target_ratio: float | None = None,
-    cut: Callable[[int, nn.Module, torch.Tensor], None] | None = None,
+    cut: LayerCut | None = None,
 ) -> PruneReport:
     """Keep the `layer_keep[i]` highest-scoring FFN rows of layer i, in place; update the config.
 
@@ -100,26 +104,32 @@ def prune_model(
     (rounding per-layer ratios could miss the total).
 
     :param model: a model of a supported architecture (`prunenet.core.arch`).
-    :param layer_scores: one score vector per decoder layer (higher = keep).
+    :param layer_scores: one score vector per decoder layer (higher = keep); None when `cut`
+        scores each layer itself as it reaches it (sequential analysis).
     :param layer_keep: rows to keep per layer, each in 1..width.
     :param target_ratio: the ratio the caller asked for, recorded in the report; defaults to the
         fraction of all FFN rows actually removed.
-    :param cut: `cut(index, layer, keep_indices)` removes the rows of one layer, called for the
-        layers in order; the default is `arch.cut_ffn`. A refit replaces it
-        (`prunenet.analysis.sequential.SequentialRefit`) to repair each layer as it is cut.
+    :param cut: `cut(index, layer, scores, kept)` removes all but `kept` rows of one layer and
+        returns the indices it kept; called for the layers in order. The default keeps the
+        top-scoring rows with `arch.cut_ffn`. `prunenet.analysis.sequential.SequentialCut`
+        replaces it to score each layer on the already-cut model and to refit it.
     """
     start = time.perf_counter()
     adapter = adapter_for(model.config)
     layers = decoder_layers(model)
+    width = ffn_width(model.config)
+    params_before = count_parameters(model)
+    # Check every input before the first cut: a refusal must leave the model untouched.
+    if layer_scores is None:
+        if cut is None:
+            raise PruneNetError("No scores given and no cut that scores layers itself.")
+        layer_scores = [None] * len(layers)
     if len(layer_scores) != len(layers):
         raise PruneNetError(
             f"Got {len(layer_scores)} score vectors for a model with {len(layers)} layers."
         )
-    width = ffn_width(model.config)
-    params_before = count_parameters(model)
-    # Check every input before the first cut: a refusal must leave the model untouched.
     for scores in layer_scores:
-        if scores.numel() != width:
+        if scores is not None and scores.numel() != width:
             raise PruneNetError(f"Score vector has {scores.numel()} entries, FFN width is {width}.")
     widths_after = [_checked_keep(kept, width) for kept in layer_keep]
     if len(widths_after) != len(layers):
@@ -127,11 +137,10 @@ def prune_model(
     for index, (layer, scores, kept) in enumerate(
         zip(layers, layer_scores, widths_after, strict=True)
     ):
-        keep = select_keep_indices(scores, kept)
         if cut is None:
-            cut_ffn(layer, adapter, keep)
+            cut_ffn(layer, adapter, select_keep_indices(scores, kept))
         else:
-            cut(index, layer, keep)
+            cut(index, layer, scores, kept)
     record_ffn_widths(model.config, widths_after)
     achieved = 1.0 - sum(widths_after) / (width * len(layers))
     return PruneReport(

@@ -45,6 +45,13 @@ class RefitResult:
     held_error_refit: float | None = None
 
 
+def check_refit(refit: str) -> str:
+    """`refit` if it names a refit (`REFITS`), else a clear error."""
+    if refit not in REFITS:
+        raise PruneNetError(f"Unknown refit {refit!r}; choose one of {', '.join(REFITS)}.")
+    return refit
+
+
 def refit_output(
     weight: torch.Tensor,
     bias: torch.Tensor | None,

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prunenet.analysis.selfgen import LayerActivations
 from prunenet.core.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
+from prunenet.errors import PruneNetError
 
 
 class Scorer:
@@ -39,6 +41,30 @@ class Scorer:
             self.score_layer(ffn_weights(layer, adapter), index, len(layers), ratio)
             for index, layer in enumerate(layers)
         ]
+
+    def score_activations(
+        self,
+        ffn: FFNWeights,
+        activations: LayerActivations,
+        layer_index: int,
+        num_layers: int,
+        ratio: float | None = None,
+    ) -> torch.Tensor:
+        """Scores of one layer's rows given its activations on self-generated text.
+
+        Sequential analysis (`prunenet.analysis.sequential`) calls this with the activations the
+        layer sees once the layers before it are cut, instead of the dense model's. A
+        weights-only scorer ignores them.
+
+        :param ffn: the layer's neuron-first FFN weights.
+        :param activations: the layer's activation statistics.
+        :param layer_index: which decoder layer.
+        :param num_layers: how many there are.
+        :param ratio: the target ratio, for scorers that observe it.
+        """
+        if self.weights_only:
+            return self.score_layer(ffn, layer_index, num_layers, ratio)
+        raise PruneNetError(f"Scorer {self.name!r} cannot score from given activations.")
 
     def describe(self) -> dict:
         """What to record next to results so they can be reproduced."""

@@ -13,7 +13,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from prunenet.analysis.selfgen import SelfGenConfig, collect_activations
+from prunenet.analysis.selfgen import LayerActivations, SelfGenConfig, collect_activations
 from prunenet.core.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
 from prunenet.scoring.base import Scorer
 
@@ -68,10 +68,21 @@ class SelfGenScorer(Scorer):
     def score_model(self, model: nn.Module, ratio: float | None = None) -> list[torch.Tensor]:
         adapter = adapter_for(model.config)
         activations = collect_activations(model, self.config)
+        layers = decoder_layers(model)
         return [
-            acts.rms * ffn_weights(layer, adapter).output.float().norm(dim=0).cpu()
-            for acts, layer in zip(activations, decoder_layers(model), strict=True)
+            self.score_activations(ffn_weights(layer, adapter), acts, index, len(layers), ratio)
+            for index, (acts, layer) in enumerate(zip(activations, layers, strict=True))
         ]
+
+    def score_activations(
+        self,
+        ffn: FFNWeights,
+        activations: LayerActivations,
+        layer_index: int,
+        num_layers: int,
+        ratio: float | None = None,
+    ) -> torch.Tensor:
+        return activations.rms.cpu() * ffn.output.float().norm(dim=0).cpu()
 
     def describe(self) -> dict:
         return {"scorer": self.name, **asdict(self.config)}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from prunenet.analysis import selfgen
 from prunenet.analysis.selfgen import (
     SelfGenConfig,
     collect_activations,
@@ -12,6 +15,7 @@ from prunenet.analysis.selfgen import (
     start_token_id,
 )
 from prunenet.core.arch import decoder_layers, ffn_width
+from prunenet.io.cache import CacheWarning, entry_path
 from tests.conftest import SMALL_SELFGEN as SMALL
 from tests.conftest import SPECIAL_TOKENS, tiny_model
 
@@ -115,3 +119,33 @@ def test_rotary_models_write_the_requested_length_past_their_nominal_maximum() -
     model = tiny_model("llama")  # max_position_embeddings 64, rotary
     tokens = generate_own_text(model, SelfGenConfig(sequences=1, length=80, seed=0))
     assert tokens.shape == (1, 80)
+
+
+def test_own_text_is_generated_once_then_read_from_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PRUNENET_NO_CACHE")  # this test is about the (per-test) cache
+    model = tiny_model("llama")
+    calls = []
+    real = selfgen.generate_own_text
+    monkeypatch.setattr(selfgen, "generate_own_text", lambda m, c: calls.append(c) or real(m, c))
+    first = selfgen.own_text(model, SMALL)
+    second = selfgen.own_text(model, SMALL)
+    assert len(calls) == 1 and torch.equal(first, second)
+
+
+def test_own_text_regenerates_a_cache_entry_with_ids_outside_the_vocabulary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PRUNENET_NO_CACHE")
+    model = tiny_model("llama")
+    tokens = selfgen.own_text(model, SMALL)
+    path = entry_path("selfgen-text", model, dataclasses.asdict(SMALL))
+    # A consistent (checksummed) entry whose ids are out of range: only the decode check stops it.
+    from prunenet.io import cache
+
+    cache._write_entry(path, cache._entry_key("selfgen-text", model, dataclasses.asdict(SMALL)),
+                       {"tokens": torch.full_like(tokens, 10**6)}, {})  # fmt: skip
+    with pytest.warns(CacheWarning, match="outside the vocabulary"):
+        again = selfgen.own_text(model, SMALL)
+    assert torch.equal(again, tokens)

@@ -6,9 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunenet.analysis.selfgen import SelfGenConfig
-from prunenet.analysis.sequential import SequentialRefit, capture_layer_inputs, run_layer
-from prunenet.core.arch import decoder_layers, ffn_widths
+from prunenet.analysis.selfgen import SelfGenConfig, generate_own_text
+from prunenet.analysis.sequential import (
+    SequentialCut,
+    capture_layer_inputs,
+    ffn_activations,
+    run_layer,
+)
+from prunenet.core.arch import adapter_for, decoder_layers, ffn_widths
 from prunenet.core.compress import prune_model
 from prunenet.core.ratios import uniform_keep
 from prunenet.errors import PruneNetError
@@ -33,7 +38,7 @@ def test_calling_the_first_layer_on_captured_inputs_gives_the_models_hidden_stat
 def test_the_sequential_refit_lowers_every_layers_held_out_error() -> None:
     model = tiny_model("llama")
     widths = ffn_widths(model.config)
-    refit = SequentialRefit(model, "lsq", SELFGEN)
+    refit = SequentialCut(model, "lsq", generate_own_text(model, SELFGEN))
     scores = [torch.rand(width, generator=torch.Generator().manual_seed(0)) for width in widths]
     prune_model(model, scores, uniform_keep(widths, 0.5), cut=refit)
     assert all(row["held_error_refit"] < row["held_error_cut"] for row in refit.log.layers)
@@ -41,11 +46,75 @@ def test_the_sequential_refit_lowers_every_layers_held_out_error() -> None:
 
 def test_the_sequential_refit_refuses_layers_out_of_order() -> None:
     model = tiny_model("llama")
-    refit = SequentialRefit(model, "lsq", SELFGEN)
+    refit = SequentialCut(model, "lsq", generate_own_text(model, SELFGEN))
     with pytest.raises(PruneNetError, match="in order"):
-        refit(1, decoder_layers(model)[1], torch.arange(4))
+        refit(1, decoder_layers(model)[1], torch.rand(ffn_widths(model.config)[1]), 4)
 
 
 def test_a_bias_refit_is_refused_where_no_output_bias_can_be_stored() -> None:
     with pytest.raises(PruneNetError, match="cannot store"):
-        SequentialRefit(tiny_model("qwen2"), "bias", SELFGEN)
+        model = tiny_model("qwen2")
+        SequentialCut(model, "bias", generate_own_text(model, SELFGEN))
+
+
+def recording_score(records: list):
+    """A layer score that remembers what it saw and ranks rows by their rms activation."""
+
+    def score(ffn, stats, index, count):
+        records.append((index, stats.rms.clone()))
+        return stats.rms
+
+    return score
+
+
+def test_sequential_scores_see_the_activations_of_the_already_cut_model() -> None:
+    model = tiny_model("llama")
+    tokens = generate_own_text(model, SELFGEN)
+    widths = ffn_widths(model.config)
+    records: list = []
+    cut = SequentialCut(model, "none", tokens, recording_score(records))
+    prune_model(model, None, uniform_keep(widths, 0.5), cut=cut)
+    assert [index for index, _ in records] == list(range(len(widths)))
+    # The last layer's FFN input does not depend on its own cut: a full forward pass of the
+    # finished (cut) model on the fitting sequences must reproduce what the score saw there.
+    held = cut.log.held_out_sequences
+    captured = []
+    last = decoder_layers(model)[-1]
+    handle = last.mlp.down_proj.register_forward_pre_hook(
+        lambda module, inputs: captured.append(inputs[0].reshape(-1, inputs[0].shape[-1]))
+    )
+    with torch.no_grad():
+        model(tokens[:-held], use_cache=False)
+    handle.remove()
+    kept_rms = captured[0].pow(2).mean(dim=0).sqrt()
+    seen = records[-1][1]
+    torch.testing.assert_close(seen.sort().values[-kept_rms.numel() :], kept_rms.sort().values)
+
+
+def test_layer_zero_is_scored_on_the_dense_activations_and_later_layers_are_not() -> None:
+    dense = tiny_model("llama")
+    tokens = generate_own_text(dense, SELFGEN)
+    widths = ffn_widths(dense.config)
+    held_rows = 2 * tokens.shape[1]  # a quarter of 8 sequences
+    hidden, arguments = capture_layer_inputs(dense, tokens)
+    dense_rms = []
+    for layer, args in zip(decoder_layers(dense), arguments, strict=True):
+        acts = ffn_activations(layer, adapter_for(dense.config), hidden, args)[:-held_rows]
+        dense_rms.append(acts.pow(2).mean(dim=0).sqrt())
+        hidden = run_layer(layer, hidden, args)
+    records: list = []
+    model = tiny_model("llama")
+    prune_model(model, None, uniform_keep(widths, 0.5),
+                cut=SequentialCut(model, "none", tokens, recording_score(records)))  # fmt: skip
+    torch.testing.assert_close(records[0][1], dense_rms[0])
+    assert not torch.allclose(records[1][1], dense_rms[1])
+
+
+def test_a_cut_without_scores_or_a_scorer_is_refused() -> None:
+    model = tiny_model("llama")
+    widths = ffn_widths(model.config)
+    with pytest.raises(PruneNetError, match="No scores"):
+        prune_model(model, None, uniform_keep(widths, 0.5))
+    cut = SequentialCut(model, "none", generate_own_text(model, SELFGEN))
+    with pytest.raises(PruneNetError, match="No scores for layer 0"):
+        prune_model(model, None, uniform_keep(widths, 0.5), cut=cut)

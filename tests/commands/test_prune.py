@@ -422,7 +422,7 @@ def test_refit_lsq_writes_a_folder_that_plain_from_pretrained_reloads(
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.mlp_bias is True
     report = json.loads((out / REPORT_FILE).read_text())
-    assert report["scorer"]["refit"]["mode"] == "lsq"
+    assert report["scorer"]["sequential"]["mode"] == "lsq"
 
 
 def test_refit_with_stream_exits_2_before_the_model_is_loaded(
@@ -442,3 +442,51 @@ def test_refit_bias_on_a_model_without_output_bias_exits_2_naming_lsq(
     tiny_model("qwen2").save_pretrained(folder)
     err = _refused_with_exit_2(capsys, folder, tmp_path / "out", "0.3", "--refit", "bias")
     assert "cannot store" in err and "--refit lsq" in err
+
+
+# ----- --analysis -------------------------------------------------------------------------------
+
+
+def test_sequential_analysis_writes_a_folder_that_plain_from_pretrained_reloads(
+    tiny_model_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    extra = ("--scorer", "selfgen", "--analysis", "sequential", "--selfgen-sequences", "4")
+    assert _prune(tiny_model_folder, out, "0.3", *extra) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.intermediate_size == keep_count(FFN_WIDTH, 0.3)
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["scorer"]["analysis"] == "sequential"
+    assert report["scorer"]["sequential"]["scored"] == "sequential"
+
+
+def test_sequential_analysis_picks_other_rows_than_one_shot(
+    tiny_model_folder: Path, tmp_path: Path
+) -> None:
+    def down_proj(folder: Path) -> torch.Tensor:
+        return AutoModelForCausalLM.from_pretrained(folder).model.layers[1].mlp.down_proj.weight
+
+    common = ("--scorer", "selfgen", "--selfgen-sequences", "4")
+    assert (
+        _prune(tiny_model_folder, tmp_path / "seq", "0.5", *common, "--analysis", "sequential") == 0
+    )
+    assert _prune(tiny_model_folder, tmp_path / "one", "0.5", *common) == 0
+    assert not torch.equal(down_proj(tmp_path / "seq"), down_proj(tmp_path / "one"))
+
+
+def test_sequential_analysis_with_a_weights_only_scorer_exits_2_before_loading(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    err = _refused_with_exit_2(
+        capsys, tiny_model_folder, tmp_path / "out", "0.3", "--analysis", "sequential"
+    )
+    assert "reads only weights" in err and "--analysis oneshot" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sequential_analysis_with_stream_exits_2(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    extra = ("--scorer", "selfgen", "--analysis", "sequential", "--stream")
+    err = _refused_with_exit_2(capsys, tiny_model_folder, tmp_path / "out", "0.3", *extra)
+    assert "needs the model" in err and "--analysis oneshot" in err

@@ -65,7 +65,7 @@ def test_refit_prune_opens_no_dataset_file(tiny_model_folder: Path, tmp_path: Pa
         "--refit", "lsq", "--refit-sequences", "4", "--out", str(out),
     )  # fmt: skip
     report = json.loads((out / REPORT_FILE).read_text())
-    assert probe["code"] == 0 and report["scorer"]["refit"]["mode"] == "lsq"
+    assert probe["code"] == 0 and report["scorer"]["sequential"]["mode"] == "lsq"
     dataset_files = [
         p for p in probe["opened"] if any(m in p for m in DATASET_MARKERS) and ".dist-info" not in p
     ]

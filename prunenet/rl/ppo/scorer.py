@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from prunenet.analysis.features import LayerData, layer_features, model_layer_data
-from prunenet.analysis.selfgen import SelfGenConfig
+from prunenet.analysis.selfgen import LayerActivations, SelfGenConfig
 from prunenet.core.arch import FFNWeights
 from prunenet.errors import PruneNetError
 from prunenet.io.cache import weights_fingerprint
@@ -62,6 +62,17 @@ class PolicyScorer(Scorer):
                 "a streamable policy with `prunenet train --features weights`."
             )
         features = layer_features(ffn, None, self.feature_set)
+        return self._scores(features, layer_index, num_layers, ratio)
+
+    def score_activations(
+        self,
+        ffn: FFNWeights,
+        activations: LayerActivations,
+        layer_index: int,
+        num_layers: int,
+        ratio: float | None = None,
+    ) -> torch.Tensor:
+        features = layer_features(ffn, activations, self.feature_set)
         return self._scores(features, layer_index, num_layers, ratio)
 
     def describe(self) -> dict:
