@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from prunenet.analysis.features import LayerData, feature_names, model_layer_data
+from prunenet.analysis.refit_statistics import refit_text
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.core.compress import select_keep_indices
 from prunenet.core.ratios import keep_count, validate_ratio_range
 from prunenet.errors import PruneNetError
 from prunenet.rl.observation import observation_for, spaces_for
-from prunenet.rl.rewards import NEEDS_ACTIVATIONS, reward_function
+from prunenet.rl.rewards import NEEDS_ACTIVATIONS, NEEDS_REFIT_STATISTICS, reward_function
 
 
 class FFNPruneEnv(gym.Env):
@@ -29,7 +30,7 @@ class FFNPruneEnv(gym.Env):
         `layer_data` is given.
     :param layer_data: precomputed `model_layer_data` per model (lists of equal FFN width).
     :param feature_set: `selfgen` or `weights` (see `prunenet.analysis.features`).
-    :param reward: `function` or `ks` (see `prunenet.rl.rewards`).
+    :param reward: `function`, `refit` or `ks` (see `prunenet.rl.rewards`).
     :param ratio_range: (low, high) of the per-episode target ratio.
     :param seed: self-generation seed when features are computed here.
     """
@@ -73,6 +74,11 @@ class FFNPruneEnv(gym.Env):
                 f"The {reward!r} reward needs self-generated activations: compute layer_data "
                 "with model_layer_data(..., collect=True)."
             )
+        if reward in NEEDS_REFIT_STATISTICS and any(layer.refit is None for layer in layers):
+            raise PruneNetError(
+                f"The {reward!r} reward needs refit statistics: compute layer_data with "
+                "model_layer_data(..., refit_text=refit_text(seed))."
+            )
         self.observation_space, self.action_space = spaces_for(self.width, feature_set)
         self.render_mode = render_mode
         self._layers: list[LayerData] = layer_data[0]
@@ -109,11 +115,16 @@ class FFNPruneEnv(gym.Env):
 
 
 def load_layer_data(model, feature_set: str, reward: str, seed: int) -> list[LayerData]:
-    """Layer data for a model object or spec, with activations when the reward needs them."""
+    """Layer data for a model object or spec, with the activations or refit statistics the
+    reward needs."""
     if isinstance(model, str):
         from prunenet.io.models import load_model
 
         model, _ = load_model(model)
     return model_layer_data(
-        model, feature_set, SelfGenConfig(seed=seed), collect=reward in NEEDS_ACTIVATIONS
+        model,
+        feature_set,
+        SelfGenConfig(seed=seed),
+        collect=reward in NEEDS_ACTIVATIONS,
+        refit_text=refit_text(seed) if reward in NEEDS_REFIT_STATISTICS else None,
     )

@@ -19,6 +19,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from prunenet.analysis.refit_statistics import RefitStatistics, collect_refit_statistics
 from prunenet.analysis.selfgen import LayerActivations, SelfGenConfig, collect_activations
 from prunenet.analysis.spectral import output_energy, row_spectral_stats, singular_values
 from prunenet.core.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
@@ -43,11 +44,14 @@ class LayerData:
     :param features: `d_ff x F` standardised row features (no context columns).
     :param ffn: the layer's neuron-first weights (for spectral rewards).
     :param activations: activation statistics on self-generated text, if collected.
+    :param refit: what a ridge refit of any kept set achieves on held-out self-generated text
+        (`prunenet.analysis.refit_statistics`), if collected (the `refit` reward needs it).
     """
 
     features: torch.Tensor
     ffn: FFNWeights
     activations: LayerActivations | None
+    refit: RefitStatistics | None = None
 
     @cached_property
     def output_energy(self) -> float:
@@ -73,23 +77,28 @@ def model_layer_data(
     feature_set: str = "selfgen",
     selfgen: SelfGenConfig | None = None,
     collect: bool | None = None,
+    refit_text: SelfGenConfig | None = None,
 ) -> list[LayerData]:
     """Features for every layer of `model`.
 
     :param collect: also collect self-generated activations (needed by the `selfgen` feature
         set and by function-preservation rewards); defaults to whether the feature set needs them.
+    :param refit_text: also collect refit statistics on this self-generated text (the `refit`
+        reward's; `prunenet.analysis.refit_statistics.refit_text`); None collects none.
     """
     names = feature_names(feature_set)
     needs_activations = any(n in ACTIVATION_FEATURES for n in names)
     collect = needs_activations if collect is None else collect or needs_activations
     activations = collect_activations(model, selfgen) if collect else None
+    refits = collect_refit_statistics(model, refit_text) if refit_text is not None else None
     adapter = adapter_for(model.config)
     layers = decoder_layers(model)
     data = []
     for index, layer in enumerate(layers):
         ffn = ffn_weights(layer, adapter)
         acts = activations[index] if activations else None
-        data.append(LayerData(layer_features(ffn, acts, feature_set), ffn, acts))
+        refit = refits[index] if refits else None
+        data.append(LayerData(layer_features(ffn, acts, feature_set), ffn, acts, refit))
     return data
 
 

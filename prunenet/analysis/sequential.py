@@ -99,6 +99,8 @@ class SequentialCut:
         each layer as it is reached (e.g. a `Scorer.score_activations` with the ratio bound);
         None uses the scores given to the cut.
     :param held_out_fraction: share of the sequences held out to choose the ridge on.
+    :param first_token: how the refit treats the start token's activations: `anchor`
+        (reproduced exactly, left out of the least squares) or `fit` (rows like any other).
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class SequentialCut:
         tokens: torch.Tensor,
         score: LayerScore | None = None,
         held_out_fraction: float = HELD_OUT_FRACTION,
+        first_token: str = "anchor",
     ) -> None:
         self.adapter = adapter_for(model.config)
         self.refit = check_refit(refit)
@@ -130,6 +133,10 @@ class SequentialCut:
             enable_output_biases(model)  # zero biases: the model still computes the same
         self.layers = decoder_layers(model)
         self.hidden, self.layer_kwargs = capture_layer_inputs(model, tokens)
+        if first_token not in ("anchor", "fit"):
+            raise PruneNetError(f"Unknown first_token {first_token!r}; choose anchor or fit.")
+        self.first_token = first_token
+        self._length = tokens.shape[1]
         scored = "sequential" if score is not None else "plan"
         self.log = SequentialLog(scored, refit, tokens.shape[0], held_sequences, self.intercept)
         self._next = 0
@@ -165,9 +172,15 @@ class SequentialCut:
             dense_bias = ffn_output_bias(layer, self.adapter)
             dense_bias = None if dense_bias is None else dense_bias.clone()
             cut_ffn(layer, self.adapter, keep)
+            fit_rows, held_rows, anchor = fit, held, None
+            if self.first_token == "anchor" and self.refit == "lsq":
+                fit_rows, held_rows, anchor = self._anchor_split(
+                    fit, held, dense_weight, dense_bias
+                )
             result = refit_output(
-                dense_weight, dense_bias, keep, fit, held, mode=self.refit, intercept=self.intercept
-            )
+                dense_weight, dense_bias, keep, fit_rows, held_rows, mode=self.refit,
+                intercept=self.intercept, anchor=anchor,
+            )  # fmt: skip
             set_ffn_output(layer, self.adapter, result.weight, result.bias)
             entry = {
                 "ridge": result.ridge,
@@ -181,6 +194,23 @@ class SequentialCut:
         if self._next == len(self.layers):
             self._bar.close()
         return keep
+
+    def _anchor_split(self, fit, held, weight, bias):
+        """Fit and held rows without the start token's, and that token's (row, dense output).
+
+        Every self-generated sequence starts with the same token at the same position, so its
+        row is the same in all of them; in several SmolLM2 layers it carries "massive"
+        activations (up to 99.9% of the layer's activation energy, 3e5 x the median row). Left
+        in, it sets the ridge's scale and dominates the fit, and the other tokens' outputs are
+        reproduced worse than by the plain cut (README, "Refit").
+        """
+        first_fit = torch.zeros(fit.shape[0], dtype=torch.bool)
+        first_fit[:: self._length] = True
+        first_held = torch.zeros(held.shape[0], dtype=torch.bool)
+        first_held[:: self._length] = True
+        output = fit[0].double() @ weight.double().T
+        output = output if bias is None else output + bias.double()
+        return fit[~first_fit], held[~first_held], (fit[0], output)
 
 
 def analysis_text(model: nn.Module, selfgen: SelfGenConfig = ANALYSIS_SELFGEN) -> torch.Tensor:

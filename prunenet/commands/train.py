@@ -64,6 +64,9 @@ def register(subparsers) -> None:
         default=None,
         choices=sorted(REWARDS),
         help="function: FFN output error on self-generated text (default for ppo); "
+        "refit: the same error after the ridge refit that --refit lsq applies at prune time, "
+        "on held-out self-generated text (64 x 128 tokens, generated and cached the first "
+        "time; ~1 GB of statistics for SmolLM2); "
         "ks: the paper's 1/KS of singular values (default for reinforce)",
     )
     parser.add_argument(

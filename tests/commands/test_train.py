@@ -40,6 +40,21 @@ def test_train_writes_a_checkpoint_and_prints_a_summary(
     assert f"saved {out}" in printed and "best eval reward" in printed
 
 
+def test_train_with_the_refit_reward_records_it_in_the_checkpoint(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "policy.zip"
+    code = _train(
+        "--model", str(tiny_model_folder), "--out", str(out), "--reward", "refit",
+        "--timesteps", "8", "--eval-every", "8",
+    )  # fmt: skip
+    assert code == 0
+    metadata = read_metadata(out)
+    assert metadata["reward"] == "refit" and metadata["train_config"]["reward"] == "refit"
+    assert 0 < metadata["eval_reward"] <= 1
+    assert "refit reward" in capsys.readouterr().out
+
+
 def test_a_single_ratio_is_a_range_of_one(tiny_model_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "policy.zip"
     args = ["--model", str(tiny_model_folder), "--out", str(out), "--ratios", "0.3"]

@@ -67,3 +67,32 @@ def test_bias_refit_without_an_intercept_is_refused() -> None:
     weight = ffn_weights(layer, adapter_for(tiny_model("qwen2").config)).output
     with pytest.raises(PruneNetError, match="needs an output bias"):
         refit_output(weight, None, KEEP, fit, mode="bias", intercept=False)
+
+
+def _with_a_massive_first_row(intercept: bool):
+    """Ordinary rows plus one repeated "massive" row, as SmolLM2's start token has."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 24, generator=generator, dtype=torch.float64)
+    rows = torch.randn(400, 24, generator=generator, dtype=torch.float64)
+    rows = rows + 0.5 * rows[:, :1]  # correlated neurons, so a refit has something to use
+    massive = 300 * torch.randn(1, 24, generator=generator, dtype=torch.float64)
+    keep = torch.arange(0, 24, 2)
+    bias = torch.zeros(8, dtype=torch.float64) if intercept else None
+    return weight, bias, keep, rows[:300], rows[300:], massive
+
+
+@pytest.mark.parametrize("intercept", [True, False])
+def test_an_anchored_row_is_reproduced_exactly_and_the_other_rows_fit_better(
+    intercept: bool,
+) -> None:
+    weight, bias, keep, fit, held, massive = _with_a_massive_first_row(intercept)
+    target = massive @ weight.T
+    anchored = refit_output(weight, bias, keep, fit, held, intercept=intercept,
+                            anchor=(massive[0], target[0]))  # fmt: skip
+    new_bias = 0 if anchored.bias is None else anchored.bias
+    torch.testing.assert_close(massive[:, keep] @ anchored.weight.T + new_bias, target)
+    # The same row fitted like the others (20 copies, as every sequence starts with it) takes
+    # over the fit: the ordinary held-out rows come out worse.
+    mixed = refit_output(weight, bias, keep, torch.cat([massive.repeat(20, 1), fit]), held,
+                         intercept=intercept)  # fmt: skip
+    assert anchored.held_error_refit < mixed.held_error_refit

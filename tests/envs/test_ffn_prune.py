@@ -12,6 +12,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 import envs
 from envs.ffn_prune import FFNPruneEnv
 from prunenet.analysis.features import CONTEXT_FEATURES, feature_names, model_layer_data
+from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.errors import PruneNetError
 from tests.conftest import FFN_WIDTH, NUM_LAYERS, tiny_model
 from tests.conftest import SMALL_SELFGEN as SMALL
@@ -24,6 +25,15 @@ def layer_data():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PRUNENET_NO_CACHE", "1")
         return model_layer_data(tiny_model("llama", num_hidden_layers=3), "selfgen", SMALL)
+
+
+@pytest.fixture(scope="module")
+def refit_layer_data():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PRUNENET_NO_CACHE", "1")
+        model = tiny_model("llama", num_hidden_layers=3)
+        text = SelfGenConfig(sequences=8, length=16, seed=0)
+        return model_layer_data(model, "selfgen", SMALL, refit_text=text)
 
 
 def _env(layer_data, **kwargs) -> FFNPruneEnv:
@@ -51,6 +61,12 @@ def test_gymnasium_check_env_passes(layer_data) -> None:
 
 def test_stable_baselines3_check_env_passes(layer_data) -> None:
     sb3_check_env(_env(layer_data), warn=False)
+
+
+@pytest.mark.filterwarnings("ignore:.*symmetric and normalized space")
+def test_check_env_passes_with_the_refit_reward(refit_layer_data) -> None:
+    gym_check_env(_env(refit_layer_data, reward="refit"), skip_render_check=True)
+    sb3_check_env(_env(refit_layer_data, reward="refit"), warn=False)
 
 
 def test_gym_make_builds_the_env_from_a_model_object() -> None:
@@ -190,6 +206,11 @@ def test_function_reward_without_activations_is_refused_at_construction() -> Non
     weights_only = model_layer_data(tiny_model("llama"), "weights", SMALL)
     with pytest.raises(PruneNetError, match="needs self-generated activations"):
         FFNPruneEnv(layer_data=[weights_only], feature_set="weights", reward="function")
+
+
+def test_refit_reward_without_refit_statistics_is_refused_at_construction(layer_data) -> None:
+    with pytest.raises(PruneNetError, match="needs refit statistics"):
+        _env(layer_data, reward="refit")
 
 
 def test_an_unknown_reward_is_refused(layer_data) -> None:

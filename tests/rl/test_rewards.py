@@ -1,4 +1,5 @@
-"""Rewards for a row selection: function preservation (default) and the paper's 1/KS."""
+"""Rewards for a row selection: function preservation (default), the same after the refit,
+and the paper's 1/KS."""
 
 from __future__ import annotations
 
@@ -6,11 +7,22 @@ import pytest
 import torch
 
 from prunenet.analysis.features import model_layer_data
+from prunenet.analysis.selfgen import SelfGenConfig, own_text
 from prunenet.analysis.spectral import ks_reward
+from prunenet.core.refit import output_error, refit_output
 from prunenet.errors import PruneNetError
-from prunenet.rl.rewards import REWARDS, function_reward, reward_function, spectral_reward
+from prunenet.rl.rewards import (
+    REWARDS,
+    function_reward,
+    refit_reward,
+    reward_function,
+    spectral_reward,
+)
+from tests.analysis.test_refit_statistics import dense_activations
 from tests.conftest import FFN_WIDTH, tiny_model
 from tests.conftest import SMALL_SELFGEN as SMALL
+
+REFIT_TEXT = SelfGenConfig(sequences=8, length=16, seed=0)  # the last 2 sequences held out
 
 pytestmark = pytest.mark.usefixtures("no_disk_cache")
 
@@ -47,6 +59,43 @@ def test_function_reward_without_activations_is_refused() -> None:
         function_reward(layer, torch.arange(4))
 
 
+def test_refit_reward_is_one_minus_the_held_out_error_of_refit_output_over_the_energy() -> None:
+    model = tiny_model("llama")
+    layer = model_layer_data(model, "selfgen", SMALL, refit_text=REFIT_TEXT)[0]
+    acts = dense_activations(model, own_text(model, REFIT_TEXT))[0]
+    fit, held = acts[:-32], acts[-32:]
+    weight = layer.ffn.output
+    keep = torch.tensor([0, 1, 4, 5, 6, 9, 10, 13, 15, 16, 19, 20, 22])
+    result = refit_output(weight, None, keep, fit, held=None, mode="lsq", intercept=True)
+    error = output_error(weight, None, keep, held, result.weight, result.bias)
+    energy = float((held @ weight.double().T).pow(2).mean())
+    assert refit_reward(layer, keep) == pytest.approx(1.0 - error / energy, abs=1e-6)
+
+
+def test_refit_reward_forgives_removing_a_duplicated_neuron_which_function_punishes() -> None:
+    model = tiny_model("llama", num_hidden_layers=1)
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():  # neuron 1 computes exactly what neuron 0 computes
+        mlp.gate_proj.weight[1] = mlp.gate_proj.weight[0]
+        mlp.up_proj.weight[1] = mlp.up_proj.weight[0]
+    layer = model_layer_data(model, "selfgen", SMALL, refit_text=REFIT_TEXT)[0]
+
+    def without(row: int) -> torch.Tensor:
+        return torch.tensor([r for r in range(FFN_WIDTH) if r != row])
+
+    others = range(2, FFN_WIDTH)
+    cheapest_other = max(others, key=lambda row: refit_reward(layer, without(row)))
+    # The refit moves neuron 1's output column onto neuron 0: removing it is the cheapest cut.
+    assert refit_reward(layer, without(1)) > refit_reward(layer, without(cheapest_other))
+    # Without the refit its whole contribution is lost, so `function` ranks the two the other way.
+    assert function_reward(layer, without(1)) < function_reward(layer, without(cheapest_other))
+
+
+def test_refit_reward_without_refit_statistics_is_refused(layer) -> None:
+    with pytest.raises(PruneNetError, match="needs refit statistics"):
+        refit_reward(layer, torch.arange(4))
+
+
 def test_spectral_reward_is_the_papers_one_over_ks_on_every_input_projection(layer) -> None:
     keep = torch.arange(0, FFN_WIDTH, 3)
     assert len(layer.ffn.inputs) == 2  # llama: gate and up
@@ -54,11 +103,12 @@ def test_spectral_reward_is_the_papers_one_over_ks_on_every_input_projection(lay
 
 
 def test_reward_function_looks_rewards_up_by_name() -> None:
-    assert set(REWARDS) == {"function", "ks"}
+    assert set(REWARDS) == {"function", "refit", "ks"}
     assert reward_function("function") is function_reward
+    assert reward_function("refit") is refit_reward
     assert reward_function("ks") is spectral_reward
 
 
 def test_unknown_reward_is_refused_with_the_known_ones_listed() -> None:
-    with pytest.raises(PruneNetError, match="Unknown reward 'ppl'.*function.*ks"):
+    with pytest.raises(PruneNetError, match="Unknown reward 'ppl'.*function.*refit.*ks"):
         reward_function("ppl")

@@ -207,3 +207,15 @@ def test_random_spare_ends_keeps_first_and_last_two_layers_whole_and_meets_the_b
     width = model.config.intermediate_size
     assert [plan.layer_keep[i] for i in (0, 4, 5)] == [width] * 3
     assert sum(width - kept for kept in plan.layer_keep) == round(0.3 * 6 * width)
+
+
+def test_method_suffixes_set_analysis_and_refit(bench):
+    args = bench.parse_args(["--methods", "selfgen+seq+lsq,policy+bias,selfgen+auto+seq"])
+    methods = bench.build_methods(args)
+    assert [m.refit for m in methods] == ["lsq", "bias", "none"]
+
+
+@pytest.mark.parametrize("name", ["selfgen+lsq+bias", "selfgen+seq+seq", "selfgen+twice"])
+def test_contradictory_or_unknown_suffixes_are_refused(bench, name):
+    with pytest.raises(PruneNetError, match="Unknown method"):
+        bench.build_methods(bench.parse_args(["--methods", name]))

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from prunenet import __version__
 from prunenet.analysis.features import LayerData, model_layer_data
+from prunenet.analysis.refit_statistics import refit_text
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.core.ratios import validate_ratio, validate_ratio_range
 from prunenet.errors import PruneNetError
@@ -36,7 +37,12 @@ from prunenet.rl.checkpoint import (
 from prunenet.rl.observation import observation_for
 from prunenet.rl.ppo.checkpoint import write_policy_members
 from prunenet.rl.ppo.policy import RowScoringPolicy
-from prunenet.rl.rewards import NEEDS_ACTIVATIONS, mean_reward, reward_function
+from prunenet.rl.rewards import (
+    NEEDS_ACTIVATIONS,
+    NEEDS_REFIT_STATISTICS,
+    mean_reward,
+    reward_function,
+)
 
 # The environment is reached by its registered id, as for any Gymnasium environment: the "envs:"
 # prefix makes gym.make import the top-level `envs` package, which imports `prunenet` (never the
@@ -52,7 +58,8 @@ class TrainConfig:
     :param out: path of the best checkpoint (.zip).
     :param ratios: range (low, high) of per-episode target ratios.
     :param timesteps: PPO environment steps (one step = one layer).
-    :param reward: `function` (default) or `ks` (the paper's 1/KS).
+    :param reward: `function` (default), `refit` (output error after the prune-time ridge refit,
+        on held-out self-generated text) or `ks` (the paper's 1/KS).
     :param feature_set: `selfgen` (default) or `weights` (streamable, weights-only features).
     :param gamma: discount over layers (0: layers are independent bandits; see module doc).
     :param learning_rate: Adam step size.
@@ -115,9 +122,14 @@ def train_policy(config: TrainConfig, layer_data: list[LayerData] | None = None)
     try:
         if layer_data is None:
             model, _ = load_model(config.model)
-            collect = config.reward in NEEDS_ACTIVATIONS
             layer_data = model_layer_data(
-                model, config.feature_set, SelfGenConfig(seed=config.seed), collect=collect
+                model,
+                config.feature_set,
+                SelfGenConfig(seed=config.seed),
+                collect=config.reward in NEEDS_ACTIVATIONS,
+                refit_text=(
+                    refit_text(config.seed) if config.reward in NEEDS_REFIT_STATISTICS else None
+                ),
             )
             del model
         feature_seconds = time.perf_counter() - start

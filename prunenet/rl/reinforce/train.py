@@ -43,6 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunenet.analysis.features import LayerData
+from prunenet.analysis.refit_statistics import collect_refit_statistics, refit_text
 from prunenet.analysis.selfgen import SelfGenConfig, collect_activations
 from prunenet.core.arch import adapter_for, decoder_layers, ffn_weights
 from prunenet.core.ratios import keep_count, validate_ratio
@@ -53,7 +54,12 @@ from prunenet.rl.checkpoint import (
 )
 from prunenet.rl.reinforce.checkpoint import save_reinforce
 from prunenet.rl.reinforce.policy import RowLogitPolicy, policy_rows
-from prunenet.rl.rewards import NEEDS_ACTIVATIONS, mean_reward, reward_function
+from prunenet.rl.rewards import (
+    NEEDS_ACTIVATIONS,
+    NEEDS_REFIT_STATISTICS,
+    mean_reward,
+    reward_function,
+)
 
 BASELINE_DECAY = 0.9  # moving average of past returns per layer position
 
@@ -219,7 +225,8 @@ def train_reinforce_from_model(
     refuse_existing_checkpoint(out, overwrite)
     loaded, _ = load_model(model)
     selfgen = SelfGenConfig(seed=seed) if reward in NEEDS_ACTIVATIONS else None
-    layer_data = weight_layer_data(loaded, selfgen)
+    refit = refit_text(seed) if reward in NEEDS_REFIT_STATISTICS else None
+    layer_data = weight_layer_data(loaded, selfgen, refit)
     del loaded
     return train_reinforce(layer_data, ratio, episodes, seed, lr, out, gamma, reward,
                            source_model=model, device=device)  # fmt: skip
@@ -262,15 +269,20 @@ def evaluate_reinforce(
     )
 
 
-def weight_layer_data(model: nn.Module, selfgen: SelfGenConfig | None = None) -> list[LayerData]:
-    """Layer data without features (the baseline reads raw rows); activations if `selfgen`."""
+def weight_layer_data(
+    model: nn.Module, selfgen: SelfGenConfig | None = None, refit: SelfGenConfig | None = None
+) -> list[LayerData]:
+    """Layer data without features (the baseline reads raw rows); activations if `selfgen`,
+    refit statistics (`prunenet.analysis.refit_statistics`) on the text `refit` if given."""
     adapter = adapter_for(model.config)
     activations = collect_activations(model, selfgen) if selfgen is not None else None
+    refits = collect_refit_statistics(model, refit) if refit is not None else None
     data = []
     for index, layer in enumerate(decoder_layers(model)):
         ffn = ffn_weights(layer, adapter)
         acts = activations[index] if activations else None
-        data.append(LayerData(torch.empty(ffn.width, 0), ffn, acts))
+        statistics = refits[index] if refits else None
+        data.append(LayerData(torch.empty(ffn.width, 0), ffn, acts, statistics))
     return data
 
 

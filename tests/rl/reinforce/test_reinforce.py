@@ -291,6 +291,15 @@ def test_cli_trains_the_baseline_at_one_ratio(tiny_model_folder, tmp_path, capsy
     assert keep_count(FFN_WIDTH, metadata["ratio"]) == 18
 
 
+def test_cli_trains_the_baseline_with_the_refit_reward(tiny_model_folder, tmp_path):
+    out = tmp_path / "rf.zip"
+    argv = ["train", "--model", str(tiny_model_folder), "--out", str(out), "--algo",
+            "reinforce", "--ratios", "0.25", "--episodes", "2", "--reward", "refit"]  # fmt: skip
+    assert cli_main(argv) == 0
+    metadata = read_metadata(out)
+    assert metadata["reward"] == "refit" and 0 < metadata["eval_reward"] <= 1
+
+
 def test_cli_refuses_an_existing_out_unless_overwrite(tiny_model_folder, tmp_path, capsys):
     out = tmp_path / "rf.zip"
     out.write_bytes(b"a previous run")

@@ -1,0 +1,238 @@
+"""What a ridge refit of any kept set would achieve, without touching a token row per query.
+
+At prune time the cut output projection is refitted by ridge least squares
+(`prunenet.core.refit`), so which rows to keep is a different question from which rows are
+largest: a row whose contribution the kept rows can reproduce costs little to remove. The `refit`
+reward (`prunenet.rl.rewards`) asks that question for every keep set the policy proposes, so it
+must be cheap. Everything the refit and its held-out error depend on is a second moment of
+`x = [acts, 1]` (the output projection's inputs and an intercept column), so one pass over the
+self-generated text stores, per layer and in float64, the Gram of `x` on the fit rows and on the
+held-out rows. The dense target is linear in `x` (`x @ [W, b].T`), so its products with the
+Grams follow from them. A query then costs one Cholesky factorisation of the kept block and a
+few traces:
+
+    beta   = (G_fit[K, K] + ridge * s * I_kept)^-1  G_fit[K, :] theta      (theta = [W, b].T)
+    error  = tr(theta' H theta) - 2 tr(beta' H[K, :] theta) + tr(beta' H[K, K] beta)
+
+with K the kept columns (and the intercept column, which the ridge does not penalise, exactly as
+`refit_output`'s centring leaves it unpenalised), `s` the mean diagonal of the centred kept fit
+Gram, and H the held-out Gram. The text and split are the prune-time refit's
+(`prunenet.analysis.sequential`: 64 x 128 self-generated tokens, the last quarter of the
+sequences held out), but the activations are the dense model's, one layer at a time.
+
+Cost: two (d_ff + 1)^2 float64 matrices per layer, 1.1 GB for SmolLM2-135M (30 layers, d_ff
+1536), and a query is O(kept^3). That is fine for training on a small model (the policy
+transfers to other widths), not for LLaMA-7B shapes (62 GB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from prunenet.analysis.selfgen import SelfGenConfig, own_text
+from prunenet.analysis.sequential import ANALYSIS_SELFGEN, HELD_OUT_FRACTION
+from prunenet.core.arch import (
+    adapter_for,
+    can_store_output_bias,
+    decoder_layers,
+    ffn_modules,
+    ffn_output_bias,
+    ffn_weights,
+    ffn_widths,
+)
+from prunenet.core.refit import DEFAULT_RIDGE
+from prunenet.errors import PruneNetError
+from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
+
+# Sequences per forward pass while collecting (bounds the logits' memory, 200 MB on SmolLM2).
+CHUNK_SEQUENCES = 8
+
+
+@dataclass
+class RefitStatistics:
+    """One layer's refit problem on self-generated text, ready to score keep sets.
+
+    :param fit_gram: `(d_ff + 1) x (d_ff + 1)` float64 `sum x x'` over the fit rows, with
+        `x = [acts, 1]` (so the last row and column hold the sums and the row count).
+    :param held_gram: the same over the held-out rows.
+    :param output: `d_model x (d_ff + 1)` float64 dense output weights with the output bias as the
+        last column (zeros where the layer has none): the dense output is `x @ output.T`.
+    :param intercept: whether the refit fits an intercept (the architecture can store an output
+        bias, `prunenet.core.arch.can_store_output_bias`), as the prune-time refit does.
+    :param ridge: relative ridge (x the mean diagonal of the centred kept Gram); the prune-time
+        refit picks it per layer among `RIDGE_CANDIDATES`, this uses DESIGN.md's 0.1.
+    """
+
+    fit_gram: torch.Tensor
+    held_gram: torch.Tensor
+    output: torch.Tensor
+    intercept: bool
+    ridge: float = DEFAULT_RIDGE
+
+    @property
+    def width(self) -> int:
+        return self.fit_gram.shape[0] - 1
+
+    @cached_property
+    def fit_cross(self) -> torch.Tensor:
+        """`(d_ff + 1) x d_model`: `sum x' y` over the fit rows, y the dense output."""
+        return self.fit_gram @ self.output.T
+
+    @cached_property
+    def held_cross(self) -> torch.Tensor:
+        """The same over the held-out rows."""
+        return self.held_gram @ self.output.T
+
+    @cached_property
+    def held_energy(self) -> float:
+        """`sum ||y||^2` of the dense output over the held-out rows (bias included)."""
+        return float((self.output.T * self.held_cross).sum())
+
+    def held_error(self, keep: torch.Tensor) -> float:
+        """Held-out squared error of the refitted cut layer over `held_energy`.
+
+        Equals `output_error(...) / mean(dense held output ** 2)` for the weights
+        `refit_output(..., held=None, intercept=self.intercept)` fits on the fit rows (up to
+        rounding), without a pass over any token row.
+
+        :param keep: indices of the kept neurons.
+        """
+        keep = keep.to(torch.long).reshape(-1)
+        kept = keep.numel()
+        columns = torch.cat([keep, keep.new_tensor([self.width])]) if self.intercept else keep
+        system = self.fit_gram[columns][:, columns]
+        diagonal = system.diagonal()[:kept]
+        if self.intercept:
+            # The centred Gram's diagonal: sum a_i^2 - (sum a_i)^2 / rows.
+            diagonal = diagonal - system[:kept, kept].pow(2) / system[kept, kept]
+        scale = float(diagonal.mean().clamp_min(1e-12)) if kept else 1.0
+        system.diagonal()[:kept] += self.ridge * scale
+        right = self.fit_cross[columns]
+        factor, info = torch.linalg.cholesky_ex(system)
+        if int(info) == 0:
+            beta = torch.cholesky_solve(right, factor)
+        else:  # only if rounding breaks positive definiteness
+            beta = torch.linalg.lstsq(system, right).solution
+        held = self.held_gram[columns][:, columns]
+        error = (
+            self.held_energy
+            - 2 * float((beta * self.held_cross[columns]).sum())
+            + float((beta * (held @ beta)).sum())
+        )
+        return max(error, 0.0) / max(self.held_energy, 1e-300)
+
+
+def refit_text(seed: int = 0) -> SelfGenConfig:
+    """The self-generated text the refit statistics are collected on: the prune-time refit's
+    64 x 128 tokens (`prunenet.analysis.sequential.ANALYSIS_SELFGEN`) with sampling seed `seed`."""
+    return replace(ANALYSIS_SELFGEN, seed=seed)
+
+
+def collect_refit_statistics(
+    model: nn.Module,
+    text: SelfGenConfig | None = None,
+    held_out_fraction: float = HELD_OUT_FRACTION,
+    ridge: float = DEFAULT_RIDGE,
+) -> list[RefitStatistics]:
+    """Per-layer refit statistics of the dense `model` on its own text (Grams cached on disk).
+
+    :param model: the dense model.
+    :param text: the self-generated text (default `refit_text()`); the last
+        `held_out_fraction` of its sequences are held out, as `SequentialCut` holds them out.
+    :param held_out_fraction: share of the sequences held out.
+    :param ridge: relative ridge of the refit.
+    """
+    text = text or refit_text()
+    tokens = own_text(model, text)
+    held = max(1, round(tokens.shape[0] * held_out_fraction))
+    if held >= tokens.shape[0]:
+        raise PruneNetError(
+            f"The refit reward needs at least 2 self-generated sequences, got {tokens.shape[0]}."
+        )
+    widths = ffn_widths(model.config)
+    grams = memoize(
+        "refit-grams",
+        model,
+        {**asdict(text), "held_out_sequences": held},
+        lambda: _collect_grams(model, tokens, held),
+        encode=_encode_grams,
+        decode=lambda tensors, info: _decode_grams(tensors, info, widths),
+    )
+    adapter = adapter_for(model.config)
+    intercept = can_store_output_bias(model.config)
+    statistics = []
+    for layer, (fit_gram, held_gram) in zip(decoder_layers(model), grams, strict=True):
+        weight = ffn_weights(layer, adapter).output.detach().double().cpu()
+        bias = ffn_output_bias(layer, adapter)
+        bias = torch.zeros(weight.shape[0], 1, dtype=torch.float64) if bias is None else (
+            bias.detach().double().cpu().unsqueeze(1)
+        )  # fmt: skip
+        output = torch.cat([weight, bias], dim=1)
+        statistics.append(RefitStatistics(fit_gram, held_gram, output, intercept, ridge))
+    return statistics
+
+
+@torch.no_grad()
+def _collect_grams(
+    model: nn.Module, tokens: torch.Tensor, held_sequences: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(fit Gram, held-out Gram) of `[acts, 1]` per layer, in float64, a few sequences at a time
+    (sequences are independent under causal attention, so chunks change nothing)."""
+    adapter = adapter_for(model.config)
+    layers = decoder_layers(model)
+    widths = ffn_widths(model.config)
+    grams = [
+        [torch.zeros(w + 1, w + 1, dtype=torch.float64) for _ in range(2)] for w in widths
+    ]  # per layer: [fit, held]
+    split = [0]  # which Gram the current chunk adds to
+
+    def hook(module, inputs, index):
+        acts = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double().cpu()
+        rows = torch.cat([acts, torch.ones(acts.shape[0], 1, dtype=torch.float64)], dim=1)
+        grams[index][split[0]].addmm_(rows.T, rows)
+
+    handles = [
+        ffn_modules(layer, adapter)[1].register_forward_pre_hook(
+            lambda module, inputs, index=index: hook(module, inputs, index)
+        )
+        for index, layer in enumerate(layers)
+    ]
+    fit_sequences = tokens.shape[0] - held_sequences
+    try:
+        for which, (begin, end) in enumerate(
+            [(0, fit_sequences), (fit_sequences, tokens.shape[0])]
+        ):
+            split[0] = which
+            for start in range(begin, end, CHUNK_SEQUENCES):
+                model(tokens[start : min(start + CHUNK_SEQUENCES, end)], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(fit, held) for fit, held in grams]
+
+
+def _encode_grams(grams: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Tensors, Info]:
+    """Tensors `<layer>.fit` and `<layer>.held`, and the layer count."""
+    tensors = {}
+    for index, (fit, held) in enumerate(grams):
+        tensors[f"{index}.fit"], tensors[f"{index}.held"] = fit, held
+    return tensors, {"layers": len(grams)}
+
+
+def _decode_grams(
+    tensors: Tensors, info: Info, widths: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A stored entry's Grams, if they have this model's layers and widths (float64, finite)."""
+    if info.get("layers") != len(widths):
+        raise CacheEntryError(f"{info.get('layers')} layers stored, the model has {len(widths)}")
+    return [
+        tuple(
+            stored_tensor(tensors, f"{index}.{split}", torch.float64, (width + 1, width + 1))
+            for split in ("fit", "held")
+        )
+        for index, width in enumerate(widths)
+    ]
