@@ -173,10 +173,13 @@ class SequentialCut:
             dense_bias = None if dense_bias is None else dense_bias.clone()
             cut_ffn(layer, self.adapter, keep)
             fit_rows, held_rows, anchor = fit, held, None
-            if self.first_token == "anchor" and self.refit == "lsq":
+            if self.first_token == "anchor":
                 fit_rows, held_rows, anchor = self._anchor_split(
                     fit, held, dense_weight, dense_bias
                 )
+                # A bias moves every token alike: the start token's output cannot be pinned,
+                # but its massive row no longer sets the other tokens' mean.
+                anchor = anchor if self.refit == "lsq" else None
             result = refit_output(
                 dense_weight, dense_bias, keep, fit_rows, held_rows, mode=self.refit,
                 intercept=self.intercept, anchor=anchor,

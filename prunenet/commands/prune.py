@@ -78,22 +78,24 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--refit",
-        default="none",
+        default=None,
         choices=REFITS,
         help="repair each layer's FFN output projection after the cut, layer by layer on text "
-        "the model writes itself: none (default; the plain cut), bias (add the removed rows' "
-        "mean contribution as an output bias), lsq (ridge least squares of the kept columns "
-        "and bias; a no-intercept refit where the architecture stores no FFN output bias). "
-        "Needs the model in memory (not with --stream)",
+        "the model writes itself: lsq (default in memory: ridge least squares of the kept "
+        "columns, and a bias where the architecture stores one; the start token's massive "
+        "activations are reproduced exactly), bias (add the removed rows' mean contribution as "
+        "an output bias), none (the plain cut; the default with --stream). Needs the model in "
+        "memory",
     )
     parser.add_argument(
         "--analysis",
-        default="oneshot",
+        default=None,
         choices=ANALYSES,
-        help="where activation-based scores come from: oneshot (default; the dense model's "
-        "activations on 8 x 128 self-generated tokens) or sequential (layer by layer, each "
-        "layer's activations from the model whose earlier layers are already cut, on "
-        "--selfgen-sequences x 128 tokens). Needs the model in memory (not with --stream)",
+        help="where activation-based scores come from: sequential (default for activation-"
+        "based scorers: layer by layer, each layer's activations from the model whose earlier "
+        "layers are already cut, on --selfgen-sequences x 128 self-generated tokens) or "
+        "oneshot (the dense model's activations on 8 x 128 tokens; the default for weights-"
+        "only scorers and --stream). Sequential needs the model in memory",
     )
     parser.add_argument(
         "--selfgen-sequences",
@@ -169,13 +171,14 @@ def run(args: argparse.Namespace) -> int:
     folders = output_folders(args.out, args.ratio)
     device = resolve_device(args.device)
     scorer = build_scorer(args)  # a bad --policy fails here, before the model is read
-    check_analysis(args.analysis, scorer)
-    if args.stream and args.refit != "none":
+    if args.analysis is not None:
+        check_analysis(args.analysis, scorer)
+    if args.stream and args.refit not in (None, "none"):
         raise PruneNetError(
             f"--refit {args.refit} fits each layer on its activations on self-generated text, "
             "which needs the model in memory; drop --stream, or use --refit none with --stream."
         )
-    if args.stream and args.analysis != "oneshot":
+    if args.stream and args.analysis not in (None, "oneshot"):
         raise PruneNetError(
             "--analysis sequential runs each layer on self-generated text, which needs the model "
             "in memory; drop --stream, or use --analysis oneshot with a weights-only scorer."
@@ -184,8 +187,21 @@ def run(args: argparse.Namespace) -> int:
         # Own --out for the whole run: a second run to it exits 2 now, not after its scoring,
         # and cannot replace this run's output. A ratio list's subfolders live inside it.
         if _use_stream(args, scorer):
+            args.refit, args.analysis = args.refit or "none", args.analysis or "oneshot"
             return _run_stream(args, scorer, folders, device)
+        resolve_defaults(args, scorer)
         return _run_in_memory(args, scorer, folders, device)
+
+
+def resolve_defaults(args: argparse.Namespace, scorer: Scorer) -> argparse.Namespace:
+    """In memory, the defaults are the measured best path: sequential analysis for scorers
+    that read activations (oneshot for weights-only ones) and the lsq refit (README,
+    "Results"). Explicit choices are kept."""
+    if args.analysis is None:
+        args.analysis = "oneshot" if scorer.weights_only else "sequential"
+    if args.refit is None:
+        args.refit = "lsq"
+    return args
 
 
 def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path], device) -> int:
@@ -276,7 +292,7 @@ def _use_stream(args: argparse.Namespace, scorer: Scorer) -> bool:
     large, size, available = should_stream(path)
     if not large:
         return False
-    if not scorer.weights_only or args.refit != "none":
+    if not scorer.weights_only or args.refit not in (None, "none"):
         needs = f"scorer {args.scorer}" if not scorer.weights_only else f"--refit {args.refit}"
         print(
             f"model {args.model}: safetensors {size / 1e9:.1f} GB > half of available RAM "

@@ -466,11 +466,11 @@ def test_sequential_analysis_picks_other_rows_than_one_shot(
     def down_proj(folder: Path) -> torch.Tensor:
         return AutoModelForCausalLM.from_pretrained(folder).model.layers[1].mlp.down_proj.weight
 
-    common = ("--scorer", "selfgen", "--selfgen-sequences", "4")
+    common = ("--scorer", "selfgen", "--selfgen-sequences", "4", "--refit", "none")
     assert (
         _prune(tiny_model_folder, tmp_path / "seq", "0.5", *common, "--analysis", "sequential") == 0
     )
-    assert _prune(tiny_model_folder, tmp_path / "one", "0.5", *common) == 0
+    assert _prune(tiny_model_folder, tmp_path / "one", "0.5", *common, "--analysis", "oneshot") == 0
     assert not torch.equal(down_proj(tmp_path / "seq"), down_proj(tmp_path / "one"))
 
 
@@ -490,3 +490,23 @@ def test_sequential_analysis_with_stream_exits_2(
     extra = ("--scorer", "selfgen", "--analysis", "sequential", "--stream")
     err = _refused_with_exit_2(capsys, tiny_model_folder, tmp_path / "out", "0.3", *extra)
     assert "needs the model" in err and "--analysis oneshot" in err
+
+
+@pytest.mark.parametrize(("scorer", "analysis"), [("selfgen", "sequential"), ("random", "oneshot")])
+def test_in_memory_defaults_are_the_lsq_refit_and_sequential_analysis_where_it_applies(
+    tiny_model_folder: Path, tmp_path: Path, scorer: str, analysis: str
+) -> None:
+    out = tmp_path / "out"
+    assert (
+        _prune(tiny_model_folder, out, "0.3", "--scorer", scorer, "--selfgen-sequences", "4") == 0
+    )
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["scorer"]["analysis"] == analysis
+    assert report["scorer"]["sequential"]["mode"] == "lsq"
+
+
+def test_stream_defaults_to_the_plain_one_shot_cut(tiny_model_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _prune(tiny_model_folder, out, "0.3", "--stream") == 0
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert "sequential" not in report["scorer"]
