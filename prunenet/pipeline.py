@@ -33,7 +33,7 @@ from prunenet.analysis.sequential import (
     analysis_text,
 )
 from prunenet.core.arch import ffn_widths
-from prunenet.core.compress import PruneReport, prune_model
+from prunenet.core.compress import PruneReport, count_parameters, prune_model
 from prunenet.core.ratios import uniform_keep
 from prunenet.core.refit import check_refit
 from prunenet.errors import PruneNetError
@@ -160,9 +160,12 @@ def apply_plan(
     if needs_text(plan, refit) and tokens is None:
         tokens = analysis_text(model, selfgen)
     pruned = model if in_place else copy.deepcopy(model)
+    params_before = count_parameters(pruned)
     if needs_text(plan, refit):
+        # (It may give every FFN projection a zero bias first: not the dense model's size.)
         cut = SequentialCut(pruned, refit, tokens, plan.layer_score)
     report = prune_model(pruned, plan.scores, plan.layer_keep, target_ratio=ratio, cut=cut)
+    report.params_before = params_before
     report.scorer = dict(plan.info)
     if cut is not None:
         report.scorer["sequential"] = cut.log.to_dict()

@@ -200,3 +200,13 @@ def test_sequential_analysis_over_a_ratio_list_generates_its_text_once(
     prune_and_save(tiny_model("llama"), None, planner, [0.25, 0.5], folders, selfgen=small)
     # One for the sequential text; SelfGenScorer's one-shot text is never written.
     assert calls == [small]
+
+
+def test_a_refit_reports_the_dense_models_parameter_count_as_before() -> None:
+    model = tiny_model("llama")
+    dense_params = sum(p.numel() for p in model.parameters())
+    widths = ffn_widths(model.config)
+    plan = PrunePlan([torch.arange(w, dtype=torch.float) for w in widths],
+                     [keep_count(w, 0.3) for w in widths])  # fmt: skip
+    _, report = apply_plan(model, plan, 0.3, refit="lsq", selfgen=REFIT_SELFGEN)
+    assert report.params_before == dense_params

@@ -9,7 +9,9 @@ measures. `refit`: the same question asked of the layer the pruner really ships 
 error" and compare across layers). Rows the kept ones can stand in for are then cheap to remove
 (a duplicated neuron costs nothing), which `function` cannot see. The statistics are the dense
 model's, on the prune-time refit's 64 x 128 self-generated tokens with the last quarter of the
-sequences held out and a fixed relative ridge of 0.1 (`prunenet.analysis.refit_statistics`).
+sequences held out and the start token's row anchored as `SequentialCut` anchors it (reproduced
+exactly, left out of the fit and of the error); each layer's ridge is chosen once on the held-out
+rows (`prunenet.analysis.refit_statistics`).
 `ks`: the paper's 1/KS between singular-value spectra before and after, kept for comparison; on
 SmolLM2 the selection with the best spectrum had worse perplexity than random.
 """

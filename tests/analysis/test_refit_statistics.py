@@ -9,26 +9,29 @@ import torch
 from prunenet.analysis import refit_statistics
 from prunenet.analysis.refit_statistics import (
     RefitStatistics,
+    choose_ridge,
     collect_refit_statistics,
+    reference_keep,
     refit_text,
 )
 from prunenet.analysis.selfgen import SelfGenConfig, own_text
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN
 from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules
-from prunenet.core.refit import output_error, refit_output
+from prunenet.core.refit import DEFAULT_RIDGE, RIDGE_CANDIDATES, output_error, refit_output
 from prunenet.io.cache import entry_path
 from tests.conftest import FFN_WIDTH, tiny_model
 
 TEXT = SelfGenConfig(sequences=8, length=16, seed=0)  # 2 sequences (32 rows) held out
+KEEP = torch.tensor([0, 2, 3, 5, 7, 8, 11])
 
 
 def dense_activations(model, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Each layer's FFN output-projection inputs on `tokens`, rows in sequence order."""
+    """Each layer's FFN output-projection inputs on `tokens` (sequences x length x d_ff)."""
     adapter = adapter_for(model.config)
     captured = []
     handles = [
         ffn_modules(layer, adapter)[1].register_forward_pre_hook(
-            lambda module, inputs: captured.append(inputs[0].reshape(-1, inputs[0].shape[-1]))
+            lambda module, inputs: captured.append(inputs[0])
         )
         for layer in decoder_layers(model)
     ]
@@ -43,14 +46,15 @@ def with_ones(acts: torch.Tensor) -> torch.Tensor:
     return torch.cat([acts, torch.ones(acts.shape[0], 1, dtype=acts.dtype)], dim=1)
 
 
-def random_statistics(intercept: bool, bias: bool, seed: int = 0):
-    """RefitStatistics of random activations (some neurons nearly collinear), and the raw
-    (weight, bias, fit rows, held rows) they summarise."""
+def random_statistics(intercept: bool, bias: bool, anchored: bool, seed: int = 0):
+    """RefitStatistics of random activations (two neurons nearly collinear, and a massive start
+    row when `anchored`), and the raw (weight, bias, fit rows, held rows, anchor row)."""
     generator = torch.Generator().manual_seed(seed)
     fit = torch.randn(80, 12, generator=generator, dtype=torch.float64) + 0.5
     held = torch.randn(30, 12, generator=generator, dtype=torch.float64) + 0.5
     fit[:, 3] = fit[:, 2] + 0.01 * fit[:, 3]
     held[:, 3] = held[:, 2] + 0.01 * held[:, 3]
+    anchor = 50 * torch.randn(12, generator=generator, dtype=torch.float64) if anchored else None
     weight = torch.randn(6, 12, generator=generator, dtype=torch.float64)
     dense_bias = torch.randn(6, generator=generator, dtype=torch.float64) if bias else None
     column = torch.zeros(6, 1, dtype=torch.float64) if dense_bias is None else dense_bias[:, None]
@@ -59,42 +63,78 @@ def random_statistics(intercept: bool, bias: bool, seed: int = 0):
         with_ones(held).T @ with_ones(held),
         torch.cat([weight, column], dim=1),
         intercept,
+        anchor,
     )
-    return stats, (weight, dense_bias, fit, held)
+    return stats, (weight, dense_bias, fit, held, anchor)
 
 
+def refit_output_error(weight, bias, keep, fit, held, anchor, intercept) -> float:
+    """The prune-time refit's held-out error / mean squared dense held output (DEFAULT_RIDGE)."""
+    pinned = None
+    if anchor is not None:
+        pinned = (anchor, anchor @ weight.T + (0 if bias is None else bias))
+    result = refit_output(weight, bias, keep, fit, held=None, intercept=intercept, anchor=pinned)
+    error = output_error(weight, bias, keep, held, result.weight, result.bias)
+    dense = held @ weight.T + (0 if bias is None else bias)
+    return error / float(dense.pow(2).mean())
+
+
+@pytest.mark.parametrize("anchored", [False, True])
 @pytest.mark.parametrize(("intercept", "bias"), [(True, False), (True, True), (False, True)])
 def test_held_error_equals_the_refit_outputs_held_out_error_over_the_dense_energy(
-    intercept: bool, bias: bool
+    intercept: bool, bias: bool, anchored: bool
 ) -> None:
-    stats, (weight, dense_bias, fit, held) = random_statistics(intercept, bias)
-    keep = torch.tensor([0, 2, 3, 5, 7, 8, 11])
-    result = refit_output(weight, dense_bias, keep, fit, held=None, intercept=intercept)
-    error = output_error(weight, dense_bias, keep, held, result.weight, result.bias)
-    dense = held @ weight.T + (0 if dense_bias is None else dense_bias)
-    assert stats.held_error(keep) == pytest.approx(error / float(dense.pow(2).mean()), rel=1e-9)
+    stats, (weight, dense_bias, fit, held, anchor) = random_statistics(intercept, bias, anchored)
+    expected = refit_output_error(weight, dense_bias, KEEP, fit, held, anchor, intercept)
+    assert stats.held_error(KEEP) == pytest.approx(expected, rel=1e-9)
 
 
 def test_keeping_every_row_leaves_only_the_ridges_error() -> None:
-    stats, _ = random_statistics(intercept=True, bias=False)
+    stats, _ = random_statistics(intercept=True, bias=False, anchored=False)
     everything = torch.arange(12)
     assert 0 < stats.held_error(everything) < 1e-2
     stats.ridge = 0.0
     assert stats.held_error(everything) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_the_grams_are_those_of_the_dense_models_fit_and_held_out_rows() -> None:
+def test_choose_ridge_picks_the_candidate_with_the_smallest_held_out_error() -> None:
+    stats, _ = random_statistics(intercept=True, bias=False, anchored=True)
+    errors = {}
+    for ridge in RIDGE_CANDIDATES:
+        stats.ridge = ridge
+        errors[ridge] = stats.held_error(KEEP)
+    assert choose_ridge(stats, KEEP) == min(errors, key=errors.__getitem__) == stats.ridge
+
+
+def test_the_reference_keep_set_is_the_rows_with_the_most_output_energy() -> None:
+    stats, (weight, _, fit, _, _) = random_statistics(intercept=True, bias=False, anchored=False)
+    energy = fit.pow(2).mean(0).sqrt() * weight.norm(dim=0)
+    expected = torch.argsort(energy, descending=True)[: round(0.7 * 12)].sort().values
+    assert torch.equal(reference_keep(stats), expected)
+
+
+def test_the_grams_are_the_dense_models_fit_and_held_rows_without_the_start_token() -> None:
     model = tiny_model("llama")
     stats = collect_refit_statistics(model, TEXT)
-    tokens = own_text(model, TEXT)
-    held_rows = 2 * tokens.shape[1]
-    for layer, acts in zip(stats, dense_activations(model, tokens), strict=True):
-        fit, held = with_ones(acts[:-held_rows]), with_ones(acts[-held_rows:])
+    for layer, acts in zip(stats, dense_activations(model, own_text(model, TEXT)), strict=True):
+        assert torch.allclose(acts[:, 0], acts[:1, 0].expand_as(acts[:, 0]))  # one start row
+        rows = acts[:, 1:]
+        fit, held = (
+            with_ones(rows[:-2].reshape(-1, FFN_WIDTH)),
+            with_ones(rows[-2:].reshape(-1, FFN_WIDTH)),
+        )
         assert layer.fit_gram.dtype == torch.float64
         assert layer.fit_gram.shape == (FFN_WIDTH + 1, FFN_WIDTH + 1)
         assert torch.allclose(layer.fit_gram, fit.T @ fit, rtol=1e-5, atol=1e-5)
         assert torch.allclose(layer.held_gram, held.T @ held, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(layer.anchor, acts[0, 0], rtol=1e-6, atol=1e-6)
         assert layer.intercept  # Llama stores an output bias once the refit switches it on
+        assert layer.ridge in RIDGE_CANDIDATES
+
+
+def test_a_fixed_ridge_is_used_as_given() -> None:
+    stats = collect_refit_statistics(tiny_model("llama"), TEXT, ridge=DEFAULT_RIDGE)
+    assert {layer.ridge for layer in stats} == {DEFAULT_RIDGE}
 
 
 def test_collecting_a_few_sequences_at_a_time_changes_nothing(monkeypatch) -> None:
@@ -111,7 +151,7 @@ def test_collecting_a_few_sequences_at_a_time_changes_nothing(monkeypatch) -> No
 def test_the_grams_are_cached_as_one_safetensors_entry(monkeypatch) -> None:
     model = tiny_model("llama")
     first = collect_refit_statistics(model, TEXT)
-    settings = {**TEXT.__dict__, "held_out_sequences": 2}
+    settings = {**TEXT.__dict__, "held_out_sequences": 2, "first_token": "anchor"}
     assert entry_path("refit-grams", model, settings).is_file()
 
     def no_recompute(*args):
@@ -119,7 +159,8 @@ def test_the_grams_are_cached_as_one_safetensors_entry(monkeypatch) -> None:
 
     monkeypatch.setattr(refit_statistics, "_collect_grams", no_recompute)
     again = collect_refit_statistics(model, TEXT)
-    assert all(torch.equal(a.fit_gram, b.fit_gram) for a, b in zip(first, again, strict=True))
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a.fit_gram, b.fit_gram) and torch.equal(a.anchor, b.anchor)
 
 
 def test_the_default_text_is_the_prune_time_refits_with_the_given_seed() -> None:

@@ -9,7 +9,7 @@ import torch
 from prunenet.analysis.features import model_layer_data
 from prunenet.analysis.selfgen import SelfGenConfig, own_text
 from prunenet.analysis.spectral import ks_reward
-from prunenet.core.refit import output_error, refit_output
+from prunenet.core.refit import DEFAULT_RIDGE, output_error, refit_output
 from prunenet.errors import PruneNetError
 from prunenet.rl.rewards import (
     REWARDS,
@@ -62,13 +62,17 @@ def test_function_reward_without_activations_is_refused() -> None:
 def test_refit_reward_is_one_minus_the_held_out_error_of_refit_output_over_the_energy() -> None:
     model = tiny_model("llama")
     layer = model_layer_data(model, "selfgen", SMALL, refit_text=REFIT_TEXT)[0]
+    layer.refit.ridge = DEFAULT_RIDGE  # refit_output without held-out rows fits with this one
     acts = dense_activations(model, own_text(model, REFIT_TEXT))[0]
-    fit, held = acts[:-32], acts[-32:]
-    weight = layer.ffn.output
+    # As SequentialCut does: the start token's row is anchored, the others fit or held out.
+    anchor, rows = acts[0, 0], acts[:, 1:]
+    fit, held = rows[:-2].reshape(-1, FFN_WIDTH), rows[-2:].reshape(-1, FFN_WIDTH)
+    weight = layer.ffn.output.double()
     keep = torch.tensor([0, 1, 4, 5, 6, 9, 10, 13, 15, 16, 19, 20, 22])
-    result = refit_output(weight, None, keep, fit, held=None, mode="lsq", intercept=True)
+    result = refit_output(weight, None, keep, fit, held=None, mode="lsq", intercept=True,
+                          anchor=(anchor, anchor @ weight.T))  # fmt: skip
     error = output_error(weight, None, keep, held, result.weight, result.bias)
-    energy = float((held @ weight.double().T).pow(2).mean())
+    energy = float((held @ weight.T).pow(2).mean())
     assert refit_reward(layer, keep) == pytest.approx(1.0 - error / energy, abs=1e-6)
 
 
