@@ -157,11 +157,12 @@ def apply_plan(
     :return: the pruned model and what was done to it.
     """
     cut = None
-    if needs_text(plan, refit) and tokens is None:
+    layer_by_layer = needs_text(plan, refit)
+    if layer_by_layer and tokens is None:
         tokens = analysis_text(model, selfgen)
     pruned = model if in_place else copy.deepcopy(model)
     params_before = count_parameters(pruned)
-    if needs_text(plan, refit):
+    if layer_by_layer:
         # (It may give every FFN projection a zero bias first: not the dense model's size.)
         cut = SequentialCut(pruned, refit, tokens, plan.layer_score)
     report = prune_model(pruned, plan.scores, plan.layer_keep, target_ratio=ratio, cut=cut)

@@ -39,7 +39,11 @@ import torch
 from torch import nn
 
 from prunenet.analysis.selfgen import SelfGenConfig, own_text
-from prunenet.analysis.sequential import ANALYSIS_SELFGEN, HELD_OUT_FRACTION
+from prunenet.analysis.sequential import (
+    ANALYSIS_SELFGEN,
+    HELD_OUT_FRACTION,
+    held_out_sequences,
+)
 from prunenet.core.arch import (
     adapter_for,
     can_store_output_bias,
@@ -50,7 +54,6 @@ from prunenet.core.arch import (
     ffn_widths,
 )
 from prunenet.core.refit import DEFAULT_RIDGE, RIDGE_CANDIDATES
-from prunenet.errors import PruneNetError
 from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
 
 # Sequences per forward pass while collecting (bounds the logits' memory, 200 MB on SmolLM2).
@@ -213,11 +216,7 @@ def collect_refit_statistics(
     """
     text = text or refit_text()
     tokens = own_text(model, text)
-    held = max(1, round(tokens.shape[0] * held_out_fraction))
-    if held >= tokens.shape[0]:
-        raise PruneNetError(
-            f"The refit reward needs at least 2 self-generated sequences, got {tokens.shape[0]}."
-        )
+    held = held_out_sequences(tokens.shape[0], held_out_fraction)
     widths = ffn_widths(model.config)
     grams = memoize(
         "refit-grams",

@@ -99,8 +99,6 @@ class SequentialCut:
         each layer as it is reached (e.g. a `Scorer.score_activations` with the ratio bound);
         None uses the scores given to the cut.
     :param held_out_fraction: share of the sequences held out to choose the ridge on.
-    :param first_token: how the refit treats the start token's activations: `anchor`
-        (reproduced exactly, left out of the least squares) or `fit` (rows like any other).
     """
 
     def __init__(
@@ -110,7 +108,6 @@ class SequentialCut:
         tokens: torch.Tensor,
         score: LayerScore | None = None,
         held_out_fraction: float = HELD_OUT_FRACTION,
-        first_token: str = "anchor",
     ) -> None:
         self.adapter = adapter_for(model.config)
         self.refit = check_refit(refit)
@@ -122,29 +119,18 @@ class SequentialCut:
                 "cannot store (plain from_pretrained would drop it); use --refit lsq, which "
                 "refits these models without an intercept, or --refit none."
             )
-        held_sequences = max(1, round(tokens.shape[0] * held_out_fraction))
-        if held_sequences >= tokens.shape[0]:
-            raise PruneNetError(
-                f"Sequential analysis needs at least 2 self-generated sequences, got "
-                f"{tokens.shape[0]}."
-            )
+        held_sequences = held_out_sequences(tokens.shape[0], held_out_fraction)
         self._held_rows = held_sequences * tokens.shape[1]
         if self.intercept:
             enable_output_biases(model)  # zero biases: the model still computes the same
         self.layers = decoder_layers(model)
         self.hidden, self.layer_kwargs = capture_layer_inputs(model, tokens)
-        if first_token not in ("anchor", "fit"):
-            raise PruneNetError(f"Unknown first_token {first_token!r}; choose anchor or fit.")
-        self.first_token = first_token
         self._length = tokens.shape[1]
         scored = "sequential" if score is not None else "plan"
         self.log = SequentialLog(scored, refit, tokens.shape[0], held_sequences, self.intercept)
         self._next = 0
-        what = ", ".join(
-            part
-            for part in ("score" if score else "", f"refit {refit}" if refit != "none" else "")
-            if part
-        )
+        parts = (["score"] if score else []) + ([f"refit {refit}"] if refit != "none" else [])
+        what = ", ".join(parts)
         self._bar = tqdm(total=len(self.layers), desc=f"cut ({what or 'plan'})", unit="layer",
                          leave=False)  # fmt: skip
 
@@ -172,14 +158,10 @@ class SequentialCut:
             dense_bias = ffn_output_bias(layer, self.adapter)
             dense_bias = None if dense_bias is None else dense_bias.clone()
             cut_ffn(layer, self.adapter, keep)
-            fit_rows, held_rows, anchor = fit, held, None
-            if self.first_token == "anchor":
-                fit_rows, held_rows, anchor = self._anchor_split(
-                    fit, held, dense_weight, dense_bias
-                )
-                # A bias moves every token alike: the start token's output cannot be pinned,
-                # but its massive row no longer sets the other tokens' mean.
-                anchor = anchor if self.refit == "lsq" else None
+            fit_rows, held_rows, anchor = self._anchor_split(fit, held, dense_weight, dense_bias)
+            # A bias moves every token alike: the start token's output cannot be pinned, but
+            # its massive row no longer sets the other tokens' mean.
+            anchor = anchor if self.refit == "lsq" else None
             result = refit_output(
                 dense_weight, dense_bias, keep, fit_rows, held_rows, mode=self.refit,
                 intercept=self.intercept, anchor=anchor,
@@ -207,13 +189,29 @@ class SequentialCut:
         in, it sets the ridge's scale and dominates the fit, and the other tokens' outputs are
         reproduced worse than by the plain cut (README, "Refit").
         """
-        first_fit = torch.zeros(fit.shape[0], dtype=torch.bool)
-        first_fit[:: self._length] = True
-        first_held = torch.zeros(held.shape[0], dtype=torch.bool)
-        first_held[:: self._length] = True
         output = fit[0].double() @ weight.double().T
         output = output if bias is None else output + bias.double()
-        return fit[~first_fit], held[~first_held], (fit[0], output)
+        return self._without_start(fit), self._without_start(held), (fit[0], output)
+
+    def _without_start(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` (whole sequences, one row per token) without each sequence's first row."""
+        return rows.reshape(-1, self._length, rows.shape[-1])[:, 1:].reshape(-1, rows.shape[-1])
+
+
+def held_out_sequences(count: int, fraction: float = HELD_OUT_FRACTION) -> int:
+    """How many of `count` self-generated sequences are held out (the last ones): at least
+    one, and at least one left to fit on.
+
+    :param count: sequences written.
+    :param fraction: share held out.
+    """
+    held = max(1, round(count * fraction))
+    if held >= count:
+        raise PruneNetError(
+            f"Sequential analysis and the refit need at least 2 self-generated sequences, "
+            f"got {count}."
+        )
+    return held
 
 
 def analysis_text(model: nn.Module, selfgen: SelfGenConfig = ANALYSIS_SELFGEN) -> torch.Tensor:
