@@ -140,6 +140,7 @@ def apply_plan(
     refit: str = "none",
     selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
     tokens: torch.Tensor | None = None,
+    select: str = "top",
 ) -> tuple[nn.Module, PruneReport]:
     """Cut `model` (or a deep copy, leaving `model` dense) to `plan`, refitting if asked.
 
@@ -164,7 +165,7 @@ def apply_plan(
     params_before = count_parameters(pruned)
     if layer_by_layer:
         # (It may give every FFN projection a zero bias first: not the dense model's size.)
-        cut = SequentialCut(pruned, refit, tokens, plan.layer_score)
+        cut = SequentialCut(pruned, refit, tokens, plan.layer_score, select=select)
     report = prune_model(pruned, plan.scores, plan.layer_keep, target_ratio=ratio, cut=cut)
     report.params_before = params_before
     report.scorer = dict(plan.info)

@@ -38,7 +38,7 @@ from prunenet.core.arch import (
     set_ffn_output,
 )
 from prunenet.core.compress import select_keep_indices
-from prunenet.core.refit import check_refit, refit_output
+from prunenet.core.refit import check_refit, refit_aware_scores, refit_output
 from prunenet.errors import PruneNetError
 
 # Self-generated text for sequential analysis and the refit: 64 x 128 tokens let ridge 0.1
@@ -108,10 +108,12 @@ class SequentialCut:
         tokens: torch.Tensor,
         score: LayerScore | None = None,
         held_out_fraction: float = HELD_OUT_FRACTION,
+        select: str = "top",
     ) -> None:
         self.adapter = adapter_for(model.config)
         self.refit = check_refit(refit)
         self.score = score
+        self.select = check_select(select, refit)
         self.intercept = refit != "none" and can_store_output_bias(model.config)
         if refit == "bias" and not self.intercept:
             raise PruneNetError(
@@ -149,6 +151,10 @@ class SequentialCut:
             scores = self.score(weights, stats, index, len(self.layers))
         if scores is None:
             raise PruneNetError(f"No scores for layer {index} and no scorer to compute them.")
+        if self.select == "refit-aware":
+            scores = refit_aware_scores(
+                self._without_start(fit), weights.output, kept, intercept=self.intercept
+            )
         keep = select_keep_indices(scores, kept)
         entry: dict = {}
         if self.refit == "none":
@@ -196,6 +202,21 @@ class SequentialCut:
     def _without_start(self, rows: torch.Tensor) -> torch.Tensor:
         """`rows` (whole sequences, one row per token) without each sequence's first row."""
         return rows.reshape(-1, self._length, rows.shape[-1])[:, 1:].reshape(-1, rows.shape[-1])
+
+
+SELECTIONS = ("top", "refit-aware")
+
+
+def check_select(select: str, refit: str) -> str:
+    """`select` if it names a row selection (`SELECTIONS`) that works with `refit`."""
+    if select not in SELECTIONS:
+        raise PruneNetError(f"Unknown selection {select!r}; choose one of {', '.join(SELECTIONS)}.")
+    if select == "refit-aware" and refit != "lsq":
+        raise PruneNetError(
+            "--select refit-aware chooses the rows the lsq refit repairs best; use it with "
+            f"--refit lsq (got --refit {refit})."
+        )
+    return select
 
 
 def held_out_sequences(count: int, fraction: float = HELD_OUT_FRACTION) -> int:

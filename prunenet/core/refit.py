@@ -25,6 +25,8 @@ REFITS = ("none", "bias", "lsq")
 # With the start token anchored, SmolLM2's layers chose 0.01 (the old lower end) 14 of 30 times.
 RIDGE_CANDIDATES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 DEFAULT_RIDGE = 0.1
+# Ridge of the selection's H (x mean Gram diagonal): most SmolLM2 layers refit best at 0.01.
+SELECTION_RIDGE = 0.01
 
 
 @dataclass
@@ -207,3 +209,71 @@ def _ridge_solutions(keep, acts, target, intercept, ridges, anchor=None):
 def _affine(acts: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     out = acts @ weight.T
     return out if bias is None else out + bias
+
+
+@torch.no_grad()
+def refit_aware_scores(
+    acts: torch.Tensor,
+    weight: torch.Tensor,
+    kept: int,
+    intercept: bool = True,
+    ridge: float = SELECTION_RIDGE,
+    block: int = 1,
+) -> torch.Tensor:
+    """Row scores for a cut the `lsq` refit follows: the neurons whose loss the refit repairs
+    best go first (greedy Optimal Brain Surgeon on the output projection, as ZipLM/SlimGPT do).
+
+    Removing neuron i and refitting the rest raises the squared output error by
+    ||W[:, i]||^2 / [H^-1]_ii, where H = acts^T acts + ridge: a neuron whose activation the
+    others can reconstruct costs little however large its weights. After each removal the
+    surviving columns take the optimal correction (`W -= W[:, i] H^-1[i, :] / H^-1[i, i]`) and
+    H^-1 is downdated, so the next choice knows what the refit will do.
+
+    :param acts: N x d_ff fitting activations (the start token's rows left out).
+    :param weight: dense neuron-first output weights, d_model x d_ff.
+    :param kept: rows that will be kept; the other d_ff - kept are removed in greedy order.
+    :param intercept: the refit fits a bias (activations centred, as `_ridge_solutions` does).
+    :param ridge: relative ridge (x mean Gram diagonal) of H.
+    :param block: neurons removed per downdate (1 is exact greedy; larger is faster).
+    :return: d_ff scores, higher = keep; the `d_ff - kept` lowest are the greedy removals, in
+        order.
+    """
+    width = acts.shape[1]
+    remove = width - kept
+    x = acts.double()
+    if intercept:
+        x = x - x.mean(dim=0)
+    gram = x.T @ x
+    scale = float(gram.diagonal().mean().clamp_min(1e-12))
+    gram.diagonal().add_(ridge * scale)
+    inverse = torch.linalg.inv(gram)
+    w = weight.double().clone()
+    alive = torch.ones(width, dtype=torch.bool)
+    scores = torch.empty(width, dtype=torch.float64)
+    step = 0
+    while step < remove:
+        diagonal = inverse.diagonal().clamp_min(1e-300)
+        costs = w.pow(2).sum(dim=0) / diagonal
+        costs[~alive] = float("inf")
+        take = min(block, remove - step)
+        chosen = torch.topk(costs, take, largest=False).indices
+        for i in chosen.tolist():
+            pivot = float(inverse[i, i])
+            if pivot > 0:
+                row = inverse[i].clone()
+                w -= torch.outer(w[:, i], row) / pivot
+                inverse -= torch.outer(inverse[:, i], row) / pivot
+            w[:, i] = 0
+            inverse[i, :] = 0
+            inverse[:, i] = 0
+            alive[i] = False
+            scores[i] = step - remove  # removed first = lowest
+            step += 1
+    if remove < width:
+        diagonal = inverse.diagonal().clamp_min(1e-300)
+        survivors = torch.nonzero(alive).squeeze(1)
+        final = w[:, survivors].pow(2).sum(dim=0) / diagonal[survivors]
+        # Kept rows rank above every removal, in order of what removing them would cost.
+        ranks = torch.argsort(torch.argsort(final)).double()
+        scores[survivors] = 1.0 + ranks
+    return scores.float()

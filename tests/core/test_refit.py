@@ -8,7 +8,7 @@ import torch
 from prunenet.analysis.selfgen import SelfGenConfig, generate_own_text
 from prunenet.analysis.sequential import capture_layer_inputs, ffn_activations
 from prunenet.core.arch import adapter_for, decoder_layers, ffn_output_bias, ffn_weights
-from prunenet.core.refit import output_error, refit_output
+from prunenet.core.refit import output_error, refit_aware_scores, refit_output
 from prunenet.errors import PruneNetError
 from tests.conftest import FFN_WIDTH, tiny_model
 
@@ -96,3 +96,37 @@ def test_an_anchored_row_is_reproduced_exactly_and_the_other_rows_fit_better(
     mixed = refit_output(weight, bias, keep, torch.cat([massive.repeat(20, 1), fit]), held,
                          intercept=intercept)  # fmt: skip
     assert anchored.held_error_refit < mixed.held_error_refit
+
+
+def _refit_error(acts: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor) -> float:
+    """Output error on `acts` after an (almost unregularised) lsq refit to rows `keep`."""
+    result = refit_output(weight, None, keep, acts, mode="lsq", intercept=False, ridges=(1e-9,))
+    return output_error(weight, None, keep, acts, result.weight, None)
+
+
+def test_refit_aware_selection_removes_first_the_row_whose_removal_the_refit_repairs_best() -> None:
+    generator = torch.Generator().manual_seed(3)
+    acts = torch.randn(400, 10, generator=generator, dtype=torch.float64)
+    acts[:, 7] = acts[:, 2] + 0.05 * acts[:, 7]  # row 7 is almost a copy of row 2
+    weight = torch.randn(6, 10, generator=generator, dtype=torch.float64)
+    weight[:, 7] *= 4.0  # and the largest: a magnitude rule keeps it
+    scores = refit_aware_scores(acts, weight, kept=9, intercept=False, ridge=1e-9)
+    errors = [_refit_error(acts, weight, torch.tensor([j for j in range(10) if j != i]))
+              for i in range(10)]  # fmt: skip
+    assert int(scores.argmin()) == min(range(10), key=errors.__getitem__)
+    assert int(scores.argmin()) in (2, 7)
+
+
+def test_refit_aware_selection_beats_the_largest_rows_once_the_refit_follows() -> None:
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(600, 6, generator=generator, dtype=torch.float64)
+    mix = torch.randn(6, 16, generator=generator, dtype=torch.float64)
+    acts = base @ mix + 0.1 * torch.randn(600, 16, generator=generator, dtype=torch.float64)
+    weight = torch.randn(5, 16, generator=generator, dtype=torch.float64)
+    magnitude = acts.pow(2).mean(0).sqrt() * weight.norm(dim=0)
+    aware = refit_aware_scores(acts, weight, kept=6, intercept=False, ridge=1e-9)
+    top = magnitude.argsort(descending=True)[:6].sort().values
+    greedy = aware.argsort(descending=True)[:6].sort().values
+    assert _refit_error(acts, weight, greedy) < 0.8 * _refit_error(acts, weight, top)
+    removed = aware.argsort()[:10]
+    assert aware[removed].lt(0).all() and aware[aware.argsort()[10:]].ge(1).all()
