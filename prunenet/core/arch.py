@@ -1,4 +1,4 @@
-"""Architecture adapters: the only place that knows where FFN weights live.
+"""Architecture adapters: the only place that knows where FFN and attention weights live.
 
 Every supported `config.model_type` maps to one `Adapter` row in `ADAPTERS`. An adapter names
 the decoder-layer list, the FFN input projections (whose rows are the FFN neurons), the output
@@ -6,20 +6,89 @@ projection (whose columns are the same neurons), the weight layout, and the conf
 holds the FFN width. Scorers see every FFN through the same `FFNWeights` view (rows = neurons),
 and the compressor cuts every layout through `cut_ffn`, so no other module branches on the
 architecture.
+
+Attention heads are described the same way, by the adapter's `attention` row (`Attention`):
+where q/k/v and the output projection live, how a fused projection orders its rows, and which
+config fields hold the head counts and the head size. `qkv_row_heads` turns that into "which
+head owns each row", and `cut_attention` / `head_weights` work from it for every layout, so
+`prunenet.core.heads` and `prunenet.analysis.head_scores` never branch on the architecture.
+Per-layer values (FFN widths, head counts) are written by one function, `set_layer_values`.
+
+Why this module is long (over 400 lines): it is the one place that knows architectures (the
+design card's rule); the FFN and attention rows, and the few functions that read layouts from
+them, would scatter those facts if split.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
+from transformers.integrations.heterogeneity.configuration_utils import (
+    AmbiguousGlobalPerLayerAttributeError,
+)
 
 from prunenet.errors import PruneNetError
 
 Layout = Literal["linear", "conv1d", "fused_gate_up"]
 BiasSupport = Literal["always", "if_flag", "switchable", "never"]
+QKVLayout = Literal["separate", "fused", "grouped"]
+KVHeads = Literal["field", "all", "falcon"]
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Where one architecture keeps its attention heads.
+
+    Query head h belongs to KV group h // (heads / kv_heads), as transformers' `repeat_kv`
+    expands them; the output projection's inputs are the heads' outputs, head after head
+    (columns h * head_dim ... (h + 1) * head_dim - 1), in every supported layout.
+
+    :param projections: dotted paths from a layer to the q, k and v projections (`separate`),
+        or to the one fused projection (`fused`, `grouped`).
+    :param output: dotted path from a layer to the output projection (o_proj / dense / c_proj).
+    :param module: dotted path from a layer to the attention module, whose cached head counts
+        (`num_key_value_groups`, ...) must follow a cut.
+    :param layout: how the projections order their output rows: `separate` (three modules,
+        head after head), `fused` (one module: all query heads, then all keys, then all values;
+        Phi-3, GPT-2), `grouped` (one module, per KV group: its query heads, its key, its value;
+        GPT-NeoX and Falcon, where multi-head attention is the case of one query per group).
+    :param conv1d: the projections store weights in x out (GPT-2's Conv1D).
+    :param kv_heads: where the KV head count comes from: `field` (`kv_heads_field`), `all`
+        (multi-head attention: one KV head per query head), `falcon` (`num_kv_heads` with
+        `new_decoder_architecture`, else one with `multi_query`, else one per query head).
+    :param heads_field: config field with the number of query heads.
+    :param kv_heads_field: config field with the number of KV heads.
+    :param head_dim_field: config field the modeling code reads the head size from, or None
+        when it always derives it as hidden_size / heads: then a model with fewer heads would
+        be rebuilt with a different head size, so its heads cannot be removed.
+    :param blocked_by: config flags that, when true, make head removal impossible (the reason
+        is in `blocked_reason`).
+    :param blocked_reason: why `blocked_by` or a missing `head_dim_field` blocks removal.
+    :param reads_counts_at_runtime: the attention forward reads the head count from its
+        config (Phi-3), so with per-layer counts each attention module gets its layer's config.
+    """
+
+    projections: tuple[str, ...]
+    output: str
+    module: str
+    layout: QKVLayout = "separate"
+    conv1d: bool = False
+    kv_heads: KVHeads = "field"
+    heads_field: str = "num_attention_heads"
+    kv_heads_field: str = "num_key_value_heads"
+    head_dim_field: str | None = "head_dim"
+    blocked_by: tuple[str, ...] = ()
+    blocked_reason: str = ""
+    reads_counts_at_runtime: bool = False
+
+    @property
+    def removable(self) -> bool:
+        """Whether this layout can lose heads and still reload (subject to `blocked_by`)."""
+        return self.head_dim_field is not None
 
 
 @dataclass(frozen=True)
@@ -44,6 +113,8 @@ class Adapter:
         the input projections), `never` (the modeling code hard-codes no bias: a refit of this
         architecture has no intercept).
     :param bias_flag: the config field behind `if_flag` and `switchable`.
+    :param attention: where the attention heads live (`Attention`); None for an architecture
+        whose heads PruneNet does not know.
     """
 
     layers: str
@@ -55,15 +126,22 @@ class Adapter:
     learned_positions: bool = False
     output_bias: BiasSupport = "never"
     bias_flag: str | None = None
+    attention: Attention | None = None
 
 
 # Aligned by hand so each architecture reads as one row.
 # fmt: off
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GQA_ATTENTION = Attention(_QKV, "self_attn.o_proj", "self_attn")
+_DERIVED = ("its modeling code derives the head size as hidden_size / num_attention_heads, so "
+            "a model with fewer heads would be rebuilt with bigger heads and fail to reload")
 _GATED = Adapter("model.layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
-                 "intermediate_size")
+                 "intermediate_size", attention=_GQA_ATTENTION)
 
 # Llama's `mlp_bias` puts biases on gate, up and down and nowhere else (transformers 5.24);
 # Mistral, Qwen2/3, Gemma 1-3 and Phi-3 hard-code bias=False on their FFN projections.
+# Qwen2, Phi and Phi-3 declare no `head_dim` field but read `getattr(config, "head_dim", ...)`
+# (attention and rotary embedding alike), so an explicit value is honoured and saved.
 ADAPTERS: dict[str, Adapter] = {
     "llama": replace(_GATED, output_bias="switchable", bias_flag="mlp_bias"),
     "mistral": _GATED,
@@ -73,19 +151,42 @@ ADAPTERS: dict[str, Adapter] = {
     "gemma2": _GATED,
     "gemma3_text": _GATED,
     "gemma3": Adapter("model.language_model.layers", ("mlp.gate_proj", "mlp.up_proj"),
-                      "mlp.down_proj", "text_config.intermediate_size"),
+                      "mlp.down_proj", "text_config.intermediate_size",
+                      attention=_GQA_ATTENTION),
     "phi": Adapter("model.layers", ("mlp.fc1",), "mlp.fc2", "intermediate_size",
-                   output_bias="always"),
+                   output_bias="always",
+                   attention=Attention(_QKV, "self_attn.dense", "self_attn",
+                                       blocked_by=("qk_layernorm",),
+                                       blocked_reason="its q/k layer norms are built "
+                                       "hidden_size / num_attention_heads wide")),
     "phi3": Adapter("model.layers", ("mlp.gate_up_proj",), "mlp.down_proj", "intermediate_size",
-                    layout="fused_gate_up"),
+                    layout="fused_gate_up",
+                    attention=Attention(("self_attn.qkv_proj",), "self_attn.o_proj",
+                                        "self_attn", layout="fused",
+                                        reads_counts_at_runtime=True)),
     "opt": Adapter("model.decoder.layers", ("fc1",), "fc2", "ffn_dim", learned_positions=True,
-                   output_bias="if_flag", bias_flag="enable_bias"),
+                   output_bias="if_flag", bias_flag="enable_bias",
+                   attention=Attention(("self_attn.q_proj", "self_attn.k_proj",
+                                        "self_attn.v_proj"), "self_attn.out_proj", "self_attn",
+                                       kv_heads="all", head_dim_field=None,
+                                       blocked_reason=_DERIVED)),
     "gpt2": Adapter("transformer.h", ("mlp.c_fc",), "mlp.c_proj", "n_inner", layout="conv1d",
-                    default_width=4, learned_positions=True, output_bias="always"),
+                    default_width=4, learned_positions=True, output_bias="always",
+                    attention=Attention(("attn.c_attn",), "attn.c_proj", "attn", layout="fused",
+                                        conv1d=True, kv_heads="all", head_dim_field=None,
+                                        blocked_reason=_DERIVED)),
     "gpt_neox": Adapter("gpt_neox.layers", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
-                        "intermediate_size", output_bias="always"),
+                        "intermediate_size", output_bias="always",
+                        attention=Attention(("attention.query_key_value",), "attention.dense",
+                                            "attention", layout="grouped", kv_heads="all",
+                                            head_dim_field=None, blocked_reason=_DERIVED)),
     "falcon": Adapter("transformer.h", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
-                      "ffn_hidden_size", default_width=4, output_bias="if_flag", bias_flag="bias"),
+                      "ffn_hidden_size", default_width=4, output_bias="if_flag", bias_flag="bias",
+                      attention=Attention(("self_attention.query_key_value",),
+                                          "self_attention.dense", "self_attention",
+                                          layout="grouped", kv_heads="falcon",
+                                          kv_heads_field="num_kv_heads", head_dim_field=None,
+                                          blocked_reason=_DERIVED)),
 }
 # fmt: on
 
@@ -184,34 +285,354 @@ def set_ffn_widths(config, widths: list[int]) -> None:
     That keeps the saved config.json standard and self-describing, and makes plain
     `from_pretrained` fail loudly (no layer is silently built at the wrong width); in
     transformers 5.23 the Llama/Qwen2/Gemma3/OPT modules do not yet read per-layer values, so
-    `prunenet.load_pruned` builds those models (see prunenet/loading.py).
+    `prunenet.load_pruned` builds those models (see prunenet/loading.py). Per-layer head counts
+    already in the config are kept (`set_layer_values`).
     """
-    adapter = adapter_for(config)
-    owner, field = _config_owner(config, adapter.width_field)
-    widths = [int(width) for width in widths]
-    if len(widths) != owner.num_hidden_layers:
-        raise PruneNetError(
-            f"Got {len(widths)} FFN widths for a model with {owner.num_hidden_layers} layers."
-        )
-    if getattr(owner, "is_heterogeneous", False):
-        others = set(owner.per_layer_attributes) - {field}
-        if others:
+    field = adapter_for(config).width_field.split(".")[-1]
+    set_layer_values(config, {field: widths})
+
+
+def set_layer_values(config, values: dict[str, list[int]]) -> None:
+    """Record per-layer values of decoder config fields (FFN width, head counts), merged with
+    the per-layer values the config already holds for other fields.
+
+    Each field's global value is its largest per-layer value, and `per_layer_config`
+    (`{layer: {field: value}}`) overrides the layers that differ; equal values leave no
+    override, and a config with no override at all is an ordinary homogeneous config.
+
+    Some configs' own validators (Llama, Gemma 2/3: `hidden_size % num_attention_heads`) read a
+    per-layer field globally, which transformers refuses on a heterogeneous config, so such a
+    config could be neither saved nor reloaded. Only then is the config's
+    `allow_global_per_layer_attribute_access` switched on (and saved with it): the validator
+    then checks the largest value, and plain `from_pretrained` still fails loudly, at the first
+    weight whose size differs from the global one.
+
+    :param config: a supported model's config (a multimodal one's decoder config is written).
+    :param values: field name (in the decoder config) -> one value per decoder layer.
+    :raises PruneNetError: a list of the wrong length, or values the config's validators reject.
+    """
+    owner = decoder_config(config)
+    count = owner.num_hidden_layers
+    for name, layer_values_of_field in values.items():
+        if len(layer_values_of_field) != count:
             raise PruneNetError(
-                f"The config already varies {sorted(others)} per layer; PruneNet only writes "
-                f"per-layer {field!r} and would not merge with other per-layer settings."
+                f"Got {len(layer_values_of_field)} values of {name!r} for a model with {count} "
+                "layers."
             )
-        owner.per_layer_config = None  # drop old width overrides before the global value moves
-    widest = max(widths)
-    setattr(owner, field, widest)
-    if len(set(widths)) == 1:
+    per_layer = {name: [int(v) for v in vals] for name, vals in values.items()}
+    skips: list[list[str]] = [[] for _ in range(count)]
+    if getattr(owner, "is_heterogeneous", False):
+        # The overrides are rewritten below, relative to the new globals: read every layer's
+        # resolved value of the other per-layer fields first, so none is lost.
+        layer_configs = [owner.per_layer_config[i] for i in range(count)]
+        for name in sorted(set(owner.per_layer_attributes) - set(per_layer)):
+            per_layer[name] = [getattr(layer_config, name) for layer_config in layer_configs]
+        skips = [list(getattr(layer_config, "skip", None) or []) for layer_config in layer_configs]
+        owner.per_layer_config = None
+    for name in values:
+        setattr(owner, name, max(per_layer[name]))
+    overrides: dict[int, dict] = {}
+    for name, layer_values_of_field in per_layer.items():
+        global_value = getattr(owner, name)
+        for index, value in enumerate(layer_values_of_field):
+            if value != global_value:
+                overrides.setdefault(index, {})[name] = value
+    for index, skip in enumerate(skips):
+        if skip:
+            overrides.setdefault(index, {})["skip"] = skip
+    owner.__dict__.pop("allow_global_per_layer_attribute_access", None)
+    if overrides:
+        if not isinstance(getattr(type(owner), "per_layer_config", None), property):
+            raise PruneNetError(
+                f"Layers with different {sorted(values)} need a transformers version with "
+                "per-layer configs (`per_layer_config`, as in 5.23); upgrade transformers or "
+                "use the same value for all layers."
+            )
+        owner.per_layer_config = overrides
+    _validate(owner)
+
+
+def decoder_config(config):
+    """The config that describes the decoder layers: the config itself, or a multimodal
+    model's text config (where the adapter's width field lives)."""
+    return _config_owner(config, adapter_for(config).width_field)[0]
+
+
+def _validate(owner) -> None:
+    validate = getattr(owner, "validate", None)
+    if validate is None:
         return
-    if not isinstance(getattr(type(owner), "per_layer_config", None), property):
+    try:
+        try:
+            validate()
+        except AmbiguousGlobalPerLayerAttributeError:
+            owner.allow_global_per_layer_attribute_access = True  # see set_layer_values
+            validate()
+    except (StrictDataclassError, ValueError, TypeError) as error:
         raise PruneNetError(
-            "Layers with different FFN widths need a transformers version with per-layer "
-            "configs (`per_layer_config`, as in 5.23); upgrade transformers or use one ratio "
-            "for all layers."
+            f"transformers' {type(owner).__name__} rejects these per-layer values: {error}"
+        ) from error
+
+
+# ----- attention heads --------------------------------------------------------------------------
+
+
+class HeadShape(NamedTuple):
+    """One layer's attention: query heads, KV heads, and the size of every head.
+
+    :param num_heads: query heads.
+    :param num_kv_heads: key/value heads; query head h uses KV head h // group_size.
+    :param head_dim: the size of one head (rows per head in q, k and v).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class HeadWeights:
+    """One layer's attention weights seen head-first (detached views or copies, not modules).
+
+    :param query: per query head, its head_dim x d_model rows of the query projection.
+    :param key: per KV head, its head_dim x d_model key rows.
+    :param value: per KV head, its head_dim x d_model value rows.
+    :param output: per query head, its d_model x head_dim columns of the output projection.
+    """
+
+    query: list[torch.Tensor]
+    key: list[torch.Tensor]
+    value: list[torch.Tensor]
+    output: list[torch.Tensor]
+
+
+def attention_adapter(config) -> Attention:
+    """The architecture's `Attention` row, or a clear error where PruneNet has none."""
+    adapter = adapter_for(config)
+    if adapter.attention is None:
+        raise PruneNetError(
+            f"PruneNet does not know where {config.model_type} keeps its attention heads; add "
+            "an Attention row to its Adapter in prunenet/core/arch.py."
         )
-    owner.per_layer_config = {i: {field: w} for i, w in enumerate(widths) if w != widest}
+    return adapter.attention
+
+
+def head_shapes(config) -> list[HeadShape]:
+    """Every decoder layer's `HeadShape`, from the global fields or their per-layer overrides.
+
+    :param config: a supported model's config.
+    """
+    attention = attention_adapter(config)
+    owner = decoder_config(config)
+    shapes = []
+    for layer_config in _layer_configs(owner):
+        heads = int(getattr(layer_config, attention.heads_field))
+        head_dim = None
+        if attention.head_dim_field is not None:
+            head_dim = getattr(layer_config, attention.head_dim_field, None)
+        if head_dim is None:  # what the modeling code falls back on
+            head_dim = layer_config.hidden_size // heads
+        shapes.append(HeadShape(heads, _kv_heads(layer_config, attention, heads), int(head_dim)))
+    return shapes
+
+
+def head_removal_blocker(config) -> str | None:
+    """Why this model's attention heads cannot be removed (a sentence), or None if they can.
+
+    :param config: a supported model's config.
+    """
+    attention = attention_adapter(config)
+    if not attention.removable:
+        return f"{config.model_type}: {attention.blocked_reason}"
+    owner = decoder_config(config)
+    active = [flag for flag in attention.blocked_by if getattr(owner, flag, False)]
+    if active:
+        return f"{config.model_type} with {', '.join(active)}: {attention.blocked_reason}"
+    return None
+
+
+def set_head_counts(config, counts: list[tuple[int, int]]) -> None:
+    """Record each layer's (query heads, KV heads) in the config, and the head size explicitly.
+
+    The head size is written first because several architectures derive it from
+    hidden_size / num_attention_heads when the field is unset: with fewer heads the reloaded
+    model would otherwise be built with bigger heads. Equal counts in every layer go in the
+    global fields (plain `from_pretrained` reloads them); different counts are per-layer
+    overrides (`set_layer_values`; `prunenet.load_pruned` reloads them).
+
+    :param config: a supported model's config, describing the layers before the cut.
+    :param counts: per decoder layer, (num_heads, num_kv_heads) after the cut.
+    :raises PruneNetError: for an architecture whose heads cannot be removed, or counts its
+        config rejects.
+    """
+    blocker = head_removal_blocker(config)
+    if blocker is not None:
+        raise PruneNetError(f"Cannot record removed attention heads for {blocker}.")
+    attention = attention_adapter(config)
+    owner = decoder_config(config)
+    head_dims = {shape.head_dim for shape in head_shapes(config)}
+    if len(head_dims) != 1:
+        raise PruneNetError(f"Layers have different head sizes {sorted(head_dims)}.")
+    setattr(owner, attention.head_dim_field, head_dims.pop())
+    values = {attention.heads_field: [int(heads) for heads, _ in counts]}
+    if attention.kv_heads == "field":
+        values[attention.kv_heads_field] = [int(kv) for _, kv in counts]
+    elif any(heads != kv for heads, kv in counts):
+        raise PruneNetError(
+            f"{config.model_type} has one KV head per query head; it cannot keep {counts}."
+        )
+    set_layer_values(config, values)
+
+
+def attention_modules(layer: nn.Module, adapter: Adapter) -> tuple[list[nn.Module], nn.Module]:
+    """One layer's q/k/v (or fused qkv) projection modules and its output projection."""
+    attention = adapter.attention
+    return [_get(layer, path) for path in attention.projections], _get(layer, attention.output)
+
+
+def qkv_row_heads(
+    attention: Attention, shape: HeadShape
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Which head owns each output row of each projection, for every layout.
+
+    :param attention: the architecture's `Attention` row.
+    :param shape: the layer's heads.
+    :return: per projection in `attention.projections`, (role, head): role 0 for query rows,
+        1 for key rows, 2 for value rows; head is the query head index for query rows and the
+        KV head index for key and value rows.
+    """
+    size, group = shape.head_dim, shape.group_size
+
+    def block(role: int, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        owners = heads.repeat_interleave(size)
+        return torch.full_like(owners, role), owners
+
+    # Index math is on the CPU: models are built on the meta device inside from_pretrained.
+    queries = torch.arange(shape.num_heads, device="cpu")
+    kvs = torch.arange(shape.num_kv_heads, device="cpu")
+    if attention.layout == "separate":
+        return [block(0, queries), block(1, kvs), block(2, kvs)]
+    if attention.layout == "fused":
+        blocks = [block(0, queries), block(1, kvs), block(2, kvs)]
+    else:  # grouped: per KV group, its query heads, then its key, then its value
+        blocks = []
+        for kv in range(shape.num_kv_heads):
+            blocks.append(block(0, queries[kv * group : (kv + 1) * group]))
+            blocks += [block(1, kvs[kv : kv + 1]), block(2, kvs[kv : kv + 1])]
+    return [(torch.cat([r for r, _ in blocks]), torch.cat([h for _, h in blocks]))]
+
+
+def head_weights(layer: nn.Module, adapter: Adapter, shape: HeadShape) -> HeadWeights:
+    """Head-first views of one layer's attention weights (`HeadWeights`).
+
+    :param layer: a decoder layer.
+    :param adapter: its adapter (with an `attention` row).
+    :param shape: the layer's heads.
+    """
+    attention = adapter.attention
+    projections, output = attention_modules(layer, adapter)
+    by_role: dict[int, dict[int, torch.Tensor]] = {0: {}, 1: {}, 2: {}}
+    for module, (roles, heads) in zip(projections, qkv_row_heads(attention, shape), strict=True):
+        weight = _rows_first(module.weight.detach(), attention.conv1d)
+        for role, head in torch.unique(torch.stack([roles, heads]), dim=1).T.tolist():
+            rows = ((roles == role) & (heads == head)).nonzero().flatten()
+            by_role[role][head] = weight[rows.to(weight.device)]
+    columns = _rows_first(output.weight.detach(), attention.conv1d)
+    size = shape.head_dim
+    return HeadWeights(
+        query=[by_role[0][h] for h in range(shape.num_heads)],
+        key=[by_role[1][h] for h in range(shape.num_kv_heads)],
+        value=[by_role[2][h] for h in range(shape.num_kv_heads)],
+        output=[columns[:, h * size : (h + 1) * size] for h in range(shape.num_heads)],
+    )
+
+
+def cut_attention(
+    layer: nn.Module,
+    adapter: Adapter,
+    shape: HeadShape,
+    keep_kv: torch.Tensor,
+    keep_query: torch.Tensor,
+) -> HeadShape:
+    """Keep only the KV heads `keep_kv` and query heads `keep_query` of one layer, in place.
+
+    Cuts the query/key/value rows (and their biases) of every projection layout and the output
+    projection's columns, and updates the attention module's cached counts. It does not check
+    the grouping: `prunenet.core.heads.cut_heads` validates and then calls this.
+
+    :param layer: a decoder layer.
+    :param adapter: its adapter.
+    :param shape: the layer's heads before the cut.
+    :param keep_kv: sorted KV head indices to keep.
+    :param keep_query: sorted query head indices to keep (global, 0..num_heads-1).
+    :return: the layer's heads after the cut.
+    """
+    attention = adapter.attention
+    projections, output = attention_modules(layer, adapter)
+    keep_kv, keep_query = keep_kv.cpu().long(), keep_query.cpu().long()
+    neuron_dim = 1 if attention.conv1d else 0
+    for module, (roles, heads) in zip(projections, qkv_row_heads(attention, shape), strict=True):
+        kept = torch.where(roles == 0, torch.isin(heads, keep_query), torch.isin(heads, keep_kv))
+        _cut_neurons(module, kept.nonzero().flatten(), neuron_dim=neuron_dim, bias=True)
+    within = torch.arange(shape.head_dim, device="cpu")
+    columns = (keep_query[:, None] * shape.head_dim + within).flatten()
+    _cut_neurons(output, columns, neuron_dim=1 - neuron_dim, bias=False)
+    after = HeadShape(len(keep_query), len(keep_kv), shape.head_dim)
+    module = _get(layer, attention.module)
+    for name, value in (
+        ("num_key_value_groups", after.group_size),
+        ("num_key_value_heads", after.num_kv_heads),
+        ("num_heads", after.num_heads),
+    ):
+        if isinstance(getattr(module, name, None), int):  # counts the forward reads
+            setattr(module, name, value)
+    return after
+
+
+def bind_layer_configs(model: nn.Module) -> None:
+    """Give each attention module its own layer's config where the forward reads head counts
+    from the config (`Attention.reads_counts_at_runtime`, Phi-3); elsewhere do nothing.
+
+    A heterogeneous config refuses global reads of per-layer fields, and the global value would
+    be wrong for narrower layers anyway; transformers' `per_layer_config[i]` is that layer's
+    resolved config. A homogeneous config is shared again by every module.
+
+    :param model: a model of a supported architecture.
+    """
+    attention = adapter_for(model.config).attention
+    if attention is None or not attention.reads_counts_at_runtime:
+        return
+    owner = decoder_config(model.config)
+    heterogeneous = getattr(owner, "is_heterogeneous", False)
+    for index, layer in enumerate(decoder_layers(model)):
+        module = _get(layer, attention.module)
+        module.config = owner.per_layer_config[index] if heterogeneous else owner
+
+
+def _kv_heads(layer_config, attention: Attention, heads: int) -> int:
+    if attention.kv_heads == "all":
+        return heads
+    if attention.kv_heads == "falcon":
+        if getattr(layer_config, "new_decoder_architecture", False):
+            return int(layer_config.num_kv_heads)
+        return 1 if getattr(layer_config, "multi_query", False) else heads
+    kv = getattr(layer_config, attention.kv_heads_field, None)
+    return heads if kv is None else int(kv)
+
+
+def _layer_configs(owner) -> list:
+    if getattr(owner, "is_heterogeneous", False):
+        return [owner.per_layer_config[i] for i in range(owner.num_hidden_layers)]
+    return [owner] * owner.num_hidden_layers
+
+
+def _rows_first(weight: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    return weight.T if conv1d else weight
 
 
 def ffn_weights(layer: nn.Module, adapter: Adapter) -> FFNWeights:

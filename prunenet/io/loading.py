@@ -1,4 +1,4 @@
-"""Load pruned folders whose layers have different FFN widths.
+"""Load pruned folders whose layers have different FFN widths or attention-head counts.
 
 Why a loader at all. A pruned model with per-layer widths is saved in transformers' own schema
 for heterogeneous models: the width field (`intermediate_size`, `ffn_dim`, ...) holds the widest
@@ -19,10 +19,16 @@ either: only Gemma3n's config accepts a list, the others' strict configs reject 
   architecture adapter (no per-architecture code here), then lets `from_pretrained` load the
   weights: exact logits, with every `from_pretrained` feature (dtype, sharding, tied weights).
 
-Folders whose layers all have the same width contain no `per_layer_config` and reload with plain
-`from_pretrained`; `load_pruned` passes them straight through. Once transformers builds these
-architectures from `per_layer_config` itself, the same folders should load with plain
-`from_pretrained` unchanged.
+Per-layer attention-head counts (`prunenet.core.heads.prune_heads`) are stored the same way
+(`num_attention_heads` / `num_key_value_heads` overrides beside the width overrides), and no
+supported attention module reads them per layer either, so `load_pruned` builds every layer with
+the most KV groups and the most query heads per group of any layer, narrows each layer's heads
+to its recorded counts through the adapter, and loads the weights the same way.
+
+Folders whose layers all have the same width and head counts contain no `per_layer_config` and
+reload with plain `from_pretrained`; `load_pruned` passes them straight through. Once
+transformers builds these architectures from `per_layer_config` itself, the same folders should
+load with plain `from_pretrained` unchanged.
 """
 
 from __future__ import annotations
@@ -38,12 +44,15 @@ from prunenet.core.arch import (
     ADAPTERS,
     adapter_for,
     cut_ffn,
+    decoder_config,
     decoder_layers,
     ffn_modules,
     ffn_weights,
     ffn_widths,
+    head_shapes,
     set_ffn_widths,
 )
+from prunenet.core.heads import narrow_heads
 from prunenet.errors import PruneNetError
 
 # Arguments that only matter when reading config.json (the rest go to the model).
@@ -70,34 +79,35 @@ def load_pruned(
     :param from_pretrained_kwargs: passed to `from_pretrained` (`dtype=`, `device_map=`, ...).
         `config`, `output_loading_info` and `ignore_mismatched_sizes` are refused for
         non-uniform folders: the loader sets the config itself and never re-initialises weights.
-    :return: the model, with a config whose per-layer widths match its modules (saving it again
-        writes the same config).
+    :return: the model, with a config whose per-layer widths and head counts match its modules
+        (saving it again writes the same config).
     """
     config_kwargs = {
         k: from_pretrained_kwargs[k] for k in _CONFIG_ARGUMENTS if k in from_pretrained_kwargs
     }
     config = AutoConfig.from_pretrained(str(path), **config_kwargs)
-    widths = _recorded_widths(config)
-    if widths is None or len(set(widths)) == 1:
+    recorded = _recorded_structure(config)
+    if recorded is None:
         return model_class.from_pretrained(str(path), **from_pretrained_kwargs)
+    widths, head_counts = recorded
     reserved = sorted(set(_RESERVED_ARGUMENTS) & set(from_pretrained_kwargs))
     if reserved:
         raise PruneNetError(
             f"load_pruned sets {', '.join(reserved)} itself for models whose layers have "
-            "different FFN widths; drop those arguments."
+            "different FFN widths or head counts; drop those arguments."
         )
     base_class = _concrete_class(model_class, config)
-    set_ffn_widths(config, [max(widths)] * len(widths))  # a config every module understands
-    model, info = _narrowing_subclass(base_class, widths).from_pretrained(
+    _make_homogeneous(config, widths, head_counts)  # a config every module understands
+    model, info = _narrowing_subclass(base_class, widths, head_counts).from_pretrained(
         str(path), config=config, output_loading_info=True, **from_pretrained_kwargs
     )
     model.__class__ = base_class  # the subclass only existed to narrow layers at construction
     problems = {key: info.get(key) for key in ("missing_keys", "mismatched_keys") if info.get(key)}
     if problems:
         raise PruneNetError(
-            f"{path} does not match the per-layer FFN widths in its config.json ({problems}); "
-            "the weights would be partly re-initialised, so the model is not returned. Re-save "
-            "the pruned model with prunenet."
+            f"{path} does not match the per-layer FFN widths or head counts in its config.json "
+            f"({problems}); the weights would be partly re-initialised, so the model is not "
+            "returned. Re-save the pruned model with prunenet."
         )
     return model
 
@@ -123,11 +133,41 @@ def narrow_to_widths(model: PreTrainedModel, widths: list[int]) -> None:
     set_ffn_widths(model.config, widths)
 
 
-def _recorded_widths(config) -> list[int] | None:
-    """Per-layer widths for a supported architecture, None for any other model."""
+def _recorded_structure(config) -> tuple[list[int], list[tuple[int, int]] | None] | None:
+    """Per-layer FFN widths and, where they differ between layers, (query heads, KV heads);
+    None for a folder plain `from_pretrained` loads (another architecture, or no per-layer
+    differences)."""
     if getattr(config, "model_type", None) not in ADAPTERS:
         return None
-    return ffn_widths(config)
+    widths = ffn_widths(config)
+    head_counts = [(shape.num_heads, shape.num_kv_heads) for shape in head_shapes(config)]
+    if len(set(head_counts)) == 1:
+        head_counts = None
+    if len(set(widths)) == 1 and head_counts is None:
+        return None
+    return widths, head_counts
+
+
+def _make_homogeneous(config, widths: list[int], head_counts: list[tuple[int, int]] | None):
+    """Turn `config` into one every layer can be narrowed from: the widest FFN, and as many KV
+    groups and query heads per group as any layer has.
+
+    The head fields are set directly, not through `arch.set_head_counts`: this config only
+    builds the model, and its query-head count (most groups x largest group) may be one the
+    architecture's validator would not accept for a saved model.
+    """
+    owner = decoder_config(config)
+    owner.per_layer_config = None  # every override is replaced by the widest value below
+    owner.__dict__.pop("allow_global_per_layer_attribute_access", None)
+    set_ffn_widths(config, [max(widths)] * len(widths))
+    if head_counts is None:
+        return
+    attention = adapter_for(config).attention
+    kv_heads = max(kv for _, kv in head_counts)
+    per_group = max(heads // kv for heads, kv in head_counts)
+    setattr(owner, attention.heads_field, kv_heads * per_group)
+    if attention.kv_heads == "field":
+        setattr(owner, attention.kv_heads_field, kv_heads)
 
 
 def _concrete_class(model_class: type, config) -> type:
@@ -142,8 +182,11 @@ def _concrete_class(model_class: type, config) -> type:
     return _get_model_class(config, mapping)
 
 
-def _narrowing_subclass(base_class: type, widths: list[int]) -> type:
-    """`base_class` whose constructor narrows each layer's FFN before any weight is loaded.
+def _narrowing_subclass(
+    base_class: type, widths: list[int], head_counts: list[tuple[int, int]] | None
+) -> type:
+    """`base_class` whose constructor narrows each layer's FFN (and attention heads, when
+    `head_counts` is given) before any weight is loaded.
 
     Subclassing (rather than loading into a full-width model and cutting afterwards) lets
     `from_pretrained` see the final shapes, so its own checks, dtype handling, sharded loading
@@ -154,6 +197,8 @@ def _narrowing_subclass(base_class: type, widths: list[int]) -> type:
     def __init__(self, config, *args, **kwargs) -> None:
         base_class.__init__(self, config, *args, **kwargs)
         narrow_to_widths(self, widths)
+        if head_counts is not None:
+            narrow_heads(self, head_counts)
 
     return type(
         base_class.__name__,

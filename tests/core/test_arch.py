@@ -12,6 +12,7 @@ from prunenet.core.arch import (
     ADAPTERS,
     Adapter,
     adapter_for,
+    attention_modules,
     can_store_output_bias,
     cut_ffn,
     decoder_layers,
@@ -19,7 +20,11 @@ from prunenet.core.arch import (
     ffn_modules,
     ffn_weights,
     ffn_width,
+    ffn_widths,
+    head_shapes,
     set_ffn_width,
+    set_ffn_widths,
+    set_head_counts,
     supported_model_types,
 )
 from prunenet.errors import PruneNetError
@@ -221,3 +226,57 @@ def test_switching_llama_output_biases_on_keeps_logits_and_reloads_with_them(
 def test_switching_output_biases_on_is_refused_where_none_can_be_stored() -> None:
     with pytest.raises(PruneNetError, match="cannot store an FFN output bias"):
         enable_output_biases(tiny_model("qwen2"))
+
+
+# ----- attention rows and per-layer values ------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ALL_MODEL_TYPES)
+def test_every_adapter_knows_its_attention_heads_and_they_match_the_modules(
+    model_type: str,
+) -> None:
+    model = tiny_model(model_type)
+    adapter = adapter_for(model.config)
+    assert adapter.attention is not None
+    for layer, shape in zip(decoder_layers(model), head_shapes(model.config), strict=True):
+        projections, output = attention_modules(layer, adapter)
+        out_dim = 1 if adapter.attention.conv1d else 0  # Conv1D stores in x out
+        rows = sum(m.weight.shape[out_dim] for m in projections)
+        assert rows == (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
+        assert output.weight.numel() == shape.num_heads * shape.head_dim * HIDDEN_SIZE
+
+
+def test_set_ffn_widths_keeps_per_layer_head_counts() -> None:
+    config = tiny_config("mistral", num_attention_heads=4, num_key_value_heads=2)
+    set_head_counts(config, [(4, 2), (2, 1)])
+    set_ffn_widths(config, [20, 12])
+    assert [(s.num_heads, s.num_kv_heads) for s in head_shapes(config)] == [(4, 2), (2, 1)]
+    assert ffn_widths(config) == [20, 12]
+    set_ffn_widths(config, [9, 9])  # uniform widths: only the head overrides remain
+    assert config.per_layer_config[1].num_attention_heads == 2
+    assert set(config.per_layer_attributes) == {"num_attention_heads", "num_key_value_heads"}
+
+
+def test_set_head_counts_keeps_per_layer_ffn_widths_and_uniform_counts_leave_no_override() -> None:
+    config = tiny_config("qwen2", num_attention_heads=4, num_key_value_heads=2)
+    set_ffn_widths(config, [20, 12])
+    set_head_counts(config, [(2, 2), (2, 2)])
+    assert ffn_widths(config) == [20, 12]
+    assert set(config.per_layer_attributes) == {"intermediate_size"}
+    assert (config.num_attention_heads, config.head_dim) == (2, 4)
+    assert head_shapes(config)[1].head_dim == 4  # explicit, not 16 / 2
+
+
+@pytest.mark.parametrize(
+    ("model_type", "needs_global_access"), [("llama", True), ("mistral", False)]
+)
+def test_global_access_is_switched_on_only_where_the_config_validator_needs_it(
+    model_type: str, needs_global_access: bool
+) -> None:
+    """Llama's validator reads num_attention_heads globally; Mistral's does not."""
+    config = tiny_config(model_type, num_attention_heads=4, num_key_value_heads=2)
+    set_head_counts(config, [(4, 2), (2, 1)])
+    assert config.allow_global_per_layer_attribute_access is needs_global_access
+    set_head_counts(config, [(2, 1), (2, 1)])  # homogeneous again: the switch goes too
+    assert config.allow_global_per_layer_attribute_access is False
+    assert "allow_global_per_layer_attribute_access" not in config.to_dict()

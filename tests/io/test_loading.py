@@ -1,4 +1,5 @@
-"""Pruned models whose layers have different FFN widths: saved, reloaded, identical logits.
+"""Pruned models whose layers have different FFN widths or attention-head counts: saved,
+reloaded, identical logits.
 
 transformers 5.23 stores per-layer widths (`per_layer_config`) but the supported architectures'
 MLPs read one global width, so these folders reload through `prunenet.load_pruned`
@@ -16,13 +17,15 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from prunenet import load_pruned
-from prunenet.core.arch import ffn_width, ffn_widths
+from prunenet.core.arch import ffn_width, ffn_widths, head_shapes
 from prunenet.core.compress import prune_model
+from prunenet.core.heads import HeadKeep, prune_heads
 from prunenet.core.ratios import uniform_keep
 from prunenet.errors import PruneNetError
 from prunenet.io.models import load_model
 from prunenet.io.saving import save_pruned
 from tests.conftest import ALL_MODEL_TYPES, logits_of, tiny_model, tiny_tokenizer
+from tests.core.test_heads import REMOVABLE, gqa_model
 
 NAMED_IN_THE_ISSUE = ["llama", "qwen2", "gemma3_text", "opt"]
 
@@ -145,3 +148,64 @@ def test_load_pruned_honours_dtype(tmp_path):
     model = load_pruned(tmp_path / "out", dtype=torch.bfloat16)
     assert next(model.parameters()).dtype == torch.bfloat16
     assert ffn_widths(model.config) == report.ffn_widths_after
+
+
+# ----- per-layer attention-head counts (prunenet.core.heads), alone and with FFN widths --------
+
+
+def heads_unevenly(model_type: str, ffn: str | None = None):
+    """A tiny 4-head / 2-KV-group model whose layer 1 loses KV group 0 (and its query heads);
+    `ffn` = "before" / "after" also cuts the FFNs unevenly before / after the heads."""
+    model = gqa_model(model_type)
+    width = ffn_width(model.config)
+    generator = torch.Generator().manual_seed(7)
+    scores = [torch.rand(width, generator=generator) for _ in range(2)]
+    if ffn == "before":
+        prune_model(model, scores, [width - 3, width - 7])
+    prune_heads(model, [None, HeadKeep(torch.tensor([1]), torch.tensor([2, 3]))])
+    if ffn == "after":
+        prune_model(model, scores, [width - 3, width - 7])
+    return model
+
+
+@pytest.mark.parametrize("model_type", REMOVABLE)
+@pytest.mark.parametrize(
+    "ffn", [None, "before", "after"], ids=["heads", "ffn-then-heads", "heads-then-ffn"]
+)
+def test_per_layer_head_counts_reload_with_identical_logits(model_type, ffn, tmp_path):
+    pruned = heads_unevenly(model_type, ffn)
+    pruned.save_pretrained(tmp_path / "out")
+    reloaded = load_pruned(tmp_path / "out")
+    assert [(s.num_heads, s.num_kv_heads) for s in head_shapes(reloaded.config)] == [(4, 2), (2, 1)]
+    assert ffn_widths(reloaded.config) == ffn_widths(pruned.config)
+    assert type(reloaded) is type(pruned)
+    assert torch.equal(logits_of(reloaded), logits_of(pruned))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "phi3", "gemma3"])
+def test_plain_from_pretrained_refuses_per_layer_head_counts_loudly(model_type, tmp_path):
+    heads_unevenly(model_type).save_pretrained(tmp_path / "out")
+    # 5.24: AmbiguousGlobalPerLayerAttributeError, or (configs saved with global access, see
+    # arch.set_layer_values) a size mismatch at the first narrower weight; never a silent load.
+    with pytest.raises(RuntimeError, match="per-layer attribute|mismatch"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_head_overrides_sit_beside_width_overrides_in_config_json(tmp_path):
+    heads_unevenly("qwen2", ffn="before").save_pretrained(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
+    assert config["head_dim"] == 4  # explicit: Qwen2 would derive 16 / 2 = 8 for layer 1
+    assert config["per_layer_config"]["1"] == {
+        "intermediate_size": config["intermediate_size"] - 4,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
+
+
+def test_a_reloaded_per_layer_head_model_saves_the_same_config(tmp_path):
+    heads_unevenly("llama", ffn="after").save_pretrained(tmp_path / "out")
+    load_pruned(tmp_path / "out").save_pretrained(tmp_path / "again")
+    first = json.loads((tmp_path / "out" / "config.json").read_text())
+    second = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert second == first
