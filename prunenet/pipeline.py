@@ -8,7 +8,10 @@ measures exactly what the command ships. The stages it strings together:
    ranking (computed once and reused for every ratio, unless the scorer observes the ratio, as
    a policy does) with a uniform or self-generated ("auto") per-layer allocation;
 2. `apply_plan` cuts a model (or a copy) to that plan (`prunenet.core.compress.prune_model`);
-3. `prune_and_save` does both for a list of ratios and saves each result atomically.
+3. `prune_and_save` does both for a list of ratios and saves each result atomically;
+   `prune_budgets_and_save` does the same for parameter budgets split between FFN rows, heads
+   and layers (`prunenet.allocation.structures`): heads and layers are cut first, then the FFN
+   rows through the same plan and cut.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO, keep_counts
 from prunenet.allocation.sensitivity import ALLOCATIONS, auto_allocation
+from prunenet.allocation.structures import StructureSplit, split_budget
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import (
     ANALYSIS_SELFGEN,
@@ -32,8 +36,10 @@ from prunenet.analysis.sequential import (
     SequentialCut,
     analysis_text,
 )
-from prunenet.core.arch import ffn_widths
+from prunenet.core.arch import ffn_widths, head_shapes
 from prunenet.core.compress import PruneReport, count_parameters, prune_model
+from prunenet.core.depth import drop_layers
+from prunenet.core.heads import prune_heads, select_heads
 from prunenet.core.ratios import uniform_keep
 from prunenet.core.refit import check_refit
 from prunenet.errors import PruneNetError
@@ -209,6 +215,101 @@ def prune_and_save(
             tokens = analysis_text(model, selfgen)
         last = index == len(ratios) - 1
         pruned, report = apply_plan(model, plan, ratio, last, refit, selfgen, tokens)
+        save_pruned(pruned, tokenizer, folder, report, overwrite=overwrite)
+        report.seconds = time.perf_counter() - start
+        reports.append(report)
+    return reports
+
+
+def cut_structures(model: nn.Module, split: StructureSplit) -> None:
+    """Cut `split`'s heads and layers from `model` in place (its FFN rows are left to a plan).
+
+    Heads go first, chosen by the scores the split was measured with, in every layer (dense
+    indices); then the layers are dropped.
+
+    :param model: the dense model `split` was computed on.
+    :param split: from `prunenet.allocation.structures.split_budget`.
+    """
+    if split.query_heads or split.kv_groups:
+        keep = [
+            select_heads(scores, shape, shape.num_kv_heads - split.kv_groups,
+                         shape.group_size - split.query_heads)
+            for scores, shape in zip(split.head_scores, head_shapes(model.config), strict=True)
+        ]  # fmt: skip
+        prune_heads(model, keep)
+    if split.layers:
+        drop_layers(model, split.layers)
+
+
+def apply_budget(
+    model: nn.Module,
+    planner: Planner,
+    target: float,
+    structures: Sequence[str],
+    tokens: torch.Tensor,
+    in_place: bool = False,
+    refit: str = "none",
+) -> tuple[nn.Module, PruneReport]:
+    """Remove `target` of all parameters from `model` (or a copy), split between `structures`.
+
+    :param model: the dense model.
+    :param planner: decides the FFN cut of the model once its heads and layers are gone.
+    :param target: fraction of all parameters to remove.
+    :param structures: a subset of `prunenet.allocation.structures.STRUCTURES`.
+    :param tokens: the dense model's own text (`analysis_text`): the split's KL and scores, the
+        sequential FFN analysis and the refit all use it.
+    :param in_place: cut `model` itself.
+    :param refit: the FFN refit (`apply_plan`).
+    :return: the pruned model and its report (`structures` holds the split).
+    """
+    params_before = count_parameters(model)
+    split = split_budget(model, target, structures, tokens, refit_biases=refit != "none")
+    pruned = model if in_place else copy.deepcopy(model)
+    cut_structures(pruned, split)
+    widths = ffn_widths(pruned.config)
+    if split.ffn_rows:
+        ratio = split.ffn_rows / min(widths)
+        plan = planner(pruned, ratio)
+        pruned, report = apply_plan(pruned, plan, ratio, True, refit, tokens=tokens)
+    else:  # heads and layers only: the FFNs stay as they are, so nothing to score or refit
+        report = PruneReport(pruned.config.model_type, len(widths), max(widths), widths,
+                             params_before, count_parameters(pruned), 0.0)  # fmt: skip
+    report.params_before = params_before
+    report.structures = split.to_dict()
+    return pruned, report
+
+
+def prune_budgets_and_save(
+    model: nn.Module,
+    tokenizer,
+    planner: Planner,
+    targets: Sequence[float],
+    structures: Sequence[str],
+    folders: Sequence[str | Path],
+    overwrite: bool = False,
+    refit: str = "none",
+    selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
+) -> list[PruneReport]:
+    """`prune_and_save` for parameter budgets: one folder per budget.
+
+    :param model: the dense model; cut in place at the last budget.
+    :param tokenizer: saved beside each model.
+    :param planner: decides each FFN cut.
+    :param targets: fractions of all parameters to remove.
+    :param structures: what may be removed (`prunenet.allocation.structures.parse_structures`).
+    :param folders: output folders, as many as `targets`.
+    :param overwrite: replace existing folders.
+    :param refit: the FFN refit.
+    :param selfgen: the self-generated text (written once, used by every budget).
+    """
+    if len(targets) != len(folders):
+        raise PruneNetError(f"Got {len(targets)} budgets for {len(folders)} output folders.")
+    tokens = analysis_text(model, selfgen)
+    reports = []
+    for index, (target, folder) in enumerate(zip(targets, folders, strict=True)):
+        start = time.perf_counter()
+        last = index == len(targets) - 1
+        pruned, report = apply_budget(model, planner, target, structures, tokens, last, refit)
         save_pruned(pruned, tokenizer, folder, report, overwrite=overwrite)
         report.seconds = time.perf_counter() - start
         reports.append(report)

@@ -1,4 +1,9 @@
-"""`prunenet prune`: score once, prune at one or several ratios, save reloadable folders."""
+"""`prunenet prune`: score once, prune at one or several ratios (or parameter budgets), save
+reloadable folders.
+
+Why this module is long (over 400 lines): the options' help texts, the refusals that must run
+before the model is read, and the in-memory and streaming runs are one command's job.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch
 
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO
 from prunenet.allocation.sensitivity import ALLOCATIONS, SENSITIVITY_RATIOS
+from prunenet.allocation.structures import STRUCTURES, check_budget, parse_structures
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN
 from prunenet.commands.options import positive_int
@@ -24,7 +30,13 @@ from prunenet.errors import PruneNetError
 from prunenet.io.models import ALIASES, load_model, resolve_model_path
 from prunenet.io.saving import check_free_space, hold_output
 from prunenet.io.stream.checkpoint import load_config
-from prunenet.pipeline import ANALYSES, check_analysis, prune_and_save, scorer_planner
+from prunenet.pipeline import (
+    ANALYSES,
+    check_analysis,
+    prune_and_save,
+    prune_budgets_and_save,
+    scorer_planner,
+)
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import SCORERS, make_scorer
 from prunenet.stream import require_weights_only, should_stream, stream_prune
@@ -42,12 +54,26 @@ def register(subparsers) -> None:
         ),
     )
     parser.add_argument("--model", required=True, help="local folder, hub id, or alias")
-    parser.add_argument(
+    amount = parser.add_mutually_exclusive_group(required=True)
+    amount.add_argument(
         "--ratio",
-        required=True,
         type=parse_ratios,
-        help="fraction of FFN rows removed, in (0, 1); a comma list (0.1,0.2,0.3) scores once "
-        "and writes one folder per ratio under --out",
+        help="fraction of FFN rows removed from every layer, in (0, 1); a comma list "
+        "(0.1,0.2,0.3) scores once and writes one folder per ratio under --out",
+    )
+    amount.add_argument(
+        "--remove-params",
+        type=parse_ratios,
+        help="fraction of ALL parameters to remove, in (0, 1), split between --structures by "
+        "greedy KL per parameter on self-generated text; a comma list writes one folder per "
+        "budget (params-0.20, ...). Needs the model in memory",
+    )
+    parser.add_argument(
+        "--structures",
+        default=None,
+        help=f"with --remove-params: what may be removed, a comma list of "
+        f"{', '.join(STRUCTURES)} (default ffn). heads: query heads from every KV group or "
+        "whole KV groups, the same in every layer; layers: whole decoder layers",
     )
     parser.add_argument(
         "--scorer",
@@ -140,16 +166,17 @@ def parse_ratios(text: str) -> list[float]:
     return ratios
 
 
-def output_folders(out: str, ratios: list[float]) -> list[Path]:
-    """One folder for one ratio; `out/ratio-0.30` style subfolders for a list."""
+def output_folders(out: str, ratios: list[float], prefix: str = "ratio") -> list[Path]:
+    """One folder for one ratio; `out/ratio-0.30` style subfolders for a list (`params-0.20`
+    for parameter budgets)."""
     if len(ratios) == 1:
         return [Path(out)]
-    return [Path(out) / _folder_name(r) for r in ratios]
+    return [Path(out) / _folder_name(r, prefix) for r in ratios]
 
 
-def _folder_name(ratio: float) -> str:
+def _folder_name(ratio: float, prefix: str = "ratio") -> str:
     # Two decimals read best (ratio-0.30), but finer ratios keep all digits so they stay distinct.
-    return f"ratio-{ratio:.2f}" if float(f"{ratio:.2f}") == ratio else f"ratio-{ratio!r}"
+    return f"{prefix}-{ratio:.2f}" if float(f"{ratio:.2f}") == ratio else f"{prefix}-{ratio!r}"
 
 
 def parse_max_layer_ratio(text: str) -> float:
@@ -168,7 +195,11 @@ def parse_max_layer_ratio(text: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    folders = output_folders(args.out, args.ratio)
+    check_amount(args)
+    if args.remove_params is not None:
+        folders = output_folders(args.out, args.remove_params, prefix="params")
+    else:
+        folders = output_folders(args.out, args.ratio)
     device = resolve_device(args.device)
     scorer = build_scorer(args)  # a bad --policy fails here, before the model is read
     if args.analysis is not None:
@@ -193,6 +224,31 @@ def run(args: argparse.Namespace) -> int:
         return _run_in_memory(args, scorer, folders, device)
 
 
+def check_amount(args: argparse.Namespace) -> None:
+    """Refuse combinations of --ratio / --remove-params / --structures that cannot work, before
+    any model is read; `args.structures` becomes a tuple."""
+    if args.remove_params is None:
+        if args.structures not in (None, "ffn"):
+            raise PruneNetError(
+                f"--structures {args.structures} needs --remove-params: --ratio is a fraction of "
+                "FFN rows and removes nothing else. Use --remove-params F --structures "
+                f"{args.structures}."
+            )
+        args.structures = ("ffn",)
+        return
+    args.structures = parse_structures(args.structures or "ffn")
+    if args.stream:
+        raise PruneNetError(
+            "--remove-params measures KL on self-generated text, which needs the model in "
+            "memory; drop --stream, or use --ratio with --stream."
+        )
+    if args.allocation != "uniform":
+        raise PruneNetError(
+            "--remove-params removes the same FFN rows from every layer; --allocation auto "
+            "works with --ratio only."
+        )
+
+
 def resolve_defaults(args: argparse.Namespace, scorer: Scorer) -> argparse.Namespace:
     """In memory, the defaults are the measured best path: sequential analysis for scorers
     that read activations (oneshot for weights-only ones) and the lsq refit (README,
@@ -210,9 +266,17 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
     load_seconds = time.perf_counter() - start
     # Everything that can be refused is refused now, before the (slow) scoring.
     width = ffn_width(model.config)
-    for ratio in args.ratio:
-        warn_if_nothing_removed(width, ratio)
-    check_free_space(folders[0], sum(estimated_output_bytes(model, ratio) for ratio in args.ratio))
+    if args.remove_params is not None:
+        parse_structures(",".join(args.structures), model.config)  # heads this model can lose
+        for target in args.remove_params:
+            check_budget(model, target, args.structures)
+        dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        sizes = [int((1 - target) * dense_bytes) for target in args.remove_params]
+    else:
+        for ratio in args.ratio:
+            warn_if_nothing_removed(width, ratio)
+        sizes = [estimated_output_bytes(model, ratio) for ratio in args.ratio]
+    check_free_space(folders[0], sum(sizes))
     if args.refit == "bias" and not can_store_output_bias(model.config):
         raise PruneNetError(
             f"--refit bias adds an FFN output bias, which {model.config.model_type} models "
@@ -229,6 +293,17 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
     selfgen = SelfGenConfig(
         sequences=args.selfgen_sequences, length=ANALYSIS_SELFGEN.length, seed=args.seed
     )
+    if args.remove_params is not None:
+        reports = prune_budgets_and_save(
+            model, tokenizer, planner, args.remove_params, args.structures, folders,
+            args.overwrite, args.refit, selfgen,
+        )  # fmt: skip
+        rows = [
+            budget_row(target, report, folder)
+            for target, report, folder in zip(args.remove_params, reports, folders, strict=True)
+        ]
+        print(format_table(BUDGET_HEADERS, rows))
+        return 0
     reports = prune_and_save(
         model, tokenizer, planner, args.ratio, folders, args.overwrite, args.refit, selfgen
     )
@@ -282,10 +357,33 @@ def summary_row(ratio: float, report: PruneReport, folder: Path) -> list:
     ]
 
 
+BUDGET_HEADERS = ["params target", "layers dropped", "heads removed", "FFN rows removed",
+                  "params", "params after", "params removed", "seconds", "saved to"]  # fmt: skip
+
+
+def budget_row(target: float, report: PruneReport, folder: Path) -> list:
+    """One line of the --remove-params summary: where the parameters came from."""
+    split = report.structures
+    heads = f"{split['query_heads']} per group, {split['kv_groups']} KV groups"
+    return [
+        target,
+        ",".join(map(str, split["layers"])) or "-",
+        heads if split["query_heads"] or split["kv_groups"] else "-",
+        f"{100 * report.ffn_ratio:.1f}%",
+        report.params_before,
+        report.params_after,
+        f"{100 * report.params_removed_fraction:.1f}%",
+        f"{report.seconds:.2f}",
+        str(folder),
+    ]
+
+
 def _use_stream(args: argparse.Namespace, scorer: Scorer) -> bool:
     """--stream, or automatically for a local checkpoint too large to load comfortably."""
     if args.stream:
         return True
+    if args.remove_params is not None:
+        return False  # the budget's KL needs the model in memory (refused with --stream)
     path = resolve_model_path(args.model)
     if not (Path(path) / "config.json").is_file():
         return False  # a hub id: transformers downloads it; streaming needs local files

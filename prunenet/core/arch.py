@@ -700,6 +700,21 @@ def enable_output_biases(model: nn.Module) -> None:
     setattr(model.config, adapter.bias_flag, True)
 
 
+def added_bias_parameters(model: nn.Module) -> tuple[int, int]:
+    """Parameters `enable_output_biases` would add: (per kept FFN row, per layer); (0, 0)
+    where the biases exist already or no switch is needed. Budgets count them.
+
+    :param model: the model about to be refitted with an intercept.
+    """
+    adapter = adapter_for(model.config)
+    if adapter.output_bias != "switchable" or getattr(model.config, adapter.bias_flag, False):
+        return 0, 0
+    if not can_store_output_bias(model.config):
+        return 0, 0
+    inputs, output = ffn_modules(decoder_layers(model)[0], adapter)
+    return len(inputs), output.out_features
+
+
 def ffn_output_bias(layer: nn.Module, adapter: Adapter) -> torch.Tensor | None:
     """The FFN output projection's bias (d_model), or None when it has none."""
     bias = getattr(_get(layer, adapter.output), "bias", None)

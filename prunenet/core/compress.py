@@ -38,6 +38,8 @@ class PruneReport:
     target_ratio: float
     seconds: float = 0.0
     scorer: dict = field(default_factory=dict)
+    # Heads and layers removed beside FFN rows (`prunenet.allocation.structures`), if any.
+    structures: dict = field(default_factory=dict)
 
     @property
     def ffn_ratio(self) -> float:

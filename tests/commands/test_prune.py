@@ -510,3 +510,62 @@ def test_stream_defaults_to_the_plain_one_shot_cut(tiny_model_folder: Path, tmp_
     assert _prune(tiny_model_folder, out, "0.3", "--stream") == 0
     report = json.loads((out / REPORT_FILE).read_text())
     assert "sequential" not in report["scorer"]
+
+
+# ----- --remove-params --------------------------------------------------------------------------
+
+
+def _budget(model: Path | str, out: Path, *extra: str) -> int:
+    argv = ["prune", "--model", str(model), "--scorer", "magnitude", "--out", str(out)]
+    try:
+        return main([*argv, *extra])
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def test_remove_params_writes_a_reloadable_folder_that_says_where_the_parameters_went(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    code = _budget(tiny_model_folder, out, "--remove-params", "0.2", "--structures",
+                   "ffn,layers", "--selfgen-sequences", "4")  # fmt: skip
+    assert code == 0
+    report = json.loads((out / REPORT_FILE).read_text())
+    split = report["structures"]
+    assert split["target"] == 0.2 and split["removed_fraction"] >= 0.2
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    dense = tiny_model("llama")
+    # The refit's new biases are counted in the split: the arithmetic is exact.
+    assert reloaded.config.mlp_bias is True
+    assert reloaded.num_parameters() == dense.num_parameters() - split["params_removed"]
+    assert "params target" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--ratio", "0.3", "--remove-params", "0.2"), "not allowed with"),
+        (("--ratio", "0.3", "--structures", "heads"), "needs --remove-params"),
+        (("--remove-params", "0.2", "--stream"), "needs the model in memory"),
+        (("--remove-params", "0.2", "--allocation", "auto"), "--ratio only"),
+        (("--remove-params", "0.2", "--structures", "ffn,experts"), "Unknown structure"),
+        (("--remove-params", "0.97", "--structures", "layers"), "can remove at most"),
+    ],
+)
+def test_bad_budget_requests_exit_2_with_a_message(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture, extra, message
+) -> None:
+    assert _budget(tiny_model_folder, tmp_path / "out", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_heads_of_an_architecture_that_cannot_lose_them_exit_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    code = _budget(folder, tmp_path / "out", "--remove-params", "0.2", "--structures", "heads")
+    assert code == 2
+    assert "gpt2 heads cannot be removed" in capsys.readouterr().err
