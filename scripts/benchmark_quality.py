@@ -66,7 +66,14 @@ from prunenet.evaluation.zero_shot import (
     zero_shot_average,
 )
 from prunenet.io.models import load_model
-from prunenet.pipeline import Planner, PrunePlan, apply_plan, needs_text, scorer_planner
+from prunenet.pipeline import (
+    Planner,
+    PrunePlan,
+    apply_budget,
+    apply_plan,
+    needs_text,
+    scorer_planner,
+)
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import SCORERS, make_scorer
 from prunenet.tables import format_table, markdown_table
@@ -94,11 +101,14 @@ class Method:
     name: str
     plan: Callable[[nn.Module, float], PrunePlan]
     refit: str = "none"
+    # With --remove-params: what the budget may take besides FFN rows ("+heads", "+layers").
+    structures: tuple[str, ...] = ("ffn",)
 
 
 # Name suffixes of scorer-backed methods: "+auto" allocation, "+seq" sequential analysis,
-# "+bias" / "+lsq" refit (e.g. "selfgen+seq+lsq").
-MODIFIERS = ("auto", "seq", "bias", "lsq")
+# "+bias" / "+lsq" refit (e.g. "selfgen+seq+lsq"); with --remove-params, "+heads" / "+layers"
+# let the parameter budget take heads / whole layers too.
+MODIFIERS = ("auto", "seq", "bias", "lsq", "heads", "layers")
 
 
 def scorer_method(
@@ -108,6 +118,7 @@ def scorer_method(
     max_layer_ratio: float = DEFAULT_MAX_RATIO,
     analysis: str = "oneshot",
     refit: str = "none",
+    structures: tuple[str, ...] = ("ffn",),
 ) -> Method:
     """A `Scorer` as a method, with uniform or self-generated ("auto") per-layer allocation.
 
@@ -117,6 +128,7 @@ def scorer_method(
     :param max_layer_ratio: the most "auto" removes from one layer.
     :param analysis: "oneshot" or "sequential" (`prunenet.pipeline.scorer_planner`).
     :param refit: "none", "bias" or "lsq" (`prunenet.pipeline.apply_plan`).
+    :param structures: what a --remove-params budget may take (`prunenet.pipeline.apply_budget`).
     """
     planner: list[Planner] = []  # built on first use: loading a policy costs time
 
@@ -125,7 +137,7 @@ def scorer_method(
             planner.append(scorer_planner(make(), allocation, max_layer_ratio, analysis))
         return planner[0](model, ratio)
 
-    return Method(name, plan, refit)
+    return Method(name, plan, refit, structures)
 
 
 # Methods read from `prunenet train` checkpoints: name (= the checkpoint's algo) -> flag.
@@ -210,6 +222,7 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
                     args.max_layer_ratio,
                     "sequential" if "seq" in mods else "oneshot",
                     refits[0] if refits else "none",
+                    ("ffn", *(m for m in ("heads", "layers") if m in mods)),
                 )
             )
         else:
@@ -219,9 +232,13 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
         raise PruneNetError(
             f"Unknown method {', '.join(unknown)}. Available: {', '.join(available)} (add "
             "'+auto' to a scorer for self-generated per-layer allocation, '+seq' for sequential "
-            "analysis, '+bias' or '+lsq' for a refit; ppo needs --policy, reinforce needs "
-            "--baseline-policy)."
+            "analysis, '+bias' or '+lsq' for a refit, '+heads' / '+layers' with --remove-params; "
+            "ppo needs --policy, reinforce needs --baseline-policy)."
         )
+    if not args.remove_params and any(m.structures != ("ffn",) for m in methods):
+        raise PruneNetError("'+heads' and '+layers' methods need --remove-params budgets.")
+    if args.remove_params and any(m.name in EXTRA_METHODS for m in methods):
+        raise PruneNetError("--remove-params works with scorer-backed methods only.")
     return methods
 
 
@@ -458,6 +475,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--ratios", default=None, help="comma list (default 0.1,...,0.5)")
     parser.add_argument(
+        "--remove-params",
+        default=None,
+        help="comma list of parameter budgets (fractions of all parameters) instead of FFN "
+        "ratios: each method prunes through `prunenet prune --remove-params` (its '+heads' / "
+        "'+layers' suffixes say what the budget may take); the ratio column is the budget",
+    )
+    parser.add_argument(
         "--max-layer-ratio",
         type=float,
         default=DEFAULT_MAX_RATIO,
@@ -504,6 +528,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in PRESET_KEYS:
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
+    if args.remove_params is not None:
+        if args.ratios is not None:
+            parser.error("--ratios and --remove-params exclude each other")
+        args.ratios = args.remove_params
     if args.ratios is None:
         args.ratios = list(preset.get("ratios", DEFAULT_RATIOS))
     else:
@@ -605,6 +633,28 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         for ratio in args.ratios:
             plan_start = time.perf_counter()
+            if args.remove_params:
+                if tokens is None:
+                    tokens = analysis_text(model, selfgen)
+                    protocol["text_seconds"] = time.perf_counter() - plan_start
+                    plan_start += protocol["text_seconds"]
+                pruned, report = apply_budget(model, method.plan, ratio, method.structures,
+                                              tokens, refit=method.refit)  # fmt: skip
+                plan_seconds = time.perf_counter() - plan_start
+                protocol["method_info"].setdefault(method.name, {})[f"{ratio}"] = {
+                    **report.scorer,
+                    "refit": method.refit,
+                    "structures": report.structures,
+                }
+                row = evaluate_row(
+                    method.name, ratio, pruned, suite, model, dense_counts, args, plan_seconds
+                )
+                rows.append(row)
+                del pruned
+                gc.collect()
+                _report_progress(rows, start, len(methods) * len(args.ratios))
+                write_outputs(out_dir, stem, rows, protocol)
+                continue
             plan = method.plan(model, ratio)
             if tokens is None and needs_text(plan, method.refit):
                 text_start = time.perf_counter()

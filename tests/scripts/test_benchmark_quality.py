@@ -219,3 +219,30 @@ def test_method_suffixes_set_analysis_and_refit(bench):
 def test_contradictory_or_unknown_suffixes_are_refused(bench, name):
     with pytest.raises(PruneNetError, match="Unknown method"):
         bench.build_methods(bench.parse_args(["--methods", name]))
+
+
+def test_parameter_budgets_run_through_the_prune_pipeline_and_record_the_split(
+    bench, tiny_model_folder, tmp_path
+):
+    argv = ["--model", str(tiny_model_folder), "--quick", "--methods",
+            "magnitude+lsq,magnitude+lsq+layers", "--remove-params", "0.2", "--seqlen", "16",
+            "--zero-shot-tasks", "", "--selfgen-sequences", "4",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    rows = {row["method"]: row for row in data["rows"]}
+    assert rows["magnitude+lsq"]["ratio"] == 0.2
+    for name in ("magnitude+lsq", "magnitude+lsq+layers"):
+        split = data["protocol"]["method_info"][name]["0.2"]["structures"]
+        assert rows[name]["params_removed"] == pytest.approx(split["removed_fraction"])
+        assert rows[name]["params_removed"] >= 0.2
+    assert data["protocol"]["method_info"]["magnitude+lsq"]["0.2"]["structures"]["layers"] == []
+
+
+def test_heads_and_layers_suffixes_need_parameter_budgets(bench):
+    with pytest.raises(PruneNetError, match="need --remove-params"):
+        bench.build_methods(bench.parse_args(["--methods", "selfgen+seq+lsq+layers"]))
+    methods = bench.build_methods(
+        bench.parse_args(["--methods", "selfgen+heads+layers", "--remove-params", "0.1"])
+    )
+    assert methods[0].structures == ("ffn", "heads", "layers")
