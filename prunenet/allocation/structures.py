@@ -223,7 +223,8 @@ def split_budget(
     fits = max(1, REFERENCE_FLOATS // (tokens.shape[1] * vocab))
     held = min(KL_SEQUENCES, fits, max(1, tokens.shape[0] // 4))
     fit_tokens, kl_tokens = tokens[:-held], tokens[-held:]
-    if ffn_scores is None:
+    search = tuple(structures) != ("ffn",)  # FFN rows alone: `_fit_rows` meets the budget
+    if ffn_scores is None and search and "ffn" in structures:
         ffn_scores = _ffn_activation_scores(model, fit_tokens)
     head_rank = _head_ranks(model, fit_tokens) if "heads" in structures else None
     layer_rank = (
@@ -232,13 +233,12 @@ def split_budget(
     split = StructureSplit(target=target, params_dense=costs.dense, head_scores=head_rank)
     state = {"rows": 0, "query": 0, "groups": 0, "dropped": []}
     step_rows = max(1, round(FFN_STEP * min(costs.widths)))
-    reference = reference_log_probs(model, kl_tokens) if tuple(structures) != ("ffn",) else []
+    reference = reference_log_probs(model, kl_tokens) if search else []
     kl_now = 0.0
     bar = tqdm(total=goal, desc="splitting the budget (KL per parameter)", unit="param",
                unit_scale=True, leave=False)  # fmt: skip
     removed_now = 0
-    # FFN rows alone need no search: `_fit_rows` meets the budget directly.
-    while removed_now < goal and tuple(structures) != ("ffn",):
+    while removed_now < goal and search:
         options = _options(state, structures, costs, step_rows, layer_rank, layer_count)
         if not options:
             break
