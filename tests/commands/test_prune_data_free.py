@@ -73,6 +73,24 @@ def test_refit_prune_opens_no_dataset_file(tiny_model_folder: Path, tmp_path: Pa
     assert "olmo_eval" not in probe["modules"] and "datasets" not in probe["modules"]
 
 
+def test_parameter_budget_prune_opens_no_dataset_file(
+    tiny_model_folder: Path, tmp_path: Path
+) -> None:
+    """The budget's KL, head and layer scores are measured on self-generated text only."""
+    out = tmp_path / "out"
+    probe = run_probe(
+        tmp_path, "--model", str(tiny_model_folder), "--remove-params", "0.2",
+        "--structures", "ffn,heads,layers", "--selfgen-sequences", "4", "--out", str(out),
+    )  # fmt: skip
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert probe["code"] == 0 and report["structures"]["target"] == 0.2
+    dataset_files = [
+        p for p in probe["opened"] if any(m in p for m in DATASET_MARKERS) and ".dist-info" not in p
+    ]
+    assert dataset_files == [], dataset_files
+    assert "olmo_eval" not in probe["modules"] and "datasets" not in probe["modules"]
+
+
 def test_probe_detects_a_dataset_read(tmp_path: Path) -> None:
     """The audit hook really sees file opens: reading the eval data shows up in the probe."""
     report = tmp_path / "probe.json"
