@@ -8,10 +8,10 @@ import sys
 import threading
 
 from prunenet.commands import eval as eval_command
-from prunenet.commands import prune, train
+from prunenet.commands import prune, recover, train
 from prunenet.errors import PruneNetError, Terminated
 
-COMMANDS = [prune, train, eval_command]
+COMMANDS = [prune, train, eval_command, recover]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Recovering what pruning lost, without data: LoRA self-distillation on the teacher's own text."""

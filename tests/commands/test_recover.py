@@ -1,0 +1,234 @@
+"""`prunenet recover` end to end: a reloadable folder, determinism, refusals with exit code 2
+before any training, no dataset file opened, nothing left behind by an interrupted run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from prunenet.cli import main
+from prunenet.errors import Terminated
+from prunenet.io.saving import REPORT_FILE
+from prunenet.recovery import distill as distill_module
+from prunenet.recovery import saving as recovery_saving
+from prunenet.recovery.saving import RECOVER_REPORT_FILE
+from tests.commands.test_prune_data_free import DATASET_MARKERS, PROBE
+from tests.conftest import logits_of, tiny_model, tiny_tokenizer
+
+QUICK = ["--steps", "4", "--eval-every", "2", "--sequences", "8"]
+
+
+@pytest.fixture
+def pruned_folder(tiny_model_folder: Path, tmp_path: Path) -> Path:
+    """The tiny Llama pruned by the prune command (random scores, so it is fast)."""
+    folder = tmp_path / "pruned"
+    argv = ["prune", "--model", str(tiny_model_folder), "--ratio", "0.5", "--scorer", "random"]
+    assert main([*argv, "--out", str(folder)]) == 0
+    return folder
+
+
+def _recover(model: Path | str, teacher: Path | str, out: Path, *extra: str) -> int:
+    argv = ["recover", "--model", str(model), "--teacher", str(teacher), "--out", str(out)]
+    return main([*argv, *QUICK, *extra])
+
+
+def _refused_with_exit_2(capsys: pytest.CaptureFixture, *args) -> str:
+    try:
+        code = _recover(*args)
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refusals must come before training: reaching `distill` fails the test."""
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("training started although the input should have been refused")
+
+    monkeypatch.setattr("prunenet.commands.recover.distill", must_not_run)
+
+
+# ----- success ----------------------------------------------------------------------------------
+
+
+def test_recover_writes_a_folder_that_loads_like_the_pruned_input(
+    tiny_model_folder: Path, pruned_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    assert _recover(pruned_folder, tiny_model_folder, out) == 0
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(pruned_folder).eval()
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (pruned_folder / "config.json").read_text()
+    )
+    assert not torch.allclose(logits_of(reloaded), logits_of(pruned))
+    assert (out / "tokenizer.json").is_file()
+    assert (out / REPORT_FILE).read_text() == (pruned_folder / REPORT_FILE).read_text()
+    report = json.loads((out / RECOVER_REPORT_FILE).read_text())
+    assert report["steps"] == 4 and report["seed"] == 0 and report["rank"] == 8
+    assert report["held_out_kl_after"] <= report["held_out_kl_before"]
+    assert {"seconds", "lr", "train_tokens", "held_out_tokens", "train_losses"} <= set(report)
+
+
+def test_same_seed_writes_identical_tensors_and_another_seed_different_ones(
+    tiny_model_folder: Path, pruned_folder: Path, tmp_path: Path
+) -> None:
+    for name, seed in [("a", "0"), ("b", "0"), ("c", "1")]:
+        assert _recover(pruned_folder, tiny_model_folder, tmp_path / name, "--seed", seed) == 0
+    a, b, c = (load_file(tmp_path / name / "model.safetensors") for name in "abc")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_teacher_of_another_depth_with_the_same_vocabulary_is_accepted(
+    pruned_folder: Path, tmp_path: Path
+) -> None:
+    teacher = tmp_path / "deeper"
+    tiny_model("llama", num_hidden_layers=3).save_pretrained(teacher)
+    tiny_tokenizer().save_pretrained(teacher)
+    assert _recover(pruned_folder, teacher, tmp_path / "out") == 0
+
+
+def test_a_model_folder_without_tokenizer_gets_the_teachers(
+    tiny_model_folder: Path, tmp_path: Path
+) -> None:
+    student = tmp_path / "no-tokenizer"
+    tiny_model("llama", seed=9).save_pretrained(student)
+    assert _recover(student, tiny_model_folder, tmp_path / "out") == 0
+    written = (tmp_path / "out" / "tokenizer.json").read_text()
+    assert written == (tiny_model_folder / "tokenizer.json").read_text()
+
+
+# ----- refusals, before any training ------------------------------------------------------------
+
+
+def test_a_teacher_with_another_vocabulary_exits_2(
+    pruned_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture, no_training: None
+) -> None:
+    teacher = tmp_path / "other-vocab"
+    tiny_model("llama", vocab_size=80).save_pretrained(teacher)
+    err = _refused_with_exit_2(capsys, pruned_folder, teacher, tmp_path / "out")
+    assert "vocabulary has 80 tokens" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_teacher_with_another_tokenizer_exits_2(
+    tiny_model_folder: Path, pruned_folder: Path, tmp_path: Path, capsys, no_training: None
+) -> None:
+    teacher = tmp_path / "other-tokenizer"
+    tiny_model("llama").save_pretrained(teacher)
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(["extra"])  # one more token than the model's: another tokenizer
+    tokenizer.save_pretrained(teacher)
+    err = _refused_with_exit_2(capsys, pruned_folder, teacher, tmp_path / "out")
+    assert "other ids" in err
+
+
+@pytest.mark.parametrize("which", ["model", "teacher"])
+def test_a_missing_folder_exits_2(
+    tiny_model_folder: Path, pruned_folder: Path, tmp_path: Path, capsys, no_training, which
+) -> None:
+    missing = tmp_path / "missing"
+    args = (missing, tiny_model_folder) if which == "model" else (pruned_folder, missing)
+    err = _refused_with_exit_2(capsys, *args, tmp_path / "out")
+    assert "does not exist" in err
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--steps", "0"), ("--rank", "0"), ("--lr", "-1"), ("--lr", "nan")]
+)
+def test_impossible_settings_exit_2(
+    tiny_model_folder: Path, tmp_path: Path, capsys, no_training, option, value
+) -> None:
+    out = tmp_path / "out"
+    _refused_with_exit_2(capsys, tiny_model_folder, tiny_model_folder, out, option, value)
+
+
+def test_a_single_sequence_exits_2(
+    tiny_model_folder: Path, tmp_path: Path, capsys, no_training
+) -> None:
+    err = _refused_with_exit_2(
+        capsys, tiny_model_folder, tiny_model_folder, tmp_path / "out", "--sequences", "1"
+    )
+    assert "at least 2 self-generated sequences" in err
+
+
+def test_an_existing_out_without_overwrite_exits_2(
+    tiny_model_folder: Path, pruned_folder: Path, tmp_path: Path, capsys, no_training
+) -> None:
+    (tmp_path / "out").mkdir()
+    err = _refused_with_exit_2(capsys, pruned_folder, tiny_model_folder, tmp_path / "out")
+    assert "--overwrite" in err
+
+
+# ----- interruptions ----------------------------------------------------------------------------
+
+
+def test_sigterm_during_training_leaves_nothing_at_out(
+    tiny_model_folder: Path, pruned_folder: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    calls = []
+    real_loss = distill_module.kl_loss
+
+    def terminated_on_third_step(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Terminated  # what the CLI's SIGTERM handler raises
+        return real_loss(*args)
+
+    monkeypatch.setattr(distill_module, "kl_loss", terminated_on_third_step)
+    code = _recover(pruned_folder, tiny_model_folder, tmp_path / "out")
+    assert code == 128 + signal.SIGTERM and len(calls) == 3
+    assert "interrupted by SIGTERM" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+
+
+def test_ctrl_c_while_saving_leaves_nothing_at_out(
+    tiny_model_folder: Path, pruned_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # after the weights, before the reports: a half-written folder
+
+    monkeypatch.setattr(recovery_saving.shutil, "copyfile", interrupted)
+    code = _recover(pruned_folder, tiny_model_folder, tmp_path / "out")
+    assert code == 128 + signal.SIGINT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+
+
+# ----- data-free --------------------------------------------------------------------------------
+
+
+def test_default_recover_opens_no_dataset_file(
+    tiny_model_folder: Path, pruned_folder: Path, tmp_path: Path
+) -> None:
+    """Same audit as the prune command's (tests/commands/test_prune_data_free.py): every file
+    the recover command opens, in a fresh interpreter."""
+    report, out = tmp_path / "probe.json", tmp_path / "out"
+    env = {"PRUNENET_NO_CACHE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    argv = ["recover", "--model", str(pruned_folder), "--teacher", str(tiny_model_folder),
+            "--out", str(out), *QUICK]  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", PROBE, str(report), *argv], check=True, env=env, timeout=300
+    )
+    probe = json.loads(report.read_text())
+    assert probe["code"] == 0 and (out / RECOVER_REPORT_FILE).is_file()
+    dataset_files = [
+        p for p in probe["opened"] if any(m in p for m in DATASET_MARKERS) and ".dist-info" not in p
+    ]
+    assert dataset_files == [], dataset_files
+    assert "olmo_eval" not in probe["modules"] and "datasets" not in probe["modules"]
+    # The probe sees the files recover does open: both model folders' weights.
+    assert any(str(pruned_folder) in p for p in probe["opened"])
+    assert any(str(tiny_model_folder) in p for p in probe["opened"])
