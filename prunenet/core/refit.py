@@ -96,20 +96,59 @@ def refit_output(
     if bias is None and intercept:
         bias = torch.zeros(weight.shape[0], dtype=torch.float64)  # a bias the caller will add
     cut_bias = bias
-    fit_target = _affine(fit.double(), weight, bias)
-    held_target = None if held is None else _affine(held.double(), weight, bias)
+    # Everything below reads the rows through their moments (sums, Gram, cross products): one
+    # pass over the activations per split, and the all-rows fit is the sum of the two splits'.
+    fit = fit.double()
+    fit_moments = _Moments.of(fit[:, keep], _affine(fit, weight, bias))
+    held_moments = None
+    if held is not None:
+        held = held.double()
+        held_moments = _Moments.of(held[:, keep], _affine(held, weight, bias))
     if mode == "bias":
-        cut_out = _affine(fit.double()[:, keep], cut_weight, cut_bias)
-        lost = (fit_target - cut_out).mean(dim=0)
+        lost = (fit_moments.sum_y - fit_moments.sum_x @ cut_weight.T) / fit_moments.count
+        lost = lost - (0 if cut_bias is None else cut_bias)
         result = RefitResult(cut_weight, cut_bias + lost)
     else:
         if anchor is not None:
             anchor = (anchor[0].double().reshape(1, -1)[:, keep], anchor[1].double().reshape(1, -1))
-        result = _least_squares(keep, fit, held, fit_target, held_target, intercept, ridges, anchor)
-    if held is not None:
-        result.held_error_cut = target_error(held, held_target, keep, cut_weight, cut_bias)
-        result.held_error_refit = target_error(held, held_target, keep, result.weight, result.bias)
+        result = _least_squares(fit_moments, held_moments, intercept, ridges, anchor)
+    if held_moments is not None:
+        result.held_error_cut = held_moments.error(cut_weight, cut_bias)
+        result.held_error_refit = held_moments.error(result.weight, result.bias)
     return result
+
+
+@dataclass
+class _Moments:
+    """What least squares needs from rows x (kept activations) and targets y: the count, the
+    sums, x^T x, x^T y and the sum of y^2 (float64). Moments of two row sets add up."""
+
+    count: int
+    sum_x: torch.Tensor
+    sum_y: torch.Tensor
+    xx: torch.Tensor
+    xy: torch.Tensor
+    yy: float
+
+    @classmethod
+    def of(cls, x: torch.Tensor, y: torch.Tensor) -> _Moments:
+        return cls(x.shape[0], x.sum(dim=0), y.sum(dim=0), x.T @ x, x.T @ y, float(y.pow(2).sum()))
+
+    def __add__(self, other: _Moments) -> _Moments:
+        return _Moments(self.count + other.count, self.sum_x + other.sum_x,
+                        self.sum_y + other.sum_y, self.xx + other.xx, self.xy + other.xy,
+                        self.yy + other.yy)  # fmt: skip
+
+    def error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+        """Mean squared difference between y and `x @ weight.T + bias` over these rows."""
+        coefficients = weight.double().T  # kept x d_model
+        squared = self.yy - 2 * float((coefficients * self.xy).sum())
+        squared += float((coefficients * (self.xx @ coefficients)).sum())
+        if bias is not None:
+            bias = bias.double()
+            squared += -2 * float(bias @ self.sum_y) + 2 * float(bias @ (self.sum_x @ coefficients))
+            squared += self.count * float(bias @ bias)
+        return max(squared, 0.0) / (self.count * self.xy.shape[1])
 
 
 def output_error(
@@ -152,37 +191,33 @@ def target_error(
     return float((target.double() - cut).pow(2).mean())
 
 
-def _least_squares(
-    keep, fit, held, fit_target, held_target, intercept, ridges, anchor=None
-) -> RefitResult:
-    """Ridge least squares; the ridge that does best on `held` is refitted on all rows."""
+def _least_squares(fit, held, intercept, ridges, anchor=None) -> RefitResult:
+    """Ridge least squares from `_Moments`; the ridge that does best on `held` is refitted on
+    all rows."""
     candidates = tuple(ridges) if held is not None else (DEFAULT_RIDGE,)
-    solutions = _ridge_solutions(keep, fit.double(), fit_target, intercept, candidates, anchor)
+    solutions = _ridge_solutions(fit, intercept, candidates, anchor)
     if held is None:
         new_weight, new_bias = solutions[0]
         return RefitResult(new_weight, new_bias, ridge=DEFAULT_RIDGE)
-    errors = [target_error(held, held_target, keep, w, b) for w, b in solutions]
+    errors = [held.error(w, b) for w, b in solutions]
     best = candidates[min(range(len(errors)), key=errors.__getitem__)]
-    rows = torch.cat([fit, held]).double()
-    targets = torch.cat([fit_target, held_target])
-    ((new_weight, new_bias),) = _ridge_solutions(keep, rows, targets, intercept, (best,), anchor)
+    ((new_weight, new_bias),) = _ridge_solutions(fit + held, intercept, (best,), anchor)
     return RefitResult(new_weight, new_bias, ridge=best)
 
 
-def _ridge_solutions(keep, acts, target, intercept, ridges, anchor=None):
+def _ridge_solutions(moments, intercept, ridges, anchor=None):
     """(weight d_model x kept, bias or None) per relative ridge, from one eigendecomposition.
 
     With an `anchor` (kept activation row, output row) every solution reproduces that row
     exactly: the ridge solution plus the smallest correction (in the ridge's metric) that meets
     the one linear constraint.
     """
-    kept_acts = acts[:, keep]
+    gram, cross = moments.xx, moments.xy
     if intercept:
         # Centring fits the intercept exactly and leaves it out of the ridge penalty.
-        acts_mean, target_mean = kept_acts.mean(dim=0), target.mean(dim=0)
-        kept_acts, target = kept_acts - acts_mean, target - target_mean
-    gram = kept_acts.T @ kept_acts
-    cross = kept_acts.T @ target  # kept x d_model
+        acts_mean, target_mean = moments.sum_x / moments.count, moments.sum_y / moments.count
+        gram = gram - moments.count * torch.outer(acts_mean, acts_mean)
+        cross = cross - moments.count * torch.outer(acts_mean, target_mean)  # kept x d_model
     # A layer whose kept neurons never fire has a zero Gram; any positive scale keeps it solvable.
     scale = float(gram.diagonal().mean().clamp_min(1e-12))
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
