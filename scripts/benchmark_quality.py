@@ -506,7 +506,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--selfgen-sequences",
         type=int,
         default=ANALYSIS_SELFGEN.sequences,
-        help="self-generated sequences of 128 tokens for '+seq' and refit methods (%(default)s)",
+        help="self-generated sequences for '+seq' and refit methods (%(default)s)",
+    )
+    parser.add_argument(
+        "--selfgen-length",
+        type=int,
+        default=ANALYSIS_SELFGEN.length,
+        help="tokens per self-generated sequence (%(default)s; the tables measured before the "
+        "default moved to 128 x 256 used --selfgen-sequences 64 --selfgen-length 128)",
     )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -599,7 +606,10 @@ def main(argv: list[str] | None = None) -> int:
         "dense_params": dense_counts.total,
         "dense_ffn_params": dense_counts.ffn,
         "zero_shot_tasks": args.zero_shot_tasks,
-        **{k: getattr(args, k) for k in (*PRESET_KEYS, "seed", "threads", "selfgen_sequences")},
+        **{
+            k: getattr(args, k)
+            for k in (*PRESET_KEYS, "seed", "threads", "selfgen_sequences", "selfgen_length")
+        },
         "bos_token": suite.protocol()["ppl_bos_token"],
         "ppl_texts": suite.protocol()["ppl_texts"],
         "python": f"Python {platform.python_version()}",
@@ -629,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     _report_progress(rows, start, len(methods) * len(args.ratios))
     write_outputs(out_dir, stem, rows, protocol)
     tokens = None  # the model's own text for sequential analysis and refits, written once
-    selfgen = SelfGenConfig(sequences=args.selfgen_sequences, length=ANALYSIS_SELFGEN.length)
+    selfgen = SelfGenConfig(sequences=args.selfgen_sequences, length=args.selfgen_length)
     for method in methods:
         for ratio in args.ratios:
             plan_start = time.perf_counter()

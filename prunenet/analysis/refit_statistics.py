@@ -195,9 +195,10 @@ def reference_keep(statistics: RefitStatistics, share: float = REFERENCE_KEEP) -
 
 
 def refit_text(seed: int = 0) -> SelfGenConfig:
-    """The self-generated text the refit statistics are collected on: the prune-time refit's
-    64 x 128 tokens (`prunenet.analysis.sequential.ANALYSIS_SELFGEN`) with sampling seed `seed`."""
-    return replace(ANALYSIS_SELFGEN, seed=seed)
+    """The self-generated text the refit statistics are collected on: 64 x 128 tokens (the
+    prune-time text when the refit reward was trained and measured; pinned so the committed
+    reward table reproduces) with sampling seed `seed`."""
+    return replace(ANALYSIS_SELFGEN, sequences=64, length=128, seed=seed)
 
 
 def collect_refit_statistics(

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules, ffn_widths, max_positions
 from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
@@ -81,7 +83,9 @@ def generate_own_text(model: nn.Module, config: SelfGenConfig) -> torch.Tensor:
         length = limit
     start = torch.full((config.sequences, 1), start_token_id(model), dtype=torch.long)
     start = start.to(next(model.parameters()).device)
-    with torch.random.fork_rng(devices=[]):
+    bar = tqdm(total=length - 1, desc=f"writing {config.sequences} x {length} tokens of own text",
+               unit="token", leave=False)  # fmt: skip
+    with torch.random.fork_rng(devices=[]), bar:
         torch.manual_seed(config.seed)
         tokens = model.generate(
             start,
@@ -93,8 +97,21 @@ def generate_own_text(model: nn.Module, config: SelfGenConfig) -> torch.Tensor:
             max_length=length,
             min_length=length,
             pad_token_id=start_token_id(model),
+            logits_processor=LogitsProcessorList([_Progress(bar)]),
         )
     return tokens
+
+
+class _Progress(LogitsProcessor):
+    """Advances a progress bar once per generated position; the scores pass through unchanged
+    (so the sampled text is the same with or without it)."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.bar.update(1)
+        return scores
 
 
 def collect_activations(

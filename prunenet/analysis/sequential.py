@@ -41,11 +41,13 @@ from prunenet.core.compress import select_keep_indices
 from prunenet.core.refit import check_refit, refit_aware_scores, refit_output
 from prunenet.errors import PruneNetError
 
-# Self-generated text for sequential analysis and the refit: 64 x 128 tokens let ridge 0.1
-# generalise where 8 x 128 overfitted, and sequential scores on 64 x 128 tokens beat those on
-# 8 x 128 (DESIGN.md; `scripts/benchmark_selfgen_budget.py` measures the curve). A quarter of the
+# Self-generated text for sequential analysis and the refit, chosen from the measured curve
+# (`scripts/benchmark_selfgen_budget.py`, README "How much self-generated text"): quality had
+# not saturated at 64 x 128 tokens; of three 32k-token budgets (256 x 128, 128 x 256, 64 x 512)
+# 128 x 256 has the best worst domain and the best code perplexity: longer sequences cover the
+# positions a 512-token input reaches, more of them keep the text varied. A quarter of the
 # sequences is held out: the ridge is chosen on it and scores never see it.
-ANALYSIS_SELFGEN = SelfGenConfig(sequences=64, length=128, seed=0)
+ANALYSIS_SELFGEN = SelfGenConfig(sequences=128, length=256, seed=0)
 HELD_OUT_FRACTION = 0.25
 SAMPLE_ROWS = SelfGenConfig().kept_tokens  # activation rows a scorer's statistics carry
 

@@ -129,9 +129,16 @@ def register(subparsers) -> None:
         dest="selfgen_sequences",
         type=positive_int,
         default=ANALYSIS_SELFGEN.sequences,
-        help=f"self-generated sequences of {ANALYSIS_SELFGEN.length} tokens for sequential "
-        f"analysis and the refit, a quarter held out to choose the ridge (default "
-        f"{ANALYSIS_SELFGEN.sequences}; generated once, then cached)",
+        help=f"self-generated sequences for sequential analysis and the refit, a quarter "
+        f"held out to choose the ridge (default {ANALYSIS_SELFGEN.sequences}; generated once, "
+        "then cached)",
+    )
+    parser.add_argument(
+        "--selfgen-length",
+        type=positive_int,
+        default=ANALYSIS_SELFGEN.length,
+        help=f"tokens per self-generated sequence (default {ANALYSIS_SELFGEN.length}; models "
+        "with a learned position table write at most as many as it holds)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for random and selfgen scoring")
     parser.add_argument("--out", required=True, help="output folder")
@@ -291,7 +298,7 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
     )
     planner = scorer_planner(scorer, args.allocation, args.max_layer_ratio, args.analysis)
     selfgen = SelfGenConfig(
-        sequences=args.selfgen_sequences, length=ANALYSIS_SELFGEN.length, seed=args.seed
+        sequences=args.selfgen_sequences, length=args.selfgen_length, seed=args.seed
     )
     if args.remove_params is not None:
         reports = prune_budgets_and_save(

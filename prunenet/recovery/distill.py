@@ -51,9 +51,8 @@ from prunenet.evaluation.divergence import per_token_kl
 if TYPE_CHECKING:  # peft is imported when adapters are attached: `prunenet --help` stays fast
     from peft import PeftModel
 
-# The prune command's sampling settings (128 tokens, seed 0) with more sequences: 64 (what
-# prune writes) were memorised within 25 steps (module docstring).
-DEFAULT_TEXT = replace(ANALYSIS_SELFGEN, sequences=160)
+# 160 sequences of 128 tokens (seed 0): 64 were memorised within 25 steps (module docstring).
+DEFAULT_TEXT = replace(ANALYSIS_SELFGEN, sequences=160, length=128)
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,8 @@ def test_the_grams_are_cached_as_one_safetensors_entry(monkeypatch) -> None:
         assert torch.equal(a.fit_gram, b.fit_gram) and torch.equal(a.anchor, b.anchor)
 
 
-def test_the_default_text_is_the_prune_time_refits_with_the_given_seed() -> None:
-    assert refit_text() == ANALYSIS_SELFGEN
+def test_the_reward_text_stays_64_x_128_when_the_prune_default_moves() -> None:
+    # The committed refit-reward table was measured on 64 x 128 tokens.
+    assert refit_text() == SelfGenConfig(sequences=64, length=128, seed=0)
     assert refit_text(3) == SelfGenConfig(sequences=64, length=128, seed=3)
+    assert refit_text().kept_tokens == ANALYSIS_SELFGEN.kept_tokens
