@@ -254,6 +254,10 @@ def analysis_text(model: nn.Module, selfgen: SelfGenConfig = ANALYSIS_SELFGEN) -
     return own_text(model, selfgen)
 
 
+class _Captured(Exception):
+    """Raised from the last layer's pre-hook once every layer's inputs are recorded."""
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, tokens: torch.Tensor
@@ -275,6 +279,11 @@ def capture_layer_inputs(
             first_hidden.append(hidden.detach())
         extra = args[1:] if args else ()
         captured[index] = (extra, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        if index == len(layers) - 1:
+            # Nothing after the last layer's inputs is needed: stopping here skips its compute
+            # and the LM head, whose logits (sequences x length x vocab floats: 6.4 GB for
+            # SmolLM2 on 128 x 256 tokens) were most of the run's peak memory.
+            raise _Captured
 
     handles = [
         layer.register_forward_pre_hook(
@@ -286,6 +295,8 @@ def capture_layer_inputs(
     try:
         # No cache: a cache object in the kwargs would grow with every later layer call.
         model(tokens, use_cache=False)
+    except _Captured:
+        pass
     finally:
         for handle in handles:
             handle.remove()
