@@ -15,7 +15,8 @@ structure,
 measures KL(dense || trial) on the model's own held-out text with the trial applied as masks
 (zeroed FFN rows and head outputs, skipped layers: the dense weights are never touched), and
 keeps the step with the least KL added per parameter removed (a step past the budget only when
-no smaller one is left), until the budget is reached. The FFN then absorbs the rounding: its
+no smaller one is left, and then only FFN rows where they are allowed), until the budget is
+reached. The FFN then absorbs the rounding: its
 rows are set so the total is met to within one FFN row per layer (or, without `ffn`, to within
 one step of the last structure). Parameters a refit adds (Llama's FFN biases) are counted.
 
@@ -249,6 +250,10 @@ def split_budget(
         within = any(removed_now < size <= goal for size in sizes)
         for (name, trial), removed in zip(options, sizes, strict=True):
             if removed <= removed_now or (within and removed > goal):
+                continue
+            if removed > goal and name != "ffn" and "ffn" in structures:
+                # Past the budget only FFN rows may go, since `_fit_rows` trims them exactly; a
+                # whole KV group taken as the last step doubled SmolLM2's perplexity at 30%.
                 continue
             with masked(model, trial, ffn_scores, head_rank, costs.shapes):
                 kl = mean_kl(model, kl_tokens, reference)

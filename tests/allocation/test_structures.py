@@ -96,3 +96,16 @@ def test_a_budget_the_structures_cannot_meet_is_refused_saying_how_much_they_can
     model = tiny_model("llama", **WIDE)
     with pytest.raises(PruneNetError, match=r"can remove at most \d+\.\d%"):
         split_budget(model, 0.95, ("layers",), _tokens())
+
+
+def test_past_the_budget_only_ffn_rows_step_when_they_are_allowed() -> None:
+    model = tiny_model("llama", **WIDE)
+    with torch.no_grad():  # layer 2 adds nothing: dropping it is free, but it is a big step
+        layer = model.model.layers[2]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    split = split_budget(model, 0.1, ("ffn", "layers"), _tokens())
+    assert split.layers == []  # one layer (~20% of this model) would overshoot a 10% budget
+    assert split.removed_fraction >= 0.1
+    only_layers = split_budget(model, 0.1, ("layers",), _tokens())
+    assert only_layers.layers == [2]  # without FFN rows the one step is allowed
