@@ -46,10 +46,12 @@ from prunenet.tables import format_table
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "prune",
-        help="prune a model's FFNs and save it",
+        help="prune a model's FFNs (and heads and layers) and save it",
         description=(
-            "Prune the FFN rows of every layer and save a folder that "
-            "AutoModelForCausalLM.from_pretrained loads. Built-in offline models: "
+            "Prune the FFN rows of every layer (--ratio), or a share of all parameters split "
+            "between FFN rows, attention heads and whole layers (--remove-params, "
+            "--structures), and save a folder that AutoModelForCausalLM.from_pretrained loads. "
+            "Built-in offline models: "
             + ", ".join(f"{k} ({v.description})" for k, v in ALIASES.items())
         ),
     )
