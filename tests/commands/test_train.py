@@ -135,7 +135,8 @@ def _messages(stderr: str) -> list[str]:
     """stderr without the progress bar's redraws; asserts there is no traceback."""
     assert "Traceback" not in stderr
     lines = stderr.replace("\r", "\n").splitlines()
-    return [line for line in lines if line.strip() and not line.startswith("PPO steps")]
+    bars = ("PPO steps", "writing ")  # training's and self-generation's progress bars
+    return [line for line in lines if line.strip() and not line.startswith(bars)]
 
 
 def _interrupt_at_step(
