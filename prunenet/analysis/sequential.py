@@ -148,16 +148,16 @@ class SequentialCut:
         acts = ffn_activations(layer, self.adapter, self.hidden, arguments)
         fit, held = acts[: -self._held_rows], acts[-self._held_rows :]
         weights = ffn_weights(layer, self.adapter)
-        if self.score is not None:
+        if self.select == "refit-aware":  # its own ranking: the scorer's would go unused
+            scores = refit_aware_scores(
+                self._without_start(fit), weights.output, kept, intercept=self.intercept
+            )
+        elif self.score is not None:
             # Scores never see the held-out rows: they judge the ridge and the rewards.
             stats = layer_activations(fit, kept_tokens=SAMPLE_ROWS, seed=0)
             scores = self.score(weights, stats, index, len(self.layers))
         if scores is None:
             raise PruneNetError(f"No scores for layer {index} and no scorer to compute them.")
-        if self.select == "refit-aware":
-            scores = refit_aware_scores(
-                self._without_start(fit), weights.output, kept, intercept=self.intercept
-            )
         keep = select_keep_indices(scores, kept)
         entry: dict = {}
         if self.refit == "none":
