@@ -118,3 +118,17 @@ def test_a_cut_without_scores_or_a_scorer_is_refused() -> None:
     cut = SequentialCut(model, "none", generate_own_text(model, SELFGEN))
     with pytest.raises(PruneNetError, match="No scores for layer 0"):
         prune_model(model, None, uniform_keep(widths, 0.5), cut=cut)
+
+
+def test_refit_aware_selection_needs_the_lsq_refit_and_picks_its_own_rows() -> None:
+    model = tiny_model("llama")
+    tokens = generate_own_text(model, SELFGEN)
+    with pytest.raises(PruneNetError, match="--refit lsq"):
+        SequentialCut(model, "bias", tokens, select="refit-aware")
+    widths = ffn_widths(model.config)
+    kept = uniform_keep(widths, 0.5)
+    records: list = []
+    aware = SequentialCut(model, "lsq", tokens, recording_score(records), select="refit-aware")
+    prune_model(model, None, kept, cut=aware)
+    assert records == []  # the scorer is not asked: the selection ranks rows itself
+    assert all(entry["held_error_refit"] <= entry["held_error_cut"] for entry in aware.log.layers)
