@@ -650,31 +650,22 @@ def main(argv: list[str] | None = None) -> int:
                     plan_start += protocol["text_seconds"]
                 pruned, report = apply_budget(model, method.plan, ratio, method.structures,
                                               tokens, refit=method.refit)  # fmt: skip
-                plan_seconds = time.perf_counter() - plan_start
                 protocol["method_info"].setdefault(method.name, {})[f"{ratio}"] = {
                     **report.scorer,
                     "refit": method.refit,
                     "structures": report.structures,
                 }
-                row = evaluate_row(
-                    method.name, ratio, pruned, suite, model, dense_counts, args, plan_seconds
-                )
-                rows.append(row)
-                del pruned
-                gc.collect()
-                _report_progress(rows, start, len(methods) * len(args.ratios))
-                write_outputs(out_dir, stem, rows, protocol)
-                continue
-            plan = method.plan(model, ratio)
-            if tokens is None and needs_text(plan, method.refit):
-                text_start = time.perf_counter()
-                tokens = analysis_text(model, selfgen)
-                # Reported apart from plan_s: cold runs pay it once, warm runs read the cache.
-                protocol["text_seconds"] = time.perf_counter() - text_start
-                plan_start += protocol["text_seconds"]
-            pruned, _ = apply_plan(model, plan, ratio, refit=method.refit, tokens=tokens)
+            else:
+                plan = method.plan(model, ratio)
+                if tokens is None and needs_text(plan, method.refit):
+                    text_start = time.perf_counter()
+                    tokens = analysis_text(model, selfgen)
+                    # Reported apart from plan_s: cold runs pay it once, warm runs read the cache.
+                    protocol["text_seconds"] = time.perf_counter() - text_start
+                    plan_start += protocol["text_seconds"]
+                pruned, _ = apply_plan(model, plan, ratio, refit=method.refit, tokens=tokens)
+                protocol["method_info"][method.name] = {**plan.info, "refit": method.refit}
             plan_seconds = time.perf_counter() - plan_start
-            protocol["method_info"][method.name] = {**plan.info, "refit": method.refit}
             row = evaluate_row(
                 method.name, ratio, pruned, suite, model, dense_counts, args, plan_seconds
             )
