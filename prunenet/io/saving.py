@@ -310,10 +310,27 @@ def save_pruned(model, tokenizer, out: str | Path, report, overwrite: bool = Fal
     :param report: what the run did (`prunenet.core.compress.PruneReport`, any `to_dict()`).
     :param overwrite: replace an existing `out`.
     """
+    files = {REPORT_FILE: json.dumps(report.to_dict(), indent=2)}
+    return save_model_folder(model, tokenizer, out, files, overwrite)
+
+
+def save_model_folder(
+    model, tokenizer, out: str | Path, files: dict[str, str], overwrite: bool = False
+) -> Path:
+    """Save model, tokenizer and extra text files atomically (`atomic_directory`): the one
+    writer of every PruneNet output folder.
+
+    :param model: a `transformers` model (`save_pretrained`).
+    :param tokenizer: its tokenizer, or None (then the folder has none).
+    :param out: the destination folder.
+    :param files: file name -> text, written beside the model (reports).
+    :param overwrite: replace an existing `out`.
+    """
     out = Path(out).expanduser()
     with atomic_directory(out, overwrite) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
+        for name, text in files.items():
+            (staging / name).write_text(text)
     return out

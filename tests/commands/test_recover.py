@@ -198,10 +198,14 @@ def test_sigterm_during_training_leaves_nothing_at_out(
 def test_ctrl_c_while_saving_leaves_nothing_at_out(
     tiny_model_folder: Path, pruned_folder: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # after the weights, before the reports: a half-written folder
+    write_text = Path.write_text
 
-    monkeypatch.setattr(recovery_saving.shutil, "copyfile", interrupted)
+    def interrupted(path, *args, **kwargs):
+        if path.name == recovery_saving.RECOVER_REPORT_FILE:
+            raise KeyboardInterrupt  # after the weights, before the report: a half-written folder
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
     code = _recover(pruned_folder, tiny_model_folder, tmp_path / "out")
     assert code == 128 + signal.SIGINT
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
