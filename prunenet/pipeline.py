@@ -11,7 +11,8 @@ measures exactly what the command ships. The stages it strings together:
 3. `prune_and_save` does both for a list of ratios and saves each result atomically;
    `prune_budgets_and_save` does the same for parameter budgets split between FFN rows, heads
    and layers (`prunenet.allocation.structures`): heads and layers are cut first, then the FFN
-   rows through the same plan and cut.
+   rows through the same plan and cut; `apply_strategy` does the same for a per-layer
+   strategy (`prunenet.allocation.strategy`: per-layer FFN rows, heads and dropped layers).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO, keep_counts
 from prunenet.allocation.sensitivity import ALLOCATIONS, auto_allocation
+from prunenet.allocation.strategy import Strategy
 from prunenet.allocation.structures import StructureSplit, split_budget
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import (
@@ -314,3 +316,52 @@ def prune_budgets_and_save(
         report.seconds = time.perf_counter() - start
         reports.append(report)
     return reports
+
+
+def apply_strategy(
+    model: nn.Module,
+    planner: Planner,
+    strategy: Strategy,
+    head_scores: Sequence[torch.Tensor] | None,
+    tokens: torch.Tensor,
+    in_place: bool = False,
+    refit: str = "none",
+) -> tuple[nn.Module, PruneReport]:
+    """Cut `model` (or a copy) to a per-layer `strategy`: its heads, then its layers, then each
+    kept layer's FFN rows through `planner`'s scores (sequential analysis and refit as asked).
+
+    :param model: the dense model the strategy was made for.
+    :param planner: scores the FFN rows; its per-layer amounts are replaced by the strategy's.
+    :param strategy: from `prunenet.allocation.strategy.realise`.
+    :param head_scores: per dense layer, query-head scores (`StrategyContext.head_rank`);
+        needed when the strategy removes heads.
+    :param tokens: the dense model's own text (the sequential analysis and the refit).
+    :param in_place: cut `model` itself.
+    :param refit: the FFN refit (`apply_plan`).
+    :return: the pruned model and its report (`structures` holds the strategy).
+    """
+    params_before = count_parameters(model)
+    pruned = model if in_place else copy.deepcopy(model)
+    if any(strategy.query_heads):
+        if head_scores is None:
+            raise PruneNetError("This strategy removes heads: pass the head scores it used.")
+        keep = [
+            select_heads(scores, shape, shape.num_kv_heads, shape.group_size - removed)
+            for scores, shape, removed in zip(
+                head_scores, head_shapes(pruned.config), strategy.query_heads, strict=True
+            )
+        ]
+        prune_heads(pruned, keep)
+    if strategy.layers:
+        drop_layers(pruned, strategy.layers)
+    kept = [i for i in range(len(strategy.ffn_rows)) if i not in strategy.layers]
+    widths = ffn_widths(pruned.config)
+    rows = [strategy.ffn_rows[i] for i in kept]
+    ratio = sum(rows) / sum(widths)
+    plan = planner(pruned, ratio)
+    plan.layer_keep = [width - removed for width, removed in zip(widths, rows, strict=True)]
+    plan.info = {**plan.info, "allocation": f"strategy:{strategy.source}"}
+    pruned, report = apply_plan(pruned, plan, ratio, True, refit, tokens=tokens)
+    report.params_before = params_before
+    report.structures = strategy.to_dict()
+    return pruned, report

@@ -121,8 +121,12 @@ def parse_structures(text: str, config=None) -> tuple[str, ...]:
     return tuple(name for name in STRUCTURES if name in names)
 
 
-class _Costs:
-    """Exact parameter arithmetic of a split on one dense model."""
+class Costs:
+    """Exact parameter arithmetic of a split (or a per-layer strategy) on one dense model.
+
+    :param model: the dense model.
+    :param refit_biases: count the FFN biases an lsq/bias refit adds (`added_bias_parameters`).
+    """
 
     def __init__(self, model: nn.Module, refit_biases: bool = False) -> None:
         adapter = adapter_for(model.config)
@@ -145,18 +149,28 @@ class _Costs:
             else None
         )
 
-    def removed(self, rows: int, query: int, groups: int, dropped: Sequence[int]) -> int:
+    def removed(
+        self,
+        rows: int | Sequence[int],
+        query: int | Sequence[int],
+        groups: int,
+        dropped: Sequence[int],
+    ) -> int:
+        """Parameters removed; `rows` and `query` are one count for every layer or one per
+        (dense) layer."""
         total = sum(self.layer[i] for i in dropped)
         for i in range(len(self.layer)):
             if i in dropped:
                 continue
-            total += rows * self.per_row[i]
-            if rows:  # the refit runs (and adds its biases) only where rows go
-                kept_rows = self.widths[i] - rows
+            layer_rows = rows[i] if isinstance(rows, (list, tuple)) else rows
+            layer_query = query[i] if isinstance(query, (list, tuple)) else query
+            total += layer_rows * self.per_row[i]
+            if layer_rows:  # the refit runs (and adds its biases) only where rows go
+                kept_rows = self.widths[i] - layer_rows
                 total -= self.bias_per_row * kept_rows + self.bias_per_layer
-            if self.heads is not None and (query or groups):
+            if self.heads is not None and (layer_query or groups):
                 shape, cost = self.shapes[i], self.heads[i]
-                kept_queries = (shape.num_kv_heads - groups) * (shape.group_size - query)
+                kept_queries = (shape.num_kv_heads - groups) * (shape.group_size - layer_query)
                 total += (shape.num_heads - kept_queries) * cost.per_query_head
                 total += groups * cost.per_kv_head
         return total
@@ -173,7 +187,7 @@ def check_budget(model: nn.Module, target: float, structures: Sequence[str]) -> 
     """
     if not 0 < target < 1:
         raise PruneNetError(f"--remove-params must be a fraction in (0, 1), got {target}.")
-    costs = _Costs(model)
+    costs = Costs(model)
     if "heads" in structures and costs.heads is None:
         raise PruneNetError(f"{model.config.model_type} heads cannot be removed.")
     most = {"rows": 0, "query": 0, "groups": 0, "dropped": []}
@@ -217,7 +231,7 @@ def split_budget(
     :param refit_biases: the FFN refit will add biases (`added_bias_parameters`): count them.
     """
     check_budget(model, target, structures)
-    costs = _Costs(model, refit_biases)
+    costs = Costs(model, refit_biases)
     layer_count = len(costs.layer)
     goal = int(round(target * costs.dense))
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -226,8 +240,8 @@ def split_budget(
     fit_tokens, kl_tokens = tokens[:-held], tokens[-held:]
     search = tuple(structures) != ("ffn",)  # FFN rows alone: `_fit_rows` meets the budget
     if ffn_scores is None and search and "ffn" in structures:
-        ffn_scores = _ffn_activation_scores(model, fit_tokens)
-    head_rank = _head_ranks(model, fit_tokens) if "heads" in structures else None
+        ffn_scores = ffn_activation_scores(model, fit_tokens)
+    head_rank = head_ranks(model, fit_tokens) if "heads" in structures else None
     layer_rank = (
         torch.argsort(block_influence(model, fit_tokens)).tolist() if "layers" in structures else []
     )
@@ -299,7 +313,7 @@ def _options(state, structures, costs, step_rows, layer_rank, layer_count):
     return options
 
 
-def _fit_rows(state: dict, costs: _Costs, goal: int) -> dict:
+def _fit_rows(state: dict, costs: Costs, goal: int) -> dict:
     """The fewest FFN rows per kept layer that meet the goal (all but one row at most)."""
     most = min(costs.widths) - 1
 
@@ -318,8 +332,12 @@ def _fit_rows(state: dict, costs: _Costs, goal: int) -> dict:
 
 
 @torch.no_grad()
-def _ffn_activation_scores(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """rms(activation) x output column norm per FFN row (the `selfgen` heuristic), one pass."""
+def ffn_activation_scores(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """rms(activation) x output column norm per FFN row (the `selfgen` heuristic), one pass.
+
+    :param model: the dense model.
+    :param tokens: its own text (sequences x length ids); the start token is left out.
+    """
     adapter = adapter_for(model.config)
     layers = decoder_layers(model)
     energy = [None] * len(layers)
@@ -343,6 +361,10 @@ def _ffn_activation_scores(model: nn.Module, tokens: torch.Tensor) -> list[torch
     ]
 
 
-def _head_ranks(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, query-head scores (output energy through the output projection)."""
+def head_ranks(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, query-head scores (output energy through the output projection).
+
+    :param model: the dense model.
+    :param tokens: its own text (sequences x length ids).
+    """
     return [scores.query for scores in output_energy_scores(model, tokens)]

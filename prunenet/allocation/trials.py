@@ -25,7 +25,8 @@ def masked(model: nn.Module, trial: dict, ffn_scores, head_rank, shapes) -> Iter
 
     :param model: the dense model.
     :param trial: {"rows": FFN rows removed per layer, "query": query heads removed per KV
-        group, "groups": KV groups removed per layer, "dropped": layers skipped}.
+        group, "groups": KV groups removed per layer, "dropped": layers skipped}; "rows" and
+        "query" are one count for every layer or a list with one count per (dense) layer.
     :param ffn_scores: per layer, FFN row scores (the lowest `rows` are zeroed).
     :param head_rank: per layer, query-head scores (`select_heads` keeps the best).
     :param shapes: per layer, its `HeadShape`.
@@ -39,16 +40,17 @@ def masked(model: nn.Module, trial: dict, ffn_scores, head_rank, shapes) -> Iter
         for index, layer in enumerate(layers):
             if index in trial["dropped"]:
                 continue
-            if trial["rows"]:
+            rows, query = _per_layer(trial["rows"], index), _per_layer(trial["query"], index)
+            if rows:
                 scores = ffn_scores[index]
                 mask = torch.ones_like(scores)
-                mask[torch.argsort(scores, stable=True)[: trial["rows"]]] = 0
+                mask[torch.argsort(scores, stable=True)[:rows]] = 0
                 _, output = ffn_modules(layer, adapter)
                 handles.append(output.register_forward_pre_hook(_multiply(mask)))
-            if trial["query"] or trial["groups"]:
+            if query or trial["groups"]:
                 shape = shapes[index]
                 keep = select_heads(head_rank[index], shape, shape.num_kv_heads - trial["groups"],
-                                    shape.group_size - trial["query"])  # fmt: skip
+                                    shape.group_size - query)  # fmt: skip
                 mask = torch.zeros(shape.num_heads)
                 mask[keep.query] = 1
                 _, output = attention_modules(layer, adapter)
@@ -59,6 +61,10 @@ def masked(model: nn.Module, trial: dict, ffn_scores, head_rank, shapes) -> Iter
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _per_layer(value, index: int) -> int:
+    return value[index] if isinstance(value, (list, tuple)) else value
 
 
 def _multiply(mask: torch.Tensor):

@@ -1,0 +1,114 @@
+"""`PruneNet/Strategy-v0`: decide how much to cut from each layer, one layer per step.
+
+An episode is one request: a parameter budget sampled from `budget_range`. Step t shows layer
+t's data-free descriptors with the request and what the episode has proposed so far
+(`prunenet.allocation.strategy.observe`), and takes three numbers in [-1, 1] for that layer: FFN
+weight exponent, head level, drop level (`realise` explains them). After the last layer the
+proposals are rescaled to meet the budget exactly and the reward is minus the KL(dense ||
+pruned) on held-out self-generated text, measured with masks: one forward pass per episode,
+zero reward before. Discount 1 over layers: the layers interact, only the whole cut counts.
+
+`reward="log-kl"` pays -log10(KL) - the same ordering, but a step from 0.2 to 0.1 weighs as
+much as one from 2 to 1, so small and large budgets train alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import gymnasium as gym
+import numpy as np
+
+from prunenet.allocation.strategy import (
+    STRUCTURES,
+    Strategy,
+    StrategyContext,
+    observation_size,
+    observe,
+    realise,
+)
+from prunenet.errors import PruneNetError
+
+REWARDS = ("kl", "log-kl")
+
+
+class StrategyEnv(gym.Env):
+    """Gymnasium environment whose episodes are per-layer strategies for one request.
+
+    :param context: the model's `StrategyContext` (descriptors, masked KL); build it once and
+        share it between environments.
+    :param budget_range: (low, high) of the per-episode fraction of parameters to remove.
+    :param structures: which structures the actions may cut (ffn required).
+    :param reward: `kl` (-KL) or `log-kl` (-log10 KL).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        context: StrategyContext,
+        budget_range: tuple[float, float] = (0.05, 0.35),
+        structures: Sequence[str] = STRUCTURES,
+        reward: str = "log-kl",
+        render_mode: str | None = None,
+    ) -> None:
+        low, high = budget_range
+        if not 0 < low <= high < 1:
+            raise PruneNetError(
+                f"budget_range must satisfy 0 < low <= high < 1, got {budget_range}."
+            )
+        if reward not in REWARDS:
+            raise PruneNetError(f"Unknown reward {reward!r}; choose {' or '.join(REWARDS)}.")
+        if context.descriptors is None:
+            raise PruneNetError("StrategyEnv needs a StrategyContext built with describe=True.")
+        self.context = context
+        self.budget_range = (float(low), float(high))
+        self.structures = tuple(structures)
+        self.reward_name = reward
+        self.render_mode = render_mode
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (observation_size(),), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+        self._fixed_budget: float | None = None
+        self.budget = low
+        self._actions = np.zeros((context.layer_count, 3))
+        self._step = 0
+        self.last_strategy: Strategy | None = None
+
+    def request(self, budget: float | None) -> None:
+        """Fix the budget of the following episodes (None: sample from `budget_range` again).
+
+        :param budget: fraction of parameters to remove.
+        """
+        self._fixed_budget = budget
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        budget = (options or {}).get("budget", self._fixed_budget)
+        if budget is None:
+            budget = float(self.np_random.uniform(*self.budget_range))
+        self.budget = float(budget)
+        self._actions = np.zeros((self.context.layer_count, 3))
+        self._step = 0
+        return self._observation(), {"budget": self.budget}
+
+    def step(self, action):
+        action = np.clip(np.asarray(action, dtype=np.float64).reshape(3), -1.0, 1.0)
+        self._actions[self._step] = action
+        self._step += 1
+        if self._step < self.context.layer_count:
+            return self._observation(), 0.0, False, False, {}
+        strategy = realise(self._actions, self.budget, self.context.costs, self.structures,
+                           source="policy")  # fmt: skip
+        strategy.kl = self.context.kl(strategy)
+        self.last_strategy = strategy
+        reward = -strategy.kl if self.reward_name == "kl" else -math.log10(max(strategy.kl, 1e-8))
+        # The terminal observation is never acted on; the last layer's is repeated.
+        self._step -= 1
+        observation = self._observation()
+        self._step += 1
+        info = {"kl": strategy.kl, "strategy": strategy.to_dict()}
+        return observation, float(reward), True, False, info
+
+    def _observation(self) -> np.ndarray:
+        return observe(self.context, self.budget, self._actions, self._step)

@@ -1,0 +1,252 @@
+"""The strategy policy: PPO over `PruneNet/Strategy-v0`, its checkpoint, and using it.
+
+One policy answers any parameter budget on the model it was trained for (the budget is part of
+every observation, the descriptors are size-agnostic). Training keeps the checkpoint whose
+deterministic strategies have the least mean log10 KL over `EVAL_BUDGETS`.
+
+Checkpoint: a zip with `prunenet.json` (what the network looks like and how it was trained,
+plain JSON) and `policy.safetensors` (the SB3 actor-critic's state dict). Nothing is pickled;
+loading rebuilds the network from the JSON and reads the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zipfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import safetensors.torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.policies import ActorCriticPolicy
+from tqdm.auto import tqdm
+
+from prunenet.allocation.strategy import (
+    DESCRIPTORS,
+    STRUCTURES,
+    Strategy,
+    StrategyContext,
+    observation_size,
+    observe,
+    realise,
+)
+from prunenet.errors import PruneNetError
+from prunenet.io.saving import atomic_file
+from prunenet.rl.checkpoint import MAX_MEMBER_BYTES
+
+STRATEGY_ENV_ID = "envs:PruneNet/Strategy-v0"
+EVAL_BUDGETS = (0.1, 0.2, 0.3)
+METADATA = "prunenet.json"
+WEIGHTS = "policy.safetensors"
+KIND = "strategy-policy"
+FORMAT = 1
+
+
+@dataclass
+class StrategyTrainConfig:
+    """One training run.
+
+    :param timesteps: PPO steps (one per layer; an episode is one request).
+    :param seed: seeds PPO and the budgets sampled.
+    :param budget_range: requests sampled per episode (fraction of parameters removed).
+    :param structures: what the policy may cut (ffn required).
+    :param hidden: width of the two hidden layers of actor and critic.
+    :param log_std_init: initial log standard deviation of the actions (exploration).
+    :param eval_every: episodes between evaluations of the deterministic policy.
+    :param learning_rate: Adam step size.
+    """
+
+    timesteps: int = 12_000
+    seed: int = 0
+    budget_range: tuple[float, float] = (0.05, 0.35)
+    structures: tuple[str, ...] = STRUCTURES
+    hidden: int = 64
+    log_std_init: float = -1.0
+    eval_every: int = 16
+    learning_rate: float = 3e-4
+
+
+def _network_kwargs(hidden: int, log_std_init: float) -> dict:
+    return {"net_arch": {"pi": [hidden, hidden], "vf": [hidden, hidden]},
+            "log_std_init": log_std_init}  # fmt: skip
+
+
+def propose(
+    policy: ActorCriticPolicy,
+    context: StrategyContext,
+    target: float,
+    structures: Sequence[str] = STRUCTURES,
+) -> Strategy:
+    """The policy's deterministic strategy for one request.
+
+    :param policy: a trained strategy policy (`load_strategy_policy`).
+    :param context: the model's `StrategyContext` (with descriptors).
+    :param target: fraction of all parameters to remove.
+    :param structures: what may be cut; the policy's proposals for other structures are ignored.
+    """
+    actions = np.zeros((context.layer_count, 3))
+    for step in range(context.layer_count):
+        observation = observe(context, target, actions, step)
+        action, _ = policy.predict(observation, deterministic=True)
+        actions[step] = np.clip(action, -1.0, 1.0)
+    return realise(actions, target, context.costs, structures, source="policy")
+
+
+def mean_log_kl(policy, context: StrategyContext, structures, budgets=EVAL_BUDGETS) -> float:
+    """Mean log10 KL of the policy's strategies at `budgets` (lower is better).
+
+    :param policy: the policy.
+    :param context: the model's `StrategyContext`.
+    :param structures: what may be cut.
+    :param budgets: the requests evaluated.
+    """
+    values = [
+        math.log10(max(context.kl(propose(policy, context, b, structures)), 1e-8)) for b in budgets
+    ]
+    return float(np.mean(values))
+
+
+class _BestPolicy(BaseCallback):
+    """Evaluates the deterministic policy every `eval_every` episodes, saves the best."""
+
+    def __init__(self, context, config, out, timesteps, model_name) -> None:
+        super().__init__()
+        self.context, self.config, self.out = context, config, out
+        self.model_name = model_name
+        self.best = math.inf
+        self.best_step = 0
+        self.episodes = 0
+        self.history: list[dict] = []
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=timesteps, desc="training the strategy policy", unit="step")
+
+    def _on_step(self) -> bool:
+        self.bar.update(1)
+        for done in self.locals.get("dones", []):
+            if done:
+                self.episodes += 1
+                if self.episodes % self.config.eval_every == 0:
+                    self.evaluate()
+        return True
+
+    def evaluate(self) -> None:
+        score = mean_log_kl(self.model.policy, self.context, self.config.structures)
+        self.history.append({"step": self.num_timesteps, "episodes": self.episodes,
+                             "seconds": time.perf_counter() - self.start,
+                             "mean_log10_kl": score})  # fmt: skip
+        self.bar.set_postfix(log10_kl=f"{score:.3f}", best=f"{min(score, self.best):.3f}")
+        if score < self.best:
+            self.best, self.best_step = score, self.num_timesteps
+            save_strategy_policy(self.model.policy, self.out, self._metadata())
+
+    def _metadata(self) -> dict:
+        return {"model": self.model_name, "config": asdict(self.config),
+                "best_step": self.best_step, "mean_log10_kl": self.best,
+                "eval_budgets": list(EVAL_BUDGETS), "history": self.history}  # fmt: skip
+
+
+def train_strategy(
+    context: StrategyContext, config: StrategyTrainConfig, out: str | Path, model_name: str = ""
+) -> dict:
+    """Train the strategy policy with PPO on one model; the best checkpoint is written to `out`.
+
+    :param context: the model's `StrategyContext` (descriptors computed).
+    :param config: the run.
+    :param out: checkpoint path (a zip, written atomically at every improvement).
+    :param model_name: recorded in the checkpoint.
+    :return: the checkpoint's metadata.
+    """
+    if "ffn" not in config.structures:
+        raise PruneNetError("The strategy policy needs ffn among its structures.")
+    env = Monitor(gym.make(STRATEGY_ENV_ID, context=context, budget_range=config.budget_range,
+                           structures=config.structures, disable_env_checker=True))  # fmt: skip
+    env.reset(seed=config.seed)
+    layers = context.layer_count
+    agent = PPO(
+        "MlpPolicy",
+        env,
+        n_steps=8 * layers,  # 8 requests per update
+        batch_size=2 * layers,
+        n_epochs=10,
+        gamma=1.0,  # only the whole cut is paid, at the end
+        gae_lambda=1.0,
+        learning_rate=config.learning_rate,
+        seed=config.seed,
+        policy_kwargs=_network_kwargs(config.hidden, config.log_std_init),
+        device="cpu",
+        verbose=0,
+    )
+    callback = _BestPolicy(context, config, out, config.timesteps, model_name)
+    callback.init_callback(agent)
+    callback.evaluate()  # the untrained policy proposes (nearly) the uniform cut: the bar
+    agent.learn(total_timesteps=config.timesteps, callback=callback)
+    callback.evaluate()
+    callback.bar.close()
+    return callback._metadata()
+
+
+def save_strategy_policy(policy: ActorCriticPolicy, path: str | Path, metadata: dict) -> None:
+    """Write the policy as JSON + safetensors in a zip, atomically.
+
+    :param policy: the SB3 actor-critic.
+    :param path: the zip to write.
+    :param metadata: facts about the run (JSON-serialisable); the network's shape is added.
+    """
+    config = metadata.get("config", {})
+    header = {"kind": KIND, "format": FORMAT, "descriptors": list(DESCRIPTORS),
+              "observation_size": observation_size(), "hidden": config.get("hidden", 64),
+              "log_std_init": config.get("log_std_init", -1.0), **metadata}  # fmt: skip
+    state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
+    with atomic_file(path) as staging, zipfile.ZipFile(staging, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(METADATA, json.dumps(header, indent=1, default=list))
+        zf.writestr(WEIGHTS, safetensors.torch.save(state))
+
+
+def load_strategy_policy(path: str | Path) -> tuple[ActorCriticPolicy, dict]:
+    """Read a strategy policy written by `save_strategy_policy` (no pickle anywhere).
+
+    :param path: the checkpoint zip.
+    :return: the policy (eval mode) and its metadata.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            sizes = {info.filename: info.file_size for info in archive.infolist()}
+            if any(sizes.get(name, 0) > MAX_MEMBER_BYTES for name in (METADATA, WEIGHTS)):
+                raise PruneNetError(f"Strategy policy {path} has an oversized member.")
+            metadata = json.loads(archive.read(METADATA))
+            weights = safetensors.torch.load(archive.read(WEIGHTS))
+    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as error:
+        raise PruneNetError(
+            f"Strategy policy {path} could not be read ({type(error).__name__}: {error}); "
+            "re-train it with scripts/train_strategy.py or restore the file."
+        ) from None
+    if not isinstance(metadata, dict) or metadata.get("kind") != KIND:
+        raise PruneNetError(f"{path} is not a PruneNet strategy policy (no kind {KIND!r}).")
+    if metadata.get("descriptors") != list(DESCRIPTORS):
+        raise PruneNetError(
+            f"Strategy policy {path} was trained on other layer descriptors "
+            f"({metadata.get('descriptors')}); re-train it with this version."
+        )
+    hidden, log_std = metadata.get("hidden"), metadata.get("log_std_init")
+    if not isinstance(hidden, int) or not isinstance(log_std, (int, float)):
+        raise PruneNetError(f"Strategy policy {path} has a malformed network description.")
+    policy = ActorCriticPolicy(
+        gym.spaces.Box(-np.inf, np.inf, (observation_size(),), np.float32),
+        gym.spaces.Box(-1.0, 1.0, (3,), np.float32),
+        lambda _: 0.0,
+        **_network_kwargs(hidden, float(log_std)),
+    )
+    try:
+        policy.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise PruneNetError(f"Strategy policy {path} does not match its network: {error}") from None
+    policy.set_training_mode(False)
+    return policy, metadata

@@ -1,0 +1,150 @@
+"""Per-layer strategies: the budget met exactly, the masked KL equal to the evaluation's KL of
+the real cut, the search baseline deterministic, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from prunenet.allocation.strategy import (
+    DROP_LEVEL,
+    STRUCTURES,
+    StrategyContext,
+    random_search,
+    realise,
+    uniform_actions,
+)
+from prunenet.allocation.structures import Costs
+from prunenet.core.compress import count_parameters
+from prunenet.errors import PruneNetError
+from prunenet.evaluation.divergence import kl_and_perplexity
+from prunenet.io.loading import load_pruned
+from prunenet.pipeline import PrunePlan, apply_strategy, scorer_planner
+from prunenet.scoring.heuristics import MagnitudeScorer
+from tests.conftest import VOCAB_SIZE, logits_of, tiny_model
+
+# 4 layers, 4 query heads in 2 KV groups of 2: every structure has room to be cut.
+WIDE = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 4}  # fmt: skip
+
+
+def _tokens(sequences: int = 16, length: int = 12) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, VOCAB_SIZE, (sequences, length), generator=generator)
+    tokens[:, 0] = 1  # every self-generated sequence starts with the start token
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def context() -> StrategyContext:
+    return StrategyContext(tiny_model("llama", **WIDE), _tokens())
+
+
+def _context_planner(context: StrategyContext, kept: list[int]):
+    """A planner ranking FFN rows by the scores the masks used (so cut = mask)."""
+
+    def plan(model, ratio):
+        scores = [context.ffn_scores[i] for i in kept]
+        return PrunePlan(scores, [s.numel() for s in scores], {"scorer": "context"})
+
+    return plan
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("refit_biases", [False, True])
+def test_any_actions_meet_the_budget_to_within_one_ffn_row(seed, refit_biases) -> None:
+    model = tiny_model("llama", **WIDE)
+    costs = Costs(model, refit_biases)
+    actions = np.random.default_rng(seed).uniform(-1, 1, (4, 3))
+    strategy = realise(actions, 0.3, costs, STRUCTURES)
+    goal = round(0.3 * costs.dense)
+    one_row = max(costs.per_row) + costs.bias_per_row
+    assert goal <= strategy.params_removed < goal + one_row
+    assert strategy.params_removed == costs.removed(strategy.ffn_rows, strategy.query_heads, 0,
+                                                    strategy.layers)  # fmt: skip
+
+
+@pytest.mark.parametrize("refit", ["none", "lsq"])
+def test_the_cut_model_has_exactly_the_parameters_the_strategy_predicts(refit, tmp_path) -> None:
+    model = tiny_model("llama", **WIDE)
+    dense = count_parameters(model)
+    actions = np.array([[0.8, 0.0, 0.0], [-0.5, 0.9, 0.0], [0.0, 0.0, 0.0], [0.3, 0.0, 0.9]])
+    strategy = realise(actions, 0.3, Costs(model, refit != "none"), STRUCTURES)
+    assert strategy.layers == [3] and strategy.query_heads[1] == 1  # both were used
+    scores = StrategyContext(model, _tokens(), describe=False).head_rank
+    pruned, report = apply_strategy(model, scorer_planner(MagnitudeScorer()), strategy, scores,
+                                    _tokens(), refit=refit)  # fmt: skip
+    assert count_parameters(pruned) == dense - strategy.params_removed
+    assert report.structures["ffn_rows"] == strategy.ffn_rows
+    pruned.save_pretrained(tmp_path)  # per-layer widths and heads: the prunenet loader
+    assert torch.equal(logits_of(load_pruned(tmp_path)), logits_of(pruned))
+
+
+def test_all_zero_actions_cut_every_layer_alike_and_nothing_else() -> None:
+    strategy = realise(uniform_actions(4), 0.2, Costs(tiny_model("llama", **WIDE)))
+    assert max(strategy.ffn_rows) - min(strategy.ffn_rows) <= 1
+    assert strategy.layers == [] and strategy.query_heads == [0, 0, 0, 0]
+
+
+def test_higher_ffn_exponents_take_more_rows_from_their_layers() -> None:
+    actions = np.zeros((4, 3))
+    actions[2, 0], actions[0, 0] = 1.0, -1.0
+    rows = realise(actions, 0.2, Costs(tiny_model("llama", **WIDE))).ffn_rows
+    assert rows[2] > rows[1] > rows[0]
+
+
+def test_drops_beyond_the_budget_are_not_taken() -> None:
+    costs = Costs(tiny_model("llama", **WIDE))
+    actions = np.zeros((4, 3))
+    actions[:, 2] = [0.9, 0.8, DROP_LEVEL + 0.1, 0.0]  # three layers proposed
+    strategy = realise(actions, 0.3, costs, ("ffn", "layers"))
+    share = costs.layer[0] / costs.dense
+    assert share < 0.3 < 2 * share  # one layer fits 30%, two do not
+    assert strategy.layers == [0]
+
+
+def test_structures_left_out_are_ignored() -> None:
+    actions = np.ones((4, 3))
+    strategy = realise(actions, 0.2, Costs(tiny_model("llama", **WIDE)), ("ffn",))
+    assert strategy.layers == [] and not any(strategy.query_heads)
+
+
+@pytest.mark.parametrize(
+    "actions",
+    [np.zeros((4, 3)), np.array([[0.5, 0, 0], [-0.5, 0.9, 0], [0, 0, 0.9], [0.2, 0, 0]])],
+    ids=["uniform", "heads-and-a-layer"],
+)
+def test_the_masked_kl_equals_the_evaluation_kl_of_the_real_cut(context, actions) -> None:
+    strategy = realise(actions, 0.25, context.costs, STRUCTURES)
+    masked_kl = context.kl(strategy)
+    kept = [i for i in range(4) if i not in strategy.layers]
+    pruned, _ = apply_strategy(context.model, _context_planner(context, kept), strategy,
+                               context.head_rank, _tokens())  # fmt: skip
+    kl, _ = kl_and_perplexity(context.model, pruned, context.windows)
+    assert masked_kl > 0
+    assert masked_kl == pytest.approx(kl.mean_kl, rel=1e-4, abs=1e-7)
+
+
+def test_measuring_leaves_the_dense_model_untouched(context) -> None:
+    before = logits_of(context.model)
+    context.kl(realise(np.ones((4, 3)), 0.3, context.costs, STRUCTURES))
+    assert torch.equal(logits_of(context.model), before)
+
+
+def test_the_search_baseline_is_deterministic_and_never_worse_than_uniform(context) -> None:
+    first = random_search(context, 0.3, 6, STRUCTURES, seed=3)
+    again = random_search(context, 0.3, 6, STRUCTURES, seed=3)
+    uniform = context.kl(realise(uniform_actions(4), 0.3, context.costs, STRUCTURES))
+    assert first.to_dict() == again.to_dict()
+    assert first.kl <= uniform
+
+
+def test_a_budget_the_ffn_cannot_fill_is_refused() -> None:
+    with pytest.raises(PruneNetError, match="cannot be met"):
+        realise(np.zeros((4, 3)), 0.95, Costs(tiny_model("llama", **WIDE)), ("ffn",))
+
+
+def test_a_strategy_without_ffn_is_refused() -> None:
+    with pytest.raises(PruneNetError, match="ffn"):
+        realise(np.zeros((4, 3)), 0.2, Costs(tiny_model("llama", **WIDE)), ("layers",))

@@ -1,0 +1,93 @@
+"""`PruneNet/Strategy-v0`: API conformance, episode shape, the reward is the measured KL."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import envs
+from envs.strategy import StrategyEnv
+from prunenet.allocation.strategy import (
+    STRUCTURES,
+    StrategyContext,
+    observation_size,
+    realise,
+    uniform_actions,
+)
+from prunenet.errors import PruneNetError
+from tests.conftest import VOCAB_SIZE, tiny_model
+
+WIDE = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 4}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def context() -> StrategyContext:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, VOCAB_SIZE, (16, 12), generator=generator)
+    tokens[:, 0] = 1
+    return StrategyContext(tiny_model("llama", **WIDE), tokens)
+
+
+def test_the_environment_passes_both_api_checkers(context) -> None:
+    gym_check_env(StrategyEnv(context), skip_render_check=True)
+    sb3_check_env(StrategyEnv(context))
+
+
+def test_gym_make_builds_it_from_the_registered_id(context) -> None:
+    env = gym.make(envs.STRATEGY_ENV_ID, context=context)
+    observation, _ = env.reset(seed=0)
+    assert observation.shape == (observation_size(),)
+
+
+@pytest.mark.parametrize("reward", ["kl", "log-kl"])
+def test_one_episode_is_one_step_per_layer_paid_at_the_end_with_the_measured_kl(
+    context, reward
+) -> None:
+    env = StrategyEnv(context, reward=reward)
+    env.reset(seed=0, options={"budget": 0.2})
+    rewards, terminated = [], False
+    while not terminated:
+        _, value, terminated, truncated, info = env.step(np.zeros(3, dtype=np.float32))
+        rewards.append(value)
+        assert not truncated
+    assert len(rewards) == 4 and rewards[:-1] == [0.0, 0.0, 0.0]
+    uniform = realise(uniform_actions(4), 0.2, context.costs, STRUCTURES)
+    kl = context.kl(uniform)
+    assert info["kl"] == pytest.approx(kl, rel=1e-12)
+    assert info["strategy"]["ffn_rows"] == uniform.ffn_rows
+    assert rewards[-1] == pytest.approx(-kl if reward == "kl" else -math.log10(kl), rel=1e-12)
+
+
+def test_the_budget_is_sampled_from_the_range_and_seen_in_every_observation(context) -> None:
+    env = StrategyEnv(context, budget_range=(0.1, 0.3))
+    budgets = set()
+    for seed in range(5):
+        observation, info = env.reset(seed=seed)
+        assert 0.1 <= info["budget"] <= 0.3
+        assert observation[-5] == pytest.approx(info["budget"])
+        budgets.add(info["budget"])
+    assert len(budgets) == 5
+
+
+def test_earlier_proposals_show_in_later_observations(context) -> None:
+    env = StrategyEnv(context)
+    env.reset(seed=0, options={"budget": 0.2})
+    first, *_ = env.step(np.array([1.0, 0.0, 0.0], dtype=np.float32))
+    env.reset(seed=0, options={"budget": 0.2})
+    other, *_ = env.step(np.array([-1.0, 0.0, 0.9], dtype=np.float32))
+    assert not np.array_equal(first, other)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"budget_range": (0.0, 0.3)}, {"budget_range": (0.4, 0.2)}, {"reward": "ppl"}]
+)
+def test_bad_settings_are_refused(context, kwargs) -> None:
+    with pytest.raises(PruneNetError):
+        StrategyEnv(context, **kwargs)

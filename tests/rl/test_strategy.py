@@ -1,0 +1,119 @@
+"""The strategy policy: training writes a pickle-free checkpoint, loading gives the same
+strategies, the same seed trains the same policy, damaged or foreign files are refused."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from prunenet.allocation.strategy import STRUCTURES, StrategyContext
+from prunenet.errors import PruneNetError
+from prunenet.rl.strategy import (
+    METADATA,
+    WEIGHTS,
+    StrategyTrainConfig,
+    load_strategy_policy,
+    propose,
+    train_strategy,
+)
+from tests.conftest import VOCAB_SIZE, tiny_model
+
+WIDE = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 4}  # fmt: skip
+QUICK = StrategyTrainConfig(timesteps=64, eval_every=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def context() -> StrategyContext:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, VOCAB_SIZE, (16, 12), generator=generator)
+    tokens[:, 0] = 1
+    return StrategyContext(tiny_model("llama", **WIDE), tokens)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(context, tmp_path_factory):
+    path = tmp_path_factory.mktemp("strategy") / "policy.zip"
+    metadata = train_strategy(context, QUICK, path, model_name="tiny")
+    return path, metadata
+
+
+def test_the_checkpoint_holds_only_json_and_safetensors(checkpoint) -> None:
+    path, metadata = checkpoint
+    with zipfile.ZipFile(path) as archive:
+        assert sorted(archive.namelist()) == sorted([METADATA, WEIGHTS])
+        header = json.loads(archive.read(METADATA))
+    assert header["model"] == "tiny" and header["best_step"] == metadata["best_step"]
+    assert header["history"][0]["step"] == 0  # the untrained policy was evaluated first
+
+
+def test_loading_gives_back_the_policy_that_was_evaluated_best(context, checkpoint) -> None:
+    path, metadata = checkpoint
+    policy, loaded = load_strategy_policy(path)
+    scores = [np.log10(context.kl(propose(policy, context, b))) for b in (0.1, 0.2, 0.3)]
+    assert float(np.mean(scores)) == pytest.approx(loaded["mean_log10_kl"], rel=1e-9)
+    assert loaded["mean_log10_kl"] == min(h["mean_log10_kl"] for h in metadata["history"])
+
+
+def test_the_same_seed_trains_the_same_policy(context, checkpoint, tmp_path) -> None:
+    path, _ = checkpoint
+    again = tmp_path / "again.zip"
+    train_strategy(context, QUICK, again, model_name="tiny")
+    first, _ = load_strategy_policy(path)
+    second, _ = load_strategy_policy(again)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(),
+                                 strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+
+
+def test_proposals_meet_the_budget_for_any_request(context, checkpoint) -> None:
+    policy, _ = load_strategy_policy(checkpoint[0])
+    for budget in (0.05, 0.17, 0.33):
+        strategy = propose(policy, context, budget, STRUCTURES)
+        goal = round(budget * context.costs.dense)
+        assert goal <= strategy.params_removed < goal + max(context.costs.per_row)
+
+
+def _rewrite(source, target, metadata=None, extra=None) -> None:
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for name in old.namelist():
+            data = old.read(name)
+            if name == METADATA and metadata is not None:
+                data = json.dumps({**json.loads(data), **metadata}).encode()
+            new.writestr(name, data)
+        for name, data in (extra or {}).items():
+            new.writestr(name, data)
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [({"kind": "row-policy"}, "not a PruneNet strategy"),
+     ({"descriptors": ["depth"]}, "other layer descriptors"),
+     ({"hidden": "64"}, "malformed"),
+     ({"hidden": 32}, "does not match")],
+)  # fmt: skip
+def test_foreign_or_inconsistent_checkpoints_are_refused(checkpoint, tmp_path, metadata, message):
+    bad = tmp_path / "bad.zip"
+    _rewrite(checkpoint[0], bad, metadata)
+    with pytest.raises(PruneNetError, match=message):
+        load_strategy_policy(bad)
+
+
+def test_a_pickle_inside_the_zip_is_never_opened(checkpoint, tmp_path) -> None:
+    # A member that would run code if unpickled: loading must ignore it (and still work).
+    bad = tmp_path / "with-pickle.zip"
+    payload = b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR."
+    _rewrite(checkpoint[0], bad, extra={"policy.pth": payload, "data": payload})
+    load_strategy_policy(bad)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_file_that_is_not_a_zip_is_refused(tmp_path) -> None:
+    bad = tmp_path / "policy.zip"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(PruneNetError, match="could not be read"):
+        load_strategy_policy(bad)
