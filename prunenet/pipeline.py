@@ -365,3 +365,40 @@ def apply_strategy(
     report.params_before = params_before
     report.structures = strategy.to_dict()
     return pruned, report
+
+
+def prune_strategies_and_save(
+    model: nn.Module,
+    tokenizer,
+    planner: Planner,
+    strategies: Sequence[Strategy],
+    head_scores: Sequence[torch.Tensor] | None,
+    folders: Sequence[str | Path],
+    overwrite: bool = False,
+    refit: str = "none",
+    selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
+) -> list[PruneReport]:
+    """`prune_budgets_and_save` for per-layer strategies (one folder per strategy).
+
+    :param model: the dense model; cut in place for the last strategy.
+    :param tokenizer: saved beside each model.
+    :param planner: scores each layer's FFN rows.
+    :param strategies: from `prunenet.allocation.strategy` (a policy, the search, ...).
+    :param head_scores: the query-head scores the strategies were measured with.
+    :param folders: output folders, as many as `strategies`.
+    :param overwrite: replace existing folders.
+    :param refit: the FFN refit.
+    :param selfgen: the analysis text (written once, used by every strategy).
+    """
+    if len(strategies) != len(folders):
+        raise PruneNetError(f"Got {len(strategies)} strategies for {len(folders)} folders.")
+    tokens = analysis_text(model, selfgen)
+    reports = []
+    for index, (strategy, folder) in enumerate(zip(strategies, folders, strict=True)):
+        start = time.perf_counter()
+        last = index == len(strategies) - 1
+        pruned, report = apply_strategy(model, planner, strategy, head_scores, tokens, last, refit)
+        save_pruned(pruned, tokenizer, folder, report, overwrite=overwrite)
+        report.seconds = time.perf_counter() - start
+        reports.append(report)
+    return reports

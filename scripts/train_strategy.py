@@ -5,7 +5,7 @@ request, with the uniform cut and the random-search baseline on the same masked 
         --out prunenet/policies/smollm2-135m-strategy.zip
 
 Everything is measured on the model's own text: 64 x 128 self-generated tokens (seed 0; cached),
-the last 8 sequences held out for the KL. Prints one table row per budget: KL of uniform, of
+the last 4 sequences held out for the KL. Prints one table row per budget: KL of uniform, of
 the policy (1 evaluation), of random search with `--search-evaluations` evaluations.
 """
 
@@ -20,13 +20,12 @@ import torch
 
 from prunenet.allocation.strategy import (
     STRUCTURES,
-    StrategyContext,
     random_search,
     realise,
+    strategy_context,
     uniform_actions,
 )
 from prunenet.allocation.structures import parse_structures
-from prunenet.analysis.selfgen import SelfGenConfig, own_text
 from prunenet.io.models import load_model
 from prunenet.rl.strategy import (
     EVAL_BUDGETS,
@@ -35,8 +34,6 @@ from prunenet.rl.strategy import (
     propose,
     train_strategy,
 )
-
-STRATEGY_TEXT = SelfGenConfig(sequences=64, length=128, seed=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     model, _ = load_model(args.model)
     structures = parse_structures(args.structures, model.config)
     start = time.perf_counter()
-    context = StrategyContext(model, own_text(model, STRATEGY_TEXT))
+    context = strategy_context(model)
     print(f"context (descriptors, scores) in {time.perf_counter() - start:.0f} s", flush=True)
     if not args.compare_only:
         config = StrategyTrainConfig(timesteps=args.timesteps, seed=args.seed,

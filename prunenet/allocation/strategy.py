@@ -46,6 +46,7 @@ from prunenet.allocation.structures import (
 )
 from prunenet.allocation.trials import masked
 from prunenet.analysis.influence import block_influence
+from prunenet.analysis.selfgen import SelfGenConfig, own_text
 from prunenet.core.arch import head_removal_blocker
 from prunenet.errors import PruneNetError
 from prunenet.evaluation.divergence import ReferenceCache, kl_and_perplexity
@@ -54,7 +55,10 @@ from prunenet.evaluation.perplexity import TokenWindows
 FFN_BASE = 4.0  # an FFN action a in [-1, 1] weighs the layer's share of the cut by FFN_BASE**a
 DROP_LEVEL = 0.5  # a layer whose drop action is above this is dropped (while the budget allows)
 PROBE_RATIO = 0.3  # the per-layer sensitivity descriptor: KL with this share of its FFN masked
-KL_SEQUENCES = 8  # held-out self-generated sequences a strategy's KL is measured on
+# The text strategies are described and measured on, whatever the analysis text: the policy's
+# descriptors must mean at prune time what they meant in training. Cached after the first run.
+STRATEGY_TEXT = SelfGenConfig(sequences=64, length=128, seed=0)
+KL_SEQUENCES = 4  # held-out self-generated sequences a strategy's KL is measured on
 DESCRIPTORS = (
     "depth",  # relative position, 0 (first) .. 1 (last)
     "layer_share",  # the layer's parameters / all parameters
@@ -381,3 +385,12 @@ def check_strategy_budget(model: nn.Module, target: float, structures: Sequence[
             "--strategy policy/search decide per-layer FFN amounts: include ffn in --structures."
         )
     check_budget(model, target, structures)
+
+
+def strategy_context(model: nn.Module, refit_biases: bool = False) -> StrategyContext:
+    """The model's `StrategyContext` on `STRATEGY_TEXT` (its own text, written once and cached).
+
+    :param model: the dense model.
+    :param refit_biases: count the biases a refit adds.
+    """
+    return StrategyContext(model, own_text(model, STRATEGY_TEXT), refit_biases)

@@ -8,6 +8,7 @@ before the model is read, and the in-memory and streaming runs are one command's
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -17,6 +18,7 @@ import torch
 
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO
 from prunenet.allocation.sensitivity import ALLOCATIONS, SENSITIVITY_RATIOS
+from prunenet.allocation.strategy import random_search, strategy_context
 from prunenet.allocation.structures import STRUCTURES, check_budget, parse_structures
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN
@@ -35,12 +37,16 @@ from prunenet.pipeline import (
     check_analysis,
     prune_and_save,
     prune_budgets_and_save,
+    prune_strategies_and_save,
     scorer_planner,
 )
+from prunenet.rl.strategy import BUNDLED_STRATEGY, load_strategy_policy, propose
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import SCORERS, make_scorer
 from prunenet.stream import require_weights_only, should_stream, stream_prune
 from prunenet.tables import format_table
+
+STRATEGIES = ("uniform", "policy", "search")
 
 
 def register(subparsers) -> None:
@@ -69,6 +75,33 @@ def register(subparsers) -> None:
         help="fraction of ALL parameters to remove, in (0, 1), split between --structures by "
         "greedy KL per parameter on self-generated text; a comma list writes one folder per "
         "budget (params-0.20, ...). Needs the model in memory",
+    )
+    amount.add_argument(
+        "--requests",
+        type=parse_requests,
+        help="a file of parameter budgets (one fraction a line, or a JSON list): like "
+        "--remove-params with a list, the text is written and analysed once for all of them",
+    )
+    parser.add_argument(
+        "--strategy",
+        default="uniform",
+        choices=STRATEGIES,
+        help="with --remove-params/--requests: how much to cut where. uniform (default): the "
+        "same FFN rows, heads and layers counts in every layer, split between --structures by "
+        "greedy KL per parameter; policy: per-layer amounts from the bundled strategy policy "
+        "(PPO, trained on SmolLM2-135M) or --strategy-policy; search: the best of "
+        "--search-evaluations random per-layer strategies by self-generated KL. policy and "
+        "search give layers different widths (load with prunenet.load_pruned)",
+    )
+    parser.add_argument(
+        "--strategy-policy",
+        help="a strategy-policy checkpoint (scripts/train_strategy.py) for --strategy policy",
+    )
+    parser.add_argument(
+        "--search-evaluations",
+        type=positive_int,
+        default=32,
+        help="--strategy search: strategies measured per request (one forward pass each)",
     )
     parser.add_argument(
         "--structures",
@@ -202,8 +235,29 @@ def parse_max_layer_ratio(text: str) -> float:
     return value
 
 
+def parse_requests(path: str) -> list[float]:
+    """Budgets from a file: one fraction a line (blank lines and # comments skipped) or a JSON
+    list of fractions."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {error.strerror}") from None
+    try:
+        values = json.loads(text) if text.lstrip().startswith("[") else None
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{path} is not a JSON list: {error}") from None
+    if values is None:
+        values = [line.split("#")[0].strip() for line in text.splitlines()]
+        values = [v for v in values if v]
+    if not values or not all(isinstance(v, (str, int, float)) for v in values):
+        raise argparse.ArgumentTypeError(f"{path} holds no budgets (fractions in (0, 1)).")
+    return parse_ratios(",".join(str(v) for v in values))
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    if args.requests is not None:
+        args.remove_params = args.requests
     check_amount(args)
     if args.remove_params is not None:
         folders = output_folders(args.out, args.remove_params, prefix="params")
@@ -236,6 +290,15 @@ def run(args: argparse.Namespace) -> int:
 def check_amount(args: argparse.Namespace) -> None:
     """Refuse combinations of --ratio / --remove-params / --structures that cannot work, before
     any model is read; `args.structures` becomes a tuple."""
+    if args.remove_params is None and args.strategy != "uniform":
+        raise PruneNetError(
+            f"--strategy {args.strategy} decides per-layer amounts for a parameter budget: use "
+            "it with --remove-params F (or --requests FILE)."
+        )
+    if args.strategy_policy and args.strategy != "policy":
+        raise PruneNetError("--strategy-policy is only read with --strategy policy.")
+    if args.strategy == "policy":
+        args.strategy_policy_data = load_strategy_policy(args.strategy_policy or BUNDLED_STRATEGY)
     if args.remove_params is None:
         if args.structures not in (None, "ffn"):
             raise PruneNetError(
@@ -255,6 +318,11 @@ def check_amount(args: argparse.Namespace) -> None:
         raise PruneNetError(
             "--remove-params removes the same FFN rows from every layer; --allocation auto "
             "works with --ratio only."
+        )
+    if args.strategy != "uniform" and "ffn" not in args.structures:
+        raise PruneNetError(
+            f"--strategy {args.strategy} decides per-layer FFN amounts (the FFN meets the "
+            "budget exactly): include ffn in --structures."
         )
 
 
@@ -302,6 +370,19 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
     selfgen = SelfGenConfig(
         sequences=args.selfgen_sequences, length=args.selfgen_length, seed=args.seed
     )
+    if args.remove_params is not None and args.strategy != "uniform":
+        context = strategy_context(model, refit_biases=args.refit != "none")
+        strategies = [_strategy(args, context, target) for target in args.remove_params]
+        reports = prune_strategies_and_save(
+            model, tokenizer, planner, strategies, context.head_rank, folders, args.overwrite,
+            args.refit, selfgen,
+        )  # fmt: skip
+        rows = [
+            strategy_row(strategy, report, folder)
+            for strategy, report, folder in zip(strategies, reports, folders, strict=True)
+        ]
+        print(format_table(STRATEGY_HEADERS, rows))
+        return 0
     if args.remove_params is not None:
         reports = prune_budgets_and_save(
             model, tokenizer, planner, args.remove_params, args.structures, folders,
@@ -322,6 +403,39 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
     ]
     print(format_table(SUMMARY_HEADERS, rows))
     return 0
+
+
+def _strategy(args: argparse.Namespace, context, target: float):
+    if args.strategy == "policy":
+        policy, _ = args.strategy_policy_data
+        strategy = propose(policy, context, target, args.structures)
+    else:
+        strategy = random_search(context, target, args.search_evaluations, args.structures,
+                                 seed=args.seed)  # fmt: skip
+    strategy.kl = context.kl(strategy) if strategy.kl is None else strategy.kl
+    return strategy
+
+
+STRATEGY_HEADERS = ["params target", "strategy", "self-gen KL", "layers dropped",
+                    "heads removed", "FFN rows removed (min-max per layer)", "params after",
+                    "params removed", "seconds", "saved to"]  # fmt: skip
+
+
+def strategy_row(strategy, report: PruneReport, folder: Path) -> list:
+    """One line of the --strategy policy/search summary."""
+    kept = [r for i, r in enumerate(strategy.ffn_rows) if i not in strategy.layers]
+    return [
+        strategy.target,
+        strategy.source,
+        f"{strategy.kl:.4f}",
+        ",".join(map(str, strategy.layers)) or "-",
+        sum(strategy.query_heads) or "-",
+        f"{100 * report.ffn_ratio:.1f}% ({min(kept)}-{max(kept)})",
+        report.params_after,
+        f"{100 * report.params_removed_fraction:.1f}%",
+        f"{report.seconds:.2f}",
+        str(folder),
+    ]
 
 
 def warn_if_nothing_removed(width: int, ratio: float) -> int:

@@ -1,0 +1,102 @@
+"""`prunenet prune --strategy policy|search` and `--requests`: per-layer amounts end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import prunenet.allocation.strategy as strategy_module
+from prunenet.allocation.strategy import SelfGenConfig, StrategyContext
+from prunenet.cli import main
+from prunenet.io.loading import load_pruned
+from prunenet.io.saving import REPORT_FILE
+from prunenet.rl.strategy import StrategyTrainConfig, train_strategy
+from tests.conftest import tiny_model
+
+pytestmark = pytest.mark.usefixtures("no_disk_cache")
+
+
+@pytest.fixture(autouse=True)
+def small_strategy_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(strategy_module, "STRATEGY_TEXT", SelfGenConfig(16, 12, seed=0))
+
+
+def _prune(model: Path, out: Path, *extra: str) -> int:
+    argv = ["prune", "--model", str(model), "--scorer", "magnitude", "--out", str(out),
+            "--selfgen-sequences", "4", "--selfgen-length", "12"]  # fmt: skip
+    try:
+        return main([*argv, *extra])
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def test_search_writes_a_per_layer_folder_with_exact_parameter_arithmetic(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    code = _prune(tiny_model_folder, out, "--remove-params", "0.2", "--strategy", "search",
+                  "--search-evaluations", "4")  # fmt: skip
+    assert code == 0
+    report = json.loads((out / REPORT_FILE).read_text())
+    strategy = report["structures"]
+    assert strategy["source"] == "search" and strategy["extra"]["evaluations"] == 4
+    reloaded = load_pruned(out)
+    dense = tiny_model("llama")
+    assert reloaded.num_parameters() == dense.num_parameters() - strategy["params_removed"]
+    assert strategy["removed_fraction"] >= 0.2
+    assert "self-gen KL" in capsys.readouterr().out
+
+
+def test_a_requests_file_writes_one_folder_per_budget(tiny_model_folder, tmp_path) -> None:
+    requests = tmp_path / "requests.txt"
+    requests.write_text("# budgets\n0.1\n\n0.2\n")
+    out = tmp_path / "out"
+    code = _prune(tiny_model_folder, out, "--requests", str(requests), "--strategy", "search",
+                  "--search-evaluations", "2")  # fmt: skip
+    assert code == 0
+    for budget in ("0.10", "0.20"):
+        report = json.loads((out / f"params-{budget}" / REPORT_FILE).read_text())
+        assert report["structures"]["target"] == float(budget)
+
+
+def test_a_json_requests_file_with_the_uniform_split_works_too(tiny_model_folder, tmp_path):
+    requests = tmp_path / "requests.json"
+    requests.write_text("[0.1, 0.15]")
+    assert _prune(tiny_model_folder, tmp_path / "out", "--requests", str(requests)) == 0
+    assert (tmp_path / "out" / "params-0.15" / REPORT_FILE).is_file()
+
+
+def test_a_strategy_policy_checkpoint_decides_the_amounts(tiny_model_folder, tmp_path) -> None:
+    model = load_pruned(tiny_model_folder)
+    context = StrategyContext(model, torch.randint(3, 60, (16, 12)))
+    checkpoint = tmp_path / "strategy.zip"
+    train_strategy(context, StrategyTrainConfig(timesteps=16, eval_every=2), checkpoint)
+    out = tmp_path / "out"
+    code = _prune(tiny_model_folder, out, "--remove-params", "0.2", "--strategy", "policy",
+                  "--strategy-policy", str(checkpoint))  # fmt: skip
+    assert code == 0
+    assert json.loads((out / REPORT_FILE).read_text())["structures"]["source"] == "policy"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--ratio", "0.3", "--strategy", "search"), "use it with --remove-params"),
+        (("--remove-params", "0.2", "--strategy-policy", "x.zip"), "only read with"),
+        (("--remove-params", "0.2", "--strategy", "policy", "--strategy-policy", "no.zip"),
+         "could not be read"),
+        (("--remove-params", "0.2", "--strategy", "search", "--structures", "layers"),
+         "include ffn"),
+        (("--requests", "missing.txt"), "cannot read"),
+    ],
+)  # fmt: skip
+def test_bad_strategy_requests_exit_2_before_any_work(
+    tiny_model_folder, tmp_path, capsys, extra, message, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert _prune(tiny_model_folder, tmp_path / "out", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
