@@ -48,6 +48,7 @@ from torch import nn
 
 from prunenet import __version__
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO, keep_counts, uniform_allocation
+from prunenet.allocation.strategy import random_search, strategy_context
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN, analysis_text
 from prunenet.core.arch import ffn_widths
@@ -71,9 +72,11 @@ from prunenet.pipeline import (
     PrunePlan,
     apply_budget,
     apply_plan,
+    apply_strategy,
     needs_text,
     scorer_planner,
 )
+from prunenet.rl.strategy import BUNDLED_STRATEGY, load_strategy_policy, propose
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import SCORERS, make_scorer
 from prunenet.tables import format_table, markdown_table
@@ -103,12 +106,16 @@ class Method:
     refit: str = "none"
     # With --remove-params: what the budget may take besides FFN rows ("+heads", "+layers").
     structures: tuple[str, ...] = ("ffn",)
+    # With --remove-params: "uniform" (the greedy split), "policy" ("+strategy": the strategy
+    # policy's per-layer amounts) or "search" ("+search": random search on self-generated KL).
+    strategy: str = "uniform"
 
 
 # Name suffixes of scorer-backed methods: "+auto" allocation, "+seq" sequential analysis,
 # "+bias" / "+lsq" refit (e.g. "selfgen+seq+lsq"); with --remove-params, "+heads" / "+layers"
-# let the parameter budget take heads / whole layers too.
-MODIFIERS = ("auto", "seq", "bias", "lsq", "heads", "layers")
+# let the parameter budget take heads / whole layers too, "+strategy" / "+search" decide
+# per-layer amounts (the strategy policy / random search).
+MODIFIERS = ("auto", "seq", "bias", "lsq", "heads", "layers", "strategy", "search")
 
 
 def scorer_method(
@@ -119,6 +126,7 @@ def scorer_method(
     analysis: str = "oneshot",
     refit: str = "none",
     structures: tuple[str, ...] = ("ffn",),
+    strategy: str = "uniform",
 ) -> Method:
     """A `Scorer` as a method, with uniform or self-generated ("auto") per-layer allocation.
 
@@ -129,6 +137,7 @@ def scorer_method(
     :param analysis: "oneshot" or "sequential" (`prunenet.pipeline.scorer_planner`).
     :param refit: "none", "bias" or "lsq" (`prunenet.pipeline.apply_plan`).
     :param structures: what a --remove-params budget may take (`prunenet.pipeline.apply_budget`).
+    :param strategy: how a budget is spread over layers: uniform, policy or search.
     """
     planner: list[Planner] = []  # built on first use: loading a policy costs time
 
@@ -137,7 +146,7 @@ def scorer_method(
             planner.append(scorer_planner(make(), allocation, max_layer_ratio, analysis))
         return planner[0](model, ratio)
 
-    return Method(name, plan, refit, structures)
+    return Method(name, plan, refit, structures, strategy)
 
 
 # Methods read from `prunenet train` checkpoints: name (= the checkpoint's algo) -> flag.
@@ -223,6 +232,7 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
                     "sequential" if "seq" in mods else "oneshot",
                     refits[0] if refits else "none",
                     ("ffn", *(m for m in ("heads", "layers") if m in mods)),
+                    "policy" if "strategy" in mods else "search" if "search" in mods else "uniform",
                 )
             )
         else:
@@ -235,6 +245,8 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
             "analysis, '+bias' or '+lsq' for a refit, '+heads' / '+layers' with --remove-params; "
             "ppo needs --policy, reinforce needs --baseline-policy)."
         )
+    if not args.remove_params and any(m.strategy != "uniform" for m in methods):
+        raise PruneNetError("'+strategy' and '+search' methods need --remove-params budgets.")
     if not args.remove_params and any(m.structures != ("ffn",) for m in methods):
         raise PruneNetError("'+heads' and '+layers' methods need --remove-params budgets.")
     if args.remove_params and any(m.name in EXTRA_METHODS for m in methods):
@@ -479,7 +491,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="comma list of parameter budgets (fractions of all parameters) instead of FFN "
         "ratios: each method prunes through `prunenet prune --remove-params` (its '+heads' / "
-        "'+layers' suffixes say what the budget may take); the ratio column is the budget",
+        "'+layers' suffixes say what the budget may take, '+strategy' / '+search' spread it "
+        "per layer by the strategy policy / random search); the ratio column is the budget",
+    )
+    parser.add_argument(
+        "--strategy-policy",
+        default=None,
+        help="strategy-policy checkpoint for '+strategy' methods (default: the bundled one)",
+    )
+    parser.add_argument(
+        "--search-evaluations",
+        type=int,
+        default=32,
+        help="'+search' methods: random strategies measured per budget (default 32)",
     )
     parser.add_argument(
         "--max-layer-ratio",
@@ -530,6 +554,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="smoke run: ratios 0.2,0.5, 3 questions/task, 2 windows of 128 tokens, 2 rounds",
     )
     args = parser.parse_args(argv)
+    args.strategy_contexts = {}  # per refit-bias setting, built on first use
     args.zero_shot_tasks = [t.strip() for t in args.zero_shot_tasks.split(",") if t.strip()]
     preset = {**DEFAULTS, **(QUICK if args.quick else {})}
     for key in PRESET_KEYS:
@@ -648,8 +673,11 @@ def main(argv: list[str] | None = None) -> int:
                     tokens = analysis_text(model, selfgen)
                     protocol["text_seconds"] = time.perf_counter() - plan_start
                     plan_start += protocol["text_seconds"]
-                pruned, report = apply_budget(model, method.plan, ratio, method.structures,
-                                              tokens, refit=method.refit)  # fmt: skip
+                if method.strategy == "uniform":
+                    pruned, report = apply_budget(model, method.plan, ratio, method.structures,
+                                                  tokens, refit=method.refit)  # fmt: skip
+                else:
+                    pruned, report = _apply_strategy(model, method, ratio, tokens, args)
                 protocol["method_info"].setdefault(method.name, {})[f"{ratio}"] = {
                     **report.scorer,
                     "refit": method.refit,
@@ -682,6 +710,25 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(display_headers(tasks), display_rows(rows, tasks)))
     print(f"wall time {protocol['wall_seconds'] / 60:.1f} min; wrote {', '.join(map(str, paths))}")
     return 0
+
+
+def _apply_strategy(model: nn.Module, method: Method, target: float, tokens, args):
+    """A "+strategy" / "+search" method at one budget, through `prunenet.pipeline.apply_strategy`
+    (the same path as `prunenet prune --strategy policy|search`)."""
+    refit_biases = method.refit != "none"
+    contexts = args.strategy_contexts
+    if refit_biases not in contexts:
+        contexts[refit_biases] = strategy_context(model, refit_biases)
+    context = contexts[refit_biases]
+    if method.strategy == "policy":
+        policy, _ = load_strategy_policy(args.strategy_policy or BUNDLED_STRATEGY)
+        strategy = propose(policy, context, target, method.structures)
+        strategy.kl = context.kl(strategy)
+    else:
+        strategy = random_search(context, target, args.search_evaluations, method.structures,
+                                 seed=args.seed)  # fmt: skip
+    return apply_strategy(model, method.plan, strategy, context.head_rank, tokens,
+                          refit=method.refit)  # fmt: skip
 
 
 def _report_progress(rows: list[dict], start: float, pruned_total: int) -> None:

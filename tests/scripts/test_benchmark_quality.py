@@ -246,3 +246,27 @@ def test_heads_and_layers_suffixes_need_parameter_budgets(bench):
         bench.parse_args(["--methods", "selfgen+heads+layers", "--remove-params", "0.1"])
     )
     assert methods[0].structures == ("ffn", "heads", "layers")
+
+
+def test_search_methods_spread_the_budget_per_layer_through_apply_strategy(
+    bench, tiny_model_folder, tmp_path, monkeypatch
+):
+    import prunenet.allocation.strategy as strategy_module
+    from prunenet.analysis.selfgen import SelfGenConfig
+
+    monkeypatch.setattr(strategy_module, "STRATEGY_TEXT", SelfGenConfig(16, 12, seed=0))
+    argv = ["--model", str(tiny_model_folder), "--quick", "--methods", "magnitude+lsq+search",
+            "--remove-params", "0.2", "--seqlen", "16", "--zero-shot-tasks", "",
+            "--selfgen-sequences", "4", "--search-evaluations", "3",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    row = next(r for r in data["rows"] if r["method"] == "magnitude+lsq+search")
+    strategy = data["protocol"]["method_info"]["magnitude+lsq+search"]["0.2"]["structures"]
+    assert strategy["source"] == "search" and len(strategy["ffn_rows"]) == 2
+    assert row["params_removed"] == pytest.approx(strategy["removed_fraction"])
+
+
+def test_strategy_suffixes_need_parameter_budgets(bench):
+    with pytest.raises(PruneNetError, match="need --remove-params"):
+        bench.build_methods(bench.parse_args(["--methods", "selfgen+seq+lsq+strategy"]))
