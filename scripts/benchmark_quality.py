@@ -56,6 +56,7 @@ from prunenet.core.devices import default_device, describe_device
 from prunenet.core.ratios import rows_for_ratio, validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.evaluation.data import data_versions
+from prunenet.evaluation.pareto import non_dominated
 from prunenet.evaluation.perplexity import PPL_TASKS
 from prunenet.evaluation.speed import compare_speed, parameter_counts
 from prunenet.evaluation.suite import METRIC_DEFINITIONS, EvaluationSuite, lm_eval_version
@@ -266,7 +267,7 @@ def columns(tasks: list[str]) -> list[str]:
         *(f"speedup_{name}" for name, _, _ in SPEEDS),
         *(f"{name}_tok_s" for name, _, _ in SPEEDS),
         *(f"dense_{name}_tok_s" for name, _, _ in SPEEDS),
-        "plan_s", "eval_s",
+        "plan_s", "eval_s", "front_params", "front_speed",
     ]  # fmt: skip
 
 
@@ -331,8 +332,9 @@ def evaluate_row(
 
 
 def write_outputs(out_dir: Path, stem: str, rows: list[dict], protocol: dict) -> list[Path]:
-    """CSV, Markdown, JSON and (when rows allow) the PNG plot; rewritten after every row."""
+    """CSV, Markdown, JSON and (when rows allow) the PNG plots; rewritten after every row."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    mark_fronts(rows)
     paths = [out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "json")]
     with open(paths[0], "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=columns(protocol["zero_shot_tasks"]))
@@ -342,7 +344,64 @@ def write_outputs(out_dir: Path, stem: str, rows: list[dict], protocol: dict) ->
     paths[2].write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=2))
     if rows:
         paths.append(plot(rows, protocol, out_dir / f"{stem}.png"))
+        paths.append(plot_fronts(rows, protocol, out_dir / f"{stem}_pareto.png"))
     return paths
+
+
+def mark_fronts(rows: list[dict]) -> None:
+    """Flag each row on the Pareto front of quality (perplexity on the three texts, lower) vs
+    size (parameters, lower) and vs prefill speed-up (higher; dense counts as 1.0)."""
+    quality = [[row[t] for t in PPL_TASKS] for row in rows]
+    size = [[row["params"], *q] for row, q in zip(rows, quality, strict=True)]
+    speed = [[1.0 if row["method"] == "dense" else row["speedup_prefill"], *q]
+             for row, q in zip(rows, quality, strict=True)]  # fmt: skip
+    directions = ["min"] * len(PPL_TASKS)
+    for key, points, first in (("front_params", size, "min"), ("front_speed", speed, "max")):
+        for row, flag in zip(rows, non_dominated(points, [first, *directions]), strict=True):
+            row[key] = flag
+
+
+def plot_fronts(rows: list[dict], protocol: dict, path: Path) -> Path:
+    """Geometric-mean perplexity of the three texts against parameters removed and against
+    prefill speed-up, one colour per method; rows on the Pareto front (`mark_fronts`) ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def quality(row):
+        values = [row[t] for t in PPL_TASKS]
+        if not all(_finite(v) and v > 0 for v in values):
+            return None
+        return math.exp(sum(math.log(v) for v in values) / len(values))
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    panels = (("params_removed", "front_params", "share of all parameters removed"),
+              ("speedup_prefill", "front_speed", "prefill speed-up over dense"))  # fmt: skip
+    for axis, (column, front, label) in zip(axes, panels, strict=True):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            points = [r for r in rows if r["method"] == method and quality(r) is not None]
+            xs = [1.0 if r["method"] == "dense" and column == "speedup_prefill" else r[column]
+                  for r in points]  # fmt: skip
+            ys = [quality(r) for r in points]
+            if not points or any(not _finite(x) for x in xs):
+                continue
+            line = axis.plot(xs, ys, "o", label=method)[0]
+            ringed = [(x, y) for x, y, r in zip(xs, ys, points, strict=True) if r.get(front)]
+            if ringed:
+                axis.scatter(*zip(*ringed, strict=True), s=160, facecolors="none",
+                             edgecolors=line.get_color(), linewidths=1.5)  # fmt: skip
+        axis.set_yscale("log")
+        axis.set_xlabel(label)
+        axis.set_ylabel("perplexity, geometric mean of the 3 texts")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"{protocol['model']}: Pareto fronts (ringed: no other row is smaller/"
+                    "faster and at least as good on every text)")  # fmt: skip
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def display_rows(rows: list[dict], tasks: list[str]) -> list[list]:
@@ -361,8 +420,10 @@ def display_rows(rows: list[dict], tasks: list[str]) -> list[list]:
                 f"{row['params'] / 1e6:.1f}M" if row["params"] >= 1e6 else f"{row['params']:,}",
                 f"{100 * row['params_removed']:.1f}%",
                 *(_number(row[f"speedup_{name}"], ".2f") for name, _, _ in SPEEDS),
+                "".join(mark for key, mark in (("front_params", "P"), ("front_speed", "S"))
+                        if row.get(key)) or "-",
             ]
-        )
+        )  # fmt: skip
     return shown
 
 
@@ -374,6 +435,7 @@ def display_headers(tasks: list[str]) -> list[str]:
         "method", "ratio", "ppl BoolQ", "ppl LAMBADA", "ppl code", "KL BoolQ", "KL LAMBADA",
         "KL code", *(titles.get(t, t) for t in tasks), "0-shot avg ± se", "params",
         "params removed", "speed-up prefill", "speed-up decode b1", "speed-up decode b8",
+        "Pareto",
     ]  # fmt: skip
 
 

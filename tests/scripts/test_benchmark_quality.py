@@ -69,11 +69,24 @@ def test_quick_preset_and_defaults(bench):
 
 def test_quick_run_writes_csv_markdown_json_and_plot(quick_run):
     stems = {p.stem for p in quick_run.iterdir()}
-    assert len(stems) == 1, stems
-    stem = quick_run / stems.pop()
+    assert len(stems) == 2, stems
+    stem = quick_run / min(stems)
     for ext in ("csv", "md", "json", "png"):
         assert stem.with_suffix(f".{ext}").is_file(), ext
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    pareto = quick_run / f"{stem.name}_pareto.png"
+    assert pareto.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rows_on_the_pareto_fronts_are_marked(quick_run):
+    (path,) = quick_run.glob("*.csv")
+    rows = list(csv.DictReader(path.open()))
+    points = [(int(r["params"]), *(float(r[t]) for t in ("ppl_boolq", "ppl_lambada", "ppl_code")))
+              for r in rows]  # fmt: skip
+    for row, point in zip(rows, points, strict=True):
+        beaten = any(all(o <= p for o, p in zip(other, point, strict=True)) and other != point
+                     for other in points)  # fmt: skip
+        assert (row["front_params"] == "True") == (not beaten)
 
 
 def test_quick_run_has_dense_and_every_method_at_every_ratio(quick_run):
