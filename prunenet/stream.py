@@ -43,6 +43,7 @@ from prunenet.core.compress import PruneReport, record_ffn_widths, select_keep_i
 from prunenet.core.devices import resolve_device
 from prunenet.core.ratios import validate_ratio
 from prunenet.errors import PruneNetError
+from prunenet.io.remote_code import write_remote_code
 from prunenet.io.saving import REPORT_FILE, atomic_directory, check_free_space, check_output_path
 from prunenet.io.stream.checkpoint import (
     available_memory_bytes,
@@ -135,6 +136,7 @@ def stream_prune(
         record_weights_dtype(config, checkpoint)
         config.save_pretrained(staging)
         copy_side_files(folder, staging)
+        write_remote_code(staging)  # per-layer widths: loadable without prunenet too
         report = StreamReport(
             model_type=config.model_type,
             num_layers=plan.num_layers,

@@ -10,8 +10,9 @@ global field, and the generic layer-patching step that the mixin's docstring men
 (`apply_heterogeneous_modeling`) is not shipped in 5.23. List-valued widths are not an option
 either: only Gemma3n's config accepts a list, the others' strict configs reject it. So, in 5.23:
 
-- plain `AutoModelForCausalLM.from_pretrained(DIR)` on such a folder raises
-  `AmbiguousGlobalPerLayerAttributeError` while building the first MLP (loud, nothing loaded);
+- plain `AutoModelForCausalLM.from_pretrained(DIR)` (without `trust_remote_code`) on such a
+  folder raises `AmbiguousGlobalPerLayerAttributeError` while building the first MLP (loud,
+  nothing loaded);
 - forcing the global value (`allow_global_per_layer_attribute_access=True`) builds every layer
   at the widest width and the load stops with a size-mismatch error;
 - `prunenet.load_pruned(DIR)` (and `prunenet.io.models.load_model`, which the CLI uses) builds the
@@ -25,10 +26,24 @@ supported attention module reads them per layer either, so `load_pruned` builds 
 the most KV groups and the most query heads per group of any layer, narrows each layer's heads
 to its recorded counts through the adapter, and loads the weights the same way.
 
-Folders whose layers all have the same width and head counts contain no `per_layer_config` and
-reload with plain `from_pretrained`; `load_pruned` passes them straight through. Once
-transformers builds these architectures from `per_layer_config` itself, the same folders should
-load with plain `from_pretrained` unchanged.
+Without PruneNet installed, these folders load with plain transformers through remote code that
+PruneNet writes itself: `prunenet.io.saving.save_model_folder` puts `modeling_prunenet.py` (a
+copy of prunenet/io/modeling_prunenet.py, torch and transformers only) into every non-uniform
+folder, with an `auto_map` entry and a `prunenet_structure` block in config.json
+(prunenet.io.remote_code records it from this module's own narrowing), so
+
+    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+
+builds the same transformers class with the same narrowed layers: identical logits. Running that
+file is the user's explicit choice. `load_pruned` never runs it and needs no
+`trust_remote_code`: it builds the model as above and drops the file's `auto_map` entry and
+block from the returned config, so a plain `save_pretrained` of that model does not point at a
+file it lacks (PruneNet's writer adds both again).
+
+Folders whose layers all have the same width and head counts contain no `per_layer_config` (and
+no modeling file) and reload with plain `from_pretrained`; `load_pruned` passes them straight
+through. Once transformers builds these architectures from `per_layer_config` itself, the same
+folders should load with plain `from_pretrained` unchanged.
 """
 
 from __future__ import annotations
@@ -54,6 +69,7 @@ from prunenet.core.arch import (
 )
 from prunenet.core.heads import narrow_heads
 from prunenet.errors import PruneNetError
+from prunenet.io import modeling_prunenet
 
 # Arguments that only matter when reading config.json (the rest go to the model).
 _CONFIG_ARGUMENTS = (
@@ -80,13 +96,14 @@ def load_pruned(
         `config`, `output_loading_info` and `ignore_mismatched_sizes` are refused for
         non-uniform folders: the loader sets the config itself and never re-initialises weights.
     :return: the model, with a config whose per-layer widths and head counts match its modules
-        (saving it again writes the same config).
+        (`save_model_folder` writes the same config.json again; plain `save_pretrained` writes
+        it without the modeling file's `auto_map` entry and `prunenet_structure`).
     """
     config_kwargs = {
         k: from_pretrained_kwargs[k] for k in _CONFIG_ARGUMENTS if k in from_pretrained_kwargs
     }
     config = AutoConfig.from_pretrained(str(path), **config_kwargs)
-    recorded = _recorded_structure(config)
+    recorded = recorded_structure(config)
     if recorded is None:
         return model_class.from_pretrained(str(path), **from_pretrained_kwargs)
     widths, head_counts = recorded
@@ -96,8 +113,9 @@ def load_pruned(
             f"load_pruned sets {', '.join(reserved)} itself for models whose layers have "
             "different FFN widths or head counts; drop those arguments."
         )
-    base_class = _concrete_class(model_class, config)
-    _make_homogeneous(config, widths, head_counts)  # a config every module understands
+    base_class = concrete_class(model_class, config)
+    drop_remote_code(config.__dict__)  # this model is built without the file (see its docstring)
+    make_homogeneous(config, homogeneous_values(config, widths, head_counts))
     model, info = _narrowing_subclass(base_class, widths, head_counts).from_pretrained(
         str(path), config=config, output_loading_info=True, **from_pretrained_kwargs
     )
@@ -133,10 +151,13 @@ def narrow_to_widths(model: PreTrainedModel, widths: list[int]) -> None:
     set_ffn_widths(model.config, widths)
 
 
-def _recorded_structure(config) -> tuple[list[int], list[tuple[int, int]] | None] | None:
+def recorded_structure(config) -> tuple[list[int], list[tuple[int, int]] | None] | None:
     """Per-layer FFN widths and, where they differ between layers, (query heads, KV heads);
     None for a folder plain `from_pretrained` loads (another architecture, or no per-layer
-    differences)."""
+    differences).
+
+    :param config: a model's config, as read from its folder.
+    """
     if getattr(config, "model_type", None) not in ADAPTERS:
         return None
     widths = ffn_widths(config)
@@ -148,29 +169,75 @@ def _recorded_structure(config) -> tuple[list[int], list[tuple[int, int]] | None
     return widths, head_counts
 
 
-def _make_homogeneous(config, widths: list[int], head_counts: list[tuple[int, int]] | None):
-    """Turn `config` into one every layer can be narrowed from: the widest FFN, and as many KV
-    groups and query heads per group as any layer has.
+def homogeneous_values(
+    config, widths: list[int], head_counts: list[tuple[int, int]] | None
+) -> dict[str, int]:
+    """The decoder-config values every layer can be built with and then narrowed from: the
+    widest FFN, and as many KV groups and query heads per group as any layer has.
 
-    The head fields are set directly, not through `arch.set_head_counts`: this config only
-    builds the model, and its query-head count (most groups x largest group) may be one the
-    architecture's validator would not accept for a saved model.
+    The query-head count (most groups x largest group) may be one the architecture's validator
+    would not accept for a saved model: these values only build the model, and are never saved.
+
+    :param config: the model's config (for its adapter).
+    :param widths: every layer's FFN width (`recorded_structure`).
+    :param head_counts: every layer's (query heads, KV heads), or None when all layers agree.
+    :return: decoder-config field -> value.
     """
-    owner = decoder_config(config)
-    owner.per_layer_config = None  # every override is replaced by the widest value below
-    owner.__dict__.pop("allow_global_per_layer_attribute_access", None)
-    set_ffn_widths(config, [max(widths)] * len(widths))
+    adapter = adapter_for(config)
+    values = {adapter.width_field.split(".")[-1]: max(widths)}
     if head_counts is None:
-        return
-    attention = adapter_for(config).attention
+        return values
+    attention = adapter.attention
     kv_heads = max(kv for _, kv in head_counts)
     per_group = max(heads // kv for heads, kv in head_counts)
-    setattr(owner, attention.heads_field, kv_heads * per_group)
+    values[attention.heads_field] = kv_heads * per_group
     if attention.kv_heads == "field":
-        setattr(owner, attention.kv_heads_field, kv_heads)
+        values[attention.kv_heads_field] = kv_heads
+    return values
 
 
-def _concrete_class(model_class: type, config) -> type:
+def make_homogeneous(config, values: dict[str, int]) -> None:
+    """Turn `config` into one with no per-layer overrides and the given decoder-config values
+    (`homogeneous_values`), in place.
+
+    The fields are set directly, not through `arch.set_ffn_widths` / `arch.set_head_counts`,
+    whose validators would check values that are only meant to build the model.
+
+    :param config: the config to change.
+    :param values: decoder-config field -> value.
+    """
+    owner = decoder_config(config)
+    owner.per_layer_config = None  # every override is replaced by the build values below
+    owner.__dict__.pop("allow_global_per_layer_attribute_access", None)
+    for field, value in values.items():
+        setattr(owner, field, value)
+
+
+def drop_remote_code(entries: dict) -> dict:
+    """Remove what PruneNet adds for loading without PruneNet (`prunenet.io.remote_code`): the
+    `prunenet_structure` block and `auto_map` entries naming the modeling file, in place.
+
+    :param entries: config.json's content, or a config's `__dict__` (its attributes).
+    :return: `entries`.
+    """
+    entries.pop(modeling_prunenet.STRUCTURE_KEY, None)
+    auto_map = entries.get("auto_map")
+    if isinstance(auto_map, dict):
+        prefix = f"{modeling_prunenet.__name__.rpartition('.')[2]}."
+        for auto_class, reference in list(auto_map.items()):
+            if isinstance(reference, str) and reference.startswith(prefix):
+                del auto_map[auto_class]
+        if not auto_map:
+            del entries["auto_map"]
+    return entries
+
+
+def concrete_class(model_class: type, config) -> type:
+    """The model class `model_class` stands for with this config (itself when concrete).
+
+    :param model_class: an Auto class or a concrete model class.
+    :param config: the model's config.
+    """
     mapping = getattr(model_class, "_model_mapping", None)
     if mapping is None:  # already a concrete model class
         return model_class

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prunenet.errors import PruneNetError
+from prunenet.io.remote_code import write_remote_code
 
 try:  # POSIX; without it (Windows) runs are not locked against each other
     import fcntl
@@ -320,6 +321,10 @@ def save_model_folder(
     """Save model, tokenizer and extra text files atomically (`atomic_directory`): the one
     writer of every PruneNet output folder.
 
+    A model whose layers have different FFN widths or head counts also gets the modeling file
+    that lets plain transformers load it with `trust_remote_code=True`
+    (`prunenet.io.remote_code`); other folders are exactly what `save_pretrained` writes.
+
     :param model: a `transformers` model (`save_pretrained`).
     :param tokenizer: its tokenizer, or None (then the folder has none).
     :param out: the destination folder.
@@ -329,6 +334,7 @@ def save_model_folder(
     out = Path(out).expanduser()
     with atomic_directory(out, overwrite) as staging:
         model.save_pretrained(staging)
+        write_remote_code(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         for name, text in files.items():

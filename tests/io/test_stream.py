@@ -16,6 +16,7 @@ from prunenet.core.arch import ffn_widths
 from prunenet.core.compress import count_parameters, prune_model, select_keep_indices
 from prunenet.core.ratios import keep_count, uniform_keep
 from prunenet.errors import PruneNetError
+from prunenet.io.loading import drop_remote_code
 from prunenet.io.stream.checkpoint import INDEX_FILE
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer
@@ -240,7 +241,11 @@ def test_stream_with_per_layer_ratios_matches_in_memory_pruning(checkpoints, tmp
     stream_prune(source, tmp_path / "stream", MagnitudeScorer(), RATIO, layer_ratios=[0.25, 0.5])
 
     assert_same_tensors(load_tensors(tmp_path / "memory"), load_tensors(tmp_path / "stream"))
-    assert config_of(tmp_path / "stream") == config_of(tmp_path / "memory")
+    streamed = config_of(tmp_path / "stream")
+    # The streamed folder also carries the modeling file that loads it without prunenet.
+    assert "AutoModelForCausalLM" in streamed["auto_map"]
+    assert (tmp_path / "stream" / "modeling_prunenet.py").is_file()
+    assert drop_remote_code(streamed) == config_of(tmp_path / "memory")
 
 
 def test_cli_stream_writes_a_reloadable_folder(checkpoints, tmp_path, capsys):

@@ -20,7 +20,7 @@ from prunenet.core.arch import (
 )
 from prunenet.core.compress import prune_model
 from prunenet.errors import PruneNetError
-from prunenet.io.loading import load_pruned
+from prunenet.io.loading import drop_remote_code, load_pruned
 from prunenet.recovery.compatibility import check_same_vocabulary
 from prunenet.recovery.distill import RecoveryConfig, distill, lora_target_modules, merge_adapters
 from prunenet.recovery.saving import RECOVER_REPORT_FILE, save_recovered
@@ -83,7 +83,9 @@ def test_per_layer_widths_and_ffn_biases_survive_recovery(tmp_path: Path) -> Non
     assert ffn_widths(reloaded.config) == [14, 9]
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     original = json.loads((tmp_path / "pruned" / "config.json").read_text())
-    assert saved == original  # per_layer_config, mlp_bias and everything else
+    # per_layer_config, mlp_bias and everything else (the folder also says how to load it
+    # without prunenet, which a plain save_pretrained does not write)
+    assert drop_remote_code(saved) == original
     for layer, bias in zip(decoder_layers(reloaded), biases, strict=True):
         torch.testing.assert_close(ffn_modules(layer, adapter_for(reloaded.config))[1].bias, bias)
     torch.testing.assert_close(logits_of(reloaded), with_adapters, atol=1e-5, rtol=0)
