@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules, ffn_widths, max_positions
+from prunenet.errors import PruneNetError
 from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
 
 
@@ -83,6 +84,7 @@ def generate_own_text(model: nn.Module, config: SelfGenConfig) -> torch.Tensor:
         length = limit
     start = torch.full((config.sequences, 1), start_token_id(model), dtype=torch.long)
     start = start.to(next(model.parameters()).device)
+    dtype = next(model.parameters()).dtype  # the checkpoint's own (`prunenet prune --dtype`)
     bar = tqdm(total=length - 1, desc=f"writing {config.sequences} x {length} tokens of own text",
                unit="token", leave=False)  # fmt: skip
     with torch.random.fork_rng(devices=[]), bar:
@@ -97,9 +99,42 @@ def generate_own_text(model: nn.Module, config: SelfGenConfig) -> torch.Tensor:
             max_length=length,
             min_length=length,
             pad_token_id=start_token_id(model),
-            logits_processor=LogitsProcessorList([_Progress(bar)]),
+            logits_processor=LogitsProcessorList([_RefuseNaN(dtype), _Progress(bar)]),
         )
     return tokens
+
+
+class _RefuseNaN(LogitsProcessor):
+    """Stops generation with a clear error when the next-token logits hold NaN: a model run in
+    float16 whose activations overflow it (65504) gives NaN logits, and sampling from them
+    fails deep inside `generate` without saying why. Finite scores pass through unchanged.
+
+    :param dtype: the model's dtype, named in the error.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = str(dtype).removeprefix("torch.")
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if bool(torch.isnan(scores).any()):
+            raise PruneNetError(
+                f"The model's next-token logits are NaN while it writes its own text in "
+                f"{self.dtype}. {overflow_hint(self.dtype)}"
+            )
+        return scores
+
+
+def overflow_hint(dtype: str) -> str:
+    """What to do about non-finite activations of a model run in `dtype` (a name, `float16`).
+
+    :param dtype: the dtype the model ran in.
+    """
+    if dtype == "float16":
+        return (
+            "Its activations overflow float16 (largest value 65504): prune with --dtype "
+            "bfloat16 (the same memory, float32's range) or --dtype float32."
+        )
+    return "Check the checkpoint's weights for inf or NaN."
 
 
 class _Progress(LogitsProcessor):

@@ -23,6 +23,7 @@ from prunenet.analysis.selfgen import (
     LayerActivations,
     SelfGenConfig,
     layer_activations,
+    overflow_hint,
     own_text,
 )
 from prunenet.core.arch import (
@@ -146,6 +147,7 @@ class SequentialCut:
             raise PruneNetError(f"SequentialCut cuts layers in order; got layer {index}.")
         arguments = self.layer_kwargs[index]
         acts = ffn_activations(layer, self.adapter, self.hidden, arguments)
+        check_finite(acts, f"layer {index}'s FFN activations", layer)
         fit, held = acts[: -self._held_rows], acts[-self._held_rows :]
         weights = ffn_weights(layer, self.adapter)
         if self.select == "refit-aware":  # its own ranking: the scorer's would go unused
@@ -205,6 +207,27 @@ class SequentialCut:
     def _without_start(self, rows: torch.Tensor) -> torch.Tensor:
         """`rows` (whole sequences, one row per token) without each sequence's first row."""
         return rows.reshape(-1, self._length, rows.shape[-1])[:, 1:].reshape(-1, rows.shape[-1])
+
+
+def check_finite(values: torch.Tensor, what: str, module: nn.Module) -> torch.Tensor:
+    """`values` if every entry is finite, else an error that names the dtype to use instead.
+
+    The layers run in the checkpoint's dtype (`prunenet prune --dtype`). float16 stops at
+    65504, and the "massive" activations some models carry (SmolLM2's hidden states reach
+    ~25k in float16, over a third of it) can overflow it in other models; an inf or NaN
+    here would turn every score and the refit's Gram into NaN without a word.
+
+    :param values: activations (any float dtype).
+    :param what: what they are, for the message.
+    :param module: the module that computed them (its dtype is named).
+    """
+    if not bool(torch.isfinite(values).all()):
+        dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+        raise PruneNetError(
+            f"In {dtype}, {what} on the self-generated text are not finite (inf or NaN). "
+            f"{overflow_hint(dtype)}"
+        )
+    return values
 
 
 SELECTIONS = ("top", "refit-aware")

@@ -29,7 +29,7 @@ from prunenet.core.devices import resolve_device
 from prunenet.core.ratios import keep_count, validate_ratio
 from prunenet.core.refit import REFITS
 from prunenet.errors import PruneNetError
-from prunenet.io.models import ALIASES, load_model, resolve_model_path
+from prunenet.io.models import ALIASES, DTYPES, load_model, resolve_model_path
 from prunenet.io.saving import check_free_space, hold_output
 from prunenet.io.stream.checkpoint import load_config
 from prunenet.pipeline import (
@@ -187,6 +187,15 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--device", default="cpu", help="where scoring runs: cpu (default) or cuda")
     parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", *DTYPES),
+        help="dtype of the in-memory run and of the saved folder. auto (default): the "
+        "checkpoint's own (config.json's dtype; float32 when it names none), so a bf16 model "
+        "needs half the memory and stays bf16; statistics and the refit are computed in "
+        "float32/float64 either way. --stream always keeps the shards' dtypes",
+    )
+    parser.add_argument(
         "--threads",
         type=positive_int,
         default=1,
@@ -339,7 +348,7 @@ def resolve_defaults(args: argparse.Namespace, scorer: Scorer) -> argparse.Names
 
 def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path], device) -> int:
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, device=str(device))
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=str(device))
     load_seconds = time.perf_counter() - start
     # Everything that can be refused is refused now, before the (slow) scoring.
     width = ffn_width(model.config)

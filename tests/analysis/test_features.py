@@ -103,3 +103,15 @@ def test_a_dead_neuron_gives_finite_features() -> None:
     data = model_layer_data(model, "selfgen", SMALL)
     assert torch.all(torch.isfinite(layer_features(ffn, data[0].activations, "selfgen")))
     assert torch.all(torch.isfinite(data[0].features))
+
+
+def test_features_of_a_bf16_layer_are_float32_and_equal_those_of_its_exact_values() -> None:
+    # The policy sees float32 features whatever dtype the model runs in: the weight features
+    # upcast before any product (norms of bf16 rows summed in bf16 would lose digits).
+    model, layer = _first_layer()
+    weights = layer.ffn
+    low = FFNWeights([w.bfloat16() for w in weights.inputs], weights.output.bfloat16())
+    exact = FFNWeights([w.float() for w in low.inputs], low.output.float())
+    features = layer_features(low, layer.activations, "selfgen")
+    assert features.dtype == torch.float32
+    torch.testing.assert_close(features, layer_features(exact, layer.activations, "selfgen"))

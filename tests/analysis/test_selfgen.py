@@ -15,6 +15,7 @@ from prunenet.analysis.selfgen import (
     start_token_id,
 )
 from prunenet.core.arch import decoder_layers, ffn_width
+from prunenet.errors import PruneNetError
 from prunenet.io.cache import CacheWarning, entry_path
 from tests.conftest import SMALL_SELFGEN as SMALL
 from tests.conftest import SPECIAL_TOKENS, tiny_model
@@ -149,3 +150,24 @@ def test_own_text_regenerates_a_cache_entry_with_ids_outside_the_vocabulary(
     with pytest.warns(CacheWarning, match="outside the vocabulary"):
         again = selfgen.own_text(model, SMALL)
     assert torch.equal(again, tokens)
+
+
+def _float16_llama_that_overflows() -> torch.nn.Module:
+    """A tiny float16 Llama whose first FFN's products exceed float16's 65504."""
+    model = tiny_model("llama").half()
+    mlp = decoder_layers(model)[0].mlp
+    with torch.no_grad():
+        mlp.gate_proj.weight.mul_(2000.0)
+        mlp.up_proj.weight.mul_(2000.0)
+    return model
+
+
+def test_writing_text_with_a_model_that_overflows_float16_is_refused_naming_bfloat16() -> None:
+    with pytest.raises(PruneNetError, match="overflow float16.*--dtype bfloat16"):
+        generate_own_text(_float16_llama_that_overflows(), SMALL)
+
+
+def test_writing_text_in_bf16_gives_token_ids_of_the_requested_shape() -> None:
+    tokens = generate_own_text(tiny_model("llama").bfloat16(), SMALL)
+    assert tokens.dtype == torch.int64
+    assert tokens.shape == (SMALL.sequences, SMALL.length)

@@ -132,3 +132,30 @@ def test_refit_aware_selection_needs_the_lsq_refit_and_picks_its_own_rows() -> N
     prune_model(model, None, kept, cut=aware)
     assert records == []  # the scorer is not asked: the selection ranks rows itself
     assert all(entry["held_error_refit"] <= entry["held_error_cut"] for entry in aware.log.layers)
+
+
+def test_the_sequential_refit_runs_in_bf16_and_keeps_every_weight_bf16() -> None:
+    # Layers run in the model's dtype, the refit's algebra in float64, and the refitted output
+    # projections (and the intercepts it adds) are written back in the layer's dtype.
+    model = tiny_model("llama").bfloat16()
+    widths = ffn_widths(model.config)
+    refit = SequentialCut(model, "lsq", generate_own_text(model, SELFGEN))
+    scores = [torch.rand(width, generator=torch.Generator().manual_seed(0)) for width in widths]
+    prune_model(model, scores, uniform_keep(widths, 0.5), cut=refit)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.config.mlp_bias is True
+    assert all(row["held_error_refit"] < row["held_error_cut"] for row in refit.log.layers)
+
+
+def test_ffn_activations_that_overflow_float16_are_refused_naming_bfloat16() -> None:
+    model = tiny_model("llama").half()
+    mlp = decoder_layers(model)[0].mlp
+    with torch.no_grad():
+        mlp.gate_proj.weight.mul_(2000.0)
+        mlp.up_proj.weight.mul_(2000.0)
+    tokens = torch.cat(
+        [torch.ones(4, 1, dtype=torch.long), sample_input_ids(length=15)[:1].expand(4, -1)], dim=1
+    )
+    cut = SequentialCut(model, "lsq", tokens)
+    with pytest.raises(PruneNetError, match="layer 0's FFN activations.*--dtype bfloat16"):
+        cut(0, decoder_layers(model)[0], torch.rand(ffn_widths(model.config)[0]), 4)

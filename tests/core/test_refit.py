@@ -130,3 +130,16 @@ def test_refit_aware_selection_beats_the_largest_rows_once_the_refit_follows() -
     assert _refit_error(acts, weight, greedy) < 0.8 * _refit_error(acts, weight, top)
     removed = aware.argsort()[:10]
     assert aware[removed].lt(0).all() and aware[aware.argsort()[10:]].ge(1).all()
+
+
+def test_a_refit_of_bf16_activations_and_weights_equals_the_refit_of_their_exact_values() -> None:
+    # The moments (x^T x, x^T y) are formed in float64 whatever the inputs' dtype, so a bf16
+    # layer is refitted exactly as its values upcast to float32 would be, never in bf16.
+    fit, held, layer = _self_generated_activations("llama")
+    weight = ffn_weights(layer, adapter_for(tiny_model("llama").config)).output
+    fit_bf16, held_bf16, weight_bf16 = fit.bfloat16(), held.bfloat16(), weight.bfloat16()
+    low = refit_output(weight_bf16, None, KEEP, fit_bf16, held_bf16, mode="lsq")
+    exact = refit_output(weight_bf16.float(), None, KEEP, fit_bf16.float(), held_bf16.float())
+    assert low.weight.dtype == torch.float64
+    assert torch.equal(low.weight, exact.weight) and torch.equal(low.bias, exact.bias)
+    assert low.held_error_refit < 0.9 * low.held_error_cut

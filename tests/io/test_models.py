@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from prunenet.errors import PruneNetError
-from prunenet.io.models import ALIASES, load_model, prunenet_cache_dir, resolve_model_path
+from prunenet.io.models import (
+    ALIASES,
+    checkpoint_dtype,
+    load_model,
+    prunenet_cache_dir,
+    resolve_dtype,
+    resolve_model_path,
+)
 from tests.conftest import logits_of, tiny_model
 
 
@@ -45,6 +52,38 @@ def test_load_model_returns_the_saved_model_in_float32_eval_mode(tiny_model_fold
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert torch.equal(logits_of(model), logits_of(tiny_model("llama")))
     assert tokenizer("w10 w11")["input_ids"][-2:] == [10, 11]
+
+
+def test_load_model_auto_keeps_a_bf16_checkpoint_in_bf16(tmp_path: Path) -> None:
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(tmp_path)
+    model, _ = load_model(str(tmp_path), dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_load_model_by_dtype_name_converts_the_checkpoint(tiny_model_folder: Path) -> None:
+    model, _ = load_model(str(tiny_model_folder), dtype="float16")
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"dtype": "bfloat16"}, torch.bfloat16),
+        ({"torch_dtype": "float16"}, torch.float16),  # written by transformers 4
+        ({"dtype": "float32", "torch_dtype": "bfloat16"}, torch.float32),  # dtype wins
+        ({}, torch.float32),
+        ({"dtype": None}, torch.float32),
+        ({"dtype": "float64"}, torch.float32),  # not a dtype PruneNet runs in
+    ],
+)
+def test_checkpoint_dtype_reads_config_json(tmp_path: Path, config: dict, expected) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
+    assert checkpoint_dtype(str(tmp_path)) == expected
+
+
+def test_resolve_dtype_refuses_an_unknown_name(tiny_model_folder: Path) -> None:
+    with pytest.raises(PruneNetError, match="auto or one of float32, bfloat16, float16"):
+        resolve_dtype(str(tiny_model_folder), "int8")
 
 
 def test_unloadable_folder_is_reported_as_a_prunenet_error(tmp_path: Path) -> None:
