@@ -5,8 +5,9 @@ request, with the uniform cut and the random-search baseline on the same masked 
         --out prunenet/policies/smollm2-135m-strategy.zip
 
 Everything is measured on the model's own text: 64 x 128 self-generated tokens (seed 0; cached),
-the last 4 sequences held out for the KL. Prints one table row per budget: KL of uniform, of
-the policy (1 evaluation), of random search with `--search-evaluations` evaluations.
+the last 4 sequences held out for the KL. Prints one table row per budget: KL of uniform, of the
+best hand-made depth ramp (`--ramp-slopes`, tuned on the same tokens), of the policy (1
+evaluation), of random search with `--search-evaluations` evaluations.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from prunenet.allocation.strategy import (
     STRUCTURES,
+    depth_ramp_actions,
     random_search,
     realise,
     strategy_context,
@@ -47,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search-evaluations", type=int, default=32)
     parser.add_argument("--budgets", default=",".join(str(b) for b in EVAL_BUDGETS))
     parser.add_argument("--report", help="JSON file for the comparison")
+    parser.add_argument(
+        "--ramp-slopes",
+        default="0.1,0.2,0.3,0.4,0.5",
+        help="the hand-made depth-ramp rule at these slopes (the best is reported)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model, _ = load_model(args.model)
@@ -63,16 +70,27 @@ def main(argv: list[str] | None = None) -> int:
     policy, metadata = load_strategy_policy(args.out)
     print(f"checkpoint step {metadata['best_step']}, mean log10 KL {metadata['mean_log10_kl']:.3f}")
     rows = []
-    print("budget | uniform KL | policy KL | search KL (evals) | policy layers dropped | heads")
+    slopes = [float(s) for s in args.ramp_slopes.split(",")]
+    print("budget | uniform KL | best depth ramp KL (slope) | policy KL | search KL (evals) | "
+          "policy layers dropped | heads")  # fmt: skip
     for budget in [float(b) for b in args.budgets.split(",")]:
         uniform = realise(uniform_actions(context.layer_count), budget, context.costs, structures)
         uniform_kl = context.kl(uniform)
         chosen = propose(policy, context, budget, structures)
         chosen.kl = context.kl(chosen)
         search = random_search(context, budget, args.search_evaluations, structures, args.seed)
+        ramps = []
+        for slope in slopes:
+            ramp = realise(depth_ramp_actions(context.layer_count, slope), budget, context.costs,
+                           structures, source=f"ramp {slope:g}")  # fmt: skip
+            ramp.kl = context.kl(ramp)
+            ramps.append(ramp)
+        ramp = min(ramps, key=lambda r: r.kl)
         rows.append({"budget": budget, "uniform": uniform.to_dict() | {"kl": uniform_kl},
-                     "policy": chosen.to_dict(), "search": search.to_dict()})  # fmt: skip
-        print(f"{budget:.2f} | {uniform_kl:.4f} | {chosen.kl:.4f} | {search.kl:.4f} "
+                     "policy": chosen.to_dict(), "search": search.to_dict(),
+                     "ramps": [r.to_dict() for r in ramps]})  # fmt: skip
+        print(f"{budget:.2f} | {uniform_kl:.4f} | {ramp.kl:.4f} ({ramp.source}) | {chosen.kl:.4f} "
+              f"| {search.kl:.4f} "
               f"({args.search_evaluations}) | {chosen.layers} | {sum(chosen.query_heads)}",
               flush=True)  # fmt: skip
     if args.report:

@@ -252,6 +252,19 @@ def uniform_actions(layer_count: int) -> np.ndarray:
     return np.zeros((layer_count, 3))
 
 
+def depth_ramp_actions(layer_count: int, slope: float) -> np.ndarray:
+    """The hand-made rule the strategy policy is compared with: FFN exponents rising linearly
+    with depth from -slope (first layer) to +slope (last), nothing else cut. slope 0 is uniform;
+    slope 0.25 takes about 1.4x the rows from the last layer as from the first.
+
+    :param layer_count: decoder layers of the model.
+    :param slope: exponent at the last layer (its negative at the first), in [-1, 1].
+    """
+    actions = np.zeros((layer_count, 3))
+    actions[:, 0] = slope * np.linspace(-1.0, 1.0, layer_count)
+    return actions
+
+
 class StrategyContext:
     """What measuring and describing strategies on one dense model needs, computed once.
 

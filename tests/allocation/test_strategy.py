@@ -11,6 +11,7 @@ from prunenet.allocation.strategy import (
     DROP_LEVEL,
     STRUCTURES,
     StrategyContext,
+    depth_ramp_actions,
     random_search,
     realise,
     uniform_actions,
@@ -148,3 +149,11 @@ def test_a_budget_the_ffn_cannot_fill_is_refused() -> None:
 def test_a_strategy_without_ffn_is_refused() -> None:
     with pytest.raises(PruneNetError, match="ffn"):
         realise(np.zeros((4, 3)), 0.2, Costs(tiny_model("llama", **WIDE)), ("layers",))
+
+
+def test_a_depth_ramp_takes_more_rows_from_deeper_layers_and_zero_slope_is_uniform() -> None:
+    costs = Costs(tiny_model("llama", **WIDE))
+    ramp = realise(depth_ramp_actions(4, 0.5), 0.2, costs, ("ffn",)).ffn_rows
+    assert ramp == sorted(ramp) and ramp[-1] > ramp[0]
+    flat = realise(depth_ramp_actions(4, 0.0), 0.2, costs, ("ffn",)).ffn_rows
+    assert flat == realise(uniform_actions(4), 0.2, costs, ("ffn",)).ffn_rows
