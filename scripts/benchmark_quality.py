@@ -48,7 +48,7 @@ from torch import nn
 
 from prunenet import __version__
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO, keep_counts, uniform_allocation
-from prunenet.allocation.strategy import random_search, strategy_context
+from prunenet.allocation.strategy import ramp_search, random_search, strategy_context
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN, analysis_text
 from prunenet.core.arch import ffn_widths
@@ -112,11 +112,14 @@ class Method:
     strategy: str = "uniform"
 
 
+# Strategy suffixes -> how a --remove-params budget is spread over layers.
+STRATEGY_MODS = {"strategy": "policy", "search": "search", "ramp": "ramp"}
+
 # Name suffixes of scorer-backed methods: "+auto" allocation, "+seq" sequential analysis,
 # "+bias" / "+lsq" refit (e.g. "selfgen+seq+lsq"); with --remove-params, "+heads" / "+layers"
 # let the parameter budget take heads / whole layers too, "+strategy" / "+search" decide
 # per-layer amounts (the strategy policy / random search).
-MODIFIERS = ("auto", "seq", "bias", "lsq", "heads", "layers", "strategy", "search")
+MODIFIERS = ("auto", "seq", "bias", "lsq", "heads", "layers", "strategy", "search", "ramp")
 
 
 def scorer_method(
@@ -233,7 +236,7 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
                     "sequential" if "seq" in mods else "oneshot",
                     refits[0] if refits else "none",
                     ("ffn", *(m for m in ("heads", "layers") if m in mods)),
-                    "policy" if "strategy" in mods else "search" if "search" in mods else "uniform",
+                    next((s for m, s in STRATEGY_MODS.items() if m in mods), "uniform"),
                 )
             )
         else:
@@ -786,6 +789,8 @@ def _apply_strategy(model: nn.Module, method: Method, target: float, tokens, arg
         policy, _ = load_strategy_policy(args.strategy_policy or BUNDLED_STRATEGY)
         strategy = propose(policy, context, target, method.structures)
         strategy.kl = context.kl(strategy)
+    elif method.strategy == "ramp":
+        strategy = ramp_search(context, target)
     else:
         strategy = random_search(context, target, args.search_evaluations, method.structures,
                                  seed=args.seed)  # fmt: skip

@@ -386,6 +386,31 @@ def random_search(
     return best
 
 
+RAMP_SLOPES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def ramp_search(
+    context: StrategyContext, target: float, slopes: Sequence[float] = RAMP_SLOPES
+) -> Strategy:
+    """The hand-made rule with its one knob set per request: the depth ramp
+    (`depth_ramp_actions`) whose slope gives the least masked KL, FFN rows only. Slope 0 (the
+    uniform cut) is among the candidates, so it is never worse than uniform on that KL.
+
+    :param context: the model's `StrategyContext`.
+    :param target: fraction of all parameters to remove.
+    :param slopes: the slopes tried (one KL pass each).
+    """
+    best = None
+    for slope in slopes:
+        actions = depth_ramp_actions(context.layer_count, slope)
+        strategy = realise(actions, target, context.costs, ("ffn",), source="ramp")
+        strategy.kl = context.kl(strategy)
+        if best is None or strategy.kl < best.kl:
+            best = strategy
+            best.extra = {"slope": slope, "slopes": list(slopes)}
+    return best
+
+
 def check_strategy_budget(model: nn.Module, target: float, structures: Sequence[str]) -> None:
     """Refuse (before any text is written) a budget the structures cannot meet.
 

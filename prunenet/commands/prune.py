@@ -18,7 +18,7 @@ import torch
 
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO
 from prunenet.allocation.sensitivity import ALLOCATIONS, SENSITIVITY_RATIOS
-from prunenet.allocation.strategy import random_search, strategy_context
+from prunenet.allocation.strategy import ramp_search, random_search, strategy_context
 from prunenet.allocation.structures import STRUCTURES, check_budget, parse_structures
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN
@@ -46,7 +46,7 @@ from prunenet.scoring.registry import SCORERS, make_scorer
 from prunenet.stream import require_weights_only, should_stream, stream_prune
 from prunenet.tables import format_table
 
-STRATEGIES = ("uniform", "policy", "search")
+STRATEGIES = ("uniform", "ramp", "policy", "search")
 
 
 def register(subparsers) -> None:
@@ -88,10 +88,13 @@ def register(subparsers) -> None:
         choices=STRATEGIES,
         help="with --remove-params/--requests: how much to cut where. uniform (default): the "
         "same FFN rows, heads and layers counts in every layer, split between --structures by "
-        "greedy KL per parameter; policy: per-layer amounts from the bundled strategy policy "
-        "(PPO, trained on SmolLM2-135M) or --strategy-policy; search: the best of "
-        "--search-evaluations random per-layer strategies by self-generated KL. policy and "
-        "search give layers different widths (load with prunenet.load_pruned)",
+        "greedy KL per parameter; ramp: FFN rows rising linearly with depth, the slope (0 = "
+        "uniform .. 0.5) chosen per request by self-generated KL (6 passes); policy: per-layer "
+        "amounts from the bundled strategy policy (PPO, trained on SmolLM2-135M) or "
+        "--strategy-policy; search: the best of --search-evaluations random per-layer "
+        "strategies by self-generated KL. ramp, policy and search give layers different "
+        "widths (load with prunenet.load_pruned, or plain transformers with "
+        "trust_remote_code=True)",
     )
     parser.add_argument(
         "--strategy-policy",
@@ -328,6 +331,11 @@ def check_amount(args: argparse.Namespace) -> None:
             "--remove-params removes the same FFN rows from every layer; --allocation auto "
             "works with --ratio only."
         )
+    if args.strategy == "ramp" and args.structures != ("ffn",):
+        raise PruneNetError(
+            "--strategy ramp spreads FFN rows over the layers and cuts nothing else; drop "
+            "--structures, or use --strategy uniform/policy/search for heads and layers."
+        )
     if args.strategy != "uniform" and "ffn" not in args.structures:
         raise PruneNetError(
             f"--strategy {args.strategy} decides per-layer FFN amounts (the FFN meets the "
@@ -418,6 +426,8 @@ def _strategy(args: argparse.Namespace, context, target: float):
     if args.strategy == "policy":
         policy, _ = args.strategy_policy_data
         strategy = propose(policy, context, target, args.structures)
+    elif args.strategy == "ramp":
+        strategy = ramp_search(context, target)
     else:
         strategy = random_search(context, target, args.search_evaluations, args.structures,
                                  seed=args.seed)  # fmt: skip

@@ -12,6 +12,7 @@ from prunenet.allocation.strategy import (
     STRUCTURES,
     StrategyContext,
     depth_ramp_actions,
+    ramp_search,
     random_search,
     realise,
     uniform_actions,
@@ -157,3 +158,11 @@ def test_a_depth_ramp_takes_more_rows_from_deeper_layers_and_zero_slope_is_unifo
     assert ramp == sorted(ramp) and ramp[-1] > ramp[0]
     flat = realise(depth_ramp_actions(4, 0.0), 0.2, costs, ("ffn",)).ffn_rows
     assert flat == realise(uniform_actions(4), 0.2, costs, ("ffn",)).ffn_rows
+
+
+def test_the_ramp_search_keeps_the_slope_with_the_least_kl(context) -> None:
+    best = ramp_search(context, 0.25, slopes=(0.0, 0.3, 0.6))
+    kls = [context.kl(realise(depth_ramp_actions(4, s), 0.25, context.costs, ("ffn",)))
+           for s in (0.0, 0.3, 0.6)]  # fmt: skip
+    assert best.kl == pytest.approx(min(kls), rel=1e-12)
+    assert best.extra["slope"] == (0.0, 0.3, 0.6)[kls.index(min(kls))]

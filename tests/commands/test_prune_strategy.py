@@ -50,6 +50,16 @@ def test_search_writes_a_per_layer_folder_with_exact_parameter_arithmetic(
     assert "self-gen KL" in capsys.readouterr().out
 
 
+def test_ramp_chooses_a_slope_by_kl_and_cuts_only_ffn_rows(tiny_model_folder, tmp_path) -> None:
+    out = tmp_path / "out"
+    assert _prune(tiny_model_folder, out, "--remove-params", "0.2", "--strategy", "ramp") == 0
+    strategy = json.loads((out / REPORT_FILE).read_text())["structures"]
+    assert (
+        strategy["source"] == "ramp" and strategy["extra"]["slope"] in strategy["extra"]["slopes"]
+    )
+    assert strategy["layers"] == [] and not any(strategy["query_heads"])
+
+
 def test_a_requests_file_writes_one_folder_per_budget(tiny_model_folder, tmp_path) -> None:
     requests = tmp_path / "requests.txt"
     requests.write_text("# budgets\n0.1\n\n0.2\n")
@@ -91,6 +101,8 @@ def test_a_strategy_policy_checkpoint_decides_the_amounts(tiny_model_folder, tmp
         (("--remove-params", "0.2", "--strategy", "search", "--structures", "layers"),
          "include ffn"),
         (("--requests", "missing.txt"), "cannot read"),
+        (("--remove-params", "0.2", "--strategy", "ramp", "--structures", "ffn,layers"),
+         "cuts nothing else"),
     ],
 )  # fmt: skip
 def test_bad_strategy_requests_exit_2_before_any_work(
