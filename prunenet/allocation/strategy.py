@@ -22,6 +22,10 @@ The quality of a strategy is KL(dense || model with the strategy applied as mask
 touched, and exactly the KL the evaluation would report for the cut model on those tokens.
 `StrategyContext` holds everything that measurement and the descriptors need, computed once
 per model.
+
+Why this module is long (over 400 lines): the action-to-strategy mapping, the context that
+measures and describes strategies, and the hand-made and search baselines are read together:
+the baselines are only fair if they go through the same `realise` and the same KL.
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ from prunenet.allocation.structures import (
     MAX_FFN_RATIO,
     STRUCTURES,
     Costs,
-    check_budget,
     ffn_activation_scores,
     head_ranks,
 )
@@ -88,6 +91,7 @@ class Strategy:
     :param params_removed: parameters the strategy removes (counting refit biases if asked).
     :param source: what made it (`uniform`, `policy`, `search`, ...).
     :param kl: its masked KL on the held-out text, when measured.
+    :param extra: what its maker records (search evaluations and seed, the ramp's slope).
     """
 
     target: float
@@ -409,20 +413,6 @@ def ramp_search(
             best = strategy
             best.extra = {"slope": slope, "slopes": list(slopes)}
     return best
-
-
-def check_strategy_budget(model: nn.Module, target: float, structures: Sequence[str]) -> None:
-    """Refuse (before any text is written) a budget the structures cannot meet.
-
-    :param model: the dense model.
-    :param target: fraction of all parameters to remove.
-    :param structures: a subset of `STRUCTURES` including ffn.
-    """
-    if "ffn" not in structures:
-        raise PruneNetError(
-            "--strategy policy/search decide per-layer FFN amounts: include ffn in --structures."
-        )
-    check_budget(model, target, structures)
 
 
 def strategy_context(model: nn.Module, refit_biases: bool = False) -> StrategyContext:
