@@ -684,7 +684,9 @@ def main(argv: list[str] | None = None) -> int:
         ppl_windows=args.ppl_windows,
         limit=args.limit,
         zero_shot_batch_size=args.zero_shot_batch_size,
-        cache_reference=True,  # one dense model, many pruned ones: its logits are reused
+        # One dense model, many pruned ones: its logits are reused, unless they would not fit
+        # (Gemma 3's 262k vocabulary at 16 windows is 26 GB; the kernel killed such a run).
+        cache_reference=reference_cache_bytes(model, args) <= REFERENCE_CACHE_BYTES,
     )
     dense_counts = parameter_counts(model)
     protocol = {
@@ -775,6 +777,15 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(display_headers(tasks), display_rows(rows, tasks)))
     print(f"wall time {protocol['wall_seconds'] / 60:.1f} min; wrote {', '.join(map(str, paths))}")
     return 0
+
+
+REFERENCE_CACHE_BYTES = 4 * 1024**3
+
+
+def reference_cache_bytes(model: nn.Module, args: argparse.Namespace) -> int:
+    """Memory the dense model's cached logits take: texts x windows x (seqlen + 1) x vocab x 4."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return len(PPL_TASKS) * (args.ppl_windows or 0) * (args.seqlen + 1) * vocab * 4
 
 
 def _apply_strategy(model: nn.Module, method: Method, target: float, tokens, args):

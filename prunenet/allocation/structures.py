@@ -205,9 +205,16 @@ def check_budget(model: nn.Module, target: float, structures: Sequence[str]) -> 
         raise PruneNetError(
             f"--remove-params {target} asks for {target:.0%} of the parameters, but "
             f"{', '.join(structures)} can remove at most {reachable / costs.dense:.1%} of this "
-            "model (every layer keeps at least one head and one layer stays; embeddings are "
-            "never cut). Lower the budget or allow more --structures."
+            f"model ({_limits(structures)}; embeddings are never cut). Lower the budget or "
+            "allow more --structures."
         )
+
+
+def _limits(structures: Sequence[str]) -> str:
+    limits = {"ffn": f"at most {MAX_FFN_RATIO:.0%} of each layer's FFN rows",
+              "heads": "every layer keeps at least one head",
+              "layers": "one layer stays"}  # fmt: skip
+    return ", ".join(limits[name] for name in structures)
 
 
 def split_budget(

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from prunenet.errors import PruneNetError
 from tests.conftest import load_script
@@ -283,3 +284,16 @@ def test_search_methods_spread_the_budget_per_layer_through_apply_strategy(
 def test_strategy_suffixes_need_parameter_budgets(bench):
     with pytest.raises(PruneNetError, match="need --remove-params"):
         bench.build_methods(bench.parse_args(["--methods", "selfgen+seq+lsq+strategy"]))
+
+
+def test_the_dense_logits_are_cached_only_when_they_fit(bench):
+    from types import SimpleNamespace
+
+    from tests.conftest import tiny_model
+
+    args = SimpleNamespace(ppl_windows=16, seqlen=512)
+    small = tiny_model("llama")
+    assert bench.reference_cache_bytes(small, args) <= bench.REFERENCE_CACHE_BYTES
+    gemma_like = SimpleNamespace(get_output_embeddings=lambda: SimpleNamespace(
+        weight=torch.empty(262_144, 0)))  # fmt: skip
+    assert bench.reference_cache_bytes(gemma_like, args) > bench.REFERENCE_CACHE_BYTES
