@@ -657,10 +657,32 @@ def merge_runs(paths: list[str], out_dir: Path) -> list[Path]:
         **first,
         "command": " ; ".join(run["protocol"]["command"] for run in runs),
         "methods": [m for run in runs for m in run["protocol"]["methods"]],
-        "method_info": {k: v for run in runs for k, v in run["protocol"]["method_info"].items()},
+        "method_info": _merged_method_info(runs),
         "wall_seconds": [run["protocol"].get("wall_seconds") for run in runs],
     }
     return write_outputs(out_dir, f"quality_{Path(first['model']).name}", rows, protocol)
+
+
+def _merged_method_info(runs: list[dict]) -> dict:
+    """Each method's info from every run; budget runs record it per budget ({"0.1": ...}), and a
+    method split over runs keeps every budget's entry (a plain update kept only the last run's)."""
+    merged: dict = {}
+    for run in runs:
+        for name, info in run["protocol"]["method_info"].items():
+            if name in merged and _per_budget(merged[name]) and _per_budget(info):
+                merged[name] = {**merged[name], **info}
+            else:
+                merged[name] = info
+    return merged
+
+
+def _per_budget(info) -> bool:
+    if not isinstance(info, dict) or not info:
+        return False
+    try:
+        return all(isinstance(float(key), float) for key in info)
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

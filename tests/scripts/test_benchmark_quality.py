@@ -297,3 +297,12 @@ def test_the_dense_logits_are_cached_only_when_they_fit(bench):
     gemma_like = SimpleNamespace(get_output_embeddings=lambda: SimpleNamespace(
         weight=torch.empty(262_144, 0)))  # fmt: skip
     assert bench.reference_cache_bytes(gemma_like, args) > bench.REFERENCE_CACHE_BYTES
+
+
+def test_merging_keeps_every_budgets_split_of_a_method_run_twice(bench):
+    first = {"m+layers": {"0.1": {"layers": [3]}}, "ratio-run": {"a": 1}}
+    second = {"m+layers": {"0.2": {"layers": [3, 5]}}, "ratio-run": {"a": 2}}
+    runs = [{"protocol": {"method_info": info}} for info in (first, second)]
+    merged = bench._merged_method_info(runs)
+    assert merged["m+layers"] == {"0.1": {"layers": [3]}, "0.2": {"layers": [3, 5]}}
+    assert merged["ratio-run"] == {"a": 2}  # a ratio run's info: the last run's
