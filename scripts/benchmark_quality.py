@@ -48,7 +48,7 @@ from torch import nn
 
 from prunenet import __version__
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO, keep_counts, uniform_allocation
-from prunenet.allocation.strategy import ramp_search, random_search, strategy_context
+from prunenet.allocation.strategy import strategy_context
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN, analysis_text
 from prunenet.core.arch import ffn_widths
@@ -77,7 +77,7 @@ from prunenet.pipeline import (
     needs_text,
     scorer_planner,
 )
-from prunenet.rl.strategy import BUNDLED_STRATEGY, load_strategy_policy, propose
+from prunenet.rl.strategy import BUNDLED_STRATEGY, load_strategy_policy, make_strategy
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import SCORERS, make_scorer
 from prunenet.tables import format_table, markdown_table
@@ -811,22 +811,18 @@ def reference_cache_bytes(model: nn.Module, args: argparse.Namespace) -> int:
 
 
 def _apply_strategy(model: nn.Module, method: Method, target: float, tokens, args):
-    """A "+strategy" / "+search" method at one budget, through `prunenet.pipeline.apply_strategy`
-    (the same path as `prunenet prune --strategy policy|search`)."""
+    """A "+strategy" / "+search" / "+ramp" method at one budget, through
+    `prunenet.pipeline.apply_strategy` (the path of `prunenet prune --strategy`)."""
     refit_biases = method.refit != "none"
     contexts = args.strategy_contexts
     if refit_biases not in contexts:
         contexts[refit_biases] = strategy_context(model, refit_biases)
     context = contexts[refit_biases]
+    policy = None
     if method.strategy == "policy":
         policy, _ = load_strategy_policy(args.strategy_policy or BUNDLED_STRATEGY)
-        strategy = propose(policy, context, target, method.structures)
-        strategy.kl = context.kl(strategy)
-    elif method.strategy == "ramp":
-        strategy = ramp_search(context, target)
-    else:
-        strategy = random_search(context, target, args.search_evaluations, method.structures,
-                                 seed=args.seed)  # fmt: skip
+    strategy = make_strategy(method.strategy, context, target, method.structures, policy,
+                             args.search_evaluations, args.seed)  # fmt: skip
     return apply_strategy(model, method.plan, strategy, context.head_rank, tokens,
                           refit=method.refit)  # fmt: skip
 

@@ -18,7 +18,7 @@ import torch
 
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO
 from prunenet.allocation.sensitivity import ALLOCATIONS, SENSITIVITY_RATIOS
-from prunenet.allocation.strategy import ramp_search, random_search, strategy_context
+from prunenet.allocation.strategy import strategy_context
 from prunenet.allocation.structures import STRUCTURES, check_budget, parse_structures
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN
@@ -40,7 +40,7 @@ from prunenet.pipeline import (
     prune_strategies_and_save,
     scorer_planner,
 )
-from prunenet.rl.strategy import BUNDLED_STRATEGY, load_strategy_policy, propose
+from prunenet.rl.strategy import BUNDLED_STRATEGY, load_strategy_policy, make_strategy
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import SCORERS, make_scorer
 from prunenet.stream import require_weights_only, should_stream, stream_prune
@@ -423,16 +423,9 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
 
 
 def _strategy(args: argparse.Namespace, context, target: float):
-    if args.strategy == "policy":
-        policy, _ = args.strategy_policy_data
-        strategy = propose(policy, context, target, args.structures)
-    elif args.strategy == "ramp":
-        strategy = ramp_search(context, target)
-    else:
-        strategy = random_search(context, target, args.search_evaluations, args.structures,
-                                 seed=args.seed)  # fmt: skip
-    strategy.kl = context.kl(strategy) if strategy.kl is None else strategy.kl
-    return strategy
+    policy = args.strategy_policy_data[0] if args.strategy == "policy" else None
+    return make_strategy(args.strategy, context, target, args.structures, policy,
+                         args.search_evaluations, args.seed)  # fmt: skip
 
 
 STRATEGY_HEADERS = ["params target", "strategy", "self-gen KL", "layers dropped",

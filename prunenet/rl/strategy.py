@@ -35,6 +35,8 @@ from prunenet.allocation.strategy import (
     StrategyContext,
     observation_size,
     observe,
+    ramp_search,
+    random_search,
     realise,
 )
 from prunenet.errors import PruneNetError
@@ -251,3 +253,34 @@ def load_strategy_policy(path: str | Path) -> tuple[ActorCriticPolicy, dict]:
         raise PruneNetError(f"Strategy policy {path} does not match its network: {error}") from None
     policy.set_training_mode(False)
     return policy, metadata
+
+
+def make_strategy(
+    kind: str,
+    context: StrategyContext,
+    target: float,
+    structures: Sequence[str] = ("ffn",),
+    policy: ActorCriticPolicy | None = None,
+    evaluations: int = 32,
+    seed: int = 0,
+) -> Strategy:
+    """One request's strategy by `kind` (`ramp`, `policy` or `search`), its masked KL measured;
+    `prunenet prune --strategy` and the benchmark's `+ramp` / `+strategy` / `+search` share it.
+
+    :param kind: `ramp` (the depth ramp, slope by KL), `policy` (needs `policy`) or `search`.
+    :param context: the model's `StrategyContext`.
+    :param target: fraction of all parameters to remove.
+    :param structures: what may be cut (ramp cuts FFN rows only).
+    :param policy: a loaded strategy policy, for `policy`.
+    :param evaluations: random strategies tried, for `search`.
+    :param seed: the search's seed.
+    """
+    if kind == "ramp":
+        return ramp_search(context, target)
+    if kind == "search":
+        return random_search(context, target, evaluations, structures, seed=seed)
+    if kind != "policy" or policy is None:
+        raise PruneNetError(f"Unknown strategy {kind!r} (or no policy given for 'policy').")
+    strategy = propose(policy, context, target, structures)
+    strategy.kl = context.kl(strategy)
+    return strategy

@@ -117,3 +117,12 @@ def test_a_file_that_is_not_a_zip_is_refused(tmp_path) -> None:
     bad.write_bytes(b"not a zip")
     with pytest.raises(PruneNetError, match="could not be read"):
         load_strategy_policy(bad)
+
+
+def test_make_strategy_refuses_an_unknown_kind_or_a_policy_kind_without_a_policy(context):
+    from prunenet.rl.strategy import make_strategy
+
+    for kind in ("greedy", "policy"):
+        with pytest.raises(PruneNetError, match="Unknown strategy"):
+            make_strategy(kind, context, 0.2)
+    assert make_strategy("ramp", context, 0.2).source == "ramp"
