@@ -69,22 +69,14 @@ class StrategyEnv(gym.Env):
         self.render_mode = render_mode
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (observation_size(),), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
-        self._fixed_budget: float | None = None
         self.budget = low
         self._actions = np.zeros((context.layer_count, 3))
         self._step = 0
         self.last_strategy: Strategy | None = None
 
-    def request(self, budget: float | None) -> None:
-        """Fix the budget of the following episodes (None: sample from `budget_range` again).
-
-        :param budget: fraction of parameters to remove.
-        """
-        self._fixed_budget = budget
-
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        budget = (options or {}).get("budget", self._fixed_budget)
+        budget = (options or {}).get("budget")  # a request; else one drawn from the range
         if budget is None:
             budget = float(self.np_random.uniform(*self.budget_range))
         self.budget = float(budget)
