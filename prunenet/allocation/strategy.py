@@ -378,7 +378,8 @@ def random_search(
         raise PruneNetError(f"random_search needs at least 1 evaluation, got {evaluations}.")
     generator = np.random.default_rng(seed)
     best = None
-    for trial in range(evaluations):
+    for trial in tqdm(range(evaluations), desc=f"random strategies at {target:g}", unit="KL",
+                      leave=False):  # fmt: skip
         actions = uniform_actions(context.layer_count)
         if trial:
             actions = generator.normal(0.0, spread, size=actions.shape)
@@ -405,7 +406,7 @@ def ramp_search(
     :param slopes: the slopes tried (one KL pass each).
     """
     best = None
-    for slope in slopes:
+    for slope in tqdm(slopes, desc=f"depth-ramp slopes at {target:g}", unit="KL", leave=False):
         actions = depth_ramp_actions(context.layer_count, slope)
         strategy = realise(actions, target, context.costs, ("ffn",), source="ramp")
         strategy.kl = context.kl(strategy)
