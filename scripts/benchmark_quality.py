@@ -619,7 +619,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="smoke run: ratios 0.2,0.5, 3 questions/task, 2 windows of 128 tokens, 2 rounds",
     )
     args = parser.parse_args(argv)
-    args.strategy_contexts = {}  # per refit-bias setting, built on first use
+    args.strategy_contexts = {}  # per (refit biases, descriptors) setting, built on first use
     args.zero_shot_tasks = [t.strip() for t in args.zero_shot_tasks.split(",") if t.strip()]
     preset = {**DEFAULTS, **(QUICK if args.quick else {})}
     for key in PRESET_KEYS:
@@ -813,11 +813,11 @@ def reference_cache_bytes(model: nn.Module, args: argparse.Namespace) -> int:
 def _apply_strategy(model: nn.Module, method: Method, target: float, tokens, args):
     """A "+strategy" / "+search" / "+ramp" method at one budget, through
     `prunenet.pipeline.apply_strategy` (the path of `prunenet prune --strategy`)."""
-    refit_biases = method.refit != "none"
+    key = (method.refit != "none", method.strategy == "policy")  # only the policy reads descriptors
     contexts = args.strategy_contexts
-    if refit_biases not in contexts:
-        contexts[refit_biases] = strategy_context(model, refit_biases)
-    context = contexts[refit_biases]
+    if key not in contexts:
+        contexts[key] = strategy_context(model, *key)
+    context = contexts[key]
     policy = None
     if method.strategy == "policy":
         policy, _ = load_strategy_policy(args.strategy_policy or BUNDLED_STRATEGY)

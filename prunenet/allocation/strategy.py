@@ -416,10 +416,14 @@ def ramp_search(
     return best
 
 
-def strategy_context(model: nn.Module, refit_biases: bool = False) -> StrategyContext:
+def strategy_context(
+    model: nn.Module, refit_biases: bool = False, describe: bool = True
+) -> StrategyContext:
     """The model's `StrategyContext` on `STRATEGY_TEXT` (its own text, written once and cached).
 
     :param model: the dense model.
     :param refit_biases: count the biases a refit adds.
+    :param describe: compute the layer descriptors (only the policy reads them: 2 masked passes
+        per layer, minutes on a CPU).
     """
-    return StrategyContext(model, own_text(model, STRATEGY_TEXT), refit_biases)
+    return StrategyContext(model, own_text(model, STRATEGY_TEXT), refit_biases, describe)

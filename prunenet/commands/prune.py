@@ -388,7 +388,7 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
         sequences=args.selfgen_sequences, length=args.selfgen_length, seed=args.seed
     )
     if args.remove_params is not None and args.strategy != "uniform":
-        context = strategy_context(model, refit_biases=args.refit != "none")
+        context = strategy_context(model, args.refit != "none", describe=args.strategy == "policy")
         strategies = [_strategy(args, context, target) for target in args.remove_params]
         reports = prune_strategies_and_save(
             model, tokenizer, planner, strategies, context.head_rank, folders, args.overwrite,

@@ -50,7 +50,13 @@ def test_search_writes_a_per_layer_folder_with_exact_parameter_arithmetic(
     assert "self-gen KL" in capsys.readouterr().out
 
 
-def test_ramp_chooses_a_slope_by_kl_and_cuts_only_ffn_rows(tiny_model_folder, tmp_path) -> None:
+def test_ramp_chooses_a_slope_by_kl_and_cuts_only_ffn_rows(
+    tiny_model_folder, tmp_path, monkeypatch
+) -> None:
+    def no_descriptors(self):  # only the policy reads them; they cost minutes on a real model
+        raise AssertionError("ramp computed layer descriptors")
+
+    monkeypatch.setattr(StrategyContext, "_describe", no_descriptors)
     out = tmp_path / "out"
     assert _prune(tiny_model_folder, out, "--remove-params", "0.2", "--strategy", "ramp") == 0
     strategy = json.loads((out / REPORT_FILE).read_text())["structures"]
