@@ -379,7 +379,7 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
         )
     print(
         f"model {args.model} ({model.config.model_type}) loaded in {load_seconds:.1f} s; "
-        f"scoring with {scorer.name} (seed {args.seed}, {device}), {args.allocation} allocation, "
+        f"scoring with {scorer.name} (seed {args.seed}, {device}), {_how_much(args)}, "
         f"{args.analysis} analysis, refit {args.refit}",
         flush=True,
     )
@@ -420,6 +420,13 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
     ]
     print(format_table(SUMMARY_HEADERS, rows))
     return 0
+
+
+def _how_much(args: argparse.Namespace) -> str:
+    """How the amount per layer is decided, for the first printed line."""
+    if args.remove_params is not None and args.strategy != "uniform":
+        return f"{args.strategy} strategy per layer"
+    return f"{args.allocation} allocation"
 
 
 def _strategy(args: argparse.Namespace, context, target: float):
