@@ -311,11 +311,20 @@ def prune_budgets_and_save(
     if len(targets) != len(folders):
         raise PruneNetError(f"Got {len(targets)} budgets for {len(folders)} output folders.")
     tokens = analysis_text(model, selfgen)
+
+    def cut(target, last: bool):
+        return apply_budget(model, planner, target, structures, tokens, last, refit)
+
+    return _cut_and_save_each(targets, folders, cut, tokenizer, overwrite)
+
+
+def _cut_and_save_each(requests, folders, cut, tokenizer, overwrite: bool) -> list[PruneReport]:
+    """`cut(request, last)` for each request (the last may cut the dense model in place), each
+    result saved atomically into its folder; `seconds` covers cutting and saving."""
     reports = []
-    for index, (target, folder) in enumerate(zip(targets, folders, strict=True)):
+    for index, (request, folder) in enumerate(zip(requests, folders, strict=True)):
         start = time.perf_counter()
-        last = index == len(targets) - 1
-        pruned, report = apply_budget(model, planner, target, structures, tokens, last, refit)
+        pruned, report = cut(request, index == len(requests) - 1)
         save_pruned(pruned, tokenizer, folder, report, overwrite=overwrite)
         report.seconds = time.perf_counter() - start
         reports.append(report)
@@ -397,12 +406,8 @@ def prune_strategies_and_save(
     if len(strategies) != len(folders):
         raise PruneNetError(f"Got {len(strategies)} strategies for {len(folders)} folders.")
     tokens = analysis_text(model, selfgen)
-    reports = []
-    for index, (strategy, folder) in enumerate(zip(strategies, folders, strict=True)):
-        start = time.perf_counter()
-        last = index == len(strategies) - 1
-        pruned, report = apply_strategy(model, planner, strategy, head_scores, tokens, last, refit)
-        save_pruned(pruned, tokenizer, folder, report, overwrite=overwrite)
-        report.seconds = time.perf_counter() - start
-        reports.append(report)
-    return reports
+
+    def cut(strategy, last: bool):
+        return apply_strategy(model, planner, strategy, head_scores, tokens, last, refit)
+
+    return _cut_and_save_each(strategies, folders, cut, tokenizer, overwrite)
