@@ -136,6 +136,19 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+# 4 layers, 4 query heads in 2 KV groups of 2: FFN rows, heads and layers all have room to go.
+ROOMY_GQA = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 4}  # fmt: skip
+
+
+def start_token_text(sequences: int = 16, length: int = 12) -> torch.Tensor:
+    """Random ids shaped like self-generated text: every sequence begins with the start token."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, VOCAB_SIZE, (sequences, length), generator=generator)
+    tokens[:, 0] = 1
+    return tokens
+
+
 def sample_input_ids(seed: int = 0, length: int = 12) -> torch.Tensor:
     """A fixed batch of two token sequences that avoids the special and image tokens."""
     generator = torch.Generator().manual_seed(seed)

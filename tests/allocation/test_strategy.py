@@ -24,23 +24,12 @@ from prunenet.evaluation.divergence import kl_and_perplexity
 from prunenet.io.loading import load_pruned
 from prunenet.pipeline import PrunePlan, apply_strategy, scorer_planner
 from prunenet.scoring.heuristics import MagnitudeScorer
-from tests.conftest import VOCAB_SIZE, logits_of, tiny_model
-
-# 4 layers, 4 query heads in 2 KV groups of 2: every structure has room to be cut.
-WIDE = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 4}  # fmt: skip
-
-
-def _tokens(sequences: int = 16, length: int = 12) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, VOCAB_SIZE, (sequences, length), generator=generator)
-    tokens[:, 0] = 1  # every self-generated sequence starts with the start token
-    return tokens
+from tests.conftest import ROOMY_GQA, logits_of, start_token_text, tiny_model
 
 
 @pytest.fixture(scope="module")
 def context() -> StrategyContext:
-    return StrategyContext(tiny_model("llama", **WIDE), _tokens())
+    return StrategyContext(tiny_model("llama", **ROOMY_GQA), start_token_text())
 
 
 def _context_planner(context: StrategyContext, kept: list[int]):
@@ -56,7 +45,7 @@ def _context_planner(context: StrategyContext, kept: list[int]):
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("refit_biases", [False, True])
 def test_any_actions_meet_the_budget_to_within_one_ffn_row(seed, refit_biases) -> None:
-    model = tiny_model("llama", **WIDE)
+    model = tiny_model("llama", **ROOMY_GQA)
     costs = Costs(model, refit_biases)
     actions = np.random.default_rng(seed).uniform(-1, 1, (4, 3))
     strategy = realise(actions, 0.3, costs, STRUCTURES)
@@ -69,14 +58,14 @@ def test_any_actions_meet_the_budget_to_within_one_ffn_row(seed, refit_biases) -
 
 @pytest.mark.parametrize("refit", ["none", "lsq"])
 def test_the_cut_model_has_exactly_the_parameters_the_strategy_predicts(refit, tmp_path) -> None:
-    model = tiny_model("llama", **WIDE)
+    model = tiny_model("llama", **ROOMY_GQA)
     dense = count_parameters(model)
     actions = np.array([[0.8, 0.0, 0.0], [-0.5, 0.9, 0.0], [0.0, 0.0, 0.0], [0.3, 0.0, 0.9]])
     strategy = realise(actions, 0.3, Costs(model, refit != "none"), STRUCTURES)
     assert strategy.layers == [3] and strategy.query_heads[1] == 1  # both were used
-    scores = StrategyContext(model, _tokens(), describe=False).head_rank
+    scores = StrategyContext(model, start_token_text(), describe=False).head_rank
     pruned, report = apply_strategy(model, scorer_planner(MagnitudeScorer()), strategy, scores,
-                                    _tokens(), refit=refit)  # fmt: skip
+                                    start_token_text(), refit=refit)  # fmt: skip
     assert count_parameters(pruned) == dense - strategy.params_removed
     assert report.structures["ffn_rows"] == strategy.ffn_rows
     pruned.save_pretrained(tmp_path)  # per-layer widths and heads: the prunenet loader
@@ -84,7 +73,7 @@ def test_the_cut_model_has_exactly_the_parameters_the_strategy_predicts(refit, t
 
 
 def test_all_zero_actions_cut_every_layer_alike_and_nothing_else() -> None:
-    strategy = realise(uniform_actions(4), 0.2, Costs(tiny_model("llama", **WIDE)))
+    strategy = realise(uniform_actions(4), 0.2, Costs(tiny_model("llama", **ROOMY_GQA)))
     assert max(strategy.ffn_rows) - min(strategy.ffn_rows) <= 1
     assert strategy.layers == [] and strategy.query_heads == [0, 0, 0, 0]
 
@@ -92,12 +81,12 @@ def test_all_zero_actions_cut_every_layer_alike_and_nothing_else() -> None:
 def test_higher_ffn_exponents_take_more_rows_from_their_layers() -> None:
     actions = np.zeros((4, 3))
     actions[2, 0], actions[0, 0] = 1.0, -1.0
-    rows = realise(actions, 0.2, Costs(tiny_model("llama", **WIDE))).ffn_rows
+    rows = realise(actions, 0.2, Costs(tiny_model("llama", **ROOMY_GQA))).ffn_rows
     assert rows[2] > rows[1] > rows[0]
 
 
 def test_drops_beyond_the_budget_are_not_taken() -> None:
-    costs = Costs(tiny_model("llama", **WIDE))
+    costs = Costs(tiny_model("llama", **ROOMY_GQA))
     actions = np.zeros((4, 3))
     actions[:, 2] = [0.9, 0.8, DROP_LEVEL + 0.1, 0.0]  # three layers proposed
     strategy = realise(actions, 0.3, costs, ("ffn", "layers"))
@@ -108,7 +97,7 @@ def test_drops_beyond_the_budget_are_not_taken() -> None:
 
 def test_structures_left_out_are_ignored() -> None:
     actions = np.ones((4, 3))
-    strategy = realise(actions, 0.2, Costs(tiny_model("llama", **WIDE)), ("ffn",))
+    strategy = realise(actions, 0.2, Costs(tiny_model("llama", **ROOMY_GQA)), ("ffn",))
     assert strategy.layers == [] and not any(strategy.query_heads)
 
 
@@ -122,7 +111,7 @@ def test_the_masked_kl_equals_the_evaluation_kl_of_the_real_cut(context, actions
     masked_kl = context.kl(strategy)
     kept = [i for i in range(4) if i not in strategy.layers]
     pruned, _ = apply_strategy(context.model, _context_planner(context, kept), strategy,
-                               context.head_rank, _tokens())  # fmt: skip
+                               context.head_rank, start_token_text())  # fmt: skip
     kl, _ = kl_and_perplexity(context.model, pruned, context.windows)
     assert masked_kl > 0
     assert masked_kl == pytest.approx(kl.mean_kl, rel=1e-4, abs=1e-7)
@@ -144,16 +133,16 @@ def test_the_search_baseline_is_deterministic_and_never_worse_than_uniform(conte
 
 def test_a_budget_the_ffn_cannot_fill_is_refused() -> None:
     with pytest.raises(PruneNetError, match="cannot be met"):
-        realise(np.zeros((4, 3)), 0.95, Costs(tiny_model("llama", **WIDE)), ("ffn",))
+        realise(np.zeros((4, 3)), 0.95, Costs(tiny_model("llama", **ROOMY_GQA)), ("ffn",))
 
 
 def test_a_strategy_without_ffn_is_refused() -> None:
     with pytest.raises(PruneNetError, match="ffn"):
-        realise(np.zeros((4, 3)), 0.2, Costs(tiny_model("llama", **WIDE)), ("layers",))
+        realise(np.zeros((4, 3)), 0.2, Costs(tiny_model("llama", **ROOMY_GQA)), ("layers",))
 
 
 def test_a_depth_ramp_takes_more_rows_from_deeper_layers_and_zero_slope_is_uniform() -> None:
-    costs = Costs(tiny_model("llama", **WIDE))
+    costs = Costs(tiny_model("llama", **ROOMY_GQA))
     ramp = realise(depth_ramp_actions(4, 0.5), 0.2, costs, ("ffn",)).ffn_rows
     assert ramp == sorted(ramp) and ramp[-1] > ramp[0]
     flat = realise(depth_ramp_actions(4, 0.0), 0.2, costs, ("ffn",)).ffn_rows

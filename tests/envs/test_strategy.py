@@ -7,7 +7,6 @@ import math
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
@@ -21,18 +20,12 @@ from prunenet.allocation.strategy import (
     uniform_actions,
 )
 from prunenet.errors import PruneNetError
-from tests.conftest import VOCAB_SIZE, tiny_model
-
-WIDE = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 4}  # fmt: skip
+from tests.conftest import ROOMY_GQA, start_token_text, tiny_model
 
 
 @pytest.fixture(scope="module")
 def context() -> StrategyContext:
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, VOCAB_SIZE, (16, 12), generator=generator)
-    tokens[:, 0] = 1
-    return StrategyContext(tiny_model("llama", **WIDE), tokens)
+    return StrategyContext(tiny_model("llama", **ROOMY_GQA), start_token_text())
 
 
 def test_the_environment_passes_both_api_checkers(context) -> None:

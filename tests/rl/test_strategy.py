@@ -20,19 +20,14 @@ from prunenet.rl.strategy import (
     propose,
     train_strategy,
 )
-from tests.conftest import VOCAB_SIZE, tiny_model
+from tests.conftest import ROOMY_GQA, start_token_text, tiny_model
 
-WIDE = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 4}  # fmt: skip
 QUICK = StrategyTrainConfig(timesteps=64, eval_every=4, seed=1)
 
 
 @pytest.fixture(scope="module")
 def context() -> StrategyContext:
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, VOCAB_SIZE, (16, 12), generator=generator)
-    tokens[:, 0] = 1
-    return StrategyContext(tiny_model("llama", **WIDE), tokens)
+    return StrategyContext(tiny_model("llama", **ROOMY_GQA), start_token_text())
 
 
 @pytest.fixture(scope="module")
