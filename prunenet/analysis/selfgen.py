@@ -10,6 +10,7 @@ own token statistics, which is what makes activation-based scores work without a
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -236,14 +237,22 @@ def _decode_activations(
     return layers
 
 
-def own_text(model: nn.Module, config: SelfGenConfig) -> torch.Tensor:
+def own_text(
+    model: nn.Module, config: SelfGenConfig, write: Callable[[], torch.Tensor] | None = None
+) -> torch.Tensor:
     """`generate_own_text`, cached per model weights and config (token ids only: generating
-    64 x 128 tokens takes minutes on a CPU, reading them back milliseconds)."""
+    64 x 128 tokens takes minutes on a CPU, reading them back milliseconds).
+
+    :param model: the model (anything whose `named_parameters` give its weights, for the key).
+    :param config: how much text.
+    :param write: writes the text when it is not cached (default: `generate_own_text` on
+        `model`; `prunenet.layerwise` loads the model only then).
+    """
     return memoize(
         "selfgen-text",
         model,
         asdict(config),
-        lambda: generate_own_text(model, config),
+        write or (lambda: generate_own_text(model, config)),
         encode=lambda tokens: ({"tokens": tokens.cpu()}, {}),
         decode=lambda tensors, info: _decode_text(tensors, model, config),
     )

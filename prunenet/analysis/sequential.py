@@ -316,6 +316,12 @@ def capture_layer_inputs(
         )
         for index, layer in enumerate(layers)
     ]
+    for layer in layers:
+        # The layers themselves are not run: only layer 0's input and every layer's other
+        # arguments are needed, and neither depends on what earlier layers return. So the
+        # capture costs the embedding alone, and works when the layers' weights are not loaded
+        # at all (`prunenet.layerwise` keeps them on the meta device until their turn).
+        layer.forward = _pass_through
     try:
         # No cache: a cache object in the kwargs would grow with every later layer call.
         model(tokens, use_cache=False)
@@ -324,7 +330,13 @@ def capture_layer_inputs(
     finally:
         for handle in handles:
             handle.remove()
+        for layer in layers:
+            del layer.forward
     return first_hidden[0], captured
+
+
+def _pass_through(hidden_states, *args, **kwargs):
+    return hidden_states
 
 
 @torch.no_grad()

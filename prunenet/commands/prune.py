@@ -29,9 +29,17 @@ from prunenet.core.devices import resolve_device
 from prunenet.core.ratios import keep_count, validate_ratio
 from prunenet.core.refit import REFITS
 from prunenet.errors import PruneNetError
-from prunenet.io.models import ALIASES, DTYPES, load_model, resolve_model_path
+from prunenet.io.models import (
+    ALIASES,
+    DTYPES,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_path,
+)
 from prunenet.io.saving import check_free_space, hold_output
-from prunenet.io.stream.checkpoint import load_config
+from prunenet.io.stream.checkpoint import checkpoint_bytes, load_config
+from prunenet.layerwise import layerwise_prune
 from prunenet.pipeline import (
     ANALYSES,
     check_analysis,
@@ -188,6 +196,16 @@ def register(subparsers) -> None:
         "(memory bounded by one layer; weights-only scorers). Chosen automatically when the "
         "checkpoint is larger than half of the available RAM",
     )
+    parser.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="the default path (own text, sequential analysis, refit) with one decoder layer in "
+        "memory at a time: a local safetensors folder is read layer by layer and each cut "
+        "layer is written out before the next is read; the output equals the in-memory run's. "
+        "If the model's text is not cached yet, the model is loaded once (in its own dtype) "
+        "to write it. Chosen automatically for activation-based scorers when the checkpoint "
+        "is larger than half of the available RAM",
+    )
     parser.add_argument("--device", default="cpu", help="where scoring runs: cpu (default) or cuda")
     parser.add_argument(
         "--dtype",
@@ -289,14 +307,45 @@ def run(args: argparse.Namespace) -> int:
             "--analysis sequential runs each layer on self-generated text, which needs the model "
             "in memory; drop --stream, or use --analysis oneshot with a weights-only scorer."
         )
+    if args.layerwise:
+        check_layerwise(args, scorer)
     with hold_output(args.out, args.overwrite):
         # Own --out for the whole run: a second run to it exits 2 now, not after its scoring,
         # and cannot replace this run's output. A ratio list's subfolders live inside it.
-        if _use_stream(args, scorer):
+        if not args.layerwise and _use_stream(args, scorer):
             args.refit, args.analysis = args.refit or "none", args.analysis or "oneshot"
             return _run_stream(args, scorer, folders, device)
         resolve_defaults(args, scorer)
+        if args.layerwise:
+            return _run_layerwise(args, scorer, folders)
         return _run_in_memory(args, scorer, folders, device)
+
+
+def check_layerwise(args: argparse.Namespace, scorer: Scorer) -> None:
+    """Refuse what --layerwise cannot do, before any model is read."""
+    if args.stream:
+        raise PruneNetError(
+            "--layerwise and --stream are two bounded-memory paths: --layerwise for the "
+            "default (activation-based) path, --stream for weights-only scorers. Pick one."
+        )
+    if args.remove_params is not None:
+        raise PruneNetError(
+            "--layerwise prunes FFN rows at a --ratio; --remove-params measures KL over the "
+            "whole model and needs it in memory. Use --ratio with --layerwise."
+        )
+    if args.allocation != "uniform":
+        raise PruneNetError(
+            "--allocation auto measures the whole model's outputs; use --allocation uniform "
+            "with --layerwise."
+        )
+    if scorer.weights_only or args.analysis == "oneshot":
+        raise PruneNetError(
+            "--layerwise scores each layer on the activations it sees once the earlier layers "
+            "are cut (sequential analysis, an activation-based scorer such as the default "
+            "policy); for a weights-only scorer or --analysis oneshot use --stream."
+        )
+    if str(args.device) != "cpu":
+        raise PruneNetError("--layerwise runs on the CPU; drop --device or --layerwise.")
 
 
 def check_amount(args: argparse.Namespace) -> None:
@@ -422,6 +471,41 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
     return 0
 
 
+def _run_layerwise(args: argparse.Namespace, scorer: Scorer, folders: list[Path]) -> int:
+    """The default path one decoder layer at a time, once per ratio (the text is cached)."""
+    path = Path(resolve_model_path(args.model))
+    if not (path / "config.json").is_file():
+        raise PruneNetError(
+            f"--layerwise reads a local safetensors folder; {args.model!r} is not one. "
+            "Download it first (or save it with save_pretrained)."
+        )
+    config = load_config(path)
+    for ratio in args.ratio:
+        warn_if_nothing_removed(ffn_width(config), ratio)
+    check_free_space(folders[0], checkpoint_bytes(path) * len(args.ratio))
+    dtype = resolve_dtype(str(path), args.dtype)
+    tokenizer = load_tokenizer(str(path))
+    selfgen = SelfGenConfig(
+        sequences=args.selfgen_sequences, length=args.selfgen_length, seed=args.seed
+    )
+    print(
+        f"model {args.model} ({config.model_type}): layer by layer from its safetensors "
+        f"({dtype}); scoring with {scorer.name} (seed {args.seed}, cpu), uniform allocation, "
+        f"{args.analysis} analysis, refit {args.refit}",
+        flush=True,
+    )
+    planner = scorer_planner(scorer, "uniform", analysis=args.analysis)
+    rows = []
+    for ratio, folder in zip(args.ratio, folders, strict=True):
+        report = layerwise_prune(
+            path, folder, planner, ratio, refit=args.refit, selfgen=selfgen, dtype=dtype,
+            tokenizer=tokenizer, overwrite=args.overwrite,
+        )  # fmt: skip
+        rows.append(summary_row(ratio, report, folder))
+    print(format_table(SUMMARY_HEADERS, rows))
+    return 0
+
+
 def _how_much(args: argparse.Namespace) -> str:
     """How the amount per layer is decided, for the first printed line."""
     if args.remove_params is not None and args.strategy != "uniform":
@@ -531,6 +615,14 @@ def _use_stream(args: argparse.Namespace, scorer: Scorer) -> bool:
         return False  # a hub id: transformers downloads it; streaming needs local files
     large, size, available = should_stream(path)
     if not large:
+        return False
+    layerwise_ok = args.allocation == "uniform" and args.analysis != "oneshot"
+    if not scorer.weights_only and layerwise_ok and str(args.device) == "cpu":
+        print(
+            f"model {args.model}: safetensors {size / 1e9:.1f} GB > half of available RAM "
+            f"({available / 1e9:.1f} GB); switching to --layerwise (one decoder layer in memory)"
+        )
+        args.layerwise = True
         return False
     if not scorer.weights_only or args.refit not in (None, "none"):
         needs = f"scorer {args.scorer}" if not scorer.weights_only else f"--refit {args.refit}"

@@ -177,7 +177,7 @@ def load_model(
     dtype = resolve_dtype(path, dtype)
     try:
         model = load_pruned(path, dtype=dtype)
-        tokenizer = _load_tokenizer(path)
+        tokenizer = load_tokenizer(path)
     except PruneNetError:
         raise
     except SafetensorError as error:
@@ -197,7 +197,8 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
-def _load_tokenizer(path: str):
+def load_tokenizer(path: str):
+    """The folder's tokenizer, or None for a local folder without tokenizer files."""
     folder = Path(path)
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         return None

@@ -1,0 +1,117 @@
+"""One layer in memory gives the in-memory default path's output, tensor for tensor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from prunenet.io.models import load_model
+from prunenet.io.saving import REPORT_FILE
+from prunenet.io.stream.checkpoint import INDEX_FILE
+from prunenet.layerwise import LazyModel, layerwise_prune
+from prunenet.pipeline import prune_and_save, scorer_planner
+from prunenet.scoring.heuristics import SelfGenScorer
+from tests.conftest import ALL_MODEL_TYPES, SMALL_SELFGEN, tiny_model, tiny_tokenizer
+
+
+def _saved(tmp_path: Path, model_type: str, dtype: torch.dtype = torch.float32) -> Path:
+    folder = tmp_path / f"dense-{model_type}"
+    tiny_model(model_type).to(dtype).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _both(tmp_path: Path, folder: Path, refit: str, dtype=torch.float32, ratio: float = 0.3):
+    planner = scorer_planner(SelfGenScorer(), analysis="sequential")
+    model, tokenizer = load_model(str(folder), dtype=dtype)
+    in_memory = tmp_path / "in-memory"
+    prune_and_save(
+        model, tokenizer, planner, [ratio], [in_memory], refit=refit, selfgen=SMALL_SELFGEN
+    )
+    layerwise = tmp_path / "layerwise"
+    report = layerwise_prune(
+        folder, layerwise, planner, ratio, refit=refit, selfgen=SMALL_SELFGEN, dtype=dtype,
+        tokenizer=tokenizer,
+    )  # fmt: skip
+    return in_memory, layerwise, report
+
+
+@pytest.mark.parametrize("model_type", ALL_MODEL_TYPES)
+def test_layerwise_output_equals_in_memory_for_every_adapter(tmp_path, model_type, no_disk_cache):
+    folder = _saved(tmp_path, model_type)
+    in_memory, layerwise, _ = _both(tmp_path, folder, refit="lsq")
+    expected, _ = load_model(str(in_memory))
+    got, _ = load_model(str(layerwise))
+    assert type(got) is type(expected)
+    want = expected.state_dict()
+    have = got.state_dict()
+    assert have.keys() == want.keys()
+    for name, tensor in want.items():
+        assert torch.equal(have[name], tensor), name
+    ids = torch.randint(4, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got(ids).logits, expected(ids).logits)
+
+
+def test_layerwise_report_and_config_match_in_memory(tmp_path, no_disk_cache):
+    folder = _saved(tmp_path, "llama")
+    in_memory, layerwise, report = _both(tmp_path, folder, refit="lsq")
+    want = json.loads((in_memory / REPORT_FILE).read_text())
+    have = json.loads((layerwise / REPORT_FILE).read_text())
+    for key in ("ffn_widths_after", "params_before", "params_after", "target_ratio"):
+        assert have[key] == want[key], key
+    assert have["scorer"]["sequential"] == want["scorer"]["sequential"]
+    assert len(report.scorer["layerwise"]["layer_seconds"]) == 2
+    config_want = json.loads((in_memory / "config.json").read_text())
+    config_have = json.loads((layerwise / "config.json").read_text())
+    assert config_have == config_want
+    assert (layerwise / "tokenizer.json").is_file()
+
+
+def test_layerwise_writes_one_shard_per_layer_and_an_index(tmp_path, no_disk_cache):
+    folder = _saved(tmp_path, "llama")
+    _, layerwise, _ = _both(tmp_path, folder, refit="none")
+    index = json.loads((layerwise / INDEX_FILE).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == [
+        "model-layer-00000.safetensors",
+        "model-layer-00001.safetensors",
+        "model-outer.safetensors",
+    ]
+    total = 0
+    for shard in shards:
+        with safe_open(layerwise / shard, framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (a handle is not a mapping)
+                assert index["weight_map"][name] == shard
+                tensor = handle.get_tensor(name)
+                total += tensor.numel() * tensor.element_size()
+    assert index["metadata"]["total_size"] == total
+
+
+def test_a_bf16_checkpoint_stays_bf16_layer_by_layer(tmp_path, no_disk_cache):
+    folder = _saved(tmp_path, "llama", torch.bfloat16)
+    in_memory, layerwise, _ = _both(tmp_path, folder, refit="lsq", dtype=torch.bfloat16)
+    got, _ = load_model(str(layerwise), dtype="auto")
+    expected, _ = load_model(str(in_memory), dtype="auto")
+    assert {t.dtype for t in got.state_dict().values()} == {torch.bfloat16}
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(got.state_dict()[name], tensor), name
+
+
+def test_lazy_model_holds_no_layer_weights_until_asked(tmp_path):
+    folder = _saved(tmp_path, "llama")
+    lazy = LazyModel(folder, torch.float32)
+    devices = {p.device.type for p in lazy.layers[0].parameters()}
+    assert devices == {"meta"}
+    assert lazy.model.get_input_embeddings().weight.device.type == "cpu"
+    layer = lazy.load_layer(0)
+    dense = tiny_model("llama").model.layers[0]
+    want = dense.state_dict()
+    assert layer.state_dict().keys() == want.keys()
+    for name, have in layer.state_dict().items():
+        assert torch.equal(have, want[name]), name
+    lazy.release_layer(0)
+    assert {p.device.type for p in lazy.layers[0].parameters()} == {"meta"}
