@@ -14,6 +14,14 @@ head owns each row", and `cut_attention` / `head_weights` work from it for every
 `prunenet.core.heads` and `prunenet.analysis.head_scores` never branch on the architecture.
 Per-layer values (FFN widths, head counts) are written by one function, `set_layer_values`.
 
+Where the modeling code sizes heads from the head count (OPT, GPT-2, GPT-NeoX and Falcon derive
+head_dim = hidden_size / num_attention_heads; Phi with `qk_layernorm` sizes its q/k norms that
+way), the architecture's count fields must keep the counts the layers are *built* with, or a
+reload would build bigger heads. There the kept counts go into PruneNet's own fields
+(`prunenet_kept_num_attention_heads`, ...: `RECORDED_PREFIX` + the field), per layer like any
+other value, and the modules are narrowed after they are built (`prunenet.load_pruned`, or the
+folder's `modeling_prunenet.py` with `trust_remote_code=True`): `counts_recorded_apart`.
+
 Why this module is long (over 400 lines): it is the one place that knows architectures (the
 design card's rule); the FFN and attention rows, and the few functions that read layouts from
 them, would scatter those facts if split.
@@ -37,6 +45,16 @@ Layout = Literal["linear", "conv1d", "fused_gate_up"]
 BiasSupport = Literal["always", "if_flag", "switchable", "never"]
 QKVLayout = Literal["separate", "fused", "grouped"]
 KVHeads = Literal["field", "all", "falcon"]
+Count = Literal["heads", "kv", "group", "width"]
+
+# Where head counts are recorded when the architecture's own fields must keep the built counts
+# (`counts_recorded_apart`): this prefix + the architecture's field name.
+RECORDED_PREFIX = "prunenet_kept_"
+# Attention-module attributes that cache a head count, and what each holds (`Count`): query
+# heads, KV heads, query heads per KV head, or query heads x head_dim. Set after a cut where the
+# module has them.
+_COUNT_ATTRIBUTES = (("num_key_value_groups", "group"), ("num_key_value_heads", "kv"),
+                     ("num_heads", "heads"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -63,11 +81,16 @@ class Attention:
     :param heads_field: config field with the number of query heads.
     :param kv_heads_field: config field with the number of KV heads.
     :param head_dim_field: config field the modeling code reads the head size from, or None
-        when it always derives it as hidden_size / heads: then a model with fewer heads would
-        be rebuilt with a different head size, so its heads cannot be removed.
+        when it always derives it as hidden_size / heads: then the count fields keep the built
+        counts and the kept counts are recorded apart (`counts_recorded_apart`).
+    :param derives_with: config flags that, when true, make the modeling code size something
+        from hidden_size / heads even though `head_dim_field` exists (Phi's `qk_layernorm`):
+        counts are then recorded apart too.
+    :param count_attributes: attention-module attributes that cache a head count (`Count`
+        says which); the forward reads them, so a cut updates those the module has.
     :param blocked_by: config flags that, when true, make head removal impossible (the reason
         is in `blocked_reason`).
-    :param blocked_reason: why `blocked_by` or a missing `head_dim_field` blocks removal.
+    :param blocked_reason: why `blocked_by` blocks removal.
     :param reads_counts_at_runtime: the attention forward reads the head count from its
         config (Phi-3), so with per-layer counts each attention module gets its layer's config.
     """
@@ -81,14 +104,11 @@ class Attention:
     heads_field: str = "num_attention_heads"
     kv_heads_field: str = "num_key_value_heads"
     head_dim_field: str | None = "head_dim"
+    derives_with: tuple[str, ...] = ()
+    count_attributes: tuple[tuple[str, Count], ...] = _COUNT_ATTRIBUTES
     blocked_by: tuple[str, ...] = ()
     blocked_reason: str = ""
     reads_counts_at_runtime: bool = False
-
-    @property
-    def removable(self) -> bool:
-        """Whether this layout can lose heads and still reload (subject to `blocked_by`)."""
-        return self.head_dim_field is not None
 
 
 @dataclass(frozen=True)
@@ -133,8 +153,6 @@ class Adapter:
 # fmt: off
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GQA_ATTENTION = Attention(_QKV, "self_attn.o_proj", "self_attn")
-_DERIVED = ("its modeling code derives the head size as hidden_size / num_attention_heads, so "
-            "a model with fewer heads would be rebuilt with bigger heads and fail to reload")
 _GATED = Adapter("model.layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
                  "intermediate_size", attention=_GQA_ATTENTION)
 
@@ -142,6 +160,13 @@ _GATED = Adapter("model.layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_pro
 # Mistral, Qwen2/3, Gemma 1-3 and Phi-3 hard-code bias=False on their FFN projections.
 # Qwen2, Phi and Phi-3 declare no `head_dim` field but read `getattr(config, "head_dim", ...)`
 # (attention and rotary embedding alike), so an explicit value is honoured and saved.
+# Heads recorded apart (no `head_dim_field`, or Phi's `qk_layernorm`), what each attention
+# forward reads after a cut: OPT reshapes by its cached `num_heads` (and a derived `head_dim`,
+# unchanged); GPT-2 splits c_attn's output by `split_size` and reshapes with -1; GPT-NeoX
+# reshapes with -1 and reads no count; Falcon reshapes by `num_heads` and `num_kv_heads` in all
+# three layouts (multi-query, multi-head, new_decoder_architecture), but its ALiBi variant
+# builds per-head biases from the config's count at the model level; Phi's q/k norms are
+# hidden_size / num_attention_heads wide and shared by every head.
 ADAPTERS: dict[str, Adapter] = {
     "llama": replace(_GATED, output_bias="switchable", bias_flag="mlp_bias"),
     "mistral": _GATED,
@@ -156,9 +181,7 @@ ADAPTERS: dict[str, Adapter] = {
     "phi": Adapter("model.layers", ("mlp.fc1",), "mlp.fc2", "intermediate_size",
                    output_bias="always",
                    attention=Attention(_QKV, "self_attn.dense", "self_attn",
-                                       blocked_by=("qk_layernorm",),
-                                       blocked_reason="its q/k layer norms are built "
-                                       "hidden_size / num_attention_heads wide")),
+                                       derives_with=("qk_layernorm",))),
     "phi3": Adapter("model.layers", ("mlp.gate_up_proj",), "mlp.down_proj", "intermediate_size",
                     layout="fused_gate_up",
                     attention=Attention(("self_attn.qkv_proj",), "self_attn.o_proj",
@@ -168,25 +191,31 @@ ADAPTERS: dict[str, Adapter] = {
                    output_bias="if_flag", bias_flag="enable_bias",
                    attention=Attention(("self_attn.q_proj", "self_attn.k_proj",
                                         "self_attn.v_proj"), "self_attn.out_proj", "self_attn",
-                                       kv_heads="all", head_dim_field=None,
-                                       blocked_reason=_DERIVED)),
+                                       kv_heads="all", head_dim_field=None)),
     "gpt2": Adapter("transformer.h", ("mlp.c_fc",), "mlp.c_proj", "n_inner", layout="conv1d",
                     default_width=4, learned_positions=True, output_bias="always",
                     attention=Attention(("attn.c_attn",), "attn.c_proj", "attn", layout="fused",
                                         conv1d=True, kv_heads="all", head_dim_field=None,
-                                        blocked_reason=_DERIVED)),
+                                        count_attributes=(*_COUNT_ATTRIBUTES,
+                                                          ("split_size", "width")))),
     "gpt_neox": Adapter("gpt_neox.layers", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
                         "intermediate_size", output_bias="always",
                         attention=Attention(("attention.query_key_value",), "attention.dense",
                                             "attention", layout="grouped", kv_heads="all",
-                                            head_dim_field=None, blocked_reason=_DERIVED)),
+                                            head_dim_field=None)),
     "falcon": Adapter("transformer.h", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
                       "ffn_hidden_size", default_width=4, output_bias="if_flag", bias_flag="bias",
                       attention=Attention(("self_attention.query_key_value",),
                                           "self_attention.dense", "self_attention",
                                           layout="grouped", kv_heads="falcon",
                                           kv_heads_field="num_kv_heads", head_dim_field=None,
-                                          blocked_reason=_DERIVED)),
+                                          count_attributes=(*_COUNT_ATTRIBUTES,
+                                                            ("num_kv_heads", "kv")),
+                                          blocked_by=("alibi",),
+                                          blocked_reason="its ALiBi biases are built for "
+                                          "num_attention_heads heads, one slope per head "
+                                          "position, so the kept heads would get other "
+                                          "heads' slopes")),
 }
 # fmt: on
 
@@ -423,22 +452,58 @@ def attention_adapter(config) -> Attention:
 
 
 def head_shapes(config) -> list[HeadShape]:
-    """Every decoder layer's `HeadShape`, from the global fields or their per-layer overrides.
+    """Every decoder layer's `HeadShape`, from the global fields or their per-layer overrides
+    (and, where counts are recorded apart, from PruneNet's own count fields).
 
     :param config: a supported model's config.
     """
     attention = attention_adapter(config)
     owner = decoder_config(config)
+    apart = counts_recorded_apart(config)
     shapes = []
     for layer_config in _layer_configs(owner):
-        heads = int(getattr(layer_config, attention.heads_field))
+        built = _built_counts(layer_config, attention)
         head_dim = None
         if attention.head_dim_field is not None:
             head_dim = getattr(layer_config, attention.head_dim_field, None)
         if head_dim is None:  # what the modeling code falls back on
-            head_dim = layer_config.hidden_size // heads
-        shapes.append(HeadShape(heads, _kv_heads(layer_config, attention, heads), int(head_dim)))
+            head_dim = layer_config.hidden_size // built[0]
+        heads, kv = built
+        if apart:
+            recorded_heads, recorded_kv = _recorded_fields(layer_config, attention)
+            heads = int(getattr(layer_config, recorded_heads, heads))
+            kv = _kv_heads(layer_config, attention, heads, recorded_kv)
+        shapes.append(HeadShape(heads, kv, int(head_dim)))
     return shapes
+
+
+def counts_recorded_apart(config) -> bool:
+    """Whether this model's kept head counts live in PruneNet's own fields
+    (`RECORDED_PREFIX` + field) rather than the architecture's.
+
+    True where the modeling code sizes heads from hidden_size / heads (no `head_dim_field`, or
+    a `derives_with` flag is on): the architecture's fields then keep the counts the layers are
+    built with, so the derived head size stays right. Such folders reload with
+    `prunenet.load_pruned` or, without PruneNet, with `trust_remote_code=True`; plain
+    `from_pretrained` stops at the first narrowed weight.
+
+    :param config: a supported model's config.
+    """
+    attention = attention_adapter(config)
+    owner = decoder_config(config)
+    return attention.head_dim_field is None or any(
+        getattr(owner, flag, False) for flag in attention.derives_with
+    )
+
+
+def built_head_counts(config) -> list[tuple[int, int]]:
+    """Per decoder layer, the (query heads, KV heads) the modeling code builds from this config:
+    the kept counts, except where they are recorded apart (`counts_recorded_apart`).
+
+    :param config: a supported model's config.
+    """
+    attention = attention_adapter(config)
+    return [_built_counts(c, attention) for c in _layer_configs(decoder_config(config))]
 
 
 def head_removal_blocker(config) -> str | None:
@@ -447,8 +512,6 @@ def head_removal_blocker(config) -> str | None:
     :param config: a supported model's config.
     """
     attention = attention_adapter(config)
-    if not attention.removable:
-        return f"{config.model_type}: {attention.blocked_reason}"
     owner = decoder_config(config)
     active = [flag for flag in attention.blocked_by if getattr(owner, flag, False)]
     if active:
@@ -463,7 +526,10 @@ def set_head_counts(config, counts: list[tuple[int, int]]) -> None:
     hidden_size / num_attention_heads when the field is unset: with fewer heads the reloaded
     model would otherwise be built with bigger heads. Equal counts in every layer go in the
     global fields (plain `from_pretrained` reloads them); different counts are per-layer
-    overrides (`set_layer_values`; `prunenet.load_pruned` reloads them).
+    overrides (`set_layer_values`; `prunenet.load_pruned` reloads them). Where the head size
+    cannot be written (`counts_recorded_apart`), the architecture's fields are left alone and
+    the counts go into PruneNet's own fields instead, the same way (global, or per layer);
+    counts equal to the built ones remove those fields again.
 
     :param config: a supported model's config, describing the layers before the cut.
     :param counts: per decoder layer, (num_heads, num_kv_heads) after the cut.
@@ -478,15 +544,26 @@ def set_head_counts(config, counts: list[tuple[int, int]]) -> None:
     head_dims = {shape.head_dim for shape in head_shapes(config)}
     if len(head_dims) != 1:
         raise PruneNetError(f"Layers have different head sizes {sorted(head_dims)}.")
-    setattr(owner, attention.head_dim_field, head_dims.pop())
-    values = {attention.heads_field: [int(heads) for heads, _ in counts]}
-    if attention.kv_heads == "field":
-        values[attention.kv_heads_field] = [int(kv) for _, kv in counts]
-    elif any(heads != kv for heads, kv in counts):
-        raise PruneNetError(
-            f"{config.model_type} has one KV head per query head; it cannot keep {counts}."
-        )
+    apart = counts_recorded_apart(config)
+    heads_field, kv_field = attention.heads_field, _kv_field(owner, attention)
+    if apart:
+        heads_field, kv_field = _recorded_fields(owner, attention)
+    else:
+        setattr(owner, attention.head_dim_field, head_dims.pop())
+    values = {heads_field: [int(heads) for heads, _ in counts]}
+    if kv_field is not None:
+        values[kv_field] = [int(kv) for _, kv in counts]
+    else:
+        implied = [(heads, _kv_heads(owner, attention, heads, None)) for heads, _ in counts]
+        if [(int(h), int(kv)) for h, kv in counts] != implied:
+            raise PruneNetError(
+                f"{config.model_type} (as configured) has {_implied_kv_text(owner, attention)}; "
+                f"it cannot keep {counts} (query heads, KV heads)."
+            )
     set_layer_values(config, values)
+    if apart and [tuple(c) for c in counts] == built_head_counts(config):
+        for field in values:  # nothing removed: the architecture's own fields say it all
+            owner.__dict__.pop(field, None)
 
 
 def attention_modules(layer: nn.Module, adapter: Adapter) -> tuple[list[nn.Module], nn.Module]:
@@ -584,13 +661,15 @@ def cut_attention(
     _cut_neurons(output, columns, neuron_dim=1 - neuron_dim, bias=False)
     after = HeadShape(len(keep_query), len(keep_kv), shape.head_dim)
     module = _get(layer, attention.module)
-    for name, value in (
-        ("num_key_value_groups", after.group_size),
-        ("num_key_value_heads", after.num_kv_heads),
-        ("num_heads", after.num_heads),
-    ):
+    values = {
+        "heads": after.num_heads,
+        "kv": after.num_kv_heads,
+        "group": after.group_size,
+        "width": after.num_heads * after.head_dim,
+    }
+    for name, count in attention.count_attributes:
         if isinstance(getattr(module, name, None), int):  # counts the forward reads
-            setattr(module, name, value)
+            setattr(module, name, values[count])
     return after
 
 
@@ -614,15 +693,47 @@ def bind_layer_configs(model: nn.Module) -> None:
         module.config = owner.per_layer_config[index] if heterogeneous else owner
 
 
-def _kv_heads(layer_config, attention: Attention, heads: int) -> int:
-    if attention.kv_heads == "all":
-        return heads
-    if attention.kv_heads == "falcon":
-        if getattr(layer_config, "new_decoder_architecture", False):
-            return int(layer_config.num_kv_heads)
-        return 1 if getattr(layer_config, "multi_query", False) else heads
-    kv = getattr(layer_config, attention.kv_heads_field, None)
-    return heads if kv is None else int(kv)
+def _built_counts(layer_config, attention: Attention) -> tuple[int, int]:
+    """(query heads, KV heads) the modeling code builds from one layer's config."""
+    heads = int(getattr(layer_config, attention.heads_field))
+    return heads, _kv_heads(layer_config, attention, heads, _kv_field(layer_config, attention))
+
+
+def _kv_field(layer_config, attention: Attention) -> str | None:
+    """The config field holding the KV head count, or None where the layout implies it."""
+    if attention.kv_heads == "field":
+        return attention.kv_heads_field
+    if attention.kv_heads == "falcon" and getattr(layer_config, "new_decoder_architecture", False):
+        return attention.kv_heads_field
+    return None
+
+
+def _recorded_fields(layer_config, attention: Attention) -> tuple[str, str | None]:
+    """PruneNet's own fields for the kept (query, KV) counts (`counts_recorded_apart`)."""
+    kv_field = _kv_field(layer_config, attention)
+    return (
+        RECORDED_PREFIX + attention.heads_field,
+        None if kv_field is None else RECORDED_PREFIX + kv_field,
+    )
+
+
+def _kv_heads(layer_config, attention: Attention, heads: int, kv_field: str | None) -> int:
+    """KV heads of a layer with `heads` query heads: from `kv_field` (falling back on the
+    architecture's field when a recorded one is unset), else as the layout implies."""
+    if kv_field is not None:
+        kv = getattr(layer_config, kv_field, None)
+        if kv is None and kv_field.startswith(RECORDED_PREFIX):
+            kv = getattr(layer_config, kv_field.removeprefix(RECORDED_PREFIX), None)
+        return heads if kv is None else int(kv)
+    if attention.kv_heads == "falcon" and getattr(layer_config, "multi_query", False):
+        return 1
+    return heads
+
+
+def _implied_kv_text(layer_config, attention: Attention) -> str:
+    if attention.kv_heads == "falcon" and getattr(layer_config, "multi_query", False):
+        return "one KV head shared by every query head"
+    return "one KV head per query head"
 
 
 def _layer_configs(owner) -> list:

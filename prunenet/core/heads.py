@@ -9,7 +9,7 @@ reads KV head h // G. Two cuts keep that structure valid:
 
 Removing a head is, functionally, zeroing its block of output-projection columns: the head's
 output is then multiplied by zero. The cut computes exactly that function with fewer weights
-(tests/core/test_heads.py checks it through each model's forward pass).
+(tests/core/test_heads.py and test_heads_derived.py check it through each model's forward pass).
 
 Where the heads live (separate q/k/v, Phi-3's fused q|k|v, GPT-2's Conv1D, GPT-NeoX and
 Falcon's per-group interleaving) is described by `prunenet.core.arch.Attention`; this module
@@ -23,21 +23,33 @@ Support in transformers 5.24, per architecture:
 | mistral, qwen2, qwen3, gemma | separate | plain `from_pretrained` | `load_pruned` |
 | phi (qk_layernorm off) | separate | plain `from_pretrained` | `load_pruned` |
 | phi3 | fused q, k, v | plain `from_pretrained` | `load_pruned` (2) |
-| phi with qk_layernorm | separate | raises: its q/k norms are hidden/heads wide | raises |
-| opt, gpt2, gpt_neox, falcon | separate / Conv1D fused / grouped | raises (3) | raises (3) |
+| opt, phi with qk_layernorm | separate | `load_pruned` (3) | `load_pruned` (3) |
+| gpt2 | Conv1D fused q, k, v | `load_pruned` (3) | `load_pruned` (3) |
+| gpt_neox, falcon (5) | grouped | `load_pruned` (3) | `load_pruned` (3) |
+| falcon with alibi | grouped | raises (4) | raises (4) |
 
+Every `load_pruned` folder also loads without PruneNet with `trust_remote_code=True`
+(`prunenet.io.remote_code`).
 (1) Their config validators check `hidden_size % num_attention_heads == 0` (so only such counts
 are accepted, even with an explicit `head_dim`) and read the field globally, which transformers
 refuses on a heterogeneous config: PruneNet saves these configs with
 `allow_global_per_layer_attribute_access` (see `arch.set_layer_values`).
 (2) Phi-3's attention forward reads `config.num_attention_heads`, so each attention module is
 given its own layer's config (`arch.bind_layer_configs`).
-(3) Their modeling code derives the head size as hidden_size / num_attention_heads (no config
-field can say otherwise), so a model with fewer heads would be rebuilt with bigger heads. Their
-heads can still be scored (`prunenet.analysis.head_scores`).
+(3) Their modeling code derives the head size as hidden_size / num_attention_heads (Phi sizes
+its q/k norms that way), and no config field can say otherwise: the config keeps the built
+counts, the kept ones are recorded apart (`prunenet_kept_num_attention_heads`, ...;
+`arch.counts_recorded_apart`), and even a uniform cut needs the narrowing loader. Plain
+`from_pretrained` stops at a size mismatch.
+(4) Falcon's ALiBi biases are built per head position from the config's count at the model
+level, so the kept heads would get other heads' slopes. Its heads can still be scored
+(`prunenet.analysis.head_scores`).
+(5) All three Falcon layouts: multi-query (one KV head), multi-head, and
+new_decoder_architecture (grouped, `num_kv_heads`).
 
 Qwen2, Phi and Phi-3 declare no `head_dim` field but read `getattr(config, "head_dim", ...)`;
-`prune_heads` always writes `head_dim` explicitly, so the reloaded heads keep their size.
+`prune_heads` writes `head_dim` explicitly (wherever counts are not recorded apart), so the
+reloaded heads keep their size.
 Per-layer counts share `per_layer_config` with per-layer FFN widths: both coexist.
 
 Why this module is long (over 400 lines): the checks that keep a GQA grouping valid, the cut,
@@ -121,6 +133,9 @@ def prune_heads(model: nn.Module, keep: Sequence[HeadKeep | tuple | None]) -> He
     `num_key_value_heads`, and `head_dim`, always explicit), so plain
     `AutoModelForCausalLM.from_pretrained` reloads the saved folder. Different counts go into
     `per_layer_config` beside any per-layer FFN widths, and `prunenet.load_pruned` reloads them.
+    Where the modeling code derives the head size from the count (OPT, GPT-2, GPT-NeoX, Falcon,
+    Phi with qk_layernorm), the counts go into PruneNet's own fields instead
+    (`arch.set_head_counts`) and every such folder reloads with `prunenet.load_pruned`.
     Every input is checked before the first cut: a refusal leaves the model untouched.
 
     :param model: a model of an architecture whose heads can be removed (module docstring).
@@ -166,9 +181,11 @@ def cut_heads(layer: nn.Module, adapter: Adapter, shape: HeadShape, keep: HeadKe
     :param keep: the heads to keep (`HeadKeep`), checked by `check_keep`.
     :return: the layer's heads after the cut.
     """
-    if adapter.attention is None or not adapter.attention.removable:
-        reason = adapter.attention.blocked_reason if adapter.attention else "no Attention row"
-        raise PruneNetError(f"Cannot remove attention heads from this architecture: {reason}.")
+    if adapter.attention is None:
+        raise PruneNetError(
+            "Cannot remove attention heads from this architecture: its adapter has no "
+            "Attention row."
+        )
     kept = check_keep(shape, HeadKeep(*keep))
     return cut_attention(layer, adapter, shape, kept.kv, kept.query)
 

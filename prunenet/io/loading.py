@@ -26,6 +26,12 @@ supported attention module reads them per layer either, so `load_pruned` builds 
 the most KV groups and the most query heads per group of any layer, narrows each layer's heads
 to its recorded counts through the adapter, and loads the weights the same way.
 
+OPT, GPT-2, GPT-NeoX, Falcon and Phi with `qk_layernorm` size their heads from
+hidden_size / num_attention_heads, so their count fields keep the built counts and the kept
+counts sit in PruneNet's own fields (`prunenet.core.arch.counts_recorded_apart`). Their folders
+need this narrowing even when every layer keeps the same heads: `load_pruned` builds them at
+the original counts (the config's own fields) and narrows every layer.
+
 Without PruneNet installed, these folders load with plain transformers through remote code that
 PruneNet writes itself: `prunenet.io.saving.save_model_folder` puts `modeling_prunenet.py` (a
 copy of prunenet/io/modeling_prunenet.py, torch and transformers only) into every non-uniform
@@ -57,7 +63,10 @@ from transformers.models.auto.auto_factory import _get_model_class
 
 from prunenet.core.arch import (
     ADAPTERS,
+    RECORDED_PREFIX,
     adapter_for,
+    built_head_counts,
+    counts_recorded_apart,
     cut_ffn,
     decoder_config,
     decoder_layers,
@@ -152,18 +161,21 @@ def narrow_to_widths(model: PreTrainedModel, widths: list[int]) -> None:
 
 
 def recorded_structure(config) -> tuple[list[int], list[tuple[int, int]] | None] | None:
-    """Per-layer FFN widths and, where they differ between layers, (query heads, KV heads);
-    None for a folder plain `from_pretrained` loads (another architecture, or no per-layer
-    differences).
+    """Per-layer FFN widths and, where the modeling code would not build them from the config
+    (they differ between layers, or are recorded apart: `arch.counts_recorded_apart`),
+    (query heads, KV heads); None for a folder plain `from_pretrained` loads (another
+    architecture, or no per-layer differences).
 
     :param config: a model's config, as read from its folder.
     """
     if getattr(config, "model_type", None) not in ADAPTERS:
         return None
     widths = ffn_widths(config)
-    head_counts = [(shape.num_heads, shape.num_kv_heads) for shape in head_shapes(config)]
-    if len(set(head_counts)) == 1:
-        head_counts = None
+    head_counts = None
+    if adapter_for(config).attention is not None:
+        head_counts = [(shape.num_heads, shape.num_kv_heads) for shape in head_shapes(config)]
+        if len(set(head_counts)) == 1 and head_counts == built_head_counts(config):
+            head_counts = None
     if len(set(widths)) == 1 and head_counts is None:
         return None
     return widths, head_counts
@@ -173,7 +185,9 @@ def homogeneous_values(
     config, widths: list[int], head_counts: list[tuple[int, int]] | None
 ) -> dict[str, int]:
     """The decoder-config values every layer can be built with and then narrowed from: the
-    widest FFN, and as many KV groups and query heads per group as any layer has.
+    widest FFN, and as many KV groups and query heads per group as any layer has (where the
+    counts are recorded apart, the config's own count fields already hold the built counts,
+    so only the FFN width is given).
 
     The query-head count (most groups x largest group) may be one the architecture's validator
     would not accept for a saved model: these values only build the model, and are never saved.
@@ -185,7 +199,7 @@ def homogeneous_values(
     """
     adapter = adapter_for(config)
     values = {adapter.width_field.split(".")[-1]: max(widths)}
-    if head_counts is None:
+    if head_counts is None or counts_recorded_apart(config):
         return values
     attention = adapter.attention
     kv_heads = max(kv for _, kv in head_counts)
@@ -201,7 +215,9 @@ def make_homogeneous(config, values: dict[str, int]) -> None:
     (`homogeneous_values`), in place.
 
     The fields are set directly, not through `arch.set_ffn_widths` / `arch.set_head_counts`,
-    whose validators would check values that are only meant to build the model.
+    whose validators would check values that are only meant to build the model. PruneNet's
+    own head-count fields (`arch.counts_recorded_apart`) go too: the model is built at the
+    config's own counts, and narrowing records the kept counts again.
 
     :param config: the config to change.
     :param values: decoder-config field -> value.
@@ -209,6 +225,8 @@ def make_homogeneous(config, values: dict[str, int]) -> None:
     owner = decoder_config(config)
     owner.per_layer_config = None  # every override is replaced by the build values below
     owner.__dict__.pop("allow_global_per_layer_attribute_access", None)
+    for field in [name for name in owner.__dict__ if name.startswith(RECORDED_PREFIX)]:
+        del owner.__dict__[field]
     for field, value in values.items():
         setattr(owner, field, value)
 

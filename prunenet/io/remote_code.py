@@ -21,7 +21,11 @@ the adapters cut (Linear, GPT-2 Conv1D, Phi-3's fused gate/up and q/k/v) is cove
 few lines of the file, and a new adapter needs nothing here.
 
 Folders whose layers all agree get neither the file nor the block: plain `from_pretrained` loads
-them without remote code.
+them without remote code. The exception is heads removed from architectures that derive the
+head size from the head count (OPT, GPT-2, GPT-NeoX, Falcon, Phi with qk_layernorm): no config
+field says "fewer heads of the same size", so even a uniform cut gets the file, and the block
+records the narrowed projections and the cached counts their forwards read (`num_heads`,
+GPT-2's `split_size`, Falcon's `num_kv_heads`).
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ CONFIG_FILE = "config.json"
 
 def write_remote_code(folder: str | Path) -> bool:
     """Give a saved model folder the modeling file, `auto_map` and `prunenet_structure` when its
-    layers differ; remove them (if a previous save left them) when they do not.
+    layers differ from what its config builds (`loading.recorded_structure`); remove them (if a
+    previous save left them) when they do not.
 
     :param folder: a folder `save_pretrained` has just written (config.json present).
     :return: whether the folder now carries the modeling file.
@@ -85,7 +90,8 @@ def write_remote_code(folder: str | Path) -> bool:
 def layer_structure(config) -> dict | None:
     """What `modeling_prunenet.py` must do to build this model: config.json's
     `prunenet_structure` block (the module docstring of modeling_prunenet describes it), or None
-    when every layer has the same FFN width and head counts.
+    when the config alone builds every layer (the same FFN width and head counts, not recorded
+    apart).
 
     :param config: the saved model's config (per-layer values in `per_layer_config`).
     """

@@ -563,9 +563,9 @@ def test_bad_budget_requests_exit_2_with_a_message(
 def test_heads_of_an_architecture_that_cannot_lose_them_exit_2_naming_it(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    folder = tmp_path / "gpt2"
-    tiny_model("gpt2").save_pretrained(folder)
+    folder = tmp_path / "falcon-alibi"
+    tiny_model("falcon", alibi=True).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     code = _budget(folder, tmp_path / "out", "--remove-params", "0.2", "--structures", "heads")
     assert code == 2
-    assert "gpt2 heads cannot be removed" in capsys.readouterr().err
+    assert "falcon heads cannot be removed: falcon with alibi" in capsys.readouterr().err

@@ -1,6 +1,8 @@
-"""Attention-head removal: for every architecture whose heads can go, the cut model computes what
-zeroing the removed heads' output columns computes, reloads with identical logits, keeps a valid
-GQA grouping, and loses exactly the heads' parameters; the others refuse clearly."""
+"""Attention-head removal: for every architecture whose head counts live in its own config
+fields, the cut model computes what zeroing the removed heads' output columns computes, reloads
+with identical logits, keeps a valid GQA grouping, and loses exactly the heads' parameters; what
+cannot lose heads refuses clearly. The architectures whose counts are recorded apart (OPT,
+GPT-2, GPT-NeoX, Falcon, Phi with qk_layernorm) are specified in test_heads_derived.py."""
 
 from __future__ import annotations
 
@@ -32,9 +34,10 @@ from prunenet.core.heads import (
 from prunenet.errors import PruneNetError
 from tests.conftest import ALL_MODEL_TYPES, TINY_CONFIGS, logits_of, tiny_model
 
-# Architectures whose heads can be removed and reloaded (prunenet/core/heads.py has the table).
-REMOVABLE = [t for t in ALL_MODEL_TYPES if ADAPTERS[t].attention.removable]
-# Their modeling code derives head_dim = hidden_size / heads: removal must be refused.
+# Architectures whose head counts (and head_dim) go in their own config fields, so uniform cuts
+# reload with plain from_pretrained (prunenet/core/heads.py has the table); they all have GQA.
+REMOVABLE = [t for t in ALL_MODEL_TYPES if ADAPTERS[t].attention.head_dim_field is not None]
+# Their modeling code derives head_dim = hidden_size / heads: counts are recorded apart.
 DERIVED_HEAD_SIZE = ["falcon", "gpt2", "gpt_neox", "opt"]
 # Falcon's three fused layouts, as its config expresses them.
 FALCON_LAYOUTS = {
@@ -284,22 +287,21 @@ def test_counts_the_config_validator_rejects_are_refused_before_any_cut() -> Non
     assert torch.equal(logits_of(model), before)
 
 
-@pytest.mark.parametrize("model_type", DERIVED_HEAD_SIZE)
-def test_architectures_that_derive_the_head_size_refuse_head_removal(model_type: str) -> None:
-    model = gqa_model(model_type)
-    shape = head_shapes(model.config)[0]
-    keep = HeadKeep(torch.arange(shape.num_kv_heads), torch.arange(shape.num_heads))
-    with pytest.raises(PruneNetError, match="hidden_size / num_attention_heads"):
+@pytest.mark.parametrize("model_type", REMOVABLE + DERIVED_HEAD_SIZE)
+def test_every_adapter_can_lose_heads_in_its_tiny_configuration(model_type: str) -> None:
+    assert head_removal_blocker(gqa_model(model_type).config) is None
+
+
+def test_falcon_with_alibi_refuses_head_removal_naming_the_reason() -> None:
+    """Falcon's ALiBi biases are built per head position from the config's head count, at the
+    model level: the kept heads would get the removed heads' slopes."""
+    model = gqa_model("falcon", alibi=True)
+    before = logits_of(model)
+    keep = HeadKeep(torch.tensor([0]), torch.tensor([2, 3]))
+    assert head_removal_blocker(model.config).startswith("falcon with alibi: its ALiBi")
+    with pytest.raises(PruneNetError, match="falcon with alibi"):
         prune_heads(model, [keep, keep])
-    with pytest.raises(PruneNetError, match="hidden_size / num_attention_heads"):
-        cut_heads(decoder_layers(model)[0], adapter_for(model.config), shape, keep)
-    assert head_removal_blocker(model.config).startswith(model_type)
-
-
-def test_phi_with_qk_layernorm_refuses_head_removal() -> None:
-    model = gqa_model("phi", qk_layernorm=True)
-    with pytest.raises(PruneNetError, match="qk_layernorm"):
-        prune_heads(model, [WITHIN_GROUPS, WITHIN_GROUPS])
+    assert torch.equal(logits_of(model), before)
 
 
 def test_a_keep_list_of_the_wrong_length_is_refused() -> None:

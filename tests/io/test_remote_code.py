@@ -141,6 +141,26 @@ def loads(tmp_path_factory: pytest.TempPathFactory) -> dict:
     shutil.copytree(folders["llama"], folders[MARKED])
     with open(folders[MARKED] / MODELING_FILE, "a") as file:
         file.write(MARKER)
+    tensors, facts = load_without_prunenet(root, folders, input_ids)
+    return {
+        "expected": expected,
+        "tensors": tensors,
+        "facts": facts,
+        "folders": folders,
+        "modules_cache": root / "hf-modules",
+    }
+
+
+def load_without_prunenet(
+    root: Path, folders: dict[str, Path], input_ids: torch.Tensor
+) -> tuple[dict, dict]:
+    """Load every folder with `trust_remote_code=True` in one child interpreter where `import
+    prunenet` fails (`CHILD`), its modules cache under root / "hf-modules".
+
+    :return: per case, what the child computed (logits, greedy tokens, logits after saving and
+        loading again) and what it observed (or the error it hit); the facts also say whether
+        PruneNet was importable there.
+    """
     torch.save(input_ids, root / "input_ids.pt")
     job = {
         "folders": {case: str(folder) for case, folder in folders.items()},
@@ -151,10 +171,9 @@ def loads(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
     (root / "job.json").write_text(json.dumps(job))
     (root / "child.py").write_text(CHILD)
-    modules_cache = root / "hf-modules"
     env = {
         **os.environ,
-        "HF_MODULES_CACHE": str(modules_cache),
+        "HF_MODULES_CACHE": str(root / "hf-modules"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_VERBOSITY": "error",
         "OMP_NUM_THREADS": "1",
@@ -169,13 +188,8 @@ def loads(tmp_path_factory: pytest.TempPathFactory) -> dict:
         timeout=600,
     )
     assert child.returncode == 0, child.stderr[-4000:]
-    return {
-        "expected": expected,
-        "tensors": torch.load(root / "tensors.pt", weights_only=True),
-        "facts": json.loads((root / "facts.json").read_text()),
-        "folders": folders,
-        "modules_cache": modules_cache,
-    }
+    tensors = torch.load(root / "tensors.pt", weights_only=True)
+    return tensors, json.loads((root / "facts.json").read_text())
 
 
 def loaded(loads: dict, case: str) -> dict:
