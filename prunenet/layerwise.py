@@ -225,12 +225,16 @@ class _LayerwiseCut:
         self.lazy, self.cut, self.staging = lazy, cut, staging
         self.weight_map: dict[str, str] = {}
         self.bytes_written = 0
-        self.layer_seconds: list[float] = []
+        # Per layer: reading its weights; scoring, cutting, refitting and running it (the
+        # hidden states for the next); writing its shard.
+        self.seconds: dict[str, list[float]] = {"read": [], "cut": [], "write": []}
 
     def __call__(self, index, layer, scores, kept) -> torch.Tensor:
         start = time.perf_counter()
         self.lazy.load_layer(index)
+        loaded = time.perf_counter()
         keep = self.cut(index, layer, scores, kept)
+        cut = time.perf_counter()
         prefix = f"{self.lazy.adapter.layers}.{index}."
         tensors = {prefix + name: t.contiguous() for name, t in layer.state_dict().items()}
         tensors = revert_weight_conversion(self.lazy.model, tensors)
@@ -239,7 +243,9 @@ class _LayerwiseCut:
         self.weight_map.update(dict.fromkeys(tensors, shard))
         self.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
         self.lazy.release_layer(index)
-        self.layer_seconds.append(time.perf_counter() - start)
+        self.seconds["read"].append(loaded - start)
+        self.seconds["cut"].append(cut - loaded)
+        self.seconds["write"].append(time.perf_counter() - cut)
         return keep
 
 
@@ -274,7 +280,9 @@ def layerwise_prune(
     lazy = LazyModel(model_dir, dtype)
     model = lazy.model
     plan = planner(model, ratio)
+    text_start = time.perf_counter()
     tokens = layerwise_text(lazy, model_dir, selfgen)
+    text_seconds = time.perf_counter() - text_start
     params_before = count_parameters(model)
     out = Path(out).expanduser()
     with atomic_directory(out, overwrite) as staging:
@@ -283,8 +291,10 @@ def layerwise_prune(
         report = prune_model(model, plan.scores, plan.layer_keep, target_ratio=ratio, cut=cut)
         report.params_before = params_before
         report.scorer = {**plan.info, "sequential": sequential.log.to_dict(), "layerwise": {
-            "layer_seconds": cut.layer_seconds,
             "text_tokens": list(tokens.shape),
+            "text_seconds": text_seconds,  # near 0 when the text was cached
+            "layer_seconds": [sum(parts) for parts in zip(*cut.seconds.values(), strict=True)],
+            **{f"{part}_seconds": values for part, values in cut.seconds.items()},
         }}  # fmt: skip
         _write_outer(lazy, staging, cut)
         report.seconds = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Scale benchmark: stream-prune synthetic LLaMA-2-7B-shaped checkpoints with bounded memory.
+"""Scale benchmark: prune synthetic LLaMA-2-7B-shaped checkpoints with bounded memory.
 
 For each layer count (4, 8, 16, 32 by default) this script
 1. writes a random checkpoint with LLaMA-2-7B shapes (hidden 4096, FFN 11008, vocab 32000,
@@ -6,17 +6,22 @@ For each layer count (4, 8, 16, 32 by default) this script
    in HF naming with a `model.safetensors.index.json`, in a separate process (see `generate`);
 2. evicts those files from the page cache (fsync + POSIX_FADV_DONTNEED, no root needed), so the
    run reads from disk like a fresh download would;
-3. runs `prunenet prune --stream` in a subprocess and measures its wall time, its peak RSS
+3. runs `prunenet prune --stream` (weights only, `--path stream`) or the default path one
+   layer at a time (`--layerwise`: own text, sequential policy scores, lsq refit; `--path
+   layerwise`, with an empty analysis cache so the text is written too) in a subprocess and
+   measures its wall time, its peak RSS
    (`ru_maxrss` from `os.wait4`, which counts touched memory-mapped file pages as well as heap,
    cross-checked with the `VmHWM` high-water mark sampled from /proc) and how the RSS splits
    into anonymous memory and mapped file pages;
-4. reads the per-layer FFN times from the run's `prunenet_report.json`, checks the output's
-   shapes, and deletes both folders.
+4. reads the per-layer times from the run's `prunenet_report.json` (layerwise: writing the
+   text, then per layer reading, cutting = scoring + refit + running the layer, and writing),
+   checks the output's shapes, and deletes both folders.
 
 Random weights are fine for a cost measurement: the work does not depend on the values.
 
     .venv/bin/python scripts/benchmark_scale.py                  # 4, 8, 16, 32 layers
     .venv/bin/python scripts/benchmark_scale.py --layers 4 --keep  # one small run, keep files
+    .venv/bin/python scripts/benchmark_scale.py --path layerwise --layers 4,8  # default path
 """
 
 from __future__ import annotations
@@ -55,8 +60,9 @@ def main() -> None:
     rows = []
     try:
         for layers in args.layers:
-            rows.append(run_one(args, workdir, layers))
-            print(format_table(HEADERS, [rows[-1]]), flush=True)
+            for path in args.path:
+                rows.append(run_one(args, workdir, layers, path))
+                print(format_table(HEADERS, [rows[-1]]), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -67,17 +73,24 @@ def main() -> None:
 
 # "wall" is the whole subprocess, including ~10 s of Python/torch/transformers imports;
 # "stream_prune" is the pruning itself as the run's report times it.
-HEADERS = ["layers", "checkpoint GB", "output GB", "shards", "generate s", "wall s",
-           "stream_prune s", "s/layer", "FFN read+score+cut s/layer", "peak RSS MB",
-           "VmHWM MB", "peak anon MB", "peak file-mapped MB", "FFN rows removed",
-           "params removed"]  # fmt: skip
+# "prune s" is the pruning itself as the run's report times it; "text s" the layerwise path's
+# own-text writing (the model loaded once in its dtype); "read / cut / write s/layer" its
+# per-layer split (stream: read + score + cut of the FFN in "cut", the rest is copying).
+HEADERS = ["path", "layers", "checkpoint GB", "output GB", "shards", "generate s", "wall s",
+           "prune s", "s/layer", "text s", "read s/layer", "cut s/layer", "write s/layer",
+           "peak RSS MB", "VmHWM MB", "peak anon MB", "peak file-mapped MB",
+           "FFN rows removed", "params removed"]  # fmt: skip
+PATHS = ("stream", "layerwise")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", default="4,8,16,32", help="comma list of layer counts")
     parser.add_argument("--ratio", type=float, default=0.3, help="fraction of FFN rows removed")
-    parser.add_argument("--scorer", default="magnitude")
+    parser.add_argument("--path", default="stream", help="comma list of: stream, layerwise")
+    parser.add_argument("--scorer", default="magnitude", help="scorer of the stream path")
+    parser.add_argument("--selfgen-sequences", type=int, default=8, help="layerwise own text")
+    parser.add_argument("--selfgen-length", type=int, default=64, help="layerwise own text")
     parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
     parser.add_argument("--shard-gb", type=float, default=2.0, help="max input shard size")
     parser.add_argument("--device", default="cpu", help="scoring device passed to --device")
@@ -87,6 +100,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="do not delete the checkpoints")
     args = parser.parse_args()
     args.layers = [int(n) for n in args.layers.split(",")]
+    args.path = args.path.split(",")
+    if not set(args.path) <= set(PATHS):
+        parser.error(f"--path takes a comma list of {', '.join(PATHS)}")
     return args
 
 
@@ -95,8 +111,10 @@ def describe(args: argparse.Namespace, workdir: Path) -> str:
         [
             f"model: LLaMA-2-7B shapes (hidden {HIDDEN}, FFN {FFN}, vocab {VOCAB}, {HEADS} heads,"
             f" untied lm_head), random {args.dtype} weights, shards <= {args.shard_gb} GB",
-            f"pruning: prunenet prune --stream --scorer {args.scorer} --ratio {args.ratio} "
-            f"--device {args.device}; {args.threads} torch/OpenMP thread(s)",
+            f"pruning --ratio {args.ratio}: stream = --stream --scorer {args.scorer} --device "
+            f"{args.device}; layerwise = --layerwise (policy, sequential, refit lsq, computed "
+            f"in {args.dtype}) on {args.selfgen_sequences} x {args.selfgen_length} tokens of "
+            f"own text; {args.threads} torch/OpenMP thread(s)",
             f"machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
             f"{_meminfo('MemTotal') / 2**30:.0f} GiB RAM, load average "
             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; torch {torch.__version__}; "
@@ -106,18 +124,25 @@ def describe(args: argparse.Namespace, workdir: Path) -> str:
     )
 
 
-def run_one(args: argparse.Namespace, workdir: Path, layers: int) -> list:
+def run_one(args: argparse.Namespace, workdir: Path, layers: int, path: str) -> list:
     source = workdir / f"llama2-7b-shapes-{layers}L"
-    out = workdir / f"pruned-{layers}L"
+    out = workdir / f"pruned-{layers}L-{path}"
     start = time.perf_counter()
-    shards = generate(source, layers, args.dtype, args.shard_gb)
+    shards = len(list(source.glob("*.safetensors")))
+    if not shards:
+        shards = generate(source, layers, args.dtype, args.shard_gb)
     generate_seconds = time.perf_counter() - start
     if not args.no_cold:
         evict_from_page_cache(source)
-    wall, maxrss, hwm, peak_anon, peak_file = prune_in_subprocess(args, source, out)
+    cache = workdir / f"cache-{layers}L-{path}"  # empty: the layerwise text is written and timed
+    wall, maxrss, hwm, peak_anon, peak_file = prune_in_subprocess(args, source, out, path, cache)
     report = json.loads((out / "prunenet_report.json").read_text())
     check_output(out, layers, keep_count(FFN, args.ratio))
+    split = report.get("scorer", {}).get("layerwise")
+    if split is None:  # stream: the FFN's read + score + cut per layer
+        split = {"text_seconds": None, "cut_seconds": report["layer_seconds"]}
     row = [
+        path,
         layers,
         f"{folder_bytes(source) / 1e9:.2f}",
         f"{folder_bytes(out) / 1e9:.2f}",
@@ -126,7 +151,8 @@ def run_one(args: argparse.Namespace, workdir: Path, layers: int) -> list:
         f"{wall:.1f}",
         f"{report['seconds']:.1f}",
         f"{report['seconds'] / layers:.2f}",
-        f"{sum(report['layer_seconds']) / layers:.2f}",
+        "" if split["text_seconds"] is None else f"{split['text_seconds']:.1f}",
+        *(_per_layer(split.get(f"{part}_seconds"), layers) for part in ("read", "cut", "write")),
         f"{maxrss / 2**20:.0f}",
         f"{hwm / 2**20:.0f}",
         f"{peak_anon / 2**20:.0f}",
@@ -135,9 +161,15 @@ def run_one(args: argparse.Namespace, workdir: Path, layers: int) -> list:
         f"{100 * report['params_removed_fraction']:.1f}%",
     ]
     if not args.keep:
-        shutil.rmtree(source)
+        if path == args.path[-1]:
+            shutil.rmtree(source)
         shutil.rmtree(out)
+        shutil.rmtree(cache, ignore_errors=True)
     return row
+
+
+def _per_layer(seconds: list[float] | None, layers: int) -> str:
+    return "" if seconds is None else f"{sum(seconds) / layers:.2f}"
 
 
 def generate(folder: Path, layers: int, dtype: str, shard_gb: float) -> int:
@@ -237,17 +269,25 @@ def evict_from_page_cache(folder: Path) -> None:
             os.close(fd)
 
 
-def prune_in_subprocess(args, source: Path, out: Path) -> tuple[float, int, int, int, int]:
+def prune_in_subprocess(
+    args, source: Path, out: Path, path: str, cache: Path
+) -> tuple[float, int, int, int, int]:
     """Wall seconds, ru_maxrss, and the sampled VmHWM, peak anonymous and file-mapped RSS.
 
     All in bytes. VmHWM is the kernel's own high-water mark of the child after exec, so
     sampling cannot miss its peak; anonymous / file-mapped peaks are sampled every 50 ms.
     """
     threads = str(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+           "PRUNENET_CACHE": str(cache)}  # fmt: skip
+    env.pop("PRUNENET_NO_CACHE", None)
     command = [sys.executable, "-m", "prunenet.cli", "prune", "--model", str(source),
-               "--ratio", str(args.ratio), "--scorer", args.scorer, "--stream",
-               "--device", args.device, "--out", str(out)]  # fmt: skip
+               "--ratio", str(args.ratio), "--threads", threads, "--out", str(out)]  # fmt: skip
+    if path == "stream":
+        command += ["--scorer", args.scorer, "--stream", "--device", args.device]
+    else:
+        command += ["--layerwise", "--selfgen-sequences", str(args.selfgen_sequences),
+                    "--selfgen-length", str(args.selfgen_length)]  # fmt: skip
     print("$ " + " ".join(command), flush=True)
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, cwd=REPO)

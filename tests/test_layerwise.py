@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from prunenet import layerwise
+from prunenet.analysis.sequential import analysis_text
 from prunenet.io.models import load_model
 from prunenet.io.saving import REPORT_FILE
 from prunenet.io.stream.checkpoint import INDEX_FILE
-from prunenet.layerwise import LazyModel, layerwise_prune
+from prunenet.layerwise import LazyModel, layerwise_prune, layerwise_text
 from prunenet.pipeline import prune_and_save, scorer_planner
 from prunenet.scoring.heuristics import SelfGenScorer
 from tests.conftest import ALL_MODEL_TYPES, SMALL_SELFGEN, tiny_model, tiny_tokenizer
@@ -115,3 +117,28 @@ def test_lazy_model_holds_no_layer_weights_until_asked(tmp_path):
         assert torch.equal(have, want[name]), name
     lazy.release_layer(0)
     assert {p.device.type for p in lazy.layers[0].parameters()} == {"meta"}
+
+
+def test_cached_text_is_found_without_loading_the_model(tmp_path, monkeypatch):
+    """The text key is the in-memory path's weights fingerprint, read one tensor at a time."""
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("PRUNENET_NO_CACHE", raising=False)
+    folder = _saved(tmp_path, "qwen2", torch.bfloat16)
+    model, _ = load_model(str(folder), dtype=torch.bfloat16)
+    written = analysis_text(model, SMALL_SELFGEN)  # the in-memory path caches it
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although its text is cached")
+
+    monkeypatch.setattr(layerwise, "load_model", must_not_load)
+    lazy = LazyModel(folder, torch.bfloat16)
+    assert torch.equal(layerwise_text(lazy, folder, SMALL_SELFGEN), written)
+
+
+def test_uncached_text_is_written_by_the_loaded_model(tmp_path, no_disk_cache):
+    folder = _saved(tmp_path, "llama")
+    model, _ = load_model(str(folder))
+    lazy = LazyModel(folder, torch.float32)
+    assert torch.equal(
+        layerwise_text(lazy, folder, SMALL_SELFGEN), analysis_text(model, SMALL_SELFGEN)
+    )
