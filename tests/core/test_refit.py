@@ -143,3 +143,50 @@ def test_a_refit_of_bf16_activations_and_weights_equals_the_refit_of_their_exact
     assert low.weight.dtype == torch.float64
     assert torch.equal(low.weight, exact.weight) and torch.equal(low.bias, exact.bias)
     assert low.held_error_refit < 0.9 * low.held_error_cut
+
+
+def _ridge_reference(x, y, ridge, intercept, anchor):
+    """argmin |x_c W - y_c|^2 + ridge * mean diag(x_c^T x_c) |W|^2 (s.t. the anchor row is met),
+    from the full (kept + 1) KKT system."""
+    x_mean, y_mean = x.mean(dim=0), y.mean(dim=0)
+    if intercept:
+        x, y = x - x_mean, y - y_mean
+    gram = x.T @ x
+    system = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    rhs = x.T @ y
+    if anchor is not None:
+        row, out = anchor
+        if intercept:
+            row, out = row - x_mean, out - y_mean
+        size = system.shape[0]
+        corner = torch.zeros(1, 1, dtype=x.dtype)
+        system = torch.cat([torch.cat([system, row.reshape(-1, 1)], 1),
+                            torch.cat([row.reshape(1, -1), corner], 1)])  # fmt: skip
+        rhs = torch.cat([rhs, out.reshape(1, -1)])
+        weight = torch.linalg.solve(system, rhs)[:size]
+    else:
+        weight = torch.linalg.solve(system, rhs)
+    bias = y_mean - x_mean @ weight if intercept else None
+    return weight.T, bias
+
+
+@pytest.mark.parametrize("rows", [12, 300])  # fewer rows than kept columns, and more
+@pytest.mark.parametrize("intercept", [True, False])
+@pytest.mark.parametrize("anchored", [False, True])
+def test_the_lsq_refit_is_the_ridge_solution_with_few_rows_as_with_many(rows, intercept, anchored):
+    """Below the kept width the refit works in the rows' space: same solution."""
+    generator = torch.Generator().manual_seed(3)
+    acts = torch.randn(rows + 1, 40, generator=generator, dtype=torch.float64).relu()
+    weight = torch.randn(6, 40, generator=generator, dtype=torch.float64)
+    bias = torch.randn(6, generator=generator, dtype=torch.float64) if intercept else None
+    keep = torch.arange(0, 40, 2)  # 20 kept columns
+    first, fit = acts[0], acts[1:]
+    target = first @ weight.T + (0 if bias is None else bias)
+    anchor = (first, target) if anchored else None
+    result = refit_output(weight, bias, keep, fit, intercept=intercept, anchor=anchor)
+    y = fit @ weight.T + (0 if bias is None else bias)
+    reference_anchor = (first[keep], target) if anchored else None
+    want_weight, want_bias = _ridge_reference(fit[:, keep], y, 0.1, intercept, reference_anchor)
+    torch.testing.assert_close(result.weight, want_weight, rtol=1e-7, atol=1e-9)
+    if intercept:
+        torch.testing.assert_close(result.bias, want_bias, rtol=1e-7, atol=1e-9)
