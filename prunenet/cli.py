@@ -8,10 +8,10 @@ import sys
 import threading
 
 from prunenet.commands import eval as eval_command
-from prunenet.commands import prune, recover, train
+from prunenet.commands import pareto, prune, recover, train
 from prunenet.errors import PruneNetError, Terminated
 
-COMMANDS = [prune, train, eval_command, recover]
+COMMANDS = [prune, train, eval_command, recover, pareto]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,13 +48,16 @@ from prunenet.pipeline import (
     prune_strategies_and_save,
     scorer_planner,
 )
-from prunenet.rl.strategy import BUNDLED_STRATEGY, load_strategy_policy, make_strategy
+from prunenet.rl.strategy import (
+    BUNDLED_STRATEGY,
+    STRATEGIES,
+    load_strategy_policy,
+    make_strategy,
+)
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import SCORERS, make_scorer
 from prunenet.stream import require_weights_only, should_stream, stream_prune
 from prunenet.tables import format_table
-
-STRATEGIES = ("uniform", "ramp", "policy", "search")
 
 
 def register(subparsers) -> None:

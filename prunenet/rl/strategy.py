@@ -43,6 +43,8 @@ from prunenet.errors import PruneNetError
 from prunenet.io.saving import atomic_file
 from prunenet.rl.checkpoint import MAX_MEMBER_BYTES
 
+# The per-layer strategies `prunenet prune --strategy` and `prunenet pareto` know (`make_strategy`).
+STRATEGIES = ("uniform", "ramp", "policy", "search")
 BUNDLED_STRATEGY = Path(__file__).resolve().parents[1] / "policies" / "smollm2-135m-strategy.zip"
 STRATEGY_ENV_ID = "envs:PruneNet/Strategy-v0"
 EVAL_BUDGETS = (0.1, 0.2, 0.3)
