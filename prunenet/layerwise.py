@@ -63,19 +63,24 @@ class LazyModel:
     """A model whose decoder layers are loaded from a safetensors folder one at a time.
 
     :param folder: a checkpoint folder (`config.json`, safetensors shards).
-    :param dtype: the dtype the weights are computed in (the checkpoint's own by default).
+    :param dtype: the dtype the weights are stored in (and the text is written in).
+    :param compute_dtype: the dtype the layers are computed in (default `dtype`); float32 for
+        a float16/bf16 checkpoint on a CPU without fast half-precision arithmetic.
     """
 
-    def __init__(self, folder: str | Path, dtype: torch.dtype) -> None:
+    def __init__(
+        self, folder: str | Path, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.dtype = dtype
+        self.compute_dtype = compute_dtype or dtype
         self.checkpoint: Checkpoint = read_checkpoint(self.folder)
         config = load_config(self.folder)
         self.adapter = adapter_for(config)
         # Parameters on meta, buffers real: rotary tables and embedding scales are computed
         # from the config at construction and are in no checkpoint.
         with init_empty_weights():
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self.compute_dtype)
         self.model.eval()
         self.layers = decoder_layers(self.model)
         self._prefix = resolve_layers_prefix(self.adapter, self.checkpoint.tensors)
@@ -104,7 +109,7 @@ class LazyModel:
         """(name, tensor) for every parameter of the dense model, read one at a time, in the
         order and with the deduplication of `named_parameters` (the cache's fingerprint)."""
         for name, parameter in self.model.named_parameters():
-            if parameter.device.type != "meta":
+            if parameter.device.type != "meta" and parameter.dtype == self.dtype:
                 yield name, parameter
             else:
                 yield name, self._read(name).to(self.dtype)
@@ -143,7 +148,7 @@ class LazyModel:
                 continue
             if self._checkpoint_name(name) is None and zero_missing_biases and leaf == "bias":
                 # `enable_output_biases` gave the layer a zero bias the checkpoint lacks.
-                tensors[name] = torch.zeros(current.shape, dtype=self.dtype)
+                tensors[name] = torch.zeros(current.shape, dtype=self.compute_dtype)
                 continue
             tensor = self._read(name)
             if current is not None and tuple(tensor.shape) != tuple(current.shape):
@@ -151,7 +156,11 @@ class LazyModel:
                     f"Tensor {name!r} is {tuple(tensor.shape)} in the checkpoint but "
                     f"{tuple(current.shape)} in its config; the folder is inconsistent."
                 )
-            tensors[name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+            # Through the stored dtype: a float32 checkpoint computed in float32 but stored
+            # in bf16 computes what the saved folder will.
+            if tensor.is_floating_point():
+                tensor = tensor.to(self.dtype).to(self.compute_dtype)
+            tensors[name] = tensor
         model.load_state_dict(tensors, strict=False, assign=True)
 
     def _tied(self, name: str) -> bool:
@@ -236,7 +245,9 @@ class _LayerwiseCut:
         keep = self.cut(index, layer, scores, kept)
         cut = time.perf_counter()
         prefix = f"{self.lazy.adapter.layers}.{index}."
-        tensors = {prefix + name: t.contiguous() for name, t in layer.state_dict().items()}
+        tensors = {
+            prefix + name: _stored(t, self.lazy.dtype) for name, t in layer.state_dict().items()
+        }
         tensors = revert_weight_conversion(self.lazy.model, tensors)
         shard = f"model-layer-{index:05d}.safetensors"
         save_file(tensors, str(self.staging / shard), metadata={"format": "pt"})
@@ -258,6 +269,7 @@ def layerwise_prune(
     refit: str = "lsq",
     selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
     dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
     tokenizer=None,
     overwrite: bool = False,
 ) -> PruneReport:
@@ -270,14 +282,17 @@ def layerwise_prune(
     :param ratio: fraction of FFN rows removed (the planner's target).
     :param refit: `none`, `bias` or `lsq`, as in memory.
     :param selfgen: the model's own text the analysis and the refit run on.
-    :param dtype: the dtype weights are computed in and written in.
+    :param dtype: the dtype weights are written in (and the text is written in).
+    :param compute_dtype: the dtype layers are computed in (default `dtype`); each cut layer is
+        rounded to `dtype` before it runs, so the next layers see what the saved model gives.
+        float32 on a CPU: half-precision matrix products are several times slower there.
     :param tokenizer: saved beside the model (None: the folder gets none).
     :param overwrite: replace an existing `out`.
     :return: the report, as `prunenet.pipeline.apply_plan` gives it, plus per-layer seconds.
     """
     start = time.perf_counter()
     check_refit(refit)
-    lazy = LazyModel(model_dir, dtype)
+    lazy = LazyModel(model_dir, dtype, compute_dtype)
     model = lazy.model
     plan = planner(model, ratio)
     text_start = time.perf_counter()
@@ -286,12 +301,15 @@ def layerwise_prune(
     params_before = count_parameters(model)
     out = Path(out).expanduser()
     with atomic_directory(out, overwrite) as staging:
-        sequential = SequentialCut(model, refit, tokens, plan.layer_score)
+        stored = None if lazy.compute_dtype == dtype else dtype
+        sequential = SequentialCut(model, refit, tokens, plan.layer_score, stored_dtype=stored)
         cut = _LayerwiseCut(lazy, sequential, staging)
         report = prune_model(model, plan.scores, plan.layer_keep, target_ratio=ratio, cut=cut)
         report.params_before = params_before
         report.scorer = {**plan.info, "sequential": sequential.log.to_dict(), "layerwise": {
             "text_tokens": list(tokens.shape),
+            "dtype": str(dtype).removeprefix("torch."),
+            "compute_dtype": str(lazy.compute_dtype).removeprefix("torch."),
             "text_seconds": text_seconds,  # near 0 when the text was cached
             "layer_seconds": [sum(parts) for parts in zip(*cut.seconds.values(), strict=True)],
             **{f"{part}_seconds": values for part, values in cut.seconds.items()},
@@ -304,6 +322,10 @@ def layerwise_prune(
     return report
 
 
+def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
+
+
 def _write_outer(lazy: LazyModel, staging: Path, cut: _LayerwiseCut) -> None:
     """Everything outside the layers, the index, config and generation config."""
     model = lazy.model
@@ -313,7 +335,7 @@ def _write_outer(lazy: LazyModel, staging: Path, cut: _LayerwiseCut) -> None:
         if name.startswith(lazy.adapter.layers + ".") or tensor.data_ptr() in seen:
             continue  # a tied LM head shares the embeddings' data: save_pretrained skips it
         seen.add(tensor.data_ptr())
-        outer[name] = tensor.contiguous()
+        outer[name] = _stored(tensor, lazy.dtype)
     outer = revert_weight_conversion(model, outer)
     save_file(outer, str(staging / OUTER_SHARD), metadata={"format": "pt"})
     cut.weight_map.update(dict.fromkeys(outer, OUTER_SHARD))
@@ -321,6 +343,7 @@ def _write_outer(lazy: LazyModel, staging: Path, cut: _LayerwiseCut) -> None:
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(cut.weight_map.items()))}
     (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     model.config.architectures = [type(model).__name__]
+    model.config.dtype = lazy.dtype
     model.config.save_pretrained(staging)
     if model.can_generate() and model.generation_config is not None:
         model.generation_config.save_pretrained(staging)

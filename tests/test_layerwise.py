@@ -10,14 +10,14 @@ import torch
 from safetensors import safe_open
 
 from prunenet import layerwise
-from prunenet.analysis.sequential import analysis_text
+from prunenet.analysis.sequential import SequentialCut, analysis_text, run_layer
 from prunenet.io.models import load_model
 from prunenet.io.saving import REPORT_FILE
 from prunenet.io.stream.checkpoint import INDEX_FILE
 from prunenet.layerwise import LazyModel, layerwise_prune, layerwise_text
 from prunenet.pipeline import prune_and_save, scorer_planner
 from prunenet.scoring.heuristics import SelfGenScorer
-from tests.conftest import ALL_MODEL_TYPES, SMALL_SELFGEN, tiny_model, tiny_tokenizer
+from tests.conftest import ALL_MODEL_TYPES, FFN_WIDTH, SMALL_SELFGEN, tiny_model, tiny_tokenizer
 
 
 def _saved(tmp_path: Path, model_type: str, dtype: torch.dtype = torch.float32) -> Path:
@@ -131,8 +131,9 @@ def test_cached_text_is_found_without_loading_the_model(tmp_path, monkeypatch):
         raise AssertionError("the model was loaded although its text is cached")
 
     monkeypatch.setattr(layerwise, "load_model", must_not_load)
-    lazy = LazyModel(folder, torch.bfloat16)
-    assert torch.equal(layerwise_text(lazy, folder, SMALL_SELFGEN), written)
+    for compute in (torch.bfloat16, torch.float32):  # the key is the stored dtype's weights
+        lazy = LazyModel(folder, torch.bfloat16, compute)
+        assert torch.equal(layerwise_text(lazy, folder, SMALL_SELFGEN), written)
 
 
 def test_uncached_text_is_written_by_the_loaded_model(tmp_path, no_disk_cache):
@@ -142,3 +143,30 @@ def test_uncached_text_is_written_by_the_loaded_model(tmp_path, no_disk_cache):
     assert torch.equal(
         layerwise_text(lazy, folder, SMALL_SELFGEN), analysis_text(model, SMALL_SELFGEN)
     )
+
+
+def test_computed_in_float32_stored_in_bf16(tmp_path, no_disk_cache):
+    """Each cut layer is rounded to the stored dtype before it runs: the hidden states the next
+    layer is cut on are what the saved bf16 layer computes (in float32)."""
+    folder = _saved(tmp_path, "llama", torch.bfloat16)
+    planner = scorer_planner(SelfGenScorer(), analysis="sequential")
+    out = tmp_path / "out"
+    report = layerwise_prune(
+        folder, out, planner, 0.3, refit="lsq", selfgen=SMALL_SELFGEN, dtype=torch.bfloat16,
+        compute_dtype=torch.float32,
+    )  # fmt: skip
+    assert report.scorer["layerwise"]["compute_dtype"] == "float32"
+    saved, _ = load_model(str(out), dtype="auto")
+    assert {t.dtype for t in saved.state_dict().values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    lazy = LazyModel(folder, torch.bfloat16, torch.float32)
+    tokens = layerwise_text(lazy, folder, SMALL_SELFGEN)
+    cut = SequentialCut(lazy.model, "lsq", tokens, stored_dtype=torch.bfloat16)
+    layer = lazy.load_layer(0)
+    before = cut.hidden
+    keep = cut(0, layer, torch.arange(FFN_WIDTH, dtype=torch.float32), FFN_WIDTH // 2)
+    assert keep.numel() == FFN_WIDTH // 2
+    for name, parameter in layer.named_parameters():
+        assert parameter.dtype == torch.float32
+        assert torch.equal(parameter, parameter.to(torch.bfloat16).float()), name
+    assert torch.equal(cut.hidden, run_layer(layer, before, cut.layer_kwargs[0]))

@@ -103,6 +103,9 @@ class SequentialCut:
         each layer as it is reached (e.g. a `Scorer.score_activations` with the ratio bound);
         None uses the scores given to the cut.
     :param held_out_fraction: share of the sequences held out to choose the ridge on.
+    :param stored_dtype: the dtype the cut layers will be saved in, when the model computes in
+        a wider one (`prunenet.layerwise`: float16 weights computed in float32): each cut layer
+        is rounded to it before it runs, so later layers see what the saved model computes.
     """
 
     def __init__(
@@ -113,8 +116,10 @@ class SequentialCut:
         score: LayerScore | None = None,
         held_out_fraction: float = HELD_OUT_FRACTION,
         select: str = "top",
+        stored_dtype: torch.dtype | None = None,
     ) -> None:
         self.adapter = adapter_for(model.config)
+        self.stored_dtype = stored_dtype
         self.refit = check_refit(refit)
         self.score = score
         self.select = check_select(select, refit)
@@ -184,6 +189,10 @@ class SequentialCut:
                 "held_error_refit": result.held_error_refit,
             }
         self.log.layers.append(entry)
+        if self.stored_dtype is not None:
+            with torch.no_grad():
+                for parameter in layer.parameters():
+                    parameter.copy_(parameter.to(self.stored_dtype))
         self.hidden = run_layer(layer, self.hidden, arguments)
         self._next += 1
         self._bar.update(1)

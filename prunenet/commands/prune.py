@@ -209,6 +209,15 @@ def register(subparsers) -> None:
         "to write it. Chosen automatically for activation-based scorers when the checkpoint "
         "is larger than half of the available RAM",
     )
+    parser.add_argument(
+        "--compute-dtype",
+        default=None,
+        choices=DTYPES,
+        help="with --layerwise: the dtype each layer is computed in, when it differs from the "
+        "saved one (--dtype); e.g. float32 for a float16/bf16 checkpoint on a CPU, where half-"
+        "precision products are several times slower. Each cut layer is rounded to --dtype "
+        "before it runs, so later layers see what the saved model computes. Default: --dtype",
+    )
     parser.add_argument("--device", default="cpu", help="where scoring runs: cpu (default) or cuda")
     parser.add_argument(
         "--dtype",
@@ -312,6 +321,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.layerwise:
         check_layerwise(args, scorer)
+    check_compute_dtype(args)
     with hold_output(args.out, args.overwrite):
         # Own --out for the whole run: a second run to it exits 2 now, not after its scoring,
         # and cannot replace this run's output. A ratio list's subfolders live inside it.
@@ -349,6 +359,15 @@ def check_layerwise(args: argparse.Namespace, scorer: Scorer) -> None:
         )
     if str(args.device) != "cpu":
         raise PruneNetError("--layerwise runs on the CPU; drop --device or --layerwise.")
+
+
+def check_compute_dtype(args: argparse.Namespace) -> None:
+    """--compute-dtype only means something layer by layer (in memory the model is one dtype)."""
+    if args.compute_dtype is not None and not args.layerwise:
+        raise PruneNetError(
+            "--compute-dtype sets the dtype --layerwise computes each layer in; in memory the "
+            "model has one dtype (--dtype). Add --layerwise or drop --compute-dtype."
+        )
 
 
 def check_amount(args: argparse.Namespace) -> None:
@@ -487,14 +506,15 @@ def _run_layerwise(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
         warn_if_nothing_removed(ffn_width(config), ratio)
     check_free_space(folders[0], checkpoint_bytes(path) * len(args.ratio))
     dtype = resolve_dtype(str(path), args.dtype)
+    compute_dtype = resolve_dtype(str(path), args.compute_dtype or args.dtype)
     tokenizer = load_tokenizer(str(path))
     selfgen = SelfGenConfig(
         sequences=args.selfgen_sequences, length=args.selfgen_length, seed=args.seed
     )
     print(
         f"model {args.model} ({config.model_type}): layer by layer from its safetensors "
-        f"({dtype}); scoring with {scorer.name} (seed {args.seed}, cpu), uniform allocation, "
-        f"{args.analysis} analysis, refit {args.refit}",
+        f"({dtype}, computed in {compute_dtype}); scoring with {scorer.name} (seed "
+        f"{args.seed}, cpu), uniform allocation, {args.analysis} analysis, refit {args.refit}",
         flush=True,
     )
     planner = scorer_planner(scorer, "uniform", analysis=args.analysis)
@@ -502,7 +522,7 @@ def _run_layerwise(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
     for ratio, folder in zip(args.ratio, folders, strict=True):
         report = layerwise_prune(
             path, folder, planner, ratio, refit=args.refit, selfgen=selfgen, dtype=dtype,
-            tokenizer=tokenizer, overwrite=args.overwrite,
+            compute_dtype=compute_dtype, tokenizer=tokenizer, overwrite=args.overwrite,
         )  # fmt: skip
         rows.append(summary_row(ratio, report, folder))
     print(format_table(SUMMARY_HEADERS, rows))

@@ -71,3 +71,17 @@ def test_layerwise_refuses_a_parameter_budget(dense, tmp_path, capsys):
     argv = ["prune", "--model", str(dense), "--remove-params", "0.1", "--layerwise"]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert "Use --ratio with --layerwise" in capsys.readouterr().err
+
+
+def test_compute_dtype_needs_layerwise(dense, tmp_path, capsys):
+    assert _prune(dense, tmp_path / "out", "--compute-dtype", "float32") == 2
+    assert "Add --layerwise" in capsys.readouterr().err
+
+
+def test_layerwise_computes_in_float32_and_saves_bf16(dense, tmp_path, no_disk_cache):
+    out = tmp_path / "out"
+    assert _prune(dense, out, "--layerwise", "--compute-dtype", "float32") == 0
+    got, _ = load_model(str(out), dtype="auto")
+    assert {t.dtype for t in got.state_dict().values()} == {torch.bfloat16}
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["scorer"]["layerwise"]["compute_dtype"] == "float32"
