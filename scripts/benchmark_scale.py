@@ -91,6 +91,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scorer", default="magnitude", help="scorer of the stream path")
     parser.add_argument("--selfgen-sequences", type=int, default=8, help="layerwise own text")
     parser.add_argument("--selfgen-length", type=int, default=64, help="layerwise own text")
+    parser.add_argument(
+        "--compute-dtype", default=None, choices=sorted(DTYPES) + ["float32"],
+        help="layerwise: compute each layer in this dtype (saved in --dtype); default --dtype",
+    )  # fmt: skip
     parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
     parser.add_argument("--shard-gb", type=float, default=2.0, help="max input shard size")
     parser.add_argument("--device", default="cpu", help="scoring device passed to --device")
@@ -113,8 +117,8 @@ def describe(args: argparse.Namespace, workdir: Path) -> str:
             f" untied lm_head), random {args.dtype} weights, shards <= {args.shard_gb} GB",
             f"pruning --ratio {args.ratio}: stream = --stream --scorer {args.scorer} --device "
             f"{args.device}; layerwise = --layerwise (policy, sequential, refit lsq, computed "
-            f"in {args.dtype}) on {args.selfgen_sequences} x {args.selfgen_length} tokens of "
-            f"own text; {args.threads} torch/OpenMP thread(s)",
+            f"in {args.compute_dtype or args.dtype}) on {args.selfgen_sequences} x "
+            f"{args.selfgen_length} tokens of own text; {args.threads} torch/OpenMP thread(s)",
             f"machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
             f"{_meminfo('MemTotal') / 2**30:.0f} GiB RAM, load average "
             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; torch {torch.__version__}; "
@@ -288,6 +292,8 @@ def prune_in_subprocess(
     else:
         command += ["--layerwise", "--selfgen-sequences", str(args.selfgen_sequences),
                     "--selfgen-length", str(args.selfgen_length)]  # fmt: skip
+        if args.compute_dtype:
+            command += ["--compute-dtype", args.compute_dtype]
     print("$ " + " ".join(command), flush=True)
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, cwd=REPO)
