@@ -75,6 +75,7 @@ class LazyModel:
         self.dtype = dtype
         self.compute_dtype = compute_dtype or dtype
         self.checkpoint: Checkpoint = read_checkpoint(self.folder)
+        self._names: dict[str, str | None] = {}  # model tensor name -> checkpoint name
         config = load_config(self.folder)
         self.adapter = adapter_for(config)
         # Parameters on meta, buffers real: rotary tables and embedding scales are computed
@@ -122,13 +123,17 @@ class LazyModel:
         """The checkpoint's spelling of a model tensor name: as `save_pretrained` renames it
         (transformers keeps legacy names on disk, e.g. GPT-NeoX's `embed_out`), or with
         another prefix in front of the layers (checkpoints saved from the base model)."""
+        if name in self._names:
+            return self._names[name]
         candidates = [saved_name(self.model, name), name]
         if name.startswith(self.adapter.layers + "."):
             candidates.append(self._prefix + name[len(self.adapter.layers) :])
         else:
             base = self.adapter.layers.split(".")[0] + "."
             candidates.append(name[len(base) :] if name.startswith(base) else base + name)
-        return next((c for c in candidates if c in self.checkpoint.tensors), None)
+        found = next((c for c in candidates if c in self.checkpoint.tensors), None)
+        self._names[name] = found
+        return found
 
     def _read(self, name: str) -> torch.Tensor:
         found = self._checkpoint_name(name)
