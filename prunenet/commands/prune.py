@@ -18,8 +18,14 @@ import torch
 
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO
 from prunenet.allocation.sensitivity import ALLOCATIONS, SENSITIVITY_RATIOS
+from prunenet.allocation.speedup import check_target_speedup, ratio_for_speedup
 from prunenet.allocation.strategy import strategy_context
-from prunenet.allocation.structures import STRUCTURES, check_budget, parse_structures
+from prunenet.allocation.structures import (
+    MAX_FFN_RATIO,
+    STRUCTURES,
+    check_budget,
+    parse_structures,
+)
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN
 from prunenet.commands.options import positive_int
@@ -86,6 +92,15 @@ def register(subparsers) -> None:
         help="fraction of ALL parameters to remove, in (0, 1), split between --structures by "
         "greedy KL per parameter on self-generated text; a comma list writes one folder per "
         "budget (params-0.20, ...). Needs the model in memory",
+    )
+    amount.add_argument(
+        "--target-speedup",
+        type=float,
+        help="a prefill speed-up over the dense model (> 1, e.g. 1.2): the smallest FFN ratio "
+        "whose cut model is timed that much faster here (batch-1 prefill of 256 tokens, "
+        "alternated with the dense model, bisected over ratios) is then pruned as --ratio; the "
+        "search is recorded in prunenet_report.json. Timing is noisy: check the result with "
+        "prunenet eval --reference",
     )
     amount.add_argument(
         "--requests",
@@ -300,6 +315,14 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.requests is not None:
         args.remove_params = args.requests
+    if args.target_speedup is not None:
+        check_target_speedup(args.target_speedup)
+        if args.stream or args.layerwise or args.allocation != "uniform":
+            raise PruneNetError(
+                "--target-speedup times cut copies of the model in memory with a uniform "
+                "allocation; drop --stream / --layerwise / --allocation auto, or give --ratio."
+            )
+        args.ratio = [MAX_FFN_RATIO]  # a placeholder until the model is timed: one folder
     check_amount(args)
     if args.remove_params is not None:
         folders = output_folders(args.out, args.remove_params, prefix="params")
@@ -438,6 +461,15 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
         dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         sizes = [int((1 - target) * dense_bytes) for target in args.remove_params]
     else:
+        if args.target_speedup is not None:
+            search = ratio_for_speedup(model, args.target_speedup)
+            args.ratio = [search.ratio]
+            print(
+                f"target prefill speed-up {args.target_speedup}: ratio {search.ratio} timed at "
+                f"{search.speedup:.2f}x ({len(search.trials)} trials, {search.prefill_tokens} "
+                f"tokens, batch 1, {search.threads} thread(s), paired median of {search.rounds})",
+                flush=True,
+            )
         for ratio in args.ratio:
             warn_if_nothing_removed(width, ratio)
         sizes = [estimated_output_bytes(model, ratio) for ratio in args.ratio]
@@ -455,6 +487,8 @@ def _run_in_memory(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
         flush=True,
     )
     planner = scorer_planner(scorer, args.allocation, args.max_layer_ratio, args.analysis)
+    if args.target_speedup is not None:
+        planner = _recording(planner, {"target_speedup": search.to_dict()})
     selfgen = SelfGenConfig(
         sequences=args.selfgen_sequences, length=args.selfgen_length, seed=args.seed
     )
@@ -527,6 +561,17 @@ def _run_layerwise(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
         rows.append(summary_row(ratio, report, folder))
     print(format_table(SUMMARY_HEADERS, rows))
     return 0
+
+
+def _recording(planner, info: dict):
+    """`planner` whose plans also record `info` (it goes into prunenet_report.json)."""
+
+    def plan(model, ratio):
+        result = planner(model, ratio)
+        result.info.update(info)
+        return result
+
+    return plan
 
 
 def _how_much(args: argparse.Namespace) -> str:
