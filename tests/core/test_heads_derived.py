@@ -36,7 +36,7 @@ from prunenet.io.remote_code import MODELING_FILE, STRUCTURE_KEY
 from prunenet.io.saving import save_model_folder
 from tests.conftest import logits_of, sample_input_ids, tiny_tokenizer
 from tests.core.test_heads import FALCON_LAYOUTS, gqa_model
-from tests.io.test_remote_code import NEW_TOKENS, load_without_prunenet
+from tests.io.test_remote_code import load_without_prunenet, save_and_expect
 
 # case -> (model_type, config overrides on top of gqa_model's 4 query heads).
 CASES = {
@@ -202,17 +202,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for case in CASES:
         for cut in CUTS:
             name = f"{case}-{cut}"
-            model = pruned(case, cut)
             paths[name] = root / name
-            save_model_folder(model, tiny_tokenizer(), paths[name], {})
-            with torch.no_grad():
-                generated = model.generate(
-                    input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    max_new_tokens=NEW_TOKENS,
-                    do_sample=False,
-                )
-            expected[name] = {"logits": logits_of(model, input_ids), "generated": generated}
+            expected[name] = save_and_expect(pruned(case, cut), paths[name], input_ids)
     tensors, facts = load_without_prunenet(root, paths, input_ids)
     return {"paths": paths, "expected": expected, "tensors": tensors, "facts": facts}
 

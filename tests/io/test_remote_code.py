@@ -126,17 +126,8 @@ def loads(tmp_path_factory: pytest.TempPathFactory) -> dict:
     input_ids = sample_input_ids()
     expected, folders = {}, {}
     for case, build in pruned_cases().items():
-        model = build()
         folders[case] = root / case
-        save_model_folder(model, tiny_tokenizer(), folders[case], {})
-        with torch.no_grad():
-            generated = model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-            )
-        expected[case] = {"logits": logits_of(model, input_ids), "generated": generated}
+        expected[case] = save_and_expect(build(), folders[case], input_ids)
     folders[MARKED] = root / MARKED
     shutil.copytree(folders["llama"], folders[MARKED])
     with open(folders[MARKED] / MODELING_FILE, "a") as file:
@@ -149,6 +140,20 @@ def loads(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "folders": folders,
         "modules_cache": root / "hf-modules",
     }
+
+
+def save_and_expect(model, folder: Path, input_ids: torch.Tensor) -> dict:
+    """Save `model` as PruneNet does and return what a reload must reproduce: its logits on
+    `input_ids` and its greedy continuation of them."""
+    save_model_folder(model, tiny_tokenizer(), folder, {})
+    with torch.no_grad():
+        generated = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )
+    return {"logits": logits_of(model, input_ids), "generated": generated}
 
 
 def load_without_prunenet(
