@@ -684,8 +684,7 @@ def _use_stream(args: argparse.Namespace, scorer: Scorer) -> bool:
     large, size, available = should_stream(path)
     if not large:
         return False
-    layerwise_ok = args.allocation == "uniform" and args.analysis != "oneshot"
-    if not scorer.weights_only and layerwise_ok and str(args.device) == "cpu":
+    if _layerwise_possible(args, scorer):
         print(
             f"model {args.model}: safetensors {size / 1e9:.1f} GB > half of available RAM "
             f"({available / 1e9:.1f} GB); switching to --layerwise (one decoder layer in memory)"
@@ -704,6 +703,15 @@ def _use_stream(args: argparse.Namespace, scorer: Scorer) -> bool:
         f"model {args.model}: safetensors {size / 1e9:.1f} GB > half of available RAM "
         f"({available / 1e9:.1f} GB); switching to --stream (layer by layer, bounded memory)"
     )
+    return True
+
+
+def _layerwise_possible(args: argparse.Namespace, scorer: Scorer) -> bool:
+    """Whether --layerwise could run these options (`check_layerwise` is the one rule)."""
+    try:
+        check_layerwise(args, scorer)
+    except PruneNetError:
+        return False
     return True
 
 
