@@ -325,6 +325,8 @@ def capture_layer_inputs(
         )
         for index, layer in enumerate(layers)
     ]
+    # An instance-level forward (accelerate's offloading hooks set one) is put back after.
+    own_forwards = [layer.__dict__.get("forward") for layer in layers]
     for layer in layers:
         # The layers themselves are not run: only layer 0's input and every layer's other
         # arguments are needed, and neither depends on what earlier layers return. So the
@@ -339,8 +341,11 @@ def capture_layer_inputs(
     finally:
         for handle in handles:
             handle.remove()
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, own_forwards, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     return first_hidden[0], captured
 
 

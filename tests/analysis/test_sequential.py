@@ -159,3 +159,21 @@ def test_ffn_activations_that_overflow_float16_are_refused_naming_bfloat16() -> 
     cut = SequentialCut(model, "lsq", tokens)
     with pytest.raises(PruneNetError, match="layer 0's FFN activations.*--dtype bfloat16"):
         cut(0, decoder_layers(model)[0], torch.rand(ffn_widths(model.config)[0]), 4)
+
+
+def test_capturing_inputs_runs_no_layer_and_keeps_an_instance_forward() -> None:
+    """Offloading hooks replace a layer's forward on the instance: the capture puts it back."""
+    model = tiny_model("llama")
+    layers = decoder_layers(model)
+    calls: list[int] = []
+    original = layers[0].forward
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    layers[0].forward = hooked
+    capture_layer_inputs(model, sample_input_ids())
+    assert calls == []  # the capture ran no layer, not even the hooked one
+    assert layers[0].forward is hooked
+    assert "forward" not in layers[1].__dict__
