@@ -17,7 +17,8 @@ every tensor with `torch.equal`), but never holds more than one decoder layer's 
 So the peak is one layer (raw, cut and its activations) plus the hidden states, whatever the
 depth; DESIGN.md's 7B-shaped measurements motivate it (32 layers in memory would need ~30 GB).
 The text phase is the exception when the text is not cached yet: generating needs every layer
-at every token, so the model is resident then (13.5 GB for a 7B model in bf16).
+at every token, so the model is resident then (13.5 GB for a 7B model in bf16); with
+`--compute-dtype float32` it computes in float32 from its half weights (`core.upcast`).
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ from transformers import AutoModelForCausalLM
 # imported in one place.
 from transformers.core_model_loading import revert_weight_conversion
 
-from prunenet.analysis.selfgen import SelfGenConfig, own_text
-from prunenet.analysis.sequential import ANALYSIS_SELFGEN, SequentialCut, analysis_text
+from prunenet.analysis.selfgen import SelfGenConfig, generate_own_text, own_text
+from prunenet.analysis.sequential import ANALYSIS_SELFGEN, SequentialCut, announce_text
 from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.compress import PruneReport, count_parameters, prune_model
 from prunenet.core.refit import check_refit
+from prunenet.core.upcast import float32_compute
 from prunenet.errors import PruneNetError
 from prunenet.io.models import load_model
 from prunenet.io.remote_code import write_remote_code
@@ -214,7 +216,8 @@ def layerwise_text(
     lazy: LazyModel, folder: str | Path, selfgen: SelfGenConfig = ANALYSIS_SELFGEN
 ) -> torch.Tensor:
     """The model's own text: from the analysis cache if this model wrote it before (found
-    without loading the model), else written now by the model loaded in `lazy.dtype`.
+    without loading the model), else written now by the model loaded in `lazy.dtype` and
+    computed in `lazy.compute_dtype` (float32 from half weights: `prunenet.core.upcast`).
 
     :param lazy: the model being pruned layer by layer.
     :param folder: its checkpoint folder (loaded whole only to write the text).
@@ -222,9 +225,13 @@ def layerwise_text(
     """
 
     def write() -> torch.Tensor:
+        announce_text(selfgen)
         model, _ = load_model(str(folder), dtype=lazy.dtype)
         try:
-            return analysis_text(model, selfgen)
+            if lazy.compute_dtype != torch.float32:
+                return generate_own_text(model, selfgen)
+            with float32_compute(model):
+                return generate_own_text(model, selfgen)
         finally:
             del model
             gc.collect()

@@ -277,6 +277,15 @@ def analysis_text(model: nn.Module, selfgen: SelfGenConfig = ANALYSIS_SELFGEN) -
     :param model: the dense model.
     :param selfgen: how much text it writes.
     """
+    announce_text(selfgen)
+    return own_text(model, selfgen)
+
+
+def announce_text(selfgen: SelfGenConfig) -> None:
+    """Say on stderr what the analysis is about to do (the text takes minutes on a CPU).
+
+    :param selfgen: how much text the model writes.
+    """
     print(
         f"sequential analysis: the model writes {selfgen.sequences} x {selfgen.length} tokens "
         "of its own text (minutes on a CPU the first time; cached), then each layer is cut in "
@@ -284,7 +293,6 @@ def analysis_text(model: nn.Module, selfgen: SelfGenConfig = ANALYSIS_SELFGEN) -
         file=sys.stderr,
         flush=True,
     )
-    return own_text(model, selfgen)
 
 
 class _Captured(Exception):

@@ -67,12 +67,40 @@ def row_spectral_stats(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, t
     """Per-row leverage in the top-`rank` left singular subspace, and |cos| to the leading
     right singular vector: how much each row shapes the matrix's dominant directions.
 
-    One float64 eigendecomposition of the (cols x cols) Gram serves both.
+    One eigendecomposition of the (cols x cols) Gram serves both: a full float64 one up to
+    `FULL_EIGH_MAX_COLS` columns, above that only the top eigenpairs (`top_eigenpairs`).
     """
     m = matrix.detach().to(torch.float64)
-    eigenvalues, eigenvectors = torch.linalg.eigh(m.T @ m)
-    top = eigenvectors[:, -rank:]
-    scale = eigenvalues[-rank:].clamp_min(1e-12).sqrt()
+    if m.shape[1] > FULL_EIGH_MAX_COLS:
+        eigenvalues, top = top_eigenpairs(matrix.detach().float(), rank)
+    else:
+        eigenvalues, eigenvectors = torch.linalg.eigh(m.T @ m)
+        eigenvalues, top = eigenvalues[-rank:], eigenvectors[:, -rank:]
+    scale = eigenvalues.clamp_min(1e-12).sqrt()
     leverage = ((m @ top) / scale).pow(2).sum(dim=1)
-    alignment = (m @ eigenvectors[:, -1]).abs() / m.norm(dim=1).clamp_min(1e-12)
+    alignment = (m @ top[:, -1]).abs() / m.norm(dim=1).clamp_min(1e-12)
     return leverage.float(), alignment.float()
+
+
+# A float64 eigh of a 4096 x 4096 Gram (LLaMA-2-7B's hidden size) takes ~17 s on one core,
+# plus ~9 s for the float64 Gram: half of a 7B layer's cut. Models up to this width keep the
+# float64 decomposition (SmolLM2: 576, Gemma-3-270M: 640, 1B models: 2048).
+FULL_EIGH_MAX_COLS = 2048
+
+
+def top_eigenpairs(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `rank` largest eigenvalues (ascending) of `matrix^T matrix` and their eigenvectors
+    (cols x rank, float64), from a float32 Gram and a float32 eigendecomposition.
+
+    Only the top of the spectrum is used, which float32 keeps (eigenvalue errors are relative
+    to the largest one); what float32 loses is the small end, which the KS spectra need and
+    get in float64. Measured on every SmolLM2 and Gemma-3-270M gate projection against the
+    float64 route: leverage within 3e-5 in log, the same top-70% rows. On LLaMA-2-7B shapes,
+    one core: 3 s + 7.5 s against 9 s + 17 s. (A block Krylov method for the top 32 alone
+    converged too slowly on 4096-wide matrices with a flat top spectrum to be faster.)
+
+    :param matrix: rows x cols float32 weights.
+    :param rank: how many eigenpairs (at most cols).
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix.T @ matrix)
+    return eigenvalues[-rank:].double(), eigenvectors[:, -rank:].double()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy.stats import ks_2samp
 
+from prunenet.analysis import spectral
 from prunenet.analysis.spectral import (
     function_error,
     ks_distance,
@@ -15,6 +16,7 @@ from prunenet.analysis.spectral import (
     output_energy,
     row_spectral_stats,
     singular_values,
+    top_eigenpairs,
 )
 
 
@@ -138,3 +140,18 @@ def test_row_spectral_stats_alignment_is_the_abs_cosine_to_the_top_right_singula
     assert torch.allclose(alignment.double(), expected, atol=1e-5)
     assert int(alignment.argmax()) == 5
     assert torch.all(alignment <= 1 + 1e-6)
+
+
+def test_wide_matrices_get_the_same_row_stats_from_the_float32_top_of_the_spectrum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above FULL_EIGH_MAX_COLS only the top eigenpairs are computed, in float32 (7B widths)."""
+    matrix = (_with_condition_number(300, 120, 1e3, seed=4) * 0.05).float()
+    leverage, alignment = row_spectral_stats(matrix, rank=8)
+    monkeypatch.setattr(spectral, "FULL_EIGH_MAX_COLS", 100)
+    wide_leverage, wide_alignment = row_spectral_stats(matrix, rank=8)
+    torch.testing.assert_close(wide_leverage, leverage, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(wide_alignment, alignment, rtol=1e-4, atol=1e-7)
+    values, vectors = top_eigenpairs(matrix, 8)
+    assert values.dtype == torch.float64 and vectors.shape == (120, 8)
+    assert bool(torch.all(values[1:] >= values[:-1]))  # ascending, the largest last

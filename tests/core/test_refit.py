@@ -8,7 +8,14 @@ import torch
 from prunenet.analysis.selfgen import SelfGenConfig, generate_own_text
 from prunenet.analysis.sequential import capture_layer_inputs, ffn_activations
 from prunenet.core.arch import adapter_for, decoder_layers, ffn_output_bias, ffn_weights
-from prunenet.core.refit import output_error, refit_aware_scores, refit_output
+from prunenet.core.refit import (
+    RIDGE_CANDIDATES,
+    _Moments,
+    _RidgeSystem,
+    output_error,
+    refit_aware_scores,
+    refit_output,
+)
 from prunenet.errors import PruneNetError
 from tests.conftest import FFN_WIDTH, tiny_model
 
@@ -190,3 +197,22 @@ def test_the_lsq_refit_is_the_ridge_solution_with_few_rows_as_with_many(rows, in
     torch.testing.assert_close(result.weight, want_weight, rtol=1e-7, atol=1e-9)
     if intercept:
         torch.testing.assert_close(result.bias, want_bias, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("intercept", [True, False])
+@pytest.mark.parametrize("anchored", [False, True])
+def test_held_out_errors_from_the_rows_space_equal_those_of_the_formed_solutions(
+    intercept, anchored
+):
+    """The ridge is chosen on held-out rows without forming one solution per ridge."""
+    generator = torch.Generator().manual_seed(5)
+    acts = torch.randn(20, 40, generator=generator, dtype=torch.float64).relu()
+    targets = torch.randn(20, 6, generator=generator, dtype=torch.float64) + acts[:, :6]
+    fit, held = _Moments.of(acts[1:13], targets[1:13]), _Moments.of(acts[13:], targets[13:])
+    assert fit.rows is not None and held.rows is not None  # 12 and 7 rows < 40 columns
+    anchor = (acts[:1], targets[:1]) if anchored else None
+    system = _RidgeSystem.of(fit, intercept, anchor)
+    errors = system.held_errors(held, RIDGE_CANDIDATES)
+    formed = [held.error(*system.solution(ridge)) for ridge in RIDGE_CANDIDATES]
+    assert len(set(formed)) == len(formed)  # the ridges really differ on these rows
+    assert errors == pytest.approx(formed, rel=1e-10)
