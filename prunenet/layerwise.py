@@ -18,7 +18,12 @@ So the peak is one layer (raw, cut and its activations) plus the hidden states, 
 depth; DESIGN.md's 7B-shaped measurements motivate it (32 layers in memory would need ~30 GB).
 The text phase is the exception when the text is not cached yet: generating needs every layer
 at every token, so the model is resident then (13.5 GB for a 7B model in bf16); with
-`--compute-dtype float32` it computes in float32 from its half weights (`core.upcast`).
+`--compute-dtype float32` it computes in float32 from its half weights (`core.upcast`). A model
+that does not fit even in its own dtype writes its text with the layers streamed from the
+shards at every token (`choose_text_route` picks).
+
+Why this module is long: the lazy model, its text and the layer-by-layer cut share one
+skeleton and its checkpoint-name resolution; split apart, each part would re-derive them.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -51,6 +57,8 @@ from prunenet.io.saving import REPORT_FILE, atomic_directory
 from prunenet.io.stream.checkpoint import (
     INDEX_FILE,
     Checkpoint,
+    available_memory_bytes,
+    checkpoint_bytes,
     load_config,
     read_checkpoint,
     read_tensor,
@@ -103,10 +111,15 @@ class LazyModel:
         self._load(self.model, names, zero_missing_biases=True)
         return layer
 
-    def release_layer(self, index: int) -> None:
-        """Drop decoder layer `index`'s weights (back to the meta device)."""
+    def release_layer(self, index: int, collect: bool = True) -> None:
+        """Drop decoder layer `index`'s weights (back to the meta device).
+
+        :param collect: run the garbage collector (once per layer when cutting; not on every
+            token of a streamed generation, where the freed tensors have no cycles).
+        """
         self.layers[index].to("meta")
-        gc.collect()
+        if collect:
+            gc.collect()
 
     def dense_parameters(self):
         """(name, tensor) for every parameter of the dense model, read one at a time, in the
@@ -212,31 +225,99 @@ class _Fingerprinted:
         return (tensor for _, tensor in self._lazy.dense_parameters())
 
 
+TEXT_ROUTES = ("auto", "resident", "streamed")
+# The resident route needs the checkpoint plus the generation's own memory (KV cache, logits,
+# a float32 copy of the embeddings): keep this share of the available memory free for them.
+RESIDENT_SHARE = 0.8
+
+
 def layerwise_text(
-    lazy: LazyModel, folder: str | Path, selfgen: SelfGenConfig = ANALYSIS_SELFGEN
+    lazy: LazyModel,
+    folder: str | Path,
+    selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
+    route: str = "auto",
 ) -> torch.Tensor:
     """The model's own text: from the analysis cache if this model wrote it before (found
-    without loading the model), else written now by the model loaded in `lazy.dtype` and
-    computed in `lazy.compute_dtype` (float32 from half weights: `prunenet.core.upcast`).
+    without loading the model), else written now (`write_text`).
 
     :param lazy: the model being pruned layer by layer.
-    :param folder: its checkpoint folder (loaded whole only to write the text).
+    :param folder: its checkpoint folder.
     :param selfgen: how much text.
+    :param route: how it is written if it is not cached: one of `TEXT_ROUTES`
+        (`choose_text_route` says what `auto` picks).
     """
+    return own_text(
+        _Fingerprinted(lazy), selfgen, write=lambda: write_text(lazy, folder, selfgen, route)
+    )
 
-    def write() -> torch.Tensor:
-        announce_text(selfgen)
-        model, _ = load_model(str(folder), dtype=lazy.dtype)
-        try:
-            if lazy.compute_dtype != torch.float32:
-                return generate_own_text(model, selfgen)
-            with float32_compute(model):
-                return generate_own_text(model, selfgen)
-        finally:
-            del model
-            gc.collect()
 
-    return own_text(_Fingerprinted(lazy), selfgen, write=write)
+def choose_text_route(lazy: LazyModel, route: str = "auto") -> str:
+    """`resident` when the whole checkpoint fits in `RESIDENT_SHARE` of the available memory,
+    else `streamed`; an explicit route is returned as it is.
+
+    Resident is the faster when it fits: streaming reads every layer from the shards at every
+    token (`scripts/benchmark_scale.py --text-route` measures both).
+    :param lazy: the model being pruned.
+    :param route: one of `TEXT_ROUTES`.
+    """
+    if route not in TEXT_ROUTES:
+        raise PruneNetError(
+            f"Unknown text route {route!r}; choose one of {', '.join(TEXT_ROUTES)}."
+        )
+    if route != "auto":
+        return route
+    fits = checkpoint_bytes(lazy.folder) <= RESIDENT_SHARE * available_memory_bytes()
+    return "resident" if fits else "streamed"
+
+
+def write_text(
+    lazy: LazyModel, folder: str | Path, selfgen: SelfGenConfig, route: str = "auto"
+) -> torch.Tensor:
+    """Generate the own text (no cache).
+
+    `resident`: the whole model loaded once in `lazy.dtype` (computed in float32 from its half
+    weights when `lazy.compute_dtype` is float32: `prunenet.core.upcast`), then freed.
+    `streamed`: `lazy`'s own skeleton generates, each decoder layer read from the shards just
+    before it runs and dropped after it, at every token, so only one layer (in
+    `lazy.compute_dtype`) plus the KV cache is ever held. Both give the same tokens (tested).
+    :param lazy: the model being pruned layer by layer.
+    :param folder: its checkpoint folder.
+    :param selfgen: how much text.
+    :param route: one of `TEXT_ROUTES`.
+    """
+    announce_text(selfgen)
+    if choose_text_route(lazy, route) == "streamed":
+        return _streamed_text(lazy, selfgen)
+    model, _ = load_model(str(folder), dtype=lazy.dtype)
+    try:
+        if lazy.compute_dtype != torch.float32:
+            return generate_own_text(model, selfgen)
+        with float32_compute(model):
+            return generate_own_text(model, selfgen)
+    finally:
+        del model
+        gc.collect()
+
+
+def _streamed_text(lazy: LazyModel, selfgen: SelfGenConfig) -> torch.Tensor:
+    def load(index, module, args, kwargs):
+        lazy.load_layer(index)
+
+    def release(index, module, args, kwargs, output):
+        lazy.release_layer(index, collect=False)
+
+    handles = []
+    for index, layer in enumerate(lazy.layers):
+        handles.append(layer.register_forward_pre_hook(partial(load, index), with_kwargs=True))
+        handles.append(layer.register_forward_hook(partial(release, index), with_kwargs=True))
+    try:
+        return generate_own_text(lazy.model, selfgen)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for index in range(len(lazy.layers)):  # an interrupted step may have left one loaded
+            lazy.release_layer(index, collect=False)
+        gc.collect()
 
 
 class _LayerwiseCut:
@@ -284,6 +365,7 @@ def layerwise_prune(
     compute_dtype: torch.dtype | None = None,
     tokenizer=None,
     overwrite: bool = False,
+    text_route: str = "auto",
 ) -> PruneReport:
     """Prune a safetensors checkpoint folder along the default path, one layer in memory.
 
@@ -300,15 +382,17 @@ def layerwise_prune(
         float32 on a CPU: half-precision matrix products are several times slower there.
     :param tokenizer: saved beside the model (None: the folder gets none).
     :param overwrite: replace an existing `out`.
+    :param text_route: how the own text is written when it is not cached (`TEXT_ROUTES`).
     :return: the report, as `prunenet.pipeline.apply_plan` gives it, plus per-layer seconds.
     """
     start = time.perf_counter()
     check_refit(refit)
     lazy = LazyModel(model_dir, dtype, compute_dtype)
+    route = choose_text_route(lazy, text_route)
     model = lazy.model
     plan = planner(model, ratio)
     text_start = time.perf_counter()
-    tokens = layerwise_text(lazy, model_dir, selfgen)
+    tokens = layerwise_text(lazy, model_dir, selfgen, route)
     text_seconds = time.perf_counter() - text_start
     params_before = count_parameters(model)
     out = Path(out).expanduser()
@@ -323,6 +407,7 @@ def layerwise_prune(
             "dtype": str(dtype).removeprefix("torch."),
             "compute_dtype": str(lazy.compute_dtype).removeprefix("torch."),
             "text_seconds": text_seconds,  # near 0 when the text was cached
+            "text_route": route,  # how it was (or would have been) written
             "layer_seconds": [sum(parts) for parts in zip(*cut.seconds.values(), strict=True)],
             **{f"{part}_seconds": values for part, values in cut.seconds.items()},
         }}  # fmt: skip

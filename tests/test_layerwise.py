@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from prunenet import layerwise
 from prunenet.analysis.sequential import SequentialCut, analysis_text, run_layer
+from prunenet.errors import PruneNetError
 from prunenet.io.models import load_model
 from prunenet.io.saving import REPORT_FILE
 from prunenet.io.stream.checkpoint import INDEX_FILE
@@ -170,3 +171,46 @@ def test_computed_in_float32_stored_in_bf16(tmp_path, no_disk_cache):
         assert parameter.dtype == torch.float32
         assert torch.equal(parameter, parameter.to(torch.bfloat16).float()), name
     assert torch.equal(cut.hidden, run_layer(layer, before, cut.layer_kwargs[0]))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt", "gemma3_text", "gpt2"])
+def test_streamed_text_equals_the_resident_models_and_holds_no_layer_after(
+    tmp_path, model_type, no_disk_cache
+):
+    """Layers read from the shards before each step's use give the same tokens."""
+    folder = _saved(tmp_path, model_type)
+    resident = layerwise.write_text(
+        LazyModel(folder, torch.float32), folder, SMALL_SELFGEN, "resident"
+    )
+    lazy = LazyModel(folder, torch.float32)
+    loads = []
+    original = lazy.load_layer
+    lazy.load_layer = lambda index: loads.append(index) or original(index)
+    streamed = layerwise.write_text(lazy, folder, SMALL_SELFGEN, "streamed")
+    assert torch.equal(streamed, resident)
+    assert len(loads) == len(lazy.layers) * (SMALL_SELFGEN.length - 1)  # every layer, every step
+    for layer in lazy.layers:
+        assert all(p.device.type == "meta" for p in layer.parameters())
+
+
+def test_the_text_route_is_resident_when_the_checkpoint_fits_and_streamed_when_not(
+    tmp_path, monkeypatch
+):
+    folder = _saved(tmp_path, "llama")
+    lazy = LazyModel(folder, torch.float32)
+    size = layerwise.checkpoint_bytes(folder)
+    monkeypatch.setattr(layerwise, "available_memory_bytes", lambda: int(size / 0.81))
+    assert layerwise.choose_text_route(lazy) == "streamed"
+    monkeypatch.setattr(layerwise, "available_memory_bytes", lambda: int(size / 0.79))
+    assert layerwise.choose_text_route(lazy) == "resident"
+    assert layerwise.choose_text_route(lazy, "streamed") == "streamed"
+    with pytest.raises(PruneNetError, match="Unknown text route"):
+        layerwise.choose_text_route(lazy, "swap")
+
+
+def test_a_streamed_text_is_recorded_in_the_report(tmp_path, monkeypatch, no_disk_cache):
+    folder = _saved(tmp_path, "llama")
+    monkeypatch.setattr(layerwise, "available_memory_bytes", lambda: 1)
+    planner = scorer_planner(SelfGenScorer(), analysis="sequential")
+    report = layerwise_prune(folder, tmp_path / "out", planner, 0.3, selfgen=SMALL_SELFGEN)
+    assert report.scorer["layerwise"]["text_route"] == "streamed"

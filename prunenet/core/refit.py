@@ -10,6 +10,11 @@ collects them; this module only does the algebra):
   equations in float64 (a float32 Gram loses the small eigenvalues; docs/architecture.md), ridge
   = lambda x mean Gram diagonal, lambda chosen on a held-out self-generated split: December's
   experiments found 0.1 right at 64 x 128 tokens and 0.01 overfitting at 8 x 128 (DESIGN.md).
+
+Why this module is long: the ridge algebra has two routes (the kept x kept Gram, and the rows'
+space when there are fewer rows than kept neurons, as at 7B widths) with an exact anchor row in
+both, and the held-out choice of the ridge is computed in whichever route solved it; one
+module keeps the two routes provably the same solution (tests/core/test_refit.py).
 """
 
 from __future__ import annotations
