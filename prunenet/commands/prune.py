@@ -45,7 +45,7 @@ from prunenet.io.models import (
 )
 from prunenet.io.saving import check_free_space, hold_output
 from prunenet.io.stream.checkpoint import checkpoint_bytes, load_config
-from prunenet.layerwise import layerwise_prune
+from prunenet.layerwise import TEXT_ROUTES, layerwise_prune
 from prunenet.pipeline import (
     ANALYSES,
     check_analysis,
@@ -233,6 +233,15 @@ def register(subparsers) -> None:
         "precision products are several times slower. Each cut layer is rounded to --dtype "
         "before it runs, so later layers see what the saved model computes. Default: --dtype",
     )
+    parser.add_argument(
+        "--text-route",
+        default="auto",
+        choices=TEXT_ROUTES,
+        help="with --layerwise, how the own text is written when it is not cached: resident "
+        "(the whole model loaded in its dtype), streamed (every layer read from the shards at "
+        "every token: for a model larger than memory; slower), auto (default: resident when "
+        "the checkpoint fits in 80%% of the available memory)",
+    )
     parser.add_argument("--device", default="cpu", help="where scoring runs: cpu (default) or cuda")
     parser.add_argument(
         "--dtype",
@@ -385,11 +394,17 @@ def check_layerwise(args: argparse.Namespace, scorer: Scorer) -> None:
 
 
 def check_compute_dtype(args: argparse.Namespace) -> None:
-    """--compute-dtype only means something layer by layer (in memory the model is one dtype)."""
+    """--compute-dtype and --text-route only mean something layer by layer (in memory the model
+    is one dtype, and resident)."""
     if args.compute_dtype is not None and not args.layerwise:
         raise PruneNetError(
             "--compute-dtype sets the dtype --layerwise computes each layer in; in memory the "
             "model has one dtype (--dtype). Add --layerwise or drop --compute-dtype."
+        )
+    if args.text_route != "auto" and not args.layerwise:
+        raise PruneNetError(
+            "--text-route says how --layerwise writes the own text; in memory the model is "
+            "resident anyway. Add --layerwise or drop --text-route."
         )
 
 
@@ -557,6 +572,7 @@ def _run_layerwise(args: argparse.Namespace, scorer: Scorer, folders: list[Path]
         report = layerwise_prune(
             path, folder, planner, ratio, refit=args.refit, selfgen=selfgen, dtype=dtype,
             compute_dtype=compute_dtype, tokenizer=tokenizer, overwrite=args.overwrite,
+            text_route=args.text_route,
         )  # fmt: skip
         rows.append(summary_row(ratio, report, folder))
     print(format_table(SUMMARY_HEADERS, rows))

@@ -85,3 +85,15 @@ def test_layerwise_computes_in_float32_and_saves_bf16(dense, tmp_path, no_disk_c
     assert {t.dtype for t in got.state_dict().values()} == {torch.bfloat16}
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["scorer"]["layerwise"]["compute_dtype"] == "float32"
+
+
+def test_text_route_needs_layerwise(dense, tmp_path, capsys):
+    assert _prune(dense, tmp_path / "out", "--text-route", "streamed") == 2
+    assert "Add --layerwise or drop --text-route" in capsys.readouterr().err
+
+
+def test_a_streamed_text_route_is_used_and_reported(dense, tmp_path, no_disk_cache):
+    out = tmp_path / "out"
+    assert _prune(dense, out, "--layerwise", "--text-route", "streamed") == 0
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["scorer"]["layerwise"]["text_route"] == "streamed"
