@@ -74,11 +74,12 @@ def main() -> None:
 # "wall" is the whole subprocess, including ~10 s of Python/torch/transformers imports;
 # "stream_prune" is the pruning itself as the run's report times it.
 # "prune s" is the pruning itself as the run's report times it; "text s" the layerwise path's
-# own-text writing (the model loaded once in its dtype); "read / cut / write s/layer" its
+# own-text writing (resident: the model loaded once in its dtype; streamed: every layer read at
+# every token); "read / cut / write s/layer" its
 # per-layer split (stream: read + score + cut of the FFN in "cut", the rest is copying).
 HEADERS = ["path", "layers", "checkpoint GB", "output GB", "shards", "generate s", "wall s",
-           "prune s", "s/layer", "text s", "read s/layer", "cut s/layer", "write s/layer",
-           "peak RSS MB", "VmHWM MB", "peak anon MB", "peak file-mapped MB",
+           "prune s", "s/layer", "text s", "text route", "read s/layer", "cut s/layer",
+           "write s/layer", "peak RSS MB", "VmHWM MB", "peak anon MB", "peak file-mapped MB",
            "FFN rows removed", "params removed"]  # fmt: skip
 PATHS = ("stream", "layerwise")
 
@@ -94,6 +95,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--compute-dtype", default=None, choices=sorted(DTYPES) + ["float32"],
         help="layerwise: compute each layer in this dtype (saved in --dtype); default --dtype",
+    )  # fmt: skip
+    parser.add_argument(
+        "--text-route", default="auto", choices=["auto", "resident", "streamed"],
+        help="layerwise: how the own text is written (prune --text-route)",
     )  # fmt: skip
     parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
     parser.add_argument("--shard-gb", type=float, default=2.0, help="max input shard size")
@@ -118,7 +123,8 @@ def describe(args: argparse.Namespace, workdir: Path) -> str:
             f"pruning --ratio {args.ratio}: stream = --stream --scorer {args.scorer} --device "
             f"{args.device}; layerwise = --layerwise (policy, sequential, refit lsq, computed "
             f"in {args.compute_dtype or args.dtype}) on {args.selfgen_sequences} x "
-            f"{args.selfgen_length} tokens of own text; {args.threads} torch/OpenMP thread(s)",
+            f"{args.selfgen_length} tokens of own text (text route {args.text_route}); "
+            f"{args.threads} torch/OpenMP thread(s)",
             f"machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
             f"{_meminfo('MemTotal') / 2**30:.0f} GiB RAM, load average "
             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; torch {torch.__version__}; "
@@ -156,6 +162,7 @@ def run_one(args: argparse.Namespace, workdir: Path, layers: int, path: str) -> 
         f"{report['seconds']:.1f}",
         f"{report['seconds'] / layers:.2f}",
         "" if split["text_seconds"] is None else f"{split['text_seconds']:.1f}",
+        split.get("text_route", ""),
         *(_per_layer(split.get(f"{part}_seconds"), layers) for part in ("read", "cut", "write")),
         f"{maxrss / 2**20:.0f}",
         f"{hwm / 2**20:.0f}",
@@ -294,6 +301,7 @@ def prune_in_subprocess(
                     "--selfgen-length", str(args.selfgen_length)]  # fmt: skip
         if args.compute_dtype:
             command += ["--compute-dtype", args.compute_dtype]
+        command += ["--text-route", args.text_route]
     print("$ " + " ".join(command), flush=True)
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, cwd=REPO)
