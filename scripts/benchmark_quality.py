@@ -58,6 +58,8 @@ from prunenet.errors import PruneNetError
 from prunenet.evaluation.data import data_versions
 from prunenet.evaluation.pareto import non_dominated
 from prunenet.evaluation.perplexity import PPL_TASKS
+from prunenet.evaluation.plots import FrontPoint
+from prunenet.evaluation.plots import plot_fronts as draw_fronts
 from prunenet.evaluation.speed import compare_speed, parameter_counts
 from prunenet.evaluation.suite import METRIC_DEFINITIONS, EvaluationSuite, lm_eval_version
 from prunenet.evaluation.zero_shot import (
@@ -366,11 +368,7 @@ def mark_fronts(rows: list[dict]) -> None:
 
 def plot_fronts(rows: list[dict], protocol: dict, path: Path) -> Path:
     """Geometric-mean perplexity of the three texts against parameters removed and against
-    prefill speed-up, one colour per method; rows on the Pareto front (`mark_fronts`) ringed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    prefill speed-up, one marker per method; rows on the Pareto front (`mark_fronts`) ringed."""
 
     def quality(row):
         values = [row[t] for t in PPL_TASKS]
@@ -378,33 +376,21 @@ def plot_fronts(rows: list[dict], protocol: dict, path: Path) -> Path:
             return None
         return math.exp(sum(math.log(v) for v in values) / len(values))
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    panels = (("params_removed", "front_params", "share of all parameters removed"),
-              ("speedup_prefill", "front_speed", "prefill speed-up over dense"))  # fmt: skip
-    for axis, (column, front, label) in zip(axes, panels, strict=True):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            points = [r for r in rows if r["method"] == method and quality(r) is not None]
-            xs = [1.0 if r["method"] == "dense" and column == "speedup_prefill" else r[column]
-                  for r in points]  # fmt: skip
-            ys = [quality(r) for r in points]
-            if not points or any(not _finite(x) for x in xs):
-                continue
-            line = axis.plot(xs, ys, "o", label=method)[0]
-            ringed = [(x, y) for x, y, r in zip(xs, ys, points, strict=True) if r.get(front)]
-            if ringed:
-                axis.scatter(*zip(*ringed, strict=True), s=160, facecolors="none",
-                             edgecolors=line.get_color(), linewidths=1.5)  # fmt: skip
-        axis.set_yscale("log")
-        axis.set_xlabel(label)
-        axis.set_ylabel("perplexity, geometric mean of the 3 texts")
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle(f"{protocol['model']}: Pareto fronts (ringed: no other row is smaller/"
-                    "faster and at least as good on every text)")  # fmt: skip
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    points = [
+        FrontPoint(
+            row["method"],
+            row["params_removed"],
+            1.0 if row["method"] == "dense" else row["speedup_prefill"],
+            quality(row),
+            bool(row.get("front_params")),
+            bool(row.get("front_speed")),
+        )  # fmt: skip
+        for row in rows
+    ]
+    title = (f"{protocol['model']}: Pareto fronts (ringed: no other row is smaller/faster and "
+             "at least as good on every text)")  # fmt: skip
+    return draw_fronts(points, path, title=title, log_quality=True,
+                       quality_label="perplexity, geometric mean of the 3 texts")  # fmt: skip
 
 
 def display_rows(rows: list[dict], tasks: list[str]) -> list[list]:

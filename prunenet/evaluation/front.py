@@ -57,6 +57,8 @@ from prunenet.core.refit import check_refit
 from prunenet.errors import PruneNetError
 from prunenet.evaluation.data import data_versions
 from prunenet.evaluation.pareto import non_dominated
+from prunenet.evaluation.plots import FrontPoint
+from prunenet.evaluation.plots import plot_fronts as draw_fronts
 from prunenet.evaluation.speed import DEFAULT_PREFILL_TOKENS, compare_speed, parameter_counts
 from prunenet.evaluation.suite import (
     METRIC_DEFINITIONS,
@@ -546,42 +548,28 @@ def markdown_report(result: ParetoResult) -> str:
 
 
 def plot_fronts(result: ParetoResult, path: str | Path) -> Path:
-    """Two panels: quality against the share of parameters removed and against the prefill
-    speed-up; one marker per strategy, the dense model a star, each front drawn as a line.
+    """Quality against the share of parameters removed and against the prefill speed-up, one
+    marker per strategy, each front ringed and drawn as a line (`prunenet.evaluation.plots`).
 
     :param result: from `sweep`.
     :param path: the PNG to write.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [result.dense, *result.rows]
-    markers = dict(zip([DENSE, *STRATEGIES], ["*", "o", "s", "^", "D"], strict=True))
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    panels = (("params_removed", "front_params", "share of all parameters removed"),
-              ("speedup_prefill", "front_speed", "prefill speed-up over dense"))  # fmt: skip
-    for axis, (column, front, label) in zip(axes, panels, strict=True):
-        for name in dict.fromkeys(row.strategy for row in points):
-            shown = [r for r in points if r.strategy == name and _plottable(r, column)]
-            if shown:
-                axis.scatter([getattr(r, column) for r in shown], [r.quality for r in shown],
-                             marker=markers.get(name, "o"), s=60, label=name, zorder=3)  # fmt: skip
-        on_front = sorted((getattr(r, column), r.quality) for r in points
-                          if getattr(r, front) and _plottable(r, column))  # fmt: skip
-        if on_front:
-            axis.plot(*zip(*on_front, strict=True), "k-", lw=1, alpha=0.6, label="front", zorder=2)
-        axis.set_xlabel(label)
-        axis.set_ylabel(f"{QUALITY_LABELS[result.protocol['quality']]} (lower is better)")
-        axis.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle(f"{result.protocol.get('model', result.protocol['model_type'])}: quality vs "
-                    "size and vs speed (line: Pareto front)")  # fmt: skip
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return Path(path)
+    points = [
+        FrontPoint(
+            row.strategy,
+            row.params_removed,
+            row.speedup_prefill,
+            row.quality,
+            bool(row.front_params),
+            bool(row.front_speed),
+        )  # fmt: skip
+        for row in [result.dense, *result.rows]
+    ]
+    title = (f"{result.protocol.get('model', result.protocol['model_type'])}: quality vs "
+             "size and vs speed (line: Pareto front)")  # fmt: skip
+    return draw_fronts(points, path, title=title,
+                       quality_label=QUALITY_LABELS[result.protocol["quality"]],
+                       join_front=True)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- helpers
@@ -620,11 +608,6 @@ def _time_prefill(
     row.speedup_prefill, row.paired_speedup_prefill = prefill.speedup, prefill.paired_speedup
     row.prefill_tok_s, row.dense_prefill_tok_s = prefill.model.median, prefill.reference.median
     row.speed_seconds = time.perf_counter() - start
-
-
-def _plottable(row: ParetoRow, column: str) -> bool:
-    value = getattr(row, column)
-    return row.quality is not None and value is not None and math.isfinite(value)
 
 
 def _number(value, spec: str) -> str:
