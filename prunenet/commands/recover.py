@@ -49,7 +49,7 @@ def register(subparsers) -> None:
             "Fit LoRA adapters on every attention and FFN projection of a pruned model so its "
             "next-token distributions match the dense teacher's (KL(teacher || model)) on text "
             "the teacher writes itself from its start token (no dataset is read); keep the "
-            "state with the lowest KL on a held-out quarter of that text, merge the adapters "
+            "state with the lowest KL on held-out sequences of that text, merge the adapters "
             "into the weights and save a folder with the input's shapes and config. Built-in "
             "models: " + ", ".join(ALIASES) + "."
         ),
@@ -74,8 +74,9 @@ def register(subparsers) -> None:
         "--sequences",
         type=positive_int,
         default=None,
-        help=f"self-generated teacher sequences of {DEFAULT_TEXT.length} tokens, a quarter held "
-        f"out (default {DEFAULT_TEXT.sequences}; written once per teacher, then cached)",
+        help=f"self-generated teacher sequences of {DEFAULT_TEXT.length} tokens, a quarter (at "
+        f"most {DEFAULTS.held_out_max}) held out (default {DEFAULT_TEXT.sequences}: the text "
+        "prunenet prune writes and caches, so it is free after a prune of the same dense model)",
     )
     text.add_argument(
         "--tokens",
@@ -104,6 +105,14 @@ def register(subparsers) -> None:
         type=positive_int,
         default=DEFAULTS.batch_sequences,
         help="sequences per step (default %(default)s)",
+    )
+    parser.add_argument(
+        "--hidden-weight",
+        type=non_negative_float,
+        default=DEFAULTS.hidden_weight,
+        help="weight of a hidden-state term added to the KL: every layer's output matched to "
+        "the teacher's, relative squared error per position (0 = KL only; needs a teacher of "
+        "the model's depth and width; default %(default)s)",
     )
     parser.add_argument(
         "--eval-every",
@@ -138,6 +147,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number of at least 0 (the hidden-state weight)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of at least 0")
+    return value
+
+
 def recovery_config(args: argparse.Namespace) -> RecoveryConfig:
     """The library settings for the command line (a `PruneNetError` for impossible ones)."""
     sequences = DEFAULT_TEXT.sequences
@@ -152,6 +172,7 @@ def recovery_config(args: argparse.Namespace) -> RecoveryConfig:
         lr=args.lr,
         batch_sequences=args.batch_sequences,
         eval_every=args.eval_every,
+        hidden_weight=args.hidden_weight,
         seed=args.seed,
         text=replace(DEFAULT_TEXT, sequences=sequences),
     )
@@ -182,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
             f"{config.steps} steps of {config.batch_sequences} x {config.text.length} tokens, "
             f"lr {config.lr:g}, seed {config.seed}, {describe_device(device)}; text: "
             f"{config.text.sequences} x {config.text.length} tokens the teacher writes itself "
-            "(cached after the first run), a quarter held out",
+            f"(the text prunenet prune wrote and cached, or written now), "
+            f"{config.held_out_sequences} held out",
             flush=True,
         )
         adapted, report = distill(student, teacher, config)

@@ -7,24 +7,31 @@ that its next-token distributions match the dense model's, and merges them back 
 weights. No dataset is read: the text is the one the teacher writes itself from its start token
 (`prunenet.analysis.selfgen.own_text`, cached per teacher, so it is generated once per teacher).
 
-Defaults, measured on SmolLM2-135M pruned at 30% (`prunenet prune` defaults), rank 8, lr 1e-3,
-1 CPU thread: with the prune command's own 64 x 128 tokens (48 trained on), 100 steps, the
-held-out KL stopped improving after 25 steps (0.434 -> 0.403) while the training KL kept
-falling (0.36 -> 0.14: the adapters memorise 6k tokens); perplexity (8 x 512-token windows of
-BoolQ / LAMBADA / code) went 58.3 / 70.4 / 13.7 -> 52.3 / 66.5 / 13.2. With 160 x 128 tokens and
-60 steps the held-out KL was still falling at the last step (0.710 -> 0.608, another held-out
-set) and perplexity went to 49.5 / 64.2 / 12.7, better on all three, in about the same training
-time. So the default text is 160 sequences (a few minutes to write, once per teacher).
+Defaults, measured on SmolLM2-135M pruned at 30% by the `prunenet prune` default (README,
+"Recovering what pruning lost"), rank 8, 1 CPU thread on a shared 2-core machine: the text is
+the one `prunenet prune` writes (256 x 256 tokens, seed 0, cached under the dense model's
+weights), so after a prune it costs nothing; 60 steps of 2 x 256 tokens (about 30k tokens,
+less than one pass over the 240 training sequences) at a peak learning rate of 3e-3 took
+7-9 minutes and lowered the held-out KL 0.448 -> 0.388 and perplexity (8 x 512-token windows
+of BoolQ / LAMBADA / code) by 12% / 6% / 4.5%. A peak of 8e-3 made the held-out KL worse for
+40 steps (0.448 -> 0.507 -> 0.447 at the end); the hidden-state term (`hidden_weight` 1) gave
+the same KL and perplexity within 0.4%. An earlier default (160 x 128 tokens written by
+recover itself, lr 1e-3) memorised a smaller text: with 64 x 128 tokens the held-out KL
+stopped improving after 25 steps while the training KL kept falling.
 
 Loss, per position t of every sequence: KL(p_teacher(. | x_<=t) || p_student(. | x_<=t)), summed
 over the vocabulary and averaged over positions. The forward KL is the teacher-weighted one: it
 asks the student to cover everything the teacher finds likely, which is what perplexity
 measures, and it is the same quantity `prunenet eval --reference` reports.
 
-A quarter of the sequences is held out (never trained on). The held-out KL is measured before
-training and every `eval_every` steps; the adapter state with the lowest held-out KL is kept
-(including "no change" when no step improved it), so recovery can never make the held-out KL
-worse than the pruned model's.
+A quarter of the sequences, at most 16, is held out (never trained on). The held-out KL is
+measured before training and every `eval_every` steps; the adapter state with the lowest
+held-out KL is kept (including "no change" when no step improved it), so recovery can never
+make the held-out KL worse than the pruned model's.
+
+Why this module is long: the teacher's text, the KL and hidden-state losses, the held-out
+early stopping and the resumable training loop share the same batches and adapter state; split
+up, each part would pass all of them around.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,8 +58,10 @@ from prunenet.evaluation.divergence import per_token_kl
 if TYPE_CHECKING:  # peft is imported when adapters are attached: `prunenet --help` stays fast
     from peft import PeftModel
 
-# 160 sequences of 128 tokens (seed 0): 64 were memorised within 25 steps (module docstring).
-DEFAULT_TEXT = replace(ANALYSIS_SELFGEN, sequences=160, length=128)
+# The text `prunenet prune` writes by default (256 x 256 tokens, seed 0) and caches under the
+# dense model's weights: after a default prune, recovering from the same dense model costs no
+# generation at all (module docstring).
+DEFAULT_TEXT = ANALYSIS_SELFGEN
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,16 @@ class RecoveryConfig:
         decays along a cosine to zero at `steps`).
     :param batch_sequences: training sequences per step (and per held-out forward pass).
     :param eval_every: measure the held-out KL every this many steps (and after the last one).
-    :param held_out_fraction: fraction of the teacher's sequences never trained on (at least 1).
+    :param held_out_fraction: fraction of the teacher's sequences never trained on (at least 1,
+        at most `held_out_max`).
+    :param held_out_max: the most sequences held out: every evaluation runs the model on all of
+        them, so with the default 256 sequences a quarter (64 x 256 tokens) would cost as much
+        as 16 training steps per evaluation.
+    :param hidden_weight: weight of a hidden-state term added to the KL: the mean over decoder
+        layers and positions of |h_model - h_teacher|^2 / |h_teacher|^2 (each layer's output,
+        each position normalised by the teacher's norm there). 0 turns it off; it needs a
+        teacher of the model's depth and width (otherwise only the KL is used, and the report
+        says so).
     :param seed: seeds the LoRA initialisation and the order of training sequences; the text
         itself comes from `text.seed`, so changing this never regenerates it.
     :param text: how much text the teacher writes for itself (sequences x length tokens).
@@ -76,15 +94,17 @@ class RecoveryConfig:
     steps: int = 60
     rank: int = 8
     alpha: float | None = None
-    lr: float = 1e-3
-    batch_sequences: int = 4
+    lr: float = 3e-3
+    batch_sequences: int = 2
     eval_every: int = 20
     held_out_fraction: float = 0.25
+    held_out_max: int = 16
+    hidden_weight: float = 0.0
     seed: int = 0
     text: SelfGenConfig = DEFAULT_TEXT
 
     def __post_init__(self) -> None:
-        for name in ("steps", "rank", "batch_sequences", "eval_every"):
+        for name in ("steps", "rank", "batch_sequences", "eval_every", "held_out_max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PruneNetError(f"{name} must be a whole number of at least 1, got {value!r}.")
@@ -92,6 +112,11 @@ class RecoveryConfig:
             raise PruneNetError(f"The learning rate must be a positive number, got {self.lr!r}.")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise PruneNetError(f"LoRA alpha must be a positive number, got {self.alpha!r}.")
+        if not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
+            raise PruneNetError(
+                f"The hidden-state weight must be a number of at least 0, got "
+                f"{self.hidden_weight!r}."
+            )
         if not 0.0 < self.held_out_fraction < 1.0:
             raise PruneNetError(
                 f"held_out_fraction must be in (0, 1), got {self.held_out_fraction!r}."
@@ -105,6 +130,12 @@ class RecoveryConfig:
     @property
     def lora_alpha(self) -> float:
         return float(2 * self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def held_out_sequences(self) -> int:
+        """How many of the teacher's sequences are held out (the last ones)."""
+        share = round(self.text.sequences * self.held_out_fraction)
+        return max(1, min(self.held_out_max, share, self.text.sequences - 1))
 
 
 @dataclass
@@ -124,6 +155,8 @@ class RecoveryReport:
     :param lr: peak learning rate.
     :param batch_sequences: sequences per step.
     :param eval_every: steps between held-out evaluations.
+    :param hidden_weight: the hidden-state term's weight actually used (0 when the teacher's
+        depth or width differs from the model's, whatever was asked).
     :param train_tokens: tokens in the training sequences.
     :param held_out_tokens: tokens in the held-out sequences.
     :param text: the self-generation settings of the teacher's text.
@@ -144,6 +177,7 @@ class RecoveryReport:
     lr: float
     batch_sequences: int
     eval_every: int
+    hidden_weight: float
     train_tokens: int
     held_out_tokens: int
     text: dict
@@ -221,12 +255,19 @@ def distill(
     config = config or RecoveryConfig()
     start = time.perf_counter()
     tokens = own_text(teacher, config.text).cpu()
-    held_count = max(1, round(tokens.shape[0] * config.held_out_fraction))
+    held_count = config.held_out_sequences
     train_tokens, held_tokens = tokens[:-held_count], tokens[-held_count:]
     device = model_device(student)
     # Teacher logits of the held-out text, computed once: every evaluation compares with them.
     # Memory: held-out tokens x vocabulary x 4 bytes (16 x 128 x 49k = 0.4 GB for SmolLM2).
     held_teacher = _logits(teacher, held_tokens, config.batch_sequences)
+    hidden_weight = config.hidden_weight if _same_shape(student, teacher) else 0.0
+    if config.hidden_weight > 0 and hidden_weight == 0:
+        print(
+            "prunenet recover: the teacher's depth or width differs from the model's; the "
+            "hidden-state term is off, only the KL is fitted",
+            file=sys.stderr,
+        )
     model = attach_lora(student, config)
     # Eval mode throughout: no dropout anywhere, so a step's loss depends only on the weights
     # and the batch (gradients flow in eval mode all the same).
@@ -243,9 +284,13 @@ def distill(
     bar = tqdm(range(1, config.steps + 1), desc="recover", disable=not progress, file=sys.stderr)
     for step in bar:
         batch = train_tokens[order[step - 1]].to(device)
+        hidden = hidden_weight > 0
         with torch.no_grad():  # not inference_mode: the loss's backward saves these logits
-            target = teacher(input_ids=batch.to(model_device(teacher))).logits.to(device)
-        loss = kl_loss(target.float(), model(input_ids=batch).logits.float())
+            target = teacher(input_ids=batch.to(model_device(teacher)), output_hidden_states=hidden)
+        output = model(input_ids=batch, output_hidden_states=hidden)
+        loss = kl_loss(target.logits.to(device).float(), output.logits.float())
+        if hidden:
+            loss = loss + hidden_weight * hidden_loss(target.hidden_states, output.hidden_states)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -273,6 +318,7 @@ def distill(
         lr=config.lr,
         batch_sequences=config.batch_sequences,
         eval_every=config.eval_every,
+        hidden_weight=hidden_weight,
         train_tokens=train_tokens.numel(),
         held_out_tokens=held_tokens.numel(),
         text=asdict(config.text),
@@ -306,6 +352,31 @@ def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch
     log_q = torch.log_softmax(student_logits.reshape(-1, vocab), dim=-1)
     kl = nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum")
     return kl / log_p.shape[0]
+
+
+def hidden_loss(teacher_states, student_states) -> torch.Tensor:
+    """Mean over decoder layers and positions of |h_student - h_teacher|^2 / |h_teacher|^2.
+
+    Each position is normalised by the teacher's own norm there, so the few positions with
+    huge hidden states (the start token's) weigh as much as any other.
+
+    :param teacher_states: the teacher's `hidden_states` (embeddings, then every layer's output).
+    :param student_states: the student's, of the same depth and width.
+    """
+    terms = []
+    for target, state in zip(teacher_states[1:], student_states[1:], strict=True):
+        target = target.to(state.device).float()
+        error = (state.float() - target).pow(2).sum(-1)
+        terms.append((error / target.pow(2).sum(-1).clamp_min(1e-12)).mean())
+    return torch.stack(terms).mean()
+
+
+def _same_shape(student: nn.Module, teacher: nn.Module) -> bool:
+    """Whether the two models' hidden states can be compared layer by layer."""
+    configs = [model.config.get_text_config() for model in (student, teacher)]
+    return len(decoder_layers(student)) == len(decoder_layers(teacher)) and (
+        getattr(configs[0], "hidden_size", None) == getattr(configs[1], "hidden_size", None)
+    )
 
 
 def _warmup_cosine(steps: int):

@@ -111,6 +111,35 @@ def test_a_model_folder_without_tokenizer_gets_the_teachers(
     assert written == (tiny_model_folder / "tokenizer.json").read_text()
 
 
+def test_recover_after_a_default_prune_reuses_its_text(
+    tiny_model_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default path writes the dense model's text once: prune caches it, recover reads it
+    (same settings, same weights fingerprint) instead of generating it again."""
+    pruned = tmp_path / "pruned"
+    argv = ["prune", "--model", str(tiny_model_folder), "--ratio", "0.3", "--selfgen-sequences"]
+    assert main([*argv, "8", "--out", str(pruned)]) == 0
+
+    def must_not_write(*args, **kwargs):
+        raise AssertionError("recover generated text that prune had already written")
+
+    monkeypatch.setattr("prunenet.analysis.selfgen.generate_own_text", must_not_write)
+    out = tmp_path / "out"
+    argv = ["recover", "--model", str(pruned), "--teacher", str(tiny_model_folder)]
+    assert main([*argv, "--out", str(out), "--steps", "2", "--sequences", "8"]) == 0
+    report = json.loads((out / RECOVER_REPORT_FILE).read_text())
+    assert report["text"]["sequences"] == 8 and report["text"]["length"] == 256
+    assert report["held_out_tokens"] == 2 * 256
+
+
+def test_the_hidden_state_weight_is_passed_on_and_recorded(
+    tiny_model_folder: Path, pruned_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    assert _recover(pruned_folder, tiny_model_folder, out, "--hidden-weight", "0.5") == 0
+    assert json.loads((out / RECOVER_REPORT_FILE).read_text())["hidden_weight"] == 0.5
+
+
 # ----- refusals, before any training ------------------------------------------------------------
 
 
@@ -147,7 +176,15 @@ def test_a_missing_folder_exits_2(
 
 
 @pytest.mark.parametrize(
-    ("option", "value"), [("--steps", "0"), ("--rank", "0"), ("--lr", "-1"), ("--lr", "nan")]
+    ("option", "value"),
+    [
+        ("--steps", "0"),
+        ("--rank", "0"),
+        ("--lr", "-1"),
+        ("--lr", "nan"),
+        ("--hidden-weight", "-1"),
+        ("--hidden-weight", "inf"),
+    ],  # fmt: skip
 )
 def test_impossible_settings_exit_2(
     tiny_model_folder: Path, tmp_path: Path, capsys, no_training, option, value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prunenet.analysis.selfgen import SelfGenConfig
+from prunenet.analysis.sequential import ANALYSIS_SELFGEN
 from prunenet.core.arch import (
     adapter_for,
     decoder_layers,
@@ -22,7 +24,13 @@ from prunenet.core.compress import prune_model
 from prunenet.errors import PruneNetError
 from prunenet.io.loading import drop_remote_code, load_pruned
 from prunenet.recovery.compatibility import check_same_vocabulary
-from prunenet.recovery.distill import RecoveryConfig, distill, lora_target_modules, merge_adapters
+from prunenet.recovery.distill import (
+    RecoveryConfig,
+    distill,
+    hidden_loss,
+    lora_target_modules,
+    merge_adapters,
+)
 from prunenet.recovery.saving import RECOVER_REPORT_FILE, save_recovered
 from tests.conftest import FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer
 
@@ -144,6 +152,66 @@ def test_a_student_with_fewer_layers_distils_from_a_deeper_teacher() -> None:
     assert report.held_out_kl_after < report.held_out_kl_before
 
 
+def test_the_default_text_is_the_one_prune_writes_and_caches() -> None:
+    """Same settings, same cache key: after a default prune the teacher writes nothing."""
+    assert RecoveryConfig().text == ANALYSIS_SELFGEN
+
+
+def test_a_quarter_is_held_out_but_at_most_held_out_max_sequences() -> None:
+    def held(sequences: int, **settings) -> int:
+        text = SelfGenConfig(sequences=sequences, length=16)
+        return RecoveryConfig(text=text, **settings).held_out_sequences
+
+    assert held(256) == 16  # the default text: 16 held out, not 64
+    assert held(32) == 8 and held(8) == 2 and held(2) == 1
+    assert held(32, held_out_max=3) == 3
+    teacher, student = pruned_pair()
+    config = RecoveryConfig(steps=2, held_out_max=3, text=TEXT)
+    _, report = distill(student, teacher, config, progress=False)
+    assert report.held_out_tokens == 3 * 16 and report.train_tokens == 29 * 16
+
+
+def test_hidden_loss_is_zero_for_equal_states_and_weighs_every_position_alike() -> None:
+    generator = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(2, 5, 8, generator=generator) for _ in range(3)]
+    student = [state + 0.1 * torch.randn(state.shape, generator=generator) for state in teacher]
+    assert hidden_loss(teacher, teacher).item() == 0.0
+    loss = hidden_loss(teacher, student)
+    assert loss.item() > 0
+    # A position whose hidden states are 1000 times larger (the start token's) counts the same
+    scaled = [state.clone() for state in teacher], [state.clone() for state in student]
+    for states in scaled:
+        for state in states:
+            state[:, 0] *= 1000.0
+    torch.testing.assert_close(hidden_loss(*scaled), loss)
+    # The embeddings (first entry) are not compared: only the layers' outputs
+    shifted = [teacher[0] + 1.0, *teacher[1:]]
+    assert hidden_loss(teacher, shifted).item() == 0.0
+
+
+def test_the_hidden_state_term_changes_the_fit_and_is_reported() -> None:
+    def recovered(hidden_weight: float):
+        teacher, student = pruned_pair()
+        config = replace(QUICK, hidden_weight=hidden_weight)
+        adapted, report = distill(student, teacher, config, progress=False)
+        return parameters_of(merge_adapters(adapted)), report
+
+    plain, plain_report = recovered(0.0)
+    matched, report = recovered(1.0)
+    assert plain_report.hidden_weight == 0.0 and report.hidden_weight == 1.0
+    assert any(not torch.equal(plain[name], matched[name]) for name in plain)
+    assert report.held_out_kl_after < 0.9 * report.held_out_kl_before
+
+
+def test_the_hidden_state_term_is_off_for_a_teacher_of_another_depth() -> None:
+    teacher = tiny_model("llama")
+    student = tiny_model("llama", seed=5, num_hidden_layers=1)
+    config = replace(QUICK, hidden_weight=1.0)
+    _, report = distill(student, teacher, config, progress=False)
+    assert report.hidden_weight == 0.0
+    assert report.held_out_kl_after < report.held_out_kl_before
+
+
 # ----- adapters ---------------------------------------------------------------------------------
 
 
@@ -207,6 +275,11 @@ def test_impossible_settings_are_refused() -> None:
         RecoveryConfig(steps=0)
     with pytest.raises(PruneNetError, match="learning rate"):
         RecoveryConfig(lr=float("nan"))
+    for weight in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(PruneNetError, match="hidden-state weight"):
+            RecoveryConfig(hidden_weight=weight)
+    with pytest.raises(PruneNetError, match="held_out_max"):
+        RecoveryConfig(held_out_max=0)
 
 
 def test_the_report_is_written_beside_the_model(tmp_path: Path) -> None:
