@@ -12,7 +12,10 @@ measures exactly what the command ships. The stages it strings together:
    `prune_budgets_and_save` does the same for parameter budgets split between FFN rows, heads
    and layers (`prunenet.allocation.structures`): heads and layers are cut first, then the FFN
    rows through the same plan and cut; `apply_strategy` does the same for a per-layer
-   strategy (`prunenet.allocation.strategy`: per-layer FFN rows, heads and dropped layers).
+   strategy (`prunenet.allocation.strategy`: per-layer FFN rows, heads and dropped layers);
+4. with `analysis="shared"` (`prunenet.analysis.shared`) the dense model is analysed once for
+   all ratios or budgets, and each one is a selection and a ridge solve per layer
+   (`apply_shared`), instead of a layer-by-layer walk per request.
 
 Why this module is long (over 400 lines): the three ways of saying how much to cut (ratios,
 parameter budgets split uniformly, per-layer strategies) share one cut and one save here, so
@@ -42,6 +45,7 @@ from prunenet.analysis.sequential import (
     SequentialCut,
     analysis_text,
 )
+from prunenet.analysis.shared import SharedAnalysis, SharedCut, shared_analysis
 from prunenet.core.arch import ffn_widths, head_shapes
 from prunenet.core.compress import PruneReport, count_parameters, prune_model
 from prunenet.core.depth import drop_layers
@@ -71,7 +75,7 @@ class PrunePlan:
     layer_score: LayerScore | None = None
 
 
-ANALYSES = ("oneshot", "sequential")
+ANALYSES = ("oneshot", "sequential", "shared")
 
 # (dense model, target ratio) -> plan. A planner must not modify the model.
 Planner = Callable[[nn.Module, float], PrunePlan]
@@ -94,9 +98,11 @@ def scorer_planner(
     :param allocation: `uniform` (the same ratio in every layer) or `auto` (the same total,
         spread by self-generated layer sensitivity; `prunenet.allocation.sensitivity`).
     :param max_layer_ratio: the most `auto` removes from one layer.
-    :param analysis: `oneshot` (every layer scored on the dense model's activations) or
+    :param analysis: `oneshot` (every layer scored on the dense model's activations),
         `sequential` (each layer scored on the activations of the model whose earlier layers
-        are already cut; needs an activation-based scorer).
+        are already cut; needs an activation-based scorer) or `shared` (scored on the dense
+        model's activations on the analysis text, `prunenet.analysis.shared`; cut with
+        `apply_shared`).
     """
     if allocation not in ALLOCATIONS:
         raise PruneNetError(
@@ -112,7 +118,7 @@ def scorer_planner(
         else:
             layer_keep = uniform_keep(widths, ratio)
         info = {**scorer.describe(), "allocation": allocation, "analysis": analysis}
-        if analysis == "sequential":
+        if analysis in ("sequential", "shared"):
             score = functools.partial(_score_activations, scorer, ratio)
             return PrunePlan(None, layer_keep, info, layer_score=score)
         if scorer.ratio_aware or not cached:
@@ -169,6 +175,8 @@ def apply_plan(
         generates it here (when the plan or the refit needs it).
     :return: the pruned model and what was done to it.
     """
+    if plan.info.get("analysis") == "shared":
+        raise PruneNetError("A shared-analysis plan is cut by apply_shared, not apply_plan.")
     cut = None
     layer_by_layer = needs_text(plan, refit)
     if layer_by_layer and tokens is None:
@@ -183,6 +191,33 @@ def apply_plan(
     report.scorer = dict(plan.info)
     if cut is not None:
         report.scorer["sequential"] = cut.log.to_dict()
+    return pruned, report
+
+
+def apply_shared(
+    model: nn.Module,
+    plan: PrunePlan,
+    ratio: float,
+    analysis: SharedAnalysis,
+    in_place: bool = False,
+) -> tuple[nn.Module, PruneReport]:
+    """Cut `model` (or a deep copy) to `plan` from the dense model's shared analysis: each layer
+    scored on the stored statistics and refitted on the stored moments (`analysis.refit`).
+
+    :param model: the dense model `analysis` was made on.
+    :param plan: from a planner with `analysis="shared"` at `ratio`.
+    :param ratio: the target ratio (recorded in the report).
+    :param analysis: `prunenet.analysis.shared.shared_analysis(model, tokens, refit)`.
+    :param in_place: prune `model` itself (the last request: saves a copy).
+    :return: the pruned model and what was done to it.
+    """
+    pruned = model if in_place else copy.deepcopy(model)
+    params_before = count_parameters(pruned)
+    # (It may give every FFN projection a zero bias first: not the dense model's size.)
+    cut = SharedCut(pruned, analysis, plan.layer_score)
+    report = prune_model(pruned, plan.scores, plan.layer_keep, target_ratio=ratio, cut=cut)
+    report.params_before = params_before
+    report.scorer = {**plan.info, "shared": {**analysis.to_dict(), "layers": cut.log}}
     return pruned, report
 
 
@@ -213,6 +248,7 @@ def prune_and_save(
     if len(ratios) != len(folders):
         raise PruneNetError(f"Got {len(ratios)} ratios for {len(folders)} output folders.")
     tokens = None  # the dense model writes its text once; every ratio uses the same text
+    analysis = None  # with a shared plan, the dense model is analysed once for every ratio
     reports = []
     for index, (ratio, folder) in enumerate(zip(ratios, folders, strict=True)):
         start = time.perf_counter()
@@ -220,7 +256,11 @@ def prune_and_save(
         if tokens is None and needs_text(plan, refit):
             tokens = analysis_text(model, selfgen)
         last = index == len(ratios) - 1
-        pruned, report = apply_plan(model, plan, ratio, last, refit, selfgen, tokens)
+        if plan.info.get("analysis") == "shared":
+            analysis = analysis or shared_analysis(model, tokens, refit)
+            pruned, report = apply_shared(model, plan, ratio, analysis, last)
+        else:
+            pruned, report = apply_plan(model, plan, ratio, last, refit, selfgen, tokens)
         save_pruned(pruned, tokenizer, folder, report, overwrite=overwrite)
         report.seconds = time.perf_counter() - start
         reports.append(report)
@@ -255,6 +295,7 @@ def apply_budget(
     tokens: torch.Tensor,
     in_place: bool = False,
     refit: str = "none",
+    shared: Callable[[], SharedAnalysis] | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """Remove `target` of all parameters from `model` (or a copy), split between `structures`.
 
@@ -266,16 +307,34 @@ def apply_budget(
         sequential FFN analysis and the refit all use it.
     :param in_place: cut `model` itself.
     :param refit: the FFN refit (`apply_plan`).
+    :param shared: for a planner with `analysis="shared"`: returns the dense model's
+        `SharedAnalysis` (computed once for all budgets); FFN rows only.
     :return: the pruned model and its report (`structures` holds the split).
     """
     params_before = count_parameters(model)
     split = split_budget(model, target, structures, tokens, refit_biases=refit != "none")
+    plan = None
+    if split.ffn_rows and not (split.layers or split.query_heads or split.kv_groups):
+        # FFN rows only: the model the plan is made for is the dense one.
+        ratio = split.ffn_rows / min(ffn_widths(model.config))
+        plan = planner(model, ratio)
+        if plan.info.get("analysis") == "shared":
+            if shared is None:
+                raise PruneNetError("A shared-analysis planner needs `shared` (the analysis).")
+            pruned, report = apply_shared(model, plan, ratio, shared(), in_place)
+            report.structures = split.to_dict()
+            return pruned, report
     pruned = model if in_place else copy.deepcopy(model)
     cut_structures(pruned, split)
     widths = ffn_widths(pruned.config)
     if split.ffn_rows:
         ratio = split.ffn_rows / min(widths)
-        plan = planner(pruned, ratio)
+        plan = plan or planner(pruned, ratio)
+        if plan.info.get("analysis") == "shared":
+            raise PruneNetError(
+                "The shared analysis describes the dense model's FFNs; it cuts FFN rows only "
+                "(--structures ffn), not heads or layers."
+            )
         pruned, report = apply_plan(pruned, plan, ratio, True, refit, tokens=tokens)
     else:  # heads and layers only: the FFNs stay as they are, so nothing to score or refit
         report = PruneReport(pruned.config.model_type, len(widths), max(widths), widths,
@@ -296,7 +355,9 @@ def prune_budgets_and_save(
     refit: str = "none",
     selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
 ) -> list[PruneReport]:
-    """`prune_and_save` for parameter budgets: one folder per budget.
+    """`prune_and_save` for parameter budgets: one folder per budget. With a planner of
+    `analysis="shared"`, the dense model is analysed once at the first budget and every budget
+    is cut from that analysis (`apply_shared`).
 
     :param model: the dense model; cut in place at the last budget.
     :param tokenizer: saved beside each model.
@@ -311,9 +372,11 @@ def prune_budgets_and_save(
     if len(targets) != len(folders):
         raise PruneNetError(f"Got {len(targets)} budgets for {len(folders)} output folders.")
     tokens = analysis_text(model, selfgen)
+    # A shared planner's analysis of the dense model, made at the first budget (before any cut).
+    shared = functools.cache(lambda: shared_analysis(model, tokens, refit))
 
     def cut(target, last: bool):
-        return apply_budget(model, planner, target, structures, tokens, last, refit)
+        return apply_budget(model, planner, target, structures, tokens, last, refit, shared)
 
     return _cut_and_save_each(targets, folders, cut, tokenizer, overwrite)
 
