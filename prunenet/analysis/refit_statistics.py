@@ -10,7 +10,7 @@ row, so one pass over the self-generated text stores, per layer and in float64, 
 on the fit rows and on the held-out rows, and that row. The dense target is linear in `x`
 (`x @ [W, b].T`), so its products with the Grams follow from them. A query then costs one
 Cholesky factorisation of the kept block and a few traces, exactly the algebra of
-`refit_output` (`_ridge_solutions`):
+`refit_output` (`_RidgeSystem`):
 
     beta   = (Gc[K, K] + ridge * s * I)^-1 Cc[K]             (centred Gram and cross-product)
     beta  += the smallest correction (in that metric) that reproduces the start token's row

@@ -17,7 +17,7 @@ The ridge of each layer is chosen once, on the held-out rows, for a reference ke
 held-out Grams are then added, as the sequential refit refits on all rows with the ridge it
 chose. A request then costs, per layer, one scoring call on the stored statistics, the top rows,
 and one Cholesky solve of the kept block with the start token's row reproduced exactly (the
-algebra of `prunenet.core.refit._ridge_solutions`, from moments instead of rows).
+algebra of `prunenet.core.refit._RidgeSystem`, from moments instead of rows).
 
 What differs from the default path, and is measured in the README ("Many requests at once"):
 every layer is scored and refitted on the dense model's activations, not on those of the cut
@@ -286,7 +286,7 @@ def solve_refit(
     """The lsq refit of one layer cut to `keep`, from its moments: weights d_model x kept and
     the bias (None without an intercept), float64.
 
-    The same algebra as `prunenet.core.refit._ridge_solutions` with one ridge (centred Gram,
+    The same algebra as `prunenet.core.refit._RidgeSystem` with one ridge (centred Gram,
     ridge x mean centred kept diagonal, the start token's row reproduced exactly), solved by
     Cholesky on the kept block of `statistics.gram`.
 

@@ -96,7 +96,8 @@ def top_eigenpairs(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
     to the largest one); what float32 loses is the small end, which the KS spectra need and
     get in float64. Measured on every SmolLM2 and Gemma-3-270M gate projection against the
     float64 route: leverage within 3e-5 in log, the same top-70% rows. On LLaMA-2-7B shapes,
-    one core: 3 s + 7.5 s against 9 s + 17 s. (A block Krylov method for the top 32 alone
+    one idle core: 2.5 s + 6.9 s (Gram + eigh), against 9 s + 17 s for float64 (that one
+    measured on the shared machine). (A block Krylov method for the top 32 alone
     converged too slowly on 4096-wide matrices with a flat top spectrum to be faster.)
 
     :param matrix: rows x cols float32 weights.

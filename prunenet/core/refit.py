@@ -130,7 +130,7 @@ class _Moments:
 
     With fewer rows than kept columns (a 7B layer keeps ~7.7k of 11k neurons; a few thousand
     tokens of text), the rows themselves are kept instead of x^T x and x^T y: the Gram then has
-    rank <= rows, and `_ridge_solutions` works in the rows' space (an eigendecomposition of
+    rank <= rows, and `_RidgeSystem` works in the rows' space (an eigendecomposition of
     rows x rows instead of kept x kept: 50x faster on LLaMA-2-7B shapes, same solution).
     """
 
@@ -236,12 +236,6 @@ def _least_squares(fit, held, intercept, ridges, anchor=None) -> RefitResult:
     best = candidates[min(range(len(errors)), key=errors.__getitem__)]
     new_weight, new_bias = _RidgeSystem.of(fit + held, intercept, anchor).solution(best)
     return RefitResult(new_weight, new_bias, ridge=best)
-
-
-def _ridge_solutions(moments, intercept, ridges, anchor=None):
-    """(weight d_model x kept, bias or None) per relative ridge, from one eigendecomposition."""
-    system = _RidgeSystem.of(moments, intercept, anchor)
-    return [system.solution(ridge) for ridge in ridges]
 
 
 @dataclass
@@ -398,7 +392,7 @@ def refit_aware_scores(
     :param acts: N x d_ff fitting activations (the start token's rows left out).
     :param weight: dense neuron-first output weights, d_model x d_ff.
     :param kept: rows that will be kept; the other d_ff - kept are removed in greedy order.
-    :param intercept: the refit fits a bias (activations centred, as `_ridge_solutions` does).
+    :param intercept: the refit fits a bias (activations centred, as `_RidgeSystem` does).
     :param ridge: relative ridge (x mean Gram diagonal) of H.
     :param block: neurons removed per downdate (1 is exact greedy; larger is faster).
     :return: d_ff scores, higher = keep; the `d_ff - kept` lowest are the greedy removals, in
