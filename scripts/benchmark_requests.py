@@ -7,8 +7,9 @@ self-generated text (written first, untimed, if it is not cached yet) and the sa
     one request:  prunenet prune --model M --remove-params B --out OUT/single
     N requests:   prunenet prune --model M --requests OUT/requests.txt --out OUT/many
 
-With N >= 4 the second run shares one analysis of the dense model (`--analysis shared`, the
-default there); `--many-analysis sequential` times the per-request path instead. Each wall time
+The second run shares one analysis of the dense model (`--many-analysis shared`, the default
+here; prune itself cuts each request on its own unless asked); `--many-analysis sequential`
+times the per-request path instead. Each wall time
 runs from starting the process to its exit: loading the model, the analysis, every cut and
 every save. The N folders are really written; each appears only complete (atomic writes), so a
 watcher records when each appears, checks its report (parameters removed >= its budget) and,
@@ -45,7 +46,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--selfgen-sequences", type=int, default=None, help="default: prune's")
     parser.add_argument("--selfgen-length", type=int, default=None, help="default: prune's")
-    parser.add_argument("--many-analysis", default=None, help="--analysis of the batch run")
+    parser.add_argument(
+        "--many-analysis",
+        default="shared",
+        choices=("shared", "sequential"),
+        help="--analysis of the batch run (default shared)",
+    )
     parser.add_argument("--keep", default="0.1,0.2,0.3", help="batch budgets whose folders stay")
     parser.add_argument("--delete-written", choices=("auto", "yes", "no"), default="auto")
     parser.add_argument("--skip-single", action="store_true", help="time the batch only")
@@ -83,8 +89,7 @@ def main() -> int:
     requests = args.out_dir / "requests.txt"
     requests.write_text("".join(f"{b}\n" for b in budgets))
     command = [*prunenet, "prune", *common, "--requests", str(requests), "--out", str(many)]
-    if args.many_analysis:
-        command += ["--analysis", args.many_analysis]
+    command += ["--analysis", args.many_analysis]
     delete = args.delete_written == "yes" or (
         args.delete_written == "auto" and not room_for(args.model, budgets, args.out_dir)
     )

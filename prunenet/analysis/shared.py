@@ -60,9 +60,10 @@ from prunenet.core.compress import select_keep_indices
 from prunenet.core.refit import check_refit
 from prunenet.errors import PruneNetError
 
-# With at least this many requests, `prunenet prune --requests` shares one analysis unless
-# --analysis says otherwise: three sequential cuts already take about three requests' time.
-SHARED_MIN_REQUESTS = 4
+# With at least this many requests and no --analysis, `prunenet prune --requests` says that
+# --analysis shared exists. It is not chosen by itself: it is a speed trade, worse than the
+# sequential cut on code at every measured budget (README, 'Many requests at once').
+SHARED_HINT_REQUESTS = 4
 # Token rows per float64 Gram update (bounds the float64 copy: 8192 x 1537 x 8 B = 100 MB).
 GRAM_CHUNK_ROWS = 8192
 

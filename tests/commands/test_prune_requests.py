@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.modeling_utils import PreTrainedModel
 
-from prunenet.analysis.shared import SHARED_MIN_REQUESTS
+from prunenet.analysis.shared import SHARED_HINT_REQUESTS
 from prunenet.cli import main
 from prunenet.io.saving import REPORT_FILE
 from tests.conftest import FFN_WIDTH, NUM_LAYERS, tiny_model
@@ -41,12 +41,11 @@ def _weights(folder: Path) -> dict:
 
 
 def test_many_requests_share_one_analysis_and_meet_every_budget(
-    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    tiny_model_folder: Path, tmp_path: Path
 ) -> None:
-    assert len(BUDGETS) >= SHARED_MIN_REQUESTS
     out = tmp_path / "out"
-    assert _prune(tiny_model_folder, out, "--requests", _requests(tmp_path, LINES)) == 0
-    assert "--analysis shared" in capsys.readouterr().err
+    file = _requests(tmp_path, LINES)
+    assert _prune(tiny_model_folder, out, "--requests", file, "--analysis", "shared") == 0
     dense = tiny_model("llama").num_parameters()
     row = 3 * (2 * 16 + 1)  # parameters of one FFN row with the refit's biases (16 = hidden)
     for budget in BUDGETS:
@@ -66,9 +65,8 @@ def test_each_shared_request_equals_the_same_request_alone(
     tiny_model_folder: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "many"
-    assert (
-        _prune(tiny_model_folder, out, "--requests", _requests(tmp_path, json.dumps(BUDGETS))) == 0
-    )
+    file = _requests(tmp_path, json.dumps(BUDGETS))
+    assert _prune(tiny_model_folder, out, "--requests", file, "--analysis", "shared") == 0
     # A middle request (cut from a copy) and the last one (cut in place).
     for budget in (BUDGETS[1], BUDGETS[-1]):
         alone = tmp_path / f"alone-{budget}"
@@ -90,14 +88,25 @@ def test_few_requests_keep_the_sequential_path(tiny_model_folder: Path, tmp_path
     assert report["scorer"]["analysis"] == "sequential"
 
 
-def test_sequential_can_still_be_asked_for_many_requests(
-    tiny_model_folder: Path, tmp_path: Path
+def test_many_requests_are_cut_sequentially_unless_shared_is_asked_for(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # Shared costs code perplexity at every measured budget, so it is a hint, not a default.
+    assert len(BUDGETS) >= SHARED_HINT_REQUESTS
+    out = tmp_path / "out"
+    assert _prune(tiny_model_folder, out, "--requests", _requests(tmp_path, LINES)) == 0
+    assert "--analysis shared answers all of them" in capsys.readouterr().err
+    for budget in BUDGETS:
+        report = json.loads((out / f"params-{budget:.2f}" / REPORT_FILE).read_text())
+        assert report["scorer"]["analysis"] == "sequential"
+
+
+def test_few_requests_get_no_hint(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "out"
-    file = _requests(tmp_path, LINES)
-    assert _prune(tiny_model_folder, out, "--requests", file, "--analysis", "sequential") == 0
-    report = json.loads((out / "params-0.05" / REPORT_FILE).read_text())
-    assert report["scorer"]["analysis"] == "sequential"
+    assert _prune(tiny_model_folder, out, "--requests", _requests(tmp_path, "0.1\n0.2\n")) == 0
+    assert "--analysis shared" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -153,7 +162,8 @@ def test_a_crash_while_saving_one_request_leaves_only_the_complete_folders(
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash_on_the_third)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
-        _prune(tiny_model_folder, out, "--requests", _requests(tmp_path, LINES))
+        _prune(tiny_model_folder, out, "--requests", _requests(tmp_path, LINES), "--analysis",
+               "shared")  # fmt: skip
     # The two requests saved before stay, complete; the third left no folder and no staging.
     assert sorted(p.name for p in out.iterdir()) == ["params-0.05", "params-0.10"]
     assert all((out / name / REPORT_FILE).is_file() for name in ("params-0.05", "params-0.10"))
