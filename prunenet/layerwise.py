@@ -232,23 +232,17 @@ RESIDENT_SHARE = 0.8
 
 
 def layerwise_text(
-    lazy: LazyModel,
-    folder: str | Path,
-    selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
-    route: str = "auto",
+    lazy: LazyModel, selfgen: SelfGenConfig = ANALYSIS_SELFGEN, route: str = "auto"
 ) -> torch.Tensor:
     """The model's own text: from the analysis cache if this model wrote it before (found
     without loading the model), else written now (`write_text`).
 
-    :param lazy: the model being pruned layer by layer.
-    :param folder: its checkpoint folder.
+    :param lazy: the model being pruned layer by layer (its checkpoint is `lazy.folder`).
     :param selfgen: how much text.
     :param route: how it is written if it is not cached: one of `TEXT_ROUTES`
         (`choose_text_route` says what `auto` picks).
     """
-    return own_text(
-        _Fingerprinted(lazy), selfgen, write=lambda: write_text(lazy, folder, selfgen, route)
-    )
+    return own_text(_Fingerprinted(lazy), selfgen, write=lambda: write_text(lazy, selfgen, route))
 
 
 def choose_text_route(lazy: LazyModel, route: str = "auto") -> str:
@@ -270,9 +264,7 @@ def choose_text_route(lazy: LazyModel, route: str = "auto") -> str:
     return "resident" if fits else "streamed"
 
 
-def write_text(
-    lazy: LazyModel, folder: str | Path, selfgen: SelfGenConfig, route: str = "auto"
-) -> torch.Tensor:
+def write_text(lazy: LazyModel, selfgen: SelfGenConfig, route: str = "auto") -> torch.Tensor:
     """Generate the own text (no cache).
 
     `resident`: the whole model loaded once in `lazy.dtype` (computed in float32 from its half
@@ -280,15 +272,14 @@ def write_text(
     `streamed`: `lazy`'s own skeleton generates, each decoder layer read from the shards just
     before it runs and dropped after it, at every token, so only one layer (in
     `lazy.compute_dtype`) plus the KV cache is ever held. Both give the same tokens (tested).
-    :param lazy: the model being pruned layer by layer.
-    :param folder: its checkpoint folder.
+    :param lazy: the model being pruned layer by layer (its checkpoint is `lazy.folder`).
     :param selfgen: how much text.
     :param route: one of `TEXT_ROUTES`.
     """
     announce_text(selfgen)
     if choose_text_route(lazy, route) == "streamed":
         return _streamed_text(lazy, selfgen)
-    model, _ = load_model(str(folder), dtype=lazy.dtype)
+    model, _ = load_model(str(lazy.folder), dtype=lazy.dtype)
     try:
         if lazy.compute_dtype != torch.float32:
             return generate_own_text(model, selfgen)
@@ -392,7 +383,7 @@ def layerwise_prune(
     model = lazy.model
     plan = planner(model, ratio)
     text_start = time.perf_counter()
-    tokens = layerwise_text(lazy, model_dir, selfgen, route)
+    tokens = layerwise_text(lazy, selfgen, route)
     text_seconds = time.perf_counter() - text_start
     params_before = count_parameters(model)
     out = Path(out).expanduser()

@@ -134,16 +134,14 @@ def test_cached_text_is_found_without_loading_the_model(tmp_path, monkeypatch):
     monkeypatch.setattr(layerwise, "load_model", must_not_load)
     for compute in (torch.bfloat16, torch.float32):  # the key is the stored dtype's weights
         lazy = LazyModel(folder, torch.bfloat16, compute)
-        assert torch.equal(layerwise_text(lazy, folder, SMALL_SELFGEN), written)
+        assert torch.equal(layerwise_text(lazy, SMALL_SELFGEN), written)
 
 
 def test_uncached_text_is_written_by_the_loaded_model(tmp_path, no_disk_cache):
     folder = _saved(tmp_path, "llama")
     model, _ = load_model(str(folder))
     lazy = LazyModel(folder, torch.float32)
-    assert torch.equal(
-        layerwise_text(lazy, folder, SMALL_SELFGEN), analysis_text(model, SMALL_SELFGEN)
-    )
+    assert torch.equal(layerwise_text(lazy, SMALL_SELFGEN), analysis_text(model, SMALL_SELFGEN))
 
 
 def test_computed_in_float32_stored_in_bf16(tmp_path, no_disk_cache):
@@ -161,7 +159,7 @@ def test_computed_in_float32_stored_in_bf16(tmp_path, no_disk_cache):
     assert {t.dtype for t in saved.state_dict().values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     lazy = LazyModel(folder, torch.bfloat16, torch.float32)
-    tokens = layerwise_text(lazy, folder, SMALL_SELFGEN)
+    tokens = layerwise_text(lazy, SMALL_SELFGEN)
     cut = SequentialCut(lazy.model, "lsq", tokens, stored_dtype=torch.bfloat16)
     layer = lazy.load_layer(0)
     before = cut.hidden
@@ -179,14 +177,12 @@ def test_streamed_text_equals_the_resident_models_and_holds_no_layer_after(
 ):
     """Layers read from the shards before each step's use give the same tokens."""
     folder = _saved(tmp_path, model_type)
-    resident = layerwise.write_text(
-        LazyModel(folder, torch.float32), folder, SMALL_SELFGEN, "resident"
-    )
+    resident = layerwise.write_text(LazyModel(folder, torch.float32), SMALL_SELFGEN, "resident")
     lazy = LazyModel(folder, torch.float32)
     loads = []
     original = lazy.load_layer
     lazy.load_layer = lambda index: loads.append(index) or original(index)
-    streamed = layerwise.write_text(lazy, folder, SMALL_SELFGEN, "streamed")
+    streamed = layerwise.write_text(lazy, SMALL_SELFGEN, "streamed")
     assert torch.equal(streamed, resident)
     assert len(loads) == len(lazy.layers) * (SMALL_SELFGEN.length - 1)  # every layer, every step
     for layer in lazy.layers:
