@@ -49,6 +49,7 @@ from torch import nn
 from prunenet import __version__
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO, keep_counts, uniform_allocation
 from prunenet.allocation.strategy import strategy_context
+from prunenet.allocation.structures import check_budget
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN, analysis_text
 from prunenet.core.arch import ffn_widths
@@ -684,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     device = args.device or default_device()
     model, tokenizer = load_model(args.model, device=device)
+    for method in methods if args.remove_params else ():  # before the dense row, not after it
+        for budget in args.ratios:
+            check_budget(model, budget, method.structures)
     suite = EvaluationSuite(
         tokenizer,
         PPL_TASKS,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from prunenet.allocation.strategy import (
     strategy_context,
     uniform_actions,
 )
-from prunenet.allocation.structures import parse_structures
+from prunenet.allocation.structures import check_budget, parse_structures
+from prunenet.errors import PruneNetError
 from prunenet.io.models import load_model
 from prunenet.rl.strategy import (
     EVAL_BUDGETS,
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     model, _ = load_model(args.model)
     structures = parse_structures(args.structures, model.config)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    for budget in budgets:  # uniform and the ramps cut FFN rows only: they must fit them
+        check_budget(model, budget, ("ffn",))
     start = time.perf_counter()
     context = strategy_context(model)
     print(f"context (descriptors, scores) in {time.perf_counter() - start:.0f} s", flush=True)
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     slopes = [float(s) for s in args.ramp_slopes.split(",")]
     print("budget | uniform KL | best depth ramp KL (slope) | policy KL | search KL (evals) | "
           "policy layers dropped | heads")  # fmt: skip
-    for budget in [float(b) for b in args.budgets.split(",")]:
+    for budget in budgets:
         uniform = realise(uniform_actions(context.layer_count), budget, context.costs, structures)
         uniform_kl = context.kl(uniform)
         chosen = propose(policy, context, budget, structures)
@@ -101,4 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except PruneNetError as error:
+        print(f"train_strategy: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

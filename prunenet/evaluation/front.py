@@ -49,6 +49,7 @@ from prunenet.allocation.strategy import (
     StrategyContext,
     strategy_context,
 )
+from prunenet.allocation.structures import check_budget
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN, analysis_text
 from prunenet.core.compress import PruneReport
@@ -264,6 +265,8 @@ def sweep(
         raise PruneNetError("The Pareto quality is measured on perplexity texts: give one.")
     if "policy" in settings.strategies and policy is None:
         raise PruneNetError("Strategy 'policy' needs a strategy policy; pass one.")
+    for budget in settings.budgets:  # before the dense evaluation, not after it
+        check_budget(model, budget, STRUCTURES)
     start = time.perf_counter()
     dense_counts = parameter_counts(model)
     dense_result = suite.run(model, reference=model)  # KL exactly 0; fills the logits cache

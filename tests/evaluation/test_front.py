@@ -167,3 +167,20 @@ def test_a_failed_write_leaves_no_folder(swept, tmp_path: Path, monkeypatch) -> 
     with pytest.raises(RuntimeError, match="plotting failed"):
         front.write_outputs(swept[2], tmp_path / "front")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_budget_the_ffn_cannot_reach_is_refused_before_the_dense_evaluation(
+    small_strategy_text,
+) -> None:
+    model = tiny_model("llama")
+    suite = pareto_suite(model, tiny_tokenizer(), ["ppl_boolq"], seqlen=8, ppl_windows=2)
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the dense model was evaluated before the budgets were checked")
+
+    suite.run = evaluated
+    settings = SweepSettings(budgets=(0.1, 0.95), strategies=("uniform",), refit="none",
+                             selfgen=SMALL_TEXT, speed_rounds=0)  # fmt: skip
+    planner = scorer_planner(make_scorer("magnitude"), analysis="oneshot")
+    with pytest.raises(PruneNetError, match="can remove at most"):
+        sweep(model, planner, suite, settings)

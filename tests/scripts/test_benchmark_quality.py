@@ -306,3 +306,20 @@ def test_merging_keeps_every_budgets_split_of_a_method_run_twice(bench):
     merged = bench._merged_method_info(runs)
     assert merged["m+layers"] == {"0.1": {"layers": [3]}, "0.2": {"layers": [3, 5]}}
     assert merged["ratio-run"] == {"a": 2}  # a ratio run's info: the last run's
+
+
+def test_a_budget_the_methods_cannot_reach_exits_before_the_dense_row(
+    bench, tiny_model_folder, tmp_path, monkeypatch
+):
+    # Gemma-3-270M's embeddings are 62% of it: 30% of its parameters is out of the FFN's reach,
+    # and the refusal came only after the dense row's evaluation (minutes on Gemma).
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the dense row was evaluated before the budget was checked")
+
+    monkeypatch.setattr(bench, "evaluate_row", evaluated)
+    argv = ["--model", str(tiny_model_folder), "--quick", "--methods", "magnitude+lsq",
+            "--remove-params", "0.1,0.95", "--zero-shot-tasks", "",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    with pytest.raises(PruneNetError, match="can remove at most"):
+        bench.main(argv)
+    assert not list(tmp_path.iterdir())
