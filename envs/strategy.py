@@ -28,6 +28,7 @@ from prunenet.allocation.strategy import (
     observe,
     realise,
 )
+from prunenet.allocation.structures import reachable_parameters
 from prunenet.errors import PruneNetError
 
 REWARDS = ("kl", "log-kl")
@@ -62,6 +63,15 @@ class StrategyEnv(gym.Env):
             raise PruneNetError(f"Unknown reward {reward!r}; choose {' or '.join(REWARDS)}.")
         if context.descriptors is None:
             raise PruneNetError("StrategyEnv needs a StrategyContext built with describe=True.")
+        # The FFN fills whatever drops and heads leave (`realise`), so a request the FFN rows
+        # alone cannot meet could crash an episode (Gemma-3-270M: 23.8%, its embeddings are 62%).
+        reach = reachable_parameters(context.costs, ("ffn",)) / context.costs.dense
+        if high > reach:
+            raise PruneNetError(
+                f"budget_range {budget_range} asks for up to {high:.0%} of the parameters, but "
+                f"this model's FFN rows can give at most {reach:.1%}; lower the high end "
+                f"(e.g. to {math.floor(100 * reach) / 100:.2f})."
+            )
         self.context = context
         self.budget_range = (float(low), float(high))
         self.structures = tuple(structures)

@@ -49,7 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="checkpoint zip to write")
     parser.add_argument("--compare-only", action="store_true", help="skip training")
     parser.add_argument("--search-evaluations", type=int, default=32)
-    parser.add_argument("--budgets", default=",".join(str(b) for b in EVAL_BUDGETS))
+    parser.add_argument(
+        "--budgets",
+        default=",".join(str(b) for b in EVAL_BUDGETS),
+        help="the requests compared at the end and measured at every training evaluation",
+    )
+    parser.add_argument(
+        "--budget-range",
+        default="0.05,0.35",
+        help="LOW,HIGH: the requests training episodes draw (at most what the FFN can give: "
+        "23.8%% on Gemma-3-270M)",
+    )
     parser.add_argument("--report", help="JSON file for the comparison")
     parser.add_argument(
         "--ramp-slopes",
@@ -67,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     context = strategy_context(model)
     print(f"context (descriptors, scores) in {time.perf_counter() - start:.0f} s", flush=True)
     if not args.compare_only:
+        low, high = (float(b) for b in args.budget_range.split(","))
         config = StrategyTrainConfig(timesteps=args.timesteps, seed=args.seed,
-                                     structures=structures)  # fmt: skip
+                                     structures=structures, budget_range=(low, high),
+                                     eval_budgets=tuple(budgets))  # fmt: skip
         start = time.perf_counter()
         train_strategy(context, config, args.out, model_name=args.model)
         print(f"trained in {time.perf_counter() - start:.0f} s", flush=True)

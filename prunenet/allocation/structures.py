@@ -176,6 +176,26 @@ class Costs:
         return total
 
 
+def reachable_parameters(costs: Costs, structures: Sequence[str]) -> int:
+    """The most parameters `structures` can remove: `MAX_FFN_RATIO` of every layer's FFN rows,
+    every head but one query head in one KV group per layer, every layer but the least costly.
+
+    :param costs: `Costs` of the dense model.
+    :param structures: a subset of `STRUCTURES`.
+    """
+    most = {"rows": 0, "query": 0, "groups": 0, "dropped": []}
+    if "ffn" in structures:
+        most["rows"] = int(MAX_FFN_RATIO * min(costs.widths))
+    if "heads" in structures and costs.heads is not None:
+        most["query"] = min(s.group_size for s in costs.shapes) - 1
+        most["groups"] = min(s.num_kv_heads for s in costs.shapes) - 1
+    if "layers" in structures:
+        # The least costly layer stays (any one must).
+        keep = min(range(len(costs.layer)), key=costs.layer.__getitem__)
+        most["dropped"] = [i for i in range(len(costs.layer)) if i != keep]
+    return costs.removed(**most)
+
+
 def check_budget(model: nn.Module, target: float, structures: Sequence[str]) -> None:
     """Refuse a budget `structures` cannot meet on `model` (before any text is generated):
     at most `MAX_FFN_RATIO` of the FFN rows, every head but one query head in one KV group per
@@ -190,17 +210,7 @@ def check_budget(model: nn.Module, target: float, structures: Sequence[str]) -> 
     costs = Costs(model)
     if "heads" in structures and costs.heads is None:
         raise PruneNetError(f"{model.config.model_type} heads cannot be removed.")
-    most = {"rows": 0, "query": 0, "groups": 0, "dropped": []}
-    if "ffn" in structures:
-        most["rows"] = int(MAX_FFN_RATIO * min(costs.widths))
-    if "heads" in structures:
-        most["query"] = min(s.group_size for s in costs.shapes) - 1
-        most["groups"] = min(s.num_kv_heads for s in costs.shapes) - 1
-    if "layers" in structures:
-        # The least costly layer stays (any one must).
-        keep = min(range(len(costs.layer)), key=costs.layer.__getitem__)
-        most["dropped"] = [i for i in range(len(costs.layer)) if i != keep]
-    reachable = costs.removed(**most)
+    reachable = reachable_parameters(costs, structures)
     if reachable < target * costs.dense:
         raise PruneNetError(
             f"--remove-params {target} asks for {target:.0%} of the parameters, but "

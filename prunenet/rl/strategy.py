@@ -66,6 +66,7 @@ class StrategyTrainConfig:
     :param log_std_init: initial log standard deviation of the actions (exploration).
     :param eval_every: episodes between evaluations of the deterministic policy.
     :param learning_rate: Adam step size.
+    :param eval_budgets: the requests each evaluation measures (within `budget_range`'s reach).
     """
 
     timesteps: int = 12_000
@@ -76,6 +77,7 @@ class StrategyTrainConfig:
     log_std_init: float = -1.0
     eval_every: int = 16
     learning_rate: float = 3e-4
+    eval_budgets: tuple[float, ...] = EVAL_BUDGETS
 
 
 def _network_kwargs(hidden: int, log_std_init: float) -> dict:
@@ -142,7 +144,8 @@ class _BestPolicy(BaseCallback):
         return True
 
     def evaluate(self) -> None:
-        score = mean_log_kl(self.model.policy, self.context, self.config.structures)
+        score = mean_log_kl(self.model.policy, self.context, self.config.structures,
+                            self.config.eval_budgets)  # fmt: skip
         self.history.append({"step": self.num_timesteps, "episodes": self.episodes,
                              "seconds": time.perf_counter() - self.start,
                              "mean_log10_kl": score})  # fmt: skip
@@ -154,7 +157,8 @@ class _BestPolicy(BaseCallback):
     def _metadata(self) -> dict:
         return {"model": self.model_name, "config": asdict(self.config),
                 "best_step": self.best_step, "mean_log10_kl": self.best,
-                "eval_budgets": list(EVAL_BUDGETS), "history": self.history}  # fmt: skip
+                "eval_budgets": list(self.config.eval_budgets),
+                "history": self.history}  # fmt: skip
 
 
 def train_strategy(

@@ -84,3 +84,9 @@ def test_earlier_proposals_show_in_later_observations(context) -> None:
 def test_bad_settings_are_refused(context, kwargs) -> None:
     with pytest.raises(PruneNetError):
         StrategyEnv(context, **kwargs)
+
+
+def test_a_range_beyond_what_the_ffn_can_give_is_refused_with_the_reach(context) -> None:
+    # Gemma-3-270M's FFN rows are 26% of it: the default 5-35% range would crash its episodes.
+    with pytest.raises(PruneNetError, match=r"FFN rows can give at most \d+\.\d%"):
+        StrategyEnv(context, budget_range=(0.05, 0.95))
