@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--budget-range",
-        default="0.05,0.35",
+        default=",".join(str(b) for b in StrategyTrainConfig.budget_range),
         help="LOW,HIGH: the requests training episodes draw (at most what the FFN can give: "
         "23.8%% on Gemma-3-270M)",
     )
