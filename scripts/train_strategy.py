@@ -7,7 +7,12 @@ request, with the uniform cut and the random-search baseline on the same masked 
 Everything is measured on the model's own text: 64 x 128 self-generated tokens (seed 0; cached),
 the last 4 sequences held out for the KL. Prints one table row per budget: KL of uniform, of the
 best hand-made depth ramp (`--ramp-slopes`, tuned on the same tokens), of the policy (1
-evaluation), of random search with `--search-evaluations` evaluations.
+evaluation, plus the ramp's for a policy on the ramp base), of random search with
+`--search-evaluations` evaluations around uniform, and of the same number of random corrections
+of the best ramp (the fair search baseline for a ramp-based policy: same starting point).
+
+`--base ramp` trains the policy to correct the request's best ramp (`PruneNet/Strategy-v0`
+with `base="ramp"`: the reward is its gain over the ramp).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 import torch
 
 from prunenet.allocation.strategy import (
+    BASES,
+    RESIDUAL_SCALE,
     STRUCTURES,
     depth_ramp_actions,
     random_search,
@@ -60,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         help="LOW,HIGH: the requests training episodes draw (at most what the FFN can give: "
         "23.8%% on Gemma-3-270M)",
     )
+    parser.add_argument(
+        "--base",
+        choices=BASES,
+        default="uniform",
+        help="what the trained policy's actions are relative to: nothing (uniform) or the "
+        "request's best depth ramp (ramp)",
+    )
     parser.add_argument("--report", help="JSON file for the comparison")
     parser.add_argument(
         "--ramp-slopes",
@@ -80,16 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         low, high = (float(b) for b in args.budget_range.split(","))
         config = StrategyTrainConfig(timesteps=args.timesteps, seed=args.seed,
                                      structures=structures, budget_range=(low, high),
-                                     eval_budgets=tuple(budgets))  # fmt: skip
+                                     eval_budgets=tuple(budgets), base=args.base)  # fmt: skip
         start = time.perf_counter()
         train_strategy(context, config, args.out, model_name=args.model)
         print(f"trained in {time.perf_counter() - start:.0f} s", flush=True)
     policy, metadata = load_strategy_policy(args.out)
-    print(f"checkpoint step {metadata['best_step']}, mean log10 KL {metadata['mean_log10_kl']:.3f}")
+    print(f"checkpoint step {metadata['best_step']}, mean log10 KL {metadata['mean_log10_kl']:.3f}"
+          f", base {policy.base}")  # fmt: skip
     rows = []
     slopes = [float(s) for s in args.ramp_slopes.split(",")]
     print("budget | uniform KL | best depth ramp KL (slope) | policy KL | search KL (evals) | "
-          "policy layers dropped | heads")  # fmt: skip
+          "ramp + random corrections KL (evals) | policy layers dropped | heads")  # fmt: skip
     for budget in budgets:
         uniform = realise(uniform_actions(context.layer_count), budget, context.costs, structures)
         uniform_kl = context.kl(uniform)
@@ -103,13 +118,19 @@ def main(argv: list[str] | None = None) -> int:
             ramp.kl = context.kl(ramp)
             ramps.append(ramp)
         ramp = min(ramps, key=lambda r: r.kl)
+        # Corrections as the ramp-based policy makes them: FFN exponents moved by up to
+        # RESIDUAL_SCALE, so the search's spread is the policy's initial exploration there.
+        center = depth_ramp_actions(context.layer_count, slopes[ramps.index(ramp)])
+        around = random_search(context, budget, args.search_evaluations, structures, args.seed,
+                               spread=0.5 * RESIDUAL_SCALE, center=center)  # fmt: skip
         rows.append({"budget": budget, "uniform": uniform.to_dict() | {"kl": uniform_kl},
                      "policy": chosen.to_dict(), "search": search.to_dict(),
+                     "ramp_search": around.to_dict(),
                      "ramps": [r.to_dict() for r in ramps]})  # fmt: skip
         print(f"{budget:.2f} | {uniform_kl:.4f} | {ramp.kl:.4f} ({ramp.source}) | {chosen.kl:.4f} "
-              f"| {search.kl:.4f} "
-              f"({args.search_evaluations}) | {chosen.layers} | {sum(chosen.query_heads)}",
-              flush=True)  # fmt: skip
+              f"| {search.kl:.4f} ({args.search_evaluations}) | {around.kl:.4f} "
+              f"({args.search_evaluations} + {len(slopes)}) | {chosen.layers} | "
+              f"{sum(chosen.query_heads)}", flush=True)  # fmt: skip
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps({"model": args.model, "rows": rows,

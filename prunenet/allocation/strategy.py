@@ -57,6 +57,11 @@ from prunenet.evaluation.perplexity import TokenWindows
 
 FFN_BASE = 4.0  # an FFN action a in [-1, 1] weighs the layer's share of the cut by FFN_BASE**a
 DROP_LEVEL = 0.5  # a layer whose drop action is above this is dropped (while the budget allows)
+# What a strategy policy's actions are relative to: nothing (`uniform`: its FFN exponents are the
+# strategy's) or the request's best depth ramp (`ramp`: it corrects the ramp's exponents, so
+# learning starts from the best hand-made rule instead of rediscovering it).
+BASES = ("uniform", "ramp")
+RESIDUAL_SCALE = 0.5  # on a ramp base, an FFN action a moves the ramp's exponent by 0.5 x a
 PROBE_RATIO = 0.3  # the per-layer sensitivity descriptor: KL with this share of its FFN masked
 # The text strategies are described and measured on, whatever the analysis text: the policy's
 # descriptors must mean at prune time what they meant in training. Cached after the first run.
@@ -75,8 +80,10 @@ DESCRIPTORS = (
 
 # Per step, beside the layer's descriptors: the request, how far through the layers, the mean
 # FFN exponent proposed so far (natural log of the weight), and the parameter shares of the
-# layers proposed for dropping and of the heads proposed so far, both over the budget.
+# layers proposed for dropping and of the heads proposed so far, both over the budget. A policy
+# on the ramp base also sees the base's slope (`BASE_CONTEXT`).
 CONTEXT = ("budget", "progress", "mean_ffn_log_weight", "drop_share", "head_share")
+BASE_CONTEXT = ("ramp_slope",)
 
 
 @dataclass
@@ -219,12 +226,32 @@ def _heads_for(level: float, group_size: int) -> int:
     return min(group_size - 1, math.floor(max(level, 0.0) * group_size))
 
 
-def observation_size() -> int:
-    """Length of one strategy observation (`observe`)."""
-    return len(DESCRIPTORS) + len(CONTEXT)
+def check_base(base: str) -> str:
+    """`base` if it is one of `BASES`, else a PruneNetError naming them.
+
+    :param base: what a policy's actions are relative to.
+    """
+    if base not in BASES:
+        raise PruneNetError(f"Unknown strategy base {base!r}; choose {' or '.join(BASES)}.")
+    return base
 
 
-def observe(context: StrategyContext, budget: float, actions: np.ndarray, step: int) -> np.ndarray:
+def observation_size(base: str = "uniform") -> int:
+    """Length of one strategy observation (`observe`).
+
+    :param base: the policy's base (`BASES`); the ramp base adds its slope.
+    """
+    extra = len(BASE_CONTEXT) if check_base(base) == "ramp" else 0
+    return len(DESCRIPTORS) + len(CONTEXT) + extra
+
+
+def observe(
+    context: StrategyContext,
+    budget: float,
+    actions: np.ndarray,
+    step: int,
+    ramp_slope: float | None = None,
+) -> np.ndarray:
     """What the strategy policy sees before acting on layer `step`: its descriptors and
     `CONTEXT` (the request and the proposals so far); the environment and `propose` share it.
 
@@ -232,6 +259,7 @@ def observe(context: StrategyContext, budget: float, actions: np.ndarray, step: 
     :param budget: the request: fraction of parameters to remove.
     :param actions: layers x 3 proposals; rows before `step` are read.
     :param step: the layer about to be decided.
+    :param ramp_slope: the base ramp's slope, for a policy on the ramp base (appended).
     """
     costs, so_far = context.costs, actions[:step]
     goal = max(budget * costs.dense, 1.0)
@@ -245,7 +273,24 @@ def observe(context: StrategyContext, budget: float, actions: np.ndarray, step: 
             head_share += heads * shape.num_kv_heads * costs.heads[i].per_query_head / goal
     mean_log_weight = float(so_far[:, 0].mean()) * math.log(FFN_BASE) if step else 0.0
     extra = [budget, step / context.layer_count, mean_log_weight, drop_share, head_share]
+    if ramp_slope is not None:
+        extra.append(ramp_slope)
     return np.concatenate([context.descriptors[step], extra]).astype(np.float32)
+
+
+def on_base(proposals: np.ndarray, base: Strategy | None) -> np.ndarray:
+    """The actions `realise` gets from a policy's proposals: the proposals themselves on the
+    uniform base (`base` None), or on a ramp base its FFN exponents plus `RESIDUAL_SCALE` x the
+    proposed FFN column (heads and drops are the proposals').
+
+    :param proposals: layers x 3 policy actions in [-1, 1].
+    :param base: the request's best ramp (`StrategyContext.best_ramp`), or None.
+    """
+    actions = np.array(proposals, dtype=np.float64, copy=True)
+    if base is not None:
+        ramp = depth_ramp_actions(len(actions), base.extra["slope"])
+        actions[:, 0] = ramp[:, 0] + RESIDUAL_SCALE * actions[:, 0]
+    return actions
 
 
 def uniform_actions(layer_count: int) -> np.ndarray:
@@ -304,6 +349,17 @@ class StrategyContext:
         self.influence = block_influence(model, fit)
         self.evaluations = 0
         self.descriptors = self._describe() if describe else None
+        self._ramps: dict[float, Strategy] = {}
+
+    def best_ramp(self, target: float) -> Strategy:
+        """`ramp_search` for `target`, measured once per budget (a ramp-based policy's base:
+        training draws budgets on a grid, so each is paid for once).
+
+        :param target: fraction of all parameters to remove.
+        """
+        if target not in self._ramps:
+            self._ramps[target] = ramp_search(self, target)
+        return self._ramps[target]
 
     @property
     def layer_count(self) -> int:
@@ -363,9 +419,11 @@ def random_search(
     structures: Sequence[str] = ("ffn",),
     seed: int = 0,
     spread: float = 0.5,
+    center: np.ndarray | None = None,
 ) -> Strategy:
     """The search baseline: the best of `evaluations` strategies by masked KL, the first one
-    uniform, the others random actions around zero (normal, `spread` standard deviation).
+    `center` (default uniform), the others random actions around it (normal, `spread` standard
+    deviation).
 
     :param context: the model's `StrategyContext`.
     :param target: fraction of all parameters to remove.
@@ -373,21 +431,24 @@ def random_search(
     :param structures: which structures the actions may use.
     :param seed: random seed (same seed, same strategy).
     :param spread: standard deviation of the random actions.
+    :param center: layers x 3 actions the search starts from and varies (e.g. the best ramp's).
     """
     if evaluations < 1:
         raise PruneNetError(f"random_search needs at least 1 evaluation, got {evaluations}.")
     generator = np.random.default_rng(seed)
+    start = uniform_actions(context.layer_count) if center is None else np.asarray(center)
     best = None
     for trial in tqdm(range(evaluations), desc=f"random strategies at {target:g}", unit="KL",
                       leave=False):  # fmt: skip
-        actions = uniform_actions(context.layer_count)
+        actions = start
         if trial:
-            actions = generator.normal(0.0, spread, size=actions.shape)
+            actions = start + generator.normal(0.0, spread, size=start.shape)
         strategy = realise(actions, target, context.costs, structures, source="search")
         strategy.kl = context.kl(strategy)
         if best is None or strategy.kl < best.kl:
             best = strategy
-    best.extra = {"evaluations": evaluations, "seed": seed, "spread": spread}
+    best.extra = {"evaluations": evaluations, "seed": seed, "spread": spread,
+                  "centered": center is not None}  # fmt: skip
     return best
 
 

@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -70,11 +69,8 @@ from prunenet.evaluation.suite import (
 from prunenet.evaluation.zero_shot import zero_shot_average
 from prunenet.io.saving import atomic_directory
 from prunenet.pipeline import Planner, apply_budget, apply_strategy
-from prunenet.rl.strategy import STRATEGIES, make_strategy
+from prunenet.rl.strategy import STRATEGIES, StrategyPolicy, make_strategy
 from prunenet.tables import markdown_table
-
-if TYPE_CHECKING:
-    from stable_baselines3.common.policies import ActorCriticPolicy
 
 QUALITIES: dict[str, str] = {
     "log_ppl": "mean over the perplexity texts of ln(perplexity), i.e. the log of their "
@@ -242,7 +238,7 @@ def sweep(
     planner: Planner,
     suite: EvaluationSuite,
     settings: SweepSettings,
-    policy: ActorCriticPolicy | None = None,
+    policy: StrategyPolicy | None = None,
     progress: Callable[[ParetoRow], None] | None = None,
 ) -> ParetoResult:
     """Cut `model` at every (budget, strategy), evaluate each cut, mark both Pareto fronts.
@@ -327,7 +323,7 @@ def cut(
     tokens: torch.Tensor,
     context: StrategyContext | None,
     refit: str = "lsq",
-    policy: ActorCriticPolicy | None = None,
+    policy: StrategyPolicy | None = None,
     search_evaluations: int = 32,
     seed: int = 0,
 ) -> tuple[nn.Module, PruneReport, Strategy | None]:

@@ -2,7 +2,9 @@
 
 One policy answers any parameter budget on the model it was trained for (the budget is part of
 every observation, the descriptors are size-agnostic). Training keeps the checkpoint whose
-deterministic strategies have the least mean log10 KL over `EVAL_BUDGETS`.
+deterministic strategies have the least mean log10 KL over `EVAL_BUDGETS`. A policy trained on
+the ramp base (`StrategyTrainConfig.base`) proposes corrections to the request's best depth
+ramp; its checkpoint says so, and `propose` measures that ramp first (6 KL passes).
 
 Checkpoint: a zip with `prunenet.json` (what the network looks like and how it was trained,
 plain JSON) and `policy.safetensors` (the SB3 actor-critic's state dict). Nothing is pickled;
@@ -29,12 +31,15 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from tqdm.auto import tqdm
 
 from prunenet.allocation.strategy import (
+    BASES,
     DESCRIPTORS,
     STRUCTURES,
     Strategy,
     StrategyContext,
+    check_base,
     observation_size,
     observe,
+    on_base,
     ramp_search,
     random_search,
     realise,
@@ -67,6 +72,7 @@ class StrategyTrainConfig:
     :param eval_every: episodes between evaluations of the deterministic policy.
     :param learning_rate: Adam step size.
     :param eval_budgets: the requests each evaluation measures (within `budget_range`'s reach).
+    :param base: `uniform` (actions are the strategy) or `ramp` (they correct the best ramp).
     """
 
     timesteps: int = 12_000
@@ -78,6 +84,19 @@ class StrategyTrainConfig:
     eval_every: int = 16
     learning_rate: float = 3e-4
     eval_budgets: tuple[float, ...] = EVAL_BUDGETS
+    base: str = "uniform"
+
+
+@dataclass
+class StrategyPolicy:
+    """A strategy policy's network and what its actions are relative to.
+
+    :param network: the SB3 actor-critic.
+    :param base: `uniform` or `ramp` (`allocation.strategy.BASES`).
+    """
+
+    network: ActorCriticPolicy
+    base: str = "uniform"
 
 
 def _network_kwargs(hidden: int, log_std_init: float) -> dict:
@@ -86,7 +105,7 @@ def _network_kwargs(hidden: int, log_std_init: float) -> dict:
 
 
 def propose(
-    policy: ActorCriticPolicy,
+    policy: StrategyPolicy,
     context: StrategyContext,
     target: float,
     structures: Sequence[str] = STRUCTURES,
@@ -98,12 +117,17 @@ def propose(
     :param target: fraction of all parameters to remove.
     :param structures: what may be cut; the policy's proposals for other structures are ignored.
     """
+    base = context.best_ramp(target) if policy.base == "ramp" else None
+    slope = None if base is None else base.extra["slope"]
     actions = np.zeros((context.layer_count, 3))
     for step in range(context.layer_count):
-        observation = observe(context, target, actions, step)
-        action, _ = policy.predict(observation, deterministic=True)
+        observation = observe(context, target, actions, step, slope)
+        action, _ = policy.network.predict(observation, deterministic=True)
         actions[step] = np.clip(action, -1.0, 1.0)
-    return realise(actions, target, context.costs, structures, source="policy")
+    strategy = realise(on_base(actions, base), target, context.costs, structures, source="policy")
+    if base is not None:
+        strategy.extra = {"base": "ramp", "slope": slope, "base_kl": base.kl}
+    return strategy
 
 
 def mean_log_kl(policy, context: StrategyContext, structures, budgets=EVAL_BUDGETS) -> float:
@@ -144,15 +168,15 @@ class _BestPolicy(BaseCallback):
         return True
 
     def evaluate(self) -> None:
-        score = mean_log_kl(self.model.policy, self.context, self.config.structures,
-                            self.config.eval_budgets)  # fmt: skip
+        policy = StrategyPolicy(self.model.policy, self.config.base)
+        score = mean_log_kl(policy, self.context, self.config.structures, self.config.eval_budgets)
         self.history.append({"step": self.num_timesteps, "episodes": self.episodes,
                              "seconds": time.perf_counter() - self.start,
                              "mean_log10_kl": score})  # fmt: skip
         self.bar.set_postfix(log10_kl=f"{score:.3f}", best=f"{min(score, self.best):.3f}")
         if score < self.best:
             self.best, self.best_step = score, self.num_timesteps
-            save_strategy_policy(self.model.policy, self.out, self._metadata())
+            save_strategy_policy(self.model.policy, self.out, self._metadata())  # base in config
 
     def _metadata(self) -> dict:
         return {"model": self.model_name, "config": asdict(self.config),
@@ -175,7 +199,8 @@ def train_strategy(
     if "ffn" not in config.structures:
         raise PruneNetError("The strategy policy needs ffn among its structures.")
     env = Monitor(gym.make(STRATEGY_ENV_ID, context=context, budget_range=config.budget_range,
-                           structures=config.structures, disable_env_checker=True))  # fmt: skip
+                           structures=config.structures, base=check_base(config.base),
+                           disable_env_checker=True))  # fmt: skip
     env.reset(seed=config.seed)
     layers = context.layer_count
     agent = PPO(
@@ -194,7 +219,7 @@ def train_strategy(
     )
     callback = _BestPolicy(context, config, out, config.timesteps, model_name)
     callback.init_callback(agent)
-    callback.evaluate()  # the untrained policy proposes (nearly) the uniform cut: the bar
+    callback.evaluate()  # the untrained policy proposes (nearly) its base (uniform, ramp): the bar
     agent.learn(total_timesteps=config.timesteps, callback=callback)
     callback.evaluate()
     callback.bar.close()
@@ -209,8 +234,9 @@ def save_strategy_policy(policy: ActorCriticPolicy, path: str | Path, metadata: 
     :param metadata: facts about the run (JSON-serialisable); the network's shape is added.
     """
     config = metadata.get("config", {})
-    header = {"kind": KIND, "format": FORMAT, "descriptors": list(DESCRIPTORS),
-              "observation_size": observation_size(), "hidden": config.get("hidden", 64),
+    base = config.get("base", "uniform")
+    header = {"kind": KIND, "format": FORMAT, "descriptors": list(DESCRIPTORS), "base": base,
+              "observation_size": observation_size(base), "hidden": config.get("hidden", 64),
               "log_std_init": config.get("log_std_init", -1.0), **metadata}  # fmt: skip
     state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
     with atomic_file(path) as staging, zipfile.ZipFile(staging, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -218,11 +244,11 @@ def save_strategy_policy(policy: ActorCriticPolicy, path: str | Path, metadata: 
         zf.writestr(WEIGHTS, safetensors.torch.save(state))
 
 
-def load_strategy_policy(path: str | Path) -> tuple[ActorCriticPolicy, dict]:
+def load_strategy_policy(path: str | Path) -> tuple[StrategyPolicy, dict]:
     """Read a strategy policy written by `save_strategy_policy` (no pickle anywhere).
 
     :param path: the checkpoint zip.
-    :return: the policy (eval mode) and its metadata.
+    :return: the policy (network in eval mode, and its base) and its metadata.
     """
     path = Path(path)
     try:
@@ -245,10 +271,12 @@ def load_strategy_policy(path: str | Path) -> tuple[ActorCriticPolicy, dict]:
             f"({metadata.get('descriptors')}); re-train it with this version."
         )
     hidden, log_std = metadata.get("hidden"), metadata.get("log_std_init")
-    if not isinstance(hidden, int) or not isinstance(log_std, (int, float)):
+    base = metadata.get("base", "uniform")  # checkpoints from before the ramp base: uniform
+    if (not isinstance(hidden, int) or not isinstance(log_std, (int, float))
+            or base not in BASES):  # fmt: skip
         raise PruneNetError(f"Strategy policy {path} has a malformed network description.")
     policy = ActorCriticPolicy(
-        gym.spaces.Box(-np.inf, np.inf, (observation_size(),), np.float32),
+        gym.spaces.Box(-np.inf, np.inf, (observation_size(base),), np.float32),
         gym.spaces.Box(-1.0, 1.0, (3,), np.float32),
         lambda _: 0.0,
         **_network_kwargs(hidden, float(log_std)),
@@ -258,7 +286,7 @@ def load_strategy_policy(path: str | Path) -> tuple[ActorCriticPolicy, dict]:
     except RuntimeError as error:
         raise PruneNetError(f"Strategy policy {path} does not match its network: {error}") from None
     policy.set_training_mode(False)
-    return policy, metadata
+    return StrategyPolicy(policy, base), metadata
 
 
 def make_strategy(
@@ -266,7 +294,7 @@ def make_strategy(
     context: StrategyContext,
     target: float,
     structures: Sequence[str] = ("ffn",),
-    policy: ActorCriticPolicy | None = None,
+    policy: StrategyPolicy | None = None,
     evaluations: int = 32,
     seed: int = 0,
 ) -> Strategy:

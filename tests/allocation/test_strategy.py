@@ -9,9 +9,11 @@ import torch
 
 from prunenet.allocation.strategy import (
     DROP_LEVEL,
+    RESIDUAL_SCALE,
     STRUCTURES,
     StrategyContext,
     depth_ramp_actions,
+    on_base,
     ramp_search,
     random_search,
     realise,
@@ -155,3 +157,30 @@ def test_the_ramp_search_keeps_the_slope_with_the_least_kl(context) -> None:
            for s in (0.0, 0.3, 0.6)]  # fmt: skip
     assert best.kl == pytest.approx(min(kls), rel=1e-12)
     assert best.extra["slope"] == (0.0, 0.3, 0.6)[kls.index(min(kls))]
+
+
+def test_on_base_moves_the_ramps_ffn_exponents_by_the_scaled_proposal(context) -> None:
+    ramp = context.best_ramp(0.2)
+    proposals = np.array([[1.0, 0.4, 0.9], [0.0, 0.0, 0.0], [-1.0, 0.2, 0.0], [0.5, 0.0, 0.1]])
+    actions = on_base(proposals, ramp)
+    expected = depth_ramp_actions(4, ramp.extra["slope"])[:, 0] + RESIDUAL_SCALE * proposals[:, 0]
+    np.testing.assert_allclose(actions[:, 0], expected)
+    np.testing.assert_array_equal(actions[:, 1:], proposals[:, 1:])
+    np.testing.assert_array_equal(on_base(proposals, None), proposals)
+
+
+def test_the_best_ramp_is_measured_once_per_budget(context) -> None:
+    first = context.best_ramp(0.15)
+    before = context.evaluations
+    assert context.best_ramp(0.15) is first
+    assert context.evaluations == before
+    assert first.kl == ramp_search(context, 0.15).kl
+
+
+def test_a_centred_search_starts_from_its_centre_and_never_does_worse(context) -> None:
+    centre = depth_ramp_actions(4, 0.4)
+    at_centre = context.kl(realise(centre, 0.3, context.costs, ("ffn",)))
+    one = random_search(context, 0.3, 1, ("ffn",), center=centre)
+    assert one.kl == pytest.approx(at_centre, rel=1e-12) and one.extra["centered"]
+    several = random_search(context, 0.3, 5, ("ffn",), seed=2, spread=0.25, center=centre)
+    assert several.kl <= at_centre

@@ -90,3 +90,51 @@ def test_a_range_beyond_what_the_ffn_can_give_is_refused_with_the_reach(context)
     # Gemma-3-270M's FFN rows are 26% of it: the default 5-35% range would crash its episodes.
     with pytest.raises(PruneNetError, match=r"FFN rows can give at most \d+\.\d%"):
         StrategyEnv(context, budget_range=(0.05, 0.95))
+
+
+def test_on_the_ramp_base_both_api_checkers_pass(context) -> None:
+    gym_check_env(StrategyEnv(context, base="ramp"), skip_render_check=True)
+    sb3_check_env(StrategyEnv(context, base="ramp"))
+
+
+@pytest.mark.parametrize("reward", ["kl", "log-kl"])
+def test_on_the_ramp_base_zero_actions_repeat_the_best_ramp_and_are_paid_nothing(
+    context, reward
+) -> None:
+    env = StrategyEnv(context, base="ramp", reward=reward, structures=("ffn",))
+    observation, info = env.reset(seed=0, options={"budget": 0.2})
+    ramp = context.best_ramp(0.2)
+    assert observation.shape == (observation_size("ramp"),)
+    assert observation[-1] == pytest.approx(ramp.extra["slope"])
+    terminated = False
+    while not terminated:
+        _, value, terminated, _, info = env.step(np.zeros(3, dtype=np.float32))
+    assert info["strategy"]["ffn_rows"] == ramp.ffn_rows
+    assert info["kl"] == pytest.approx(ramp.kl, rel=1e-12)
+    assert value == pytest.approx(0.0, abs=1e-12)
+
+
+def test_on_the_ramp_base_a_worse_cut_is_paid_its_loss_against_the_ramp(context) -> None:
+    env = StrategyEnv(context, base="ramp", structures=("ffn",))
+    env.reset(seed=0, options={"budget": 0.2})
+    terminated, step = False, 0
+    while not terminated:  # everything from the first layer, nothing from the others
+        action = np.array([1.0 if step == 0 else -1.0, 0.0, 0.0], dtype=np.float32)
+        _, value, terminated, _, info = env.step(action)
+        step += 1
+    ramp = context.best_ramp(0.2)
+    assert info["kl"] != ramp.kl
+    assert value == pytest.approx(math.log10(ramp.kl) - math.log10(info["kl"]), rel=1e-12)
+
+
+def test_on_the_ramp_base_budgets_are_drawn_on_the_grid_inside_the_range(context) -> None:
+    env = StrategyEnv(context, budget_range=(0.1, 0.3), base="ramp")
+    for seed in range(6):
+        _, info = env.reset(seed=seed)
+        assert 0.1 <= info["budget"] <= 0.3
+        assert info["budget"] == round(info["budget"], 2)
+
+
+def test_an_unknown_base_is_refused(context) -> None:
+    with pytest.raises(PruneNetError, match="Unknown strategy base"):
+        StrategyEnv(context, base="greedy")

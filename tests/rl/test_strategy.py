@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunenet.allocation.strategy import STRUCTURES, StrategyContext
+from prunenet.allocation.strategy import STRUCTURES, StrategyContext, observation_size
 from prunenet.errors import PruneNetError
 from prunenet.rl.strategy import (
     METADATA,
@@ -60,8 +60,9 @@ def test_the_same_seed_trains_the_same_policy(context, checkpoint, tmp_path) -> 
     train_strategy(context, QUICK, again, model_name="tiny")
     first, _ = load_strategy_policy(path)
     second, _ = load_strategy_policy(again)
-    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(),
-                                 strict=True):  # fmt: skip
+    pairs = zip(first.network.state_dict().items(), second.network.state_dict().items(),
+                strict=True)  # fmt: skip
+    for (name, a), (_, b) in pairs:
         assert torch.equal(a, b), name
 
 
@@ -121,3 +122,41 @@ def test_make_strategy_refuses_an_unknown_kind_or_a_policy_kind_without_a_policy
         with pytest.raises(PruneNetError, match="Unknown strategy"):
             make_strategy(kind, context, 0.2)
     assert make_strategy("ramp", context, 0.2).source == "ramp"
+
+
+def test_a_policy_trained_on_the_ramp_base_records_it_and_proposes_corrections_of_the_ramp(
+    context, tmp_path
+) -> None:
+    path = tmp_path / "ramp.zip"
+    config = StrategyTrainConfig(timesteps=64, eval_every=4, seed=1, base="ramp",
+                                 structures=("ffn",))  # fmt: skip
+    metadata = train_strategy(context, config, path, model_name="tiny")
+    policy, loaded = load_strategy_policy(path)
+    assert policy.base == "ramp" and loaded["base"] == "ramp"
+    assert loaded["observation_size"] == observation_size("ramp") == observation_size() + 1
+    strategy = propose(policy, context, 0.2, ("ffn",))
+    ramp = context.best_ramp(0.2)
+    assert strategy.extra == {"base": "ramp", "slope": ramp.extra["slope"], "base_kl": ramp.kl}
+    # The untrained policy proposes small corrections: its strategy is the ramp's, or near it.
+    assert metadata["history"][0]["step"] == 0
+    goal = round(0.2 * context.costs.dense)
+    assert goal <= strategy.params_removed < goal + max(context.costs.per_row)
+
+
+def test_a_checkpoint_with_an_unknown_base_is_refused(checkpoint, tmp_path) -> None:
+    bad = tmp_path / "bad.zip"
+    _rewrite(checkpoint[0], bad, {"base": "greedy"})
+    with pytest.raises(PruneNetError, match="malformed"):
+        load_strategy_policy(bad)
+
+
+def test_a_checkpoint_from_before_the_ramp_base_loads_as_uniform(checkpoint, tmp_path) -> None:
+    old = tmp_path / "old.zip"
+    with zipfile.ZipFile(checkpoint[0]) as archive:
+        header = json.loads(archive.read(METADATA))
+    header.pop("base")
+    with zipfile.ZipFile(checkpoint[0]) as source, zipfile.ZipFile(old, "w") as target:
+        target.writestr(METADATA, json.dumps(header))
+        target.writestr(WEIGHTS, source.read(WEIGHTS))
+    policy, _ = load_strategy_policy(old)
+    assert policy.base == "uniform"
