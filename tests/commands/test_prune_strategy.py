@@ -86,18 +86,22 @@ def test_a_json_requests_file_with_the_uniform_split_works_too(tiny_model_folder
     assert (tmp_path / "out" / "params-0.15" / REPORT_FILE).is_file()
 
 
-def test_a_strategy_policy_checkpoint_decides_the_amounts(tiny_model_folder, tmp_path) -> None:
+@pytest.mark.parametrize("base", ["uniform", "ramp"])
+def test_a_strategy_policy_checkpoint_decides_the_amounts(tiny_model_folder, tmp_path, base):
     model = load_pruned(tiny_model_folder)
     context = StrategyContext(model, torch.randint(3, 60, (16, 12)))
     checkpoint = tmp_path / "strategy.zip"
     # The tiny model's FFN rows can give 33.8% of it: the range stays below that.
-    config = StrategyTrainConfig(timesteps=16, eval_every=2, budget_range=(0.05, 0.3))
+    config = StrategyTrainConfig(timesteps=16, eval_every=2, budget_range=(0.05, 0.3), base=base)
     train_strategy(context, config, checkpoint)
     out = tmp_path / "out"
     code = _prune(tiny_model_folder, out, "--remove-params", "0.2", "--strategy", "policy",
                   "--strategy-policy", str(checkpoint))  # fmt: skip
     assert code == 0
-    assert json.loads((out / REPORT_FILE).read_text())["structures"]["source"] == "policy"
+    record = json.loads((out / REPORT_FILE).read_text())["structures"]
+    assert record["source"] == "policy"
+    # A ramp-based policy's folder says which ramp it corrected.
+    assert (record["extra"].get("base") == "ramp") == (base == "ramp")
 
 
 @pytest.mark.parametrize(
