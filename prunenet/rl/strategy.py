@@ -18,7 +18,7 @@ import math
 import time
 import zipfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import gymnasium as gym
@@ -40,7 +40,6 @@ from prunenet.allocation.strategy import (
     observation_size,
     observe,
     on_base,
-    ramp_search,
     random_search,
     realise,
 )
@@ -309,8 +308,8 @@ def make_strategy(
     :param evaluations: random strategies tried, for `search`.
     :param seed: the search's seed.
     """
-    if kind == "ramp":
-        return ramp_search(context, target)
+    if kind == "ramp":  # measured once per budget: a ramp-based policy may need it as well
+        return replace(context.best_ramp(target))
     if kind == "search":
         return random_search(context, target, evaluations, structures, seed=seed)
     if kind != "policy" or policy is None:
