@@ -13,6 +13,7 @@ import torch
 from prunenet.allocation.strategy import STRUCTURES, StrategyContext, observation_size
 from prunenet.errors import PruneNetError
 from prunenet.rl.strategy import (
+    BUNDLED_STRATEGY,
     METADATA,
     WEIGHTS,
     StrategyTrainConfig,
@@ -160,3 +161,12 @@ def test_a_checkpoint_from_before_the_ramp_base_loads_as_uniform(checkpoint, tmp
         target.writestr(WEIGHTS, source.read(WEIGHTS))
     policy, _ = load_strategy_policy(old)
     assert policy.base == "uniform"
+
+
+def test_the_bundled_policy_loads_on_the_ramp_base_and_answers_another_model(context) -> None:
+    # Its descriptors do not depend on size: the SmolLM2 policy proposes for any model.
+    policy, metadata = load_strategy_policy(BUNDLED_STRATEGY)
+    assert policy.base == "ramp" and metadata["model"] == "smollm2-135m"
+    strategy = propose(policy, context, 0.2, ("ffn",))
+    goal = round(0.2 * context.costs.dense)
+    assert goal <= strategy.params_removed < goal + max(context.costs.per_row)
