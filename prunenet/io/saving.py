@@ -16,8 +16,10 @@ What a user can rely on at `--out`:
 - **No leftovers.** SIGINT and SIGTERM (the CLI turns SIGTERM into KeyboardInterrupt) remove the
   staging folder. SIGKILL cannot be caught, so the next run to the same destination, holding the
   lock, removes the killed run's staging folders and says so.
-- **Normal permissions.** `mkdtemp` creates 0700 folders; the published folder gets the mode a
-  plain `mkdir` would (0777 minus the umask), like a `save_pretrained` folder.
+- **Normal permissions.** `mkdtemp` creates 0700 folders and `save_pretrained` writes its
+  weights through a 0600 temporary file; the published folder and every folder in it get the
+  mode a plain `mkdir` would (0777 minus the umask), every file the mode a plain `open` would
+  (0666 minus the umask; 0777 minus it for an executable one).
 """
 
 from __future__ import annotations
@@ -297,9 +299,19 @@ _LIBC = None
 
 
 def _set_default_mode(folder: Path) -> None:
+    """Give `folder` and everything in it the modes a plain `mkdir` and `open` would: writers
+    such as `save_pretrained` and `mkstemp` leave temporary files at 0600, which another user
+    or a serving process could not read."""
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
+    for root, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue  # chmod would change the link's target, which is not ours
+            executable = os.stat(path).st_mode & 0o111
+            os.chmod(path, (0o777 if name in folders or executable else 0o666) & ~umask)
 
 
 def save_pruned(model, tokenizer, out: str | Path, report, overwrite: bool = False) -> Path:

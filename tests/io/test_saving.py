@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,38 @@ def test_published_folder_has_the_mode_of_a_plain_mkdir(tmp_path: Path) -> None:
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+def test_published_files_have_the_mode_of_a_plain_open(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out", overwrite=False) as staging:
+            handle, name = tempfile.mkstemp(dir=staging)  # 0600, like a writer's temporary file
+            os.close(handle)
+            (staging / "sub").mkdir(mode=0o700)
+            (staging / "sub" / "f").write_text("x")
+            (staging / "sub" / "f").chmod(0o600)
+    finally:
+        os.umask(umask)
+    out = tmp_path / "out"
+    assert stat.S_IMODE((out / Path(name).name).stat().st_mode) == 0o644
+    assert stat.S_IMODE((out / "sub").stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "sub" / "f").stat().st_mode) == 0o644
+
+
+def test_saved_model_weights_are_readable_like_the_other_files(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    report = prune_model(
+        model, RandomScorer().score_model(model), uniform_keep(ffn_widths(model.config), 0.5)
+    )
+    umask = os.umask(0o022)
+    try:
+        save_pruned(model, tiny_tokenizer(), tmp_path / "out", report)
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes["model.safetensors"] == 0o644
+    assert set(modes.values()) == {0o644}
 
 
 def test_stale_staging_folder_of_a_killed_run_is_removed_by_the_next_run(
