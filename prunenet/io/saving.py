@@ -4,7 +4,9 @@ What a user can rely on at `--out`:
 
 - **One run per destination.** A run holds an exclusive lock (`flock` on `.NAME.lock` beside
   `out`) from its first check to its last rename; a second run to the same destination exits 2
-  at once, saying which process holds it. The lock file is removed on release.
+  at once, saying which process holds it. The lock file is removed on release. It is created
+  exclusively with mode 0600 and never through a symlink: a `.NAME.lock` that is a link, a
+  hard link or a file holding anything but a pid is refused and left untouched.
 - **Complete or absent.** Everything is written into a staging sibling `.NAME.partial-XXXXXXXX`
   and renamed into place at the end, on the same filesystem. Just before that rename the
   destination is checked again: a folder that appeared meanwhile is never silently replaced.
@@ -30,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -202,12 +205,9 @@ def _sibling_kind(out: Path, name: str) -> str | None:
 def _lock(out: Path) -> int:
     path = out.with_name(f".{out.name}.lock")
     while True:
-        try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:
-            raise PruneNetError(
-                f"Cannot create the lock file {path} ({error.strerror}); choose a writable --out."
-            ) from None
+        descriptor = _open_lock_file(path)
+        if descriptor is None:
+            continue  # removed between our two opens: start again
         if fcntl is None:  # pragma: no cover
             return descriptor
         try:
@@ -222,7 +222,7 @@ def _lock(out: Path) -> int:
         # The previous holder unlinks the file as it releases: if it did so between our open
         # and our flock, we locked an orphan inode and must start again on the new file.
         try:
-            current = os.stat(path).st_ino
+            current = os.stat(path, follow_symlinks=False).st_ino
         except FileNotFoundError:
             current = None
         if current == os.fstat(descriptor).st_ino:
@@ -230,6 +230,53 @@ def _lock(out: Path) -> int:
             os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
             return descriptor
         os.close(descriptor)
+
+
+def _open_lock_file(path: Path) -> int | None:
+    """A descriptor of the lock file at `path`, never of anything a link points to.
+
+    A new lock file is created exclusively (`O_EXCL`); an existing one (left by a killed run)
+    is opened without following a symlink (`O_NOFOLLOW`) and used only if it is a plain file
+    with one name holding at most a pid, so a planted link, hard link or other file is never
+    truncated or written. None if the file vanished between the two opens.
+    """
+    flags = os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise PruneNetError(
+            f"Cannot create the lock file {path} ({error.strerror}); choose a writable --out."
+        ) from None
+    try:
+        descriptor = os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if error.errno == errno.ELOOP or os.path.islink(path):
+            target = os.readlink(path) if os.path.islink(path) else "?"
+            reason = f"is a symbolic link (to {target})"
+        else:
+            reason = f"cannot be opened ({error.strerror})"
+        raise _foreign_lock(path, reason) from None
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+        os.close(descriptor)
+        kind = "has other names (hard links)" if stat.S_ISREG(status.st_mode) else "is no file"
+        raise _foreign_lock(path, kind)
+    content = os.pread(descriptor, 64, 0)
+    if not re.fullmatch(rb"\d{0,20}\n?", content):
+        os.close(descriptor)
+        raise _foreign_lock(path, "holds something other than a process id")
+    return descriptor
+
+
+def _foreign_lock(path: Path, reason: str) -> PruneNetError:
+    return PruneNetError(
+        f"The lock file {path} {reason}, so it is not a PruneNet lock; it was left untouched. "
+        "Remove it if it is not needed, or choose another --out."
+    )
 
 
 def _unlock(out: Path, descriptor: int) -> None:

@@ -141,6 +141,54 @@ def test_released_lock_leaves_no_lock_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_planted_lock_symlink_is_refused_and_its_target_left_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "thesis.tex"
+    target.write_text("my thesis")
+    (tmp_path / ".out.lock").symlink_to(target)
+    refused = pytest.raises(PruneNetError, match=r"\.out\.lock is a symbolic link \(to .*thesis")
+    with refused, hold_output(tmp_path / "out", overwrite=False):
+        pass
+    assert target.read_text() == "my thesis"
+    assert (tmp_path / ".out.lock").is_symlink()
+
+
+def test_a_planted_dangling_lock_symlink_creates_no_file(tmp_path: Path) -> None:
+    (tmp_path / ".out.lock").symlink_to(tmp_path / "created-through-the-link")
+    with pytest.raises(PruneNetError, match="symbolic link"), hold_output(tmp_path / "out", False):
+        pass
+    assert not (tmp_path / "created-through-the-link").exists()
+
+
+def test_a_lock_path_hard_linked_to_another_file_is_refused_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "notes.txt"
+    target.write_text("12")  # even content that looks like a pid
+    os.link(target, tmp_path / ".out.lock")
+    with pytest.raises(PruneNetError, match="hard links"), hold_output(tmp_path / "out", False):
+        pass
+    assert target.read_text() == "12"
+
+
+def test_a_lock_path_holding_other_content_is_refused_untouched(tmp_path: Path) -> None:
+    planted = tmp_path / ".out.lock"
+    planted.write_text("not a pid")
+    refused = pytest.raises(PruneNetError, match="other than a process id")
+    with refused, hold_output(tmp_path / "out", overwrite=False):
+        pass
+    assert planted.read_text() == "not a pid"
+
+
+def test_the_lock_file_of_a_killed_run_is_taken_over(tmp_path: Path) -> None:
+    (tmp_path / ".out.lock").write_text("999999\n")  # its holder is gone, so is its flock
+    with hold_output(tmp_path / "out", overwrite=False):
+        assert (tmp_path / ".out.lock").read_text() == f"{os.getpid()}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_lock_file_is_private(tmp_path: Path) -> None:
+    with hold_output(tmp_path / "out", overwrite=False):
+        assert stat.S_IMODE((tmp_path / ".out.lock").stat().st_mode) == 0o600
+
+
 def test_destination_that_appears_during_the_run_is_kept_and_the_run_fails(tmp_path: Path) -> None:
     out = tmp_path / "out"
     refused = pytest.raises(PruneNetError, match="appeared while this run was working")
