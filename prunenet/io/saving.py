@@ -13,8 +13,11 @@ What a user can rely on at `--out`:
 - **Replacing is atomic where the OS allows it.** With `--overwrite`, Linux's
   `renameat2(RENAME_EXCHANGE)` swaps the old and the new folder in one step, so at every instant
   either the old or the new model is at `out`. Elsewhere (or on filesystems without it) the
-  documented fallback is two renames, old -> `.NAME.previous-XXXXXXXX` then new -> `out`; if the
-  run is killed between them, the next run to that destination moves the previous model back.
+  documented fallback is two renames, old -> `.NAME.previous-XXXXXXXX` then new -> `out`; if
+  the second fails, the run moves its own backup back. If the run is killed between them, the
+  old model stays at `.NAME.previous-XXXXXXXX` and every later run to that destination says so;
+  such a folder is never moved into `out` automatically (nothing proves it is the model that
+  was there: a stray one would fill `out` with junk).
 - **No leftovers.** SIGINT and SIGTERM (the CLI turns SIGTERM into KeyboardInterrupt) remove the
   staging folder. SIGKILL cannot be caught, so the next run to the same destination, holding the
   lock, removes the killed run's staging folders and says so.
@@ -178,7 +181,8 @@ def atomic_file(path: str | Path, mode: int | None = None) -> Iterator[Path]:
 
 
 def clean_stale_siblings(out: Path) -> list[str]:
-    """Remove staging folders of killed runs; restore a previous model a killed swap moved away.
+    """Remove staging folders of killed runs; report (never move) a previous model a killed
+    replace moved aside.
 
     Only call while holding the destination's lock: then no live run owns these siblings.
     :return: one line per action, for the user.
@@ -186,12 +190,17 @@ def clean_stale_siblings(out: Path) -> list[str]:
     actions = []
     for sibling in sorted(out.parent.iterdir()):
         kind = _sibling_kind(out, sibling.name)
-        if kind == PREVIOUS and not out.exists():
-            sibling.rename(out)
-            actions.append(f"restored {out} from {sibling.name}, left by an interrupted replace")
-        elif kind is not None:
+        if kind == PARTIAL and sibling.is_dir() and not sibling.is_symlink():
             shutil.rmtree(sibling, ignore_errors=True)
             actions.append(f"removed {sibling.name}, left in {out.parent} by a killed run")
+        elif kind == PREVIOUS:
+            # Whatever it holds, it is never moved into `out`: nothing proves this run's
+            # predecessor made it, and a folder appearing at `out` would fail this run late.
+            actions.append(
+                f"left {sibling} as it is: the folder a killed --overwrite moved aside (the "
+                f"model it replaced), or not PruneNet's. It is never moved back into {out}; "
+                "rename it back or delete it yourself."
+            )
     return actions
 
 
@@ -300,8 +309,12 @@ def _publish(staging: Path, out: Path, overwrite: bool) -> None:
             shutil.rmtree(staging)  # now holds the previous model
             return
         previous = out.with_name(staging.name.replace(f".{PARTIAL}-", f".{PREVIOUS}-"))
-        out.rename(previous)  # a kill here leaves `previous`, restored by the next run
-        staging.rename(out)
+        out.rename(previous)  # a kill right here leaves `previous`, reported by later runs
+        try:
+            staging.rename(out)
+        except BaseException:
+            previous.rename(out)  # this run's own backup: put the old model back
+            raise
         shutil.rmtree(previous, ignore_errors=True)
         return
     if not _renameat2(staging, out, _RENAME_NOREPLACE):

@@ -262,13 +262,35 @@ def test_staging_folders_of_another_destination_are_left_alone(tmp_path: Path) -
     assert other.is_dir()
 
 
-def test_previous_model_moved_aside_by_an_interrupted_replace_is_restored(tmp_path: Path) -> None:
-    previous = tmp_path / ".out.previous-abcd1234"
-    previous.mkdir()
-    (previous / "old.txt").write_text("previous run")
-    with hold_output(tmp_path / "out", overwrite=True):
-        pass
-    assert (tmp_path / "out" / "old.txt").read_text() == "previous run"
+def test_a_stray_previous_folder_is_never_moved_into_an_absent_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    stray = tmp_path / ".out.previous-abcd1234"
+    stray.mkdir()
+    (stray / "junk.txt").write_text("not the model")
+    with atomic_directory(tmp_path / "out", overwrite=False) as staging:
+        (staging / "new.txt").write_text("this run")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["new.txt"]
+    assert (stray / "junk.txt").read_text() == "not the model"
+    assert "never moved back" in capsys.readouterr().err
+
+
+def test_a_failed_second_rename_of_the_fallback_puts_this_runs_backup_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(saving, "_renameat2", lambda source, target, flags: False)
+    out = _existing_output(tmp_path)
+    real_rename = Path.rename
+
+    def staging_cannot_move(self, target):
+        if ".partial-" in self.name:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", staging_cannot_move)
+    with pytest.raises(OSError), atomic_directory(out, overwrite=True) as staging:
+        (staging / "new.txt").write_text("new run")
+    assert (out / "old.txt").read_text() == "previous run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
