@@ -2,7 +2,7 @@
 quality-vs-speed Pareto fronts.
 
 The command only parses, refuses bad requests before the model is read, and prints; the sweep,
-the fronts and the files are `prunenet.evaluation.front`'s, so a script gets the same rows. Every
+the fronts and the files are `prunenet.front`'s, so a script gets the same rows. Every
 cut is the one `prunenet prune --remove-params B --strategy S` would save, with prune's defaults
 (policy row scores, sequential analysis, lsq refit).
 """
@@ -28,7 +28,7 @@ from prunenet.core.arch import can_store_output_bias
 from prunenet.core.devices import describe_device, resolve_device
 from prunenet.core.refit import REFITS
 from prunenet.errors import PruneNetError
-from prunenet.evaluation.front import (
+from prunenet.front import (
     DEFAULT_SPEED_ROUNDS,
     QUALITIES,
     STRATEGIES,

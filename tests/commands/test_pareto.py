@@ -14,7 +14,7 @@ from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.cli import main
 from prunenet.commands import pareto as pareto_command
 from prunenet.core.compress import count_parameters
-from prunenet.evaluation import front
+from prunenet import front
 from prunenet.evaluation.pareto import non_dominated
 from prunenet.io.loading import load_pruned
 from prunenet.io.saving import REPORT_FILE

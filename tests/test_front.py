@@ -14,8 +14,8 @@ import prunenet.allocation.strategy as strategy_module
 from prunenet.allocation.structures import Costs
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.errors import PruneNetError
-from prunenet.evaluation import front
-from prunenet.evaluation.front import (
+from prunenet import front
+from prunenet.front import (
     ParetoResult,
     ParetoRow,
     SweepSettings,
