@@ -240,10 +240,11 @@ class PruneRequest:
         _check_int("text_length", self.text_length, MIN_TEXT_LENGTH, 1 << 20,
                    "the start token plus at least two sampled tokens")  # fmt: skip
         _check_int("search_evaluations", self.search_evaluations, 1, 100_000)
-        if not (isinstance(self.max_layer_ratio, (int, float)) and 0 < self.max_layer_ratio <= 0.9):
+        if not (isinstance(self.max_layer_ratio, (int, float)) and 0 < self.max_layer_ratio <= 0.6):
             raise PruneNetError(
-                f"max_layer_ratio {self.max_layer_ratio!r} must be in (0, 0.9]: the share of "
-                "one layer's FFN rows the auto strategy may remove."
+                f"max_layer_ratio {self.max_layer_ratio!r} must be in (0, 0.6]: the share of "
+                "one layer's FFN rows the auto strategy may remove (its layer measurements "
+                "stop at 0.6)."
             )
 
     def _check_combinations(self) -> None:

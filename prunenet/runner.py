@@ -1,0 +1,480 @@
+"""Run one `PruneRequest`: the model's own text -> a plan -> the cut and refit -> saved folders.
+
+`prune(model, out, request)` is the library's entry point and the CLI's only call
+(`prunenet prune` builds the request from its flags). It checks the request, picks the memory
+route (the whole model in memory, weights streamed layer by layer, or the default path one
+decoder layer at a time), resolves the route's defaults, and runs the matching loop of
+`prunenet.pipeline`, `prunenet.layerwise` or `prunenet.stream`. Every folder it writes carries
+the resolved request (`prunenet_request.json`) and a model card (`README.md`).
+
+Why this module is long (over 400 lines): the three routes share the checks that must run
+before any model is read and the record every folder carries; apart, each would repeat them.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prunenet.allocation.speedup import check_target_speedup, ratio_for_speedup
+from prunenet.allocation.strategy import strategy_context
+from prunenet.allocation.structures import check_budget, parse_structures
+from prunenet.analysis.selfgen import SelfGenConfig
+from prunenet.analysis.shared import SHARED_HINT_REQUESTS
+from prunenet.core.arch import can_store_output_bias, ffn_width
+from prunenet.core.compress import PruneReport, estimated_output_bytes
+from prunenet.core.devices import resolve_device
+from prunenet.core.ratios import keep_count
+from prunenet.errors import PruneNetError
+from prunenet.io.models import (
+    ALIASES,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_path,
+)
+from prunenet.io.saving import check_free_space, hold_output
+from prunenet.io.stream.checkpoint import checkpoint_bytes, load_config
+from prunenet.layerwise import layerwise_prune
+from prunenet.pipeline import (
+    check_analysis,
+    prune_and_save,
+    prune_budgets_and_save,
+    prune_strategies_and_save,
+    scorer_planner,
+)
+from prunenet.request import PruneRequest, request_record
+from prunenet.rl.strategy import BUNDLED_STRATEGY, load_strategy_policy, make_strategy
+from prunenet.scoring.base import Scorer
+from prunenet.scoring.registry import make_scorer
+from prunenet.stream import require_weights_only, should_stream, stream_prune
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class PruneResult:
+    """One output folder of a request.
+
+    :param amount: its share of FFN rows (`ratio`) or of parameters (`remove_params`).
+    :param folder: where it was saved.
+    :param report: what the cut did (`prunenet_report.json`).
+    :param strategy: the per-layer strategy, for `ramp`, `policy` and `search`.
+    """
+
+    amount: float
+    folder: Path
+    report: PruneReport
+    strategy: object | None = None
+
+
+def prune(
+    model: str,
+    out: str | Path,
+    request: PruneRequest | None = None,
+    *,
+    overwrite: bool = False,
+    command: str | None = None,
+    say: Say | None = None,
+    **options,
+) -> list[PruneResult]:
+    """Prune `model` as `request` asks and save one folder per amount under `out`.
+
+    :param model: a local model folder, a hub id, or a built-in alias (`smollm2-135m`, ...).
+    :param out: the output folder (one amount), or the parent of `ratio-0.30`-style subfolders
+        (several amounts).
+    :param request: what to prune and how (`PruneRequest()`: the defaults).
+    :param overwrite: replace an existing output folder that PruneNet wrote.
+    :param command: the command line, recorded in the folder (the CLI passes its own).
+    :param say: receives one-line progress messages (None: silent; the CLI prints them).
+    :param options: request fields to change, e.g. `ratio=(0.3,)` (`PruneRequest.replace`).
+    :return: one result per output folder, in the request's order.
+    """
+    request = (request or PruneRequest()).replace(**options).validate()
+    say = say or (lambda line: None)
+    if request.target_speedup is not None:
+        check_target_speedup(request.target_speedup)
+    torch.set_num_threads(request.threads)
+    folders = output_folders(out, request)
+    device = resolve_device(request.device)
+    scorer = build_scorer(request)  # a bad checkpoint fails here, before the model is read
+    if request.analysis is not None:
+        check_analysis(request.analysis, scorer)
+    strategy_policy = None
+    if request.strategy_name == "policy":
+        strategy_policy = load_strategy_policy(request.strategy_checkpoint or BUNDLED_STRATEGY)[0]
+    _hint_shared(request)
+    with hold_output(out, overwrite):
+        # Own `out` for the whole run: a second run to it exits 2 now, not after its scoring.
+        route = choose_route(model, request, scorer, say)
+        request = resolve_defaults(request, scorer, route)
+        run = Run(model, request, scorer, folders, overwrite, device, say, command)
+        if route == "stream":
+            return run.stream()
+        if route == "layerwise":
+            return run.layerwise()
+        return run.in_memory(strategy_policy)
+
+
+def output_folders(out: str | Path, request: PruneRequest) -> list[Path]:
+    """One folder for one amount; `out/ratio-0.30` (`params-0.20`) subfolders for several.
+
+    :param out: the output folder the user gave.
+    :param request: the request (its amounts).
+    """
+    prefix = "params" if request.remove_params is not None else "ratio"
+    amounts = request.amounts
+    if len(amounts) == 1:
+        return [Path(out)]
+    return [Path(out) / folder_name(amount, prefix) for amount in amounts]
+
+
+def folder_name(amount: float, prefix: str = "ratio") -> str:
+    """`ratio-0.30`: two decimals where they are exact, every digit otherwise (so that finer
+    amounts stay distinct).
+
+    :param amount: the share removed.
+    :param prefix: `ratio` or `params`.
+    """
+    return f"{prefix}-{amount:.2f}" if float(f"{amount:.2f}") == amount else f"{prefix}-{amount!r}"
+
+
+def build_scorer(request: PruneRequest) -> Scorer:
+    """The row scorer the request names, or the one its checkpoint holds.
+
+    :param request: the request (`scorer`, `seed`, `device`).
+    """
+    if request.scorer_checkpoint is not None:
+        from prunenet.scoring.registry import load_scorer_from_checkpoint
+
+        return load_scorer_from_checkpoint(request.scorer_checkpoint, device=request.device)
+    return make_scorer(request.scorer, seed=request.seed)
+
+
+def choose_route(model: str, request: PruneRequest, scorer: Scorer, say: Say) -> str:
+    """`memory`, `stream` or `layerwise`: the request's route, or for `auto` the memory route
+    unless the local checkpoint is larger than half of the available RAM.
+
+    :param model: the model the request runs on.
+    :param request: the validated request.
+    :param scorer: its scorer (whether it reads activations).
+    :param say: progress messages.
+    """
+    if request.route == "stream":
+        require_weights_only(scorer)
+        return "stream"
+    if request.route == "layerwise":
+        _check_layerwise_scorer(scorer)
+        return "layerwise"
+    if request.route == "memory" or request.remove_params is not None:
+        return "memory"  # a parameter budget's KL needs the whole model
+    path = resolve_model_path(model)
+    if not (Path(path) / "config.json").is_file():
+        return "memory"  # a hub id: transformers downloads it; the other routes read files
+    large, size, available = should_stream(path)
+    if not large:
+        return "memory"
+    sizes = f"safetensors {size / 1e9:.1f} GB > half of available RAM ({available / 1e9:.1f} GB)"
+    layerwise = request.replace(route="layerwise")
+    if _would_validate(layerwise) and not scorer.weights_only:
+        say(f"model {model}: {sizes}; switching to the layerwise route (one decoder layer in "
+            "memory)")  # fmt: skip
+        return "layerwise"
+    if scorer.weights_only and request.refit in (None, "none") and request.target_speedup is None:
+        say(f"model {model}: {sizes}; switching to the stream route (weights only, layer by "
+            "layer)")  # fmt: skip
+        return "stream"
+    say(f"model {model}: {sizes}, but this request needs the model in memory; loading it anyway")
+    return "memory"
+
+
+def resolve_defaults(request: PruneRequest, scorer: Scorer, route: str) -> PruneRequest:
+    """The request with the route's defaults filled in: sequential analysis for scorers that
+    read activations (oneshot for weights-only ones and when streaming), the lsq refit (none
+    when streaming). Explicit choices are kept.
+
+    :param request: the validated request.
+    :param scorer: its scorer.
+    :param route: where it runs (`choose_route`).
+    """
+    streamed = route == "stream"
+    analysis = request.analysis or ("oneshot" if scorer.weights_only or streamed else "sequential")
+    refit = request.refit or ("none" if streamed else "lsq")
+    return request.replace(route=route, analysis=analysis, refit=refit)
+
+
+class Run:
+    """One request on one model along one route (`prune` builds it).
+
+    :param model: the model spec.
+    :param request: the request, defaults resolved.
+    :param scorer: its row scorer.
+    :param folders: one output folder per amount.
+    :param overwrite: replace existing folders PruneNet wrote.
+    :param device: where the in-memory route runs.
+    :param say: progress messages.
+    :param command: the command line, for the record.
+    """
+
+    def __init__(self, model, request, scorer, folders, overwrite, device, say, command) -> None:
+        self.model, self.request, self.scorer = model, request, scorer
+        self.folders, self.overwrite, self.device = folders, overwrite, device
+        self.say, self.command = say, command
+        self.selfgen = SelfGenConfig(
+            sequences=request.text_sequences, length=request.text_length, seed=request.seed
+        )
+
+    def record(self, request: PruneRequest | None = None) -> dict:
+        """What each folder records about its making (`prunenet_request.json`, the card)."""
+        record = request_record(request or self.request, self.model, self.command)
+        record.update(source_metadata(self.model))
+        return record
+
+    # ----- the whole model in memory ----------------------------------------------------------
+
+    def in_memory(self, strategy_policy) -> list[PruneResult]:
+        request = self.request
+        start = time.perf_counter()
+        model, tokenizer = load_model(self.model, dtype=request.dtype, device=str(self.device))
+        load_seconds = time.perf_counter() - start
+        # Everything that can be refused is refused now, before the (slow) scoring.
+        width = ffn_width(model.config)
+        search = None
+        if request.remove_params is not None:
+            parse_structures(",".join(request.structures), model.config)  # heads it can lose
+            for target in request.remove_params:
+                check_budget(model, target, request.structures)
+            dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            sizes = [int((1 - target) * dense_bytes) for target in request.remove_params]
+        else:
+            if request.target_speedup is not None:
+                search = ratio_for_speedup(model, request.target_speedup)
+                request = self.request = request.replace(ratio=(search.ratio,))
+                self.say(
+                    f"target prefill speed-up {request.target_speedup}: ratio {search.ratio} "
+                    f"timed at {search.speedup:.2f}x ({len(search.trials)} trials, "
+                    f"{search.prefill_tokens} tokens, batch 1, {search.threads} thread(s), "
+                    f"paired median of {search.rounds})"
+                )
+            for ratio in request.ratio:
+                warn_if_nothing_removed(width, ratio)
+            sizes = [estimated_output_bytes(model, ratio) for ratio in request.ratio]
+        check_free_space(self.folders[0], sum(sizes))
+        if request.refit == "bias" and not can_store_output_bias(model.config):
+            raise PruneNetError(
+                f"refit bias adds an FFN output bias, which {model.config.model_type} models "
+                "cannot store (plain from_pretrained would drop it); use refit lsq, which "
+                "refits them without an intercept, or refit none."
+            )
+        self.say(
+            f"model {self.model} ({model.config.model_type}) loaded in {load_seconds:.1f} s; "
+            f"scoring with {self.scorer.name} (seed {request.seed}, {self.device}), "
+            f"{_how_much(request)}, {request.analysis} analysis, refit {request.refit}"
+        )
+        allocation = "auto" if request.strategy == "auto" else "uniform"
+        planner = scorer_planner(self.scorer, allocation, request.max_layer_ratio, request.analysis)
+        if search is not None:
+            planner = _recording(planner, {"target_speedup": search.to_dict()})
+        common = dict(overwrite=self.overwrite, refit=request.refit, selfgen=self.selfgen,
+                      record=self.record())  # fmt: skip
+        if request.remove_params is not None and request.strategy_name != "uniform":
+            context = strategy_context(
+                model, request.refit != "none", describe=request.strategy_name == "policy"
+            )
+            strategies = [
+                make_strategy(request.strategy_name, context, target, request.structures,
+                              strategy_policy, request.search_evaluations, request.seed)
+                for target in request.remove_params
+            ]  # fmt: skip
+            reports = prune_strategies_and_save(
+                model, tokenizer, planner, strategies, context.head_rank, self.folders, **common
+            )
+            return [
+                PruneResult(target, folder, report, strategy)
+                for target, folder, report, strategy in zip(
+                    request.remove_params, self.folders, reports, strategies, strict=True
+                )
+            ]
+        if request.remove_params is not None:
+            reports = prune_budgets_and_save(
+                model, tokenizer, planner, request.remove_params, request.structures,
+                self.folders, **common,
+            )  # fmt: skip
+            return _results(request.remove_params, self.folders, reports)
+        reports = prune_and_save(model, tokenizer, planner, request.ratio, self.folders, **common)
+        return _results(request.ratio, self.folders, reports)
+
+    # ----- one decoder layer at a time --------------------------------------------------------
+
+    def layerwise(self) -> list[PruneResult]:
+        request = self.request
+        path = Path(resolve_model_path(self.model))
+        if not (path / "config.json").is_file():
+            raise PruneNetError(
+                f"route layerwise reads a local safetensors folder; {self.model!r} is not one. "
+                "Download it first (or save it with save_pretrained)."
+            )
+        config = load_config(path)
+        for ratio in request.ratio:
+            warn_if_nothing_removed(ffn_width(config), ratio)
+        check_free_space(self.folders[0], checkpoint_bytes(path) * len(request.ratio))
+        dtype = resolve_dtype(str(path), request.dtype)
+        compute_dtype = resolve_dtype(str(path), request.compute_dtype or request.dtype)
+        tokenizer = load_tokenizer(str(path))
+        self.say(
+            f"model {self.model} ({config.model_type}): layer by layer from its safetensors "
+            f"({dtype}, computed in {compute_dtype}); scoring with {self.scorer.name} (seed "
+            f"{request.seed}, cpu), uniform allocation, {request.analysis} analysis, refit "
+            f"{request.refit}"
+        )
+        planner = scorer_planner(self.scorer, "uniform", analysis=request.analysis)
+        reports = [
+            layerwise_prune(
+                path,
+                folder,
+                planner,
+                ratio,
+                refit=request.refit,
+                selfgen=self.selfgen,
+                dtype=dtype,
+                compute_dtype=compute_dtype,
+                tokenizer=tokenizer,
+                overwrite=self.overwrite,
+                text_route=request.text_route,
+                record=self.record(),
+            )  # fmt: skip
+            for ratio, folder in zip(request.ratio, self.folders, strict=True)
+        ]
+        return _results(request.ratio, self.folders, reports)
+
+    # ----- weights only, streamed -------------------------------------------------------------
+
+    def stream(self) -> list[PruneResult]:
+        request = self.request
+        path = resolve_model_path(self.model)
+        if request.strategy == "auto":
+            raise PruneNetError(
+                "strategy auto measures the model's own outputs and needs the model in memory; "
+                "use route memory, or strategy uniform with route stream."
+            )
+        for ratio in request.ratio:  # refuse a ratio that empties the FFN before any write
+            warn_if_nothing_removed(ffn_width(load_config(Path(path))), ratio)
+        self.say(
+            f"model {self.model}: streaming safetensors layer by layer; scoring with "
+            f"{self.scorer.name} (seed {request.seed}) on {self.device}"
+        )
+        reports = [
+            stream_prune(
+                path,
+                folder,
+                self.scorer,
+                ratio,
+                device=self.device,
+                overwrite=self.overwrite,
+                progress=lambda line: self.say(f"  {line}"),
+                record=self.record(),
+            )  # fmt: skip
+            for ratio, folder in zip(request.ratio, self.folders, strict=True)
+        ]
+        return _results(request.ratio, self.folders, reports)
+
+
+def source_metadata(model: str) -> dict:
+    """What a model card says about the source: its hub id (`base_model`) and license, where
+    PruneNet knows them (a built-in alias, or a hub id), else nothing.
+
+    :param model: the model spec the request ran on.
+    """
+    if model in ALIASES:
+        alias = ALIASES[model]
+        return {"base_model": alias.hub_id, "license": alias.license}
+    if not Path(model).expanduser().exists() and model.count("/") == 1:
+        return {"base_model": model, "license": None}
+    return {"base_model": None, "license": None}
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as a user would type it again (for the record).
+
+    :param argv: the arguments after the program name.
+    """
+    return shlex.join(["prunenet", *argv])
+
+
+def warn_if_nothing_removed(width: int, ratio: float) -> int:
+    """Rows kept at `ratio` (refusing a ratio that empties the FFN); warn when none go.
+
+    :param width: the FFN width.
+    :param ratio: the share of rows to remove.
+    """
+    kept = keep_count(width, ratio)
+    if kept == width:
+        print(
+            f"prunenet prune: warning: ratio {ratio} removes no row of a {width}-row FFN "
+            f"(round({1 - ratio:g} x {width}) = {width}), so the output is a full-size copy; "
+            f"a ratio of at least {1 / width:.2g} removes one row per layer.",
+            file=sys.stderr,
+        )
+    return kept
+
+
+def _results(amounts, folders, reports) -> list[PruneResult]:
+    return [
+        PruneResult(amount, folder, report)
+        for amount, folder, report in zip(amounts, folders, reports, strict=True)
+    ]
+
+
+def _hint_shared(request: PruneRequest) -> None:
+    """Point many budgets at `analysis shared`: a hint, not a switch (it is a speed trade
+    that costs code perplexity at every measured budget, and a default must not lose)."""
+    budgets = request.remove_params or ()
+    plain = request.structures == ("ffn",) and request.strategy == "uniform"
+    if request.analysis is None and len(budgets) >= SHARED_HINT_REQUESTS and plain:
+        print(
+            f"prunenet prune: {len(budgets)} requests, each cut on its own (sequential "
+            "analysis, about one prune's time each); analysis shared (--config) answers all of "
+            "them in about the time of one, at 1.6-5.6% higher code perplexity on SmolLM2 "
+            "(docs/strategies.md, 'Many requests at once')",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _check_layerwise_scorer(scorer: Scorer) -> None:
+    if scorer.weights_only:
+        raise PruneNetError(
+            "route layerwise exists to run the activation-based default path; this scorer "
+            "reads weights only: use route stream for it."
+        )
+
+
+def _would_validate(request: PruneRequest) -> bool:
+    try:
+        request.validate()
+    except PruneNetError:
+        return False
+    return True
+
+
+def _how_much(request: PruneRequest) -> str:
+    if request.remove_params is not None and request.strategy_name != "uniform":
+        return f"{request.strategy_name} strategy per layer"
+    return f"{'auto' if request.strategy == 'auto' else 'uniform'} allocation"
+
+
+def _recording(planner, info: dict):
+    """`planner` whose plans also record `info` (it goes into prunenet_report.json)."""
+
+    def plan(model, ratio):
+        result = planner(model, ratio)
+        result.info.update(info)
+        return result
+
+    return plan
