@@ -474,10 +474,10 @@ def write_outputs(result: ParetoResult, out: str | Path, overwrite: bool = False
 
     :param result: from `sweep`.
     :param out: the output folder.
-    :param overwrite: replace an existing `out`.
+    :param overwrite: replace an existing `out` that is a pareto folder (holds `pareto.json`).
     :return: the written paths (under `out`).
     """
-    with atomic_directory(out, overwrite) as staging:
+    with atomic_directory(out, overwrite, replaces=JSON_FILE) as staging:
         (staging / JSON_FILE).write_text(json.dumps(result.to_dict(), indent=2))
         (staging / MARKDOWN_FILE).write_text(markdown_report(result))
         plot_fronts(result, staging / PLOT_FILE)

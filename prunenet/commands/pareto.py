@@ -28,8 +28,13 @@ from prunenet.core.arch import can_store_output_bias
 from prunenet.core.devices import describe_device, resolve_device
 from prunenet.core.refit import REFITS
 from prunenet.errors import PruneNetError
+from prunenet.evaluation.perplexity import DEFAULT_SEQLEN, PPL_TASKS
+from prunenet.evaluation.speed import DEFAULT_PREFILL_TOKENS
+from prunenet.evaluation.suite import all_task_names, parse_tasks
+from prunenet.evaluation.zero_shot import DEFAULT_ZERO_SHOT_LIMIT
 from prunenet.front import (
     DEFAULT_SPEED_ROUNDS,
+    JSON_FILE,
     QUALITIES,
     STRATEGIES,
     ParetoRow,
@@ -40,10 +45,6 @@ from prunenet.front import (
     table,
     write_outputs,
 )
-from prunenet.evaluation.perplexity import DEFAULT_SEQLEN, PPL_TASKS
-from prunenet.evaluation.speed import DEFAULT_PREFILL_TOKENS
-from prunenet.evaluation.suite import all_task_names, parse_tasks
-from prunenet.evaluation.zero_shot import DEFAULT_ZERO_SHOT_LIMIT
 from prunenet.io.models import ALIASES, DTYPES, load_model
 from prunenet.io.saving import hold_output
 from prunenet.pipeline import scorer_planner
@@ -89,7 +90,12 @@ def register(subparsers) -> None:
         "--search-evaluations random per-layer strategies. FFN rows only",
     )
     parser.add_argument("--out", required=True, help="output folder (pareto.json, .md, .png)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that holds pareto.json (never another folder, the "
+        "current folder, one above it or the home folder)",
+    )
     parser.add_argument(
         "--quality",
         default="log_ppl",
@@ -243,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     if "policy" in settings.strategies:
         policy, _ = load_strategy_policy(args.strategy_policy or BUNDLED_STRATEGY)
     device = resolve_device(args.device)
-    with hold_output(args.out, args.overwrite):
+    with hold_output(args.out, args.overwrite, replaces=JSON_FILE):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=str(device))
         if tokenizer is None:
             raise PruneNetError(

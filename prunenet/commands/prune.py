@@ -215,7 +215,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for random and selfgen scoring")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is a model folder (holds config.json); never "
+        "another folder, a file, the current folder, one above it or the home folder",
+    )
     parser.add_argument(
         "--stream",
         action="store_true",

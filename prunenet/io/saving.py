@@ -18,6 +18,10 @@ What a user can rely on at `--out`:
   old model stays at `.NAME.previous-XXXXXXXX` and every later run to that destination says so;
   such a folder is never moved into `out` automatically (nothing proves it is the model that
   was there: a stray one would fill `out` with junk).
+- **`--overwrite` replaces only what PruneNet wrote.** An existing `out` is replaced only if it
+  is a real folder (not a link) holding `config.json` (a model folder; `pareto.json` for
+  `prunenet pareto`) and is not the current folder, one above it, the home folder or `/`,
+  however spelled; `--out ""` is refused. Anything else exits 2 before any work.
 - **No leftovers.** SIGINT and SIGTERM (the CLI turns SIGTERM into KeyboardInterrupt) remove the
   staging folder. SIGKILL cannot be caught, so the next run to the same destination, holding the
   lock, removes the killed run's staging folders and says so.
@@ -53,25 +57,94 @@ except ImportError:  # pragma: no cover - not reachable on Linux/macOS
 REPORT_FILE = "prunenet_report.json"
 PARTIAL = "partial"
 PREVIOUS = "previous"
-# Locks this process holds, by absolute destination: nested writers of the same run reuse them.
-_HELD: dict[Path, int] = {}
+MODEL_MARKER = "config.json"
+# Locks this process holds, by absolute destination, with the file that makes an existing
+# destination replaceable: nested writers of the same run reuse them.
+_HELD: dict[Path, tuple[int, str]] = {}
 
 
-def check_output_path(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless the user said `--overwrite`; fail before any work.
+def check_output_path(out: str | Path, overwrite: bool, replaces: str = MODEL_MARKER) -> Path:
+    """Refuse an existing output unless the user said `--overwrite` and it is a folder
+    `--overwrite` may replace (`check_replaceable`); fail before any work.
 
     Also refuses a destination whose parent cannot be created or written, so a read-only or
     mistyped location fails now and not after minutes of scoring.
+
+    :param out: the destination folder.
+    :param overwrite: the user asked to replace an existing `out`.
+    :param replaces: the file an existing `out` must hold to be replaced (`config.json`: a
+        model folder; a pareto folder holds `pareto.json`).
     """
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
+    out = output_path(out)
+    if os.path.lexists(out) and not overwrite:
         raise PruneNetError(
             f"Output path {out} already exists. Choose another --out or pass --overwrite."
         )
-    if out.exists() and not out.is_dir():
-        raise PruneNetError(f"Output path {out} exists and is not a folder; remove it first.")
+    if overwrite:
+        check_replaceable(out, replaces)
     check_writable_parent(out)
     return out
+
+
+def output_path(out: str | Path) -> Path:
+    """`out` as a path, refusing the empty string (which `Path` would read as the current
+    folder: an unset shell variable in `--out "$DIR"`)."""
+    if str(out) == "":
+        raise PruneNetError(
+            "--out is empty (an unset shell variable?); give the output folder's path."
+        )
+    return Path(out).expanduser()
+
+
+def check_replaceable(out: Path, replaces: str = MODEL_MARKER) -> None:
+    """What `--overwrite` may replace: an absent `out`, or a real folder holding `replaces`
+    that is not the current folder, one above it, the home folder or `/`. Everything else at
+    `out` is the user's, and is refused with the reason.
+
+    :param out: the destination.
+    :param replaces: the file that marks a folder PruneNet (or `save_pretrained`) wrote.
+    """
+    protected = _protected_folder(out)
+    if protected:
+        raise PruneNetError(
+            f"--out {out} is {protected}; --overwrite never replaces it (an unset shell "
+            "variable in --out is the usual cause). Give the output folder's own path."
+        )
+    if not os.path.lexists(out):
+        return
+    if out.is_symlink():
+        raise PruneNetError(
+            f"Output path {out} is a symbolic link (to {os.readlink(out)}); --overwrite "
+            "replaces only a real folder. Remove the link or choose another --out."
+        )
+    if not out.is_dir():
+        raise PruneNetError(
+            f"Output path {out} exists and is not a folder; --overwrite replaces only a folder "
+            "PruneNet wrote. Remove it yourself or choose another --out."
+        )
+    if not (out / replaces).is_file():
+        raise PruneNetError(
+            f"Output path {out} is a folder without {replaces}, so not one PruneNet wrote; "
+            "--overwrite never replaces other folders. Choose another --out."
+        )
+
+
+def _protected_folder(out: Path) -> str | None:
+    """How to name `out` if it is a folder no `--overwrite` may replace, else None."""
+    target = os.path.realpath(out)  # however it is spelled: `.`, `../here`, a link to it
+    if target == os.path.realpath(os.sep):
+        return "the root folder"
+    if target == os.path.realpath(Path.home()):
+        return "the home folder"
+    try:
+        here = os.path.realpath(os.getcwd())
+    except FileNotFoundError:  # the current folder was deleted: nothing is above it
+        return None
+    if target == here:
+        return "the current folder"
+    if os.path.commonpath([target, here]) == target:
+        return "a folder above the current one"
+    return None
 
 
 def check_writable_parent(path: str | Path) -> Path:
@@ -104,18 +177,25 @@ def check_free_space(out: str | Path, needed_bytes: int) -> None:
 
 
 @contextmanager
-def hold_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
+def hold_output(out: str | Path, overwrite: bool, replaces: str | None = None) -> Iterator[Path]:
     """Own the destination `out` for the duration: lock it, clear what killed runs left behind.
 
     Re-entrant within one process (the CLI holds it for a whole run, the writer again inside).
+
+    :param out: the destination folder (`check_output_path`).
+    :param overwrite: the user asked to replace an existing `out`.
+    :param replaces: the file an existing `out` must hold to be replaced (default
+        `config.json`, or what the outer holder of `out` said).
     """
-    out = check_output_path(out, overwrite).absolute()
-    if out in _HELD:
-        yield out
+    held = _HELD.get(output_path(out).absolute())
+    if held is not None:
+        yield check_output_path(out, overwrite, replaces or held[1]).absolute()
         return
+    replaces = replaces or MODEL_MARKER
+    out = check_output_path(out, overwrite, replaces).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     descriptor = _lock(out)
-    _HELD[out] = descriptor
+    _HELD[out] = (descriptor, replaces)
     try:
         for line in clean_stale_siblings(out):
             print(f"prunenet: {line}", file=sys.stderr)
@@ -126,18 +206,23 @@ def hold_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_directory(out: str | Path, overwrite: bool) -> Iterator[Path]:
+def atomic_directory(
+    out: str | Path, overwrite: bool, replaces: str | None = None
+) -> Iterator[Path]:
     """Yield a staging folder beside `out`; on success it becomes `out`, on error it vanishes.
 
     :param out: the destination folder.
-    :param overwrite: allow replacing an existing `out` (atomically where the OS can).
+    :param overwrite: allow replacing an existing `out` (atomically where the OS can) if it is
+        a folder holding `replaces` (`check_replaceable`).
+    :param replaces: the file that marks a replaceable folder (default `config.json`).
     """
-    with hold_output(out, overwrite) as out:
+    with hold_output(out, overwrite, replaces) as out:
+        replaces = _HELD[out][1]
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{PARTIAL}-", dir=out.parent))
         try:
             yield staging
             _set_default_mode(staging)
-            _publish(staging, out, overwrite)
+            _publish(staging, out, overwrite, replaces)
         except OSError as error:
             shutil.rmtree(staging, ignore_errors=True)
             if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
@@ -294,7 +379,7 @@ def _unlock(out: Path, descriptor: int) -> None:
     os.close(descriptor)
 
 
-def _publish(staging: Path, out: Path, overwrite: bool) -> None:
+def _publish(staging: Path, out: Path, overwrite: bool, replaces: str) -> None:
     """Rename `staging` to `out`, re-checking the destination at the last moment."""
     if os.path.lexists(out):
         if not overwrite:
@@ -303,8 +388,7 @@ def _publish(staging: Path, out: Path, overwrite: bool) -> None:
                 "which would hold the lock); it was left as it is and this run's output was "
                 "discarded. Choose another --out or pass --overwrite."
             )
-        if not out.is_dir() or out.is_symlink():
-            raise PruneNetError(f"Output path {out} is not a folder; remove it first.")
+        check_replaceable(out, replaces)  # it may have changed since the run began
         if _renameat2(staging, out, _RENAME_EXCHANGE):
             shutil.rmtree(staging)  # now holds the previous model
             return

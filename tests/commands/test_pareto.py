@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 import prunenet.allocation.strategy as strategy_module
+from prunenet import front
 from prunenet.allocation.structures import Costs
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.cli import main
 from prunenet.commands import pareto as pareto_command
 from prunenet.core.compress import count_parameters
-from prunenet import front
 from prunenet.evaluation.pareto import non_dominated
 from prunenet.io.loading import load_pruned
 from prunenet.io.saving import REPORT_FILE
@@ -212,6 +212,7 @@ def test_overwrite_replaces_the_folder_with_a_complete_one(
     monkeypatch.setattr(strategy_module, "STRATEGY_TEXT", SelfGenConfig(16, 12, seed=0))
     out = tmp_path / "out"
     out.mkdir()
+    (out / "pareto.json").write_text("{}")  # a pareto folder: what --overwrite may replace
     (out / "old.txt").write_text("old")
     code = _run("pareto", "--model", str(tiny_model_folder), "--remove-params", "0.2",
                 "--strategies", "uniform", "--speed-rounds", "0", "--quality", "kl",

@@ -90,6 +90,7 @@ def test_same_seed_writes_identical_weights_and_another_seed_different_ones(
 def test_overwrite_replaces_an_existing_output(tiny_model_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # a model folder: what --overwrite may replace
     (out / "old.txt").write_text("previous run")
     assert _prune(tiny_model_folder, out, "0.5", "--overwrite") == 0
     assert not (out / "old.txt").exists()

@@ -34,10 +34,19 @@ class SaveFailed(RuntimeError):
 
 
 def _existing_output(parent: Path) -> Path:
+    """A model folder a previous run wrote (config.json makes it one)."""
     out = parent / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")
     (out / "old.txt").write_text("previous run")
     return out
+
+
+def _users_folder(path: Path) -> Path:
+    """A folder of the user's files (no config.json), as a thesis or a repository would be."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "thesis.tex").write_text("my thesis")
+    return path
 
 
 def test_successful_write_appears_at_the_output_path_and_leaves_no_staging(tmp_path: Path) -> None:
@@ -82,6 +91,96 @@ def test_output_path_that_is_a_file_is_refused_even_with_overwrite(tmp_path: Pat
     (tmp_path / "out").write_text("not a folder")
     with pytest.raises(PruneNetError, match="not a folder"):
         check_output_path(tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out").read_text() == "not a folder"
+
+
+# ----- what --overwrite may replace: a model folder, nothing else -----------------------------
+
+
+def test_overwrite_refuses_an_empty_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(_users_folder(tmp_path / "work"))
+    with pytest.raises(PruneNetError, match="--out is empty"):
+        check_output_path("", overwrite=True)
+    assert (tmp_path / "work" / "thesis.tex").read_text() == "my thesis"
+
+
+@pytest.mark.parametrize("spelling", [".", "./", "../work", "{cwd}", "{link}"])
+def test_overwrite_refuses_the_current_folder_however_spelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spelling: str
+) -> None:
+    work = _users_folder(tmp_path / "work")
+    (work / "config.json").write_text("{}")  # even one that looks like a model folder
+    (tmp_path / "link").symlink_to(work)
+    monkeypatch.chdir(work)
+    out = spelling.format(cwd=work, link=tmp_path / "link")
+    with pytest.raises(PruneNetError, match="the current folder"):
+        check_output_path(out, overwrite=True)
+    with pytest.raises(PruneNetError, match="the current folder"), atomic_directory(out, True):
+        pass
+    assert (work / "thesis.tex").read_text() == "my thesis"
+
+
+def test_overwrite_refuses_a_folder_above_the_current_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    (tmp_path / "a" / "config.json").write_text("{}")
+    monkeypatch.chdir(deep)
+    with pytest.raises(PruneNetError, match="a folder above the current one"):
+        check_output_path("..", overwrite=True)
+    assert (tmp_path / "a" / "config.json").is_file()
+
+
+def test_overwrite_refuses_the_root_folder() -> None:
+    with pytest.raises(PruneNetError, match="the root folder"):
+        check_output_path("/", overwrite=True)
+
+
+def test_overwrite_refuses_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = _users_folder(tmp_path / "home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PruneNetError, match="the home folder"):
+        check_output_path("~", overwrite=True)
+    assert (home / "thesis.tex").read_text() == "my thesis"
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_model_folder(tmp_path: Path) -> None:
+    out = _users_folder(tmp_path / "out")
+    with pytest.raises(PruneNetError, match="without config.json"):
+        check_output_path(out, overwrite=True)
+    with pytest.raises(PruneNetError, match="without config.json"), atomic_directory(out, True):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_overwrite_refuses_a_symlink_to_a_model_folder(tmp_path: Path) -> None:
+    model = _existing_output(tmp_path)
+    (tmp_path / "link").symlink_to(model)
+    with pytest.raises(PruneNetError, match="symbolic link"):
+        check_output_path(tmp_path / "link", overwrite=True)
+    assert (model / "old.txt").read_text() == "previous run"
+
+
+def test_a_pareto_folder_is_replaced_only_as_a_pareto_folder(tmp_path: Path) -> None:
+    out = _existing_output(tmp_path)  # a model folder: not what a pareto run may replace
+    with pytest.raises(PruneNetError, match="without pareto.json"):
+        check_output_path(out, overwrite=True, replaces="pareto.json")
+    (out / "pareto.json").write_text("{}")
+    with atomic_directory(out, overwrite=True, replaces="pareto.json") as staging:
+        (staging / "pareto.json").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["pareto.json"]
+
+
+def test_a_folder_that_stops_being_a_model_folder_during_the_run_is_kept(tmp_path: Path) -> None:
+    out = _existing_output(tmp_path)
+    refused = pytest.raises(PruneNetError, match="without config.json")
+    with refused, atomic_directory(out, overwrite=True) as staging:
+        (staging / "new.txt").write_text("this run")
+        (out / "config.json").unlink()
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_missing_parent_folders_are_created(tmp_path: Path) -> None:
