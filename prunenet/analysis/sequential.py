@@ -43,7 +43,7 @@ from prunenet.core.refit import check_refit, refit_aware_scores, refit_output
 from prunenet.errors import PruneNetError
 
 # Self-generated text for sequential analysis and the refit, chosen from the measured curve
-# (`scripts/benchmark_selfgen_budget.py`, README "How much self-generated text"): quality had
+# (`scripts/benchmark_selfgen_budget.py`, docs/results.md, token budget): quality had
 # not saturated at 64 x 128 tokens; at 32k tokens more sequences helped encyclopedic text and
 # longer ones book text (positions a 512-token input reaches), and 256 x 256 (64k tokens) is the
 # first budget at least 25% below last round's default on every domain, for about twice the
@@ -207,7 +207,7 @@ class SequentialCut:
         row is the same in all of them; in several SmolLM2 layers it carries "massive"
         activations (up to 99.9% of the layer's activation energy, 3e5 x the median row). Left
         in, it sets the ridge's scale and dominates the fit, and the other tokens' outputs are
-        reproduced worse than by the plain cut (README, "Refit").
+        reproduced worse than by the plain cut (docs/method.md, refit; docs/results.md, ablation).
         """
         output = fit[0].double() @ weight.double().T
         output = output if bias is None else output + bias.double()

@@ -19,7 +19,8 @@ chose. A request then costs, per layer, one scoring call on the stored statistic
 and one Cholesky solve of the kept block with the start token's row reproduced exactly (the
 algebra of `prunenet.core.refit._RidgeSystem`, from moments instead of rows).
 
-What differs from the default path, and is measured in the README ("Many requests at once"):
+What differs from the default path, and is measured in docs/strategies.md ("Many requests at
+once"):
 every layer is scored and refitted on the dense model's activations, not on those of the cut
 model before it, and the ridge is chosen per layer, not per layer and request.
 Memory on SmolLM2-135M: two (d_ff + 1)^2 float64 matrices per layer while its ridge is chosen,
@@ -62,7 +63,7 @@ from prunenet.errors import PruneNetError
 
 # With at least this many requests and no --analysis, `prunenet prune --requests` says that
 # --analysis shared exists. It is not chosen by itself: it is a speed trade, worse than the
-# sequential cut on code at every measured budget (README, 'Many requests at once').
+# sequential cut on code at every measured budget (docs/strategies.md, 'Many requests at once').
 SHARED_HINT_REQUESTS = 4
 # Token rows per float64 Gram update (bounds the float64 copy: 8192 x 1537 x 8 B = 100 MB).
 GRAM_CHUNK_ROWS = 8192

@@ -75,7 +75,7 @@ def refit_output(
 
     The target is the dense FFN output on the same activations, `acts @ weight.T + bias`.
     (Targeting the dense model's FFN output on its own activations instead, to undo the drift
-    of earlier cuts, was measured worse on SmolLM2: README, "Refit".)
+    of earlier cuts, was measured worse on SmolLM2: docs/results.md, ablation.)
 
     :param weight: the dense neuron-first output weights, d_model x d_ff.
     :param bias: the dense output bias (d_model), or None.

@@ -7,8 +7,8 @@ that its next-token distributions match the dense model's, and merges them back 
 weights. No dataset is read: the text is the one the teacher writes itself from its start token
 (`prunenet.analysis.selfgen.own_text`, cached per teacher, so it is generated once per teacher).
 
-Defaults, measured on SmolLM2-135M pruned at 30% by the `prunenet prune` default (README,
-"Recovering what pruning lost"), rank 8, 1 CPU thread on a shared 2-core machine: the text is
+Defaults, measured on SmolLM2-135M pruned at 30% by the `prunenet prune` default
+(docs/recovery.md), rank 8, 1 CPU thread on a shared 2-core machine: the text is
 the one `prunenet prune` writes (256 x 256 tokens, seed 0, cached under the dense model's
 weights), so after a prune it costs nothing; 60 steps of 2 x 256 tokens (about 30k tokens,
 less than one pass over the 240 training sequences) at a peak learning rate of 3e-3 took

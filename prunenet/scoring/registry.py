@@ -42,8 +42,8 @@ def bundled_policy_scorer(seed: int = 0) -> Scorer:
 
     Trained with `prunenet train --model smollm2-135m --timesteps 1800 --seed 0` (selfgen
     features, function reward, ratios 0.1:0.5). It is size-agnostic, so it scores any supported
-    model; its quality was measured on SmolLM2-135M (README). `seed` is unused: the policy's
-    scores are deterministic and its self-generated text uses the seed it was trained with.
+    model; its quality was measured on SmolLM2-135M (docs/results.md). `seed` is unused: the
+    policy's scores are deterministic and its self-generated text uses the seed it was trained with.
     """
     return PolicyScorer(str(BUNDLED_POLICY))
 
