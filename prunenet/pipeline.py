@@ -230,6 +230,7 @@ def prune_and_save(
     overwrite: bool = False,
     refit: str = "none",
     selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
+    records: Sequence[dict] | None = None,
 ) -> list[PruneReport]:
     """Prune at each ratio and save each result atomically into its folder.
 
@@ -241,6 +242,7 @@ def prune_and_save(
     :param overwrite: replace existing folders.
     :param refit: `none`, `bias` or `lsq` (`apply_plan`).
     :param selfgen: the self-generated text sequential scoring and the refit use.
+    :param records: how each folder was made (`prunenet.runner`), one per folder, or None.
     :return: one report per ratio, with `seconds` covering planning, cutting and saving (the
         first ratio's include writing the text).
     """
@@ -261,7 +263,8 @@ def prune_and_save(
             pruned, report = apply_shared(model, plan, ratio, analysis, last)
         else:
             pruned, report = apply_plan(model, plan, ratio, last, refit, selfgen, tokens)
-        save_pruned(pruned, tokenizer, folder, report, overwrite=overwrite)
+        record = records[index] if records else None
+        save_pruned(pruned, tokenizer, folder, report, overwrite, record)
         report.seconds = time.perf_counter() - start
         reports.append(report)
     return reports
@@ -354,6 +357,7 @@ def prune_budgets_and_save(
     overwrite: bool = False,
     refit: str = "none",
     selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
+    records: Sequence[dict] | None = None,
 ) -> list[PruneReport]:
     """`prune_and_save` for parameter budgets: one folder per budget. With a planner of
     `analysis="shared"`, the dense model is analysed once at the first budget and every budget
@@ -368,6 +372,7 @@ def prune_budgets_and_save(
     :param overwrite: replace existing folders.
     :param refit: the FFN refit.
     :param selfgen: the self-generated text (written once, used by every budget).
+    :param records: how each folder was made (`prunenet.runner`), one per folder, or None.
     """
     if len(targets) != len(folders):
         raise PruneNetError(f"Got {len(targets)} budgets for {len(folders)} output folders.")
@@ -378,17 +383,20 @@ def prune_budgets_and_save(
     def cut(target, last: bool):
         return apply_budget(model, planner, target, structures, tokens, last, refit, shared)
 
-    return _cut_and_save_each(targets, folders, cut, tokenizer, overwrite)
+    return _cut_and_save_each(targets, folders, cut, tokenizer, overwrite, records)
 
 
-def _cut_and_save_each(requests, folders, cut, tokenizer, overwrite: bool) -> list[PruneReport]:
+def _cut_and_save_each(
+    requests, folders, cut, tokenizer, overwrite: bool, records: Sequence[dict] | None = None
+) -> list[PruneReport]:
     """`cut(request, last)` for each request (the last may cut the dense model in place), each
     result saved atomically into its folder; `seconds` covers cutting and saving."""
     reports = []
     for index, (request, folder) in enumerate(zip(requests, folders, strict=True)):
         start = time.perf_counter()
         pruned, report = cut(request, index == len(requests) - 1)
-        save_pruned(pruned, tokenizer, folder, report, overwrite=overwrite)
+        record = records[index] if records else None
+        save_pruned(pruned, tokenizer, folder, report, overwrite, record)
         report.seconds = time.perf_counter() - start
         reports.append(report)
     return reports
@@ -453,6 +461,7 @@ def prune_strategies_and_save(
     overwrite: bool = False,
     refit: str = "none",
     selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
+    records: Sequence[dict] | None = None,
 ) -> list[PruneReport]:
     """`prune_budgets_and_save` for per-layer strategies (one folder per strategy).
 
@@ -465,6 +474,7 @@ def prune_strategies_and_save(
     :param overwrite: replace existing folders.
     :param refit: the FFN refit.
     :param selfgen: the analysis text (written once, used by every strategy).
+    :param records: how each folder was made (`prunenet.runner`), one per folder, or None.
     """
     if len(strategies) != len(folders):
         raise PruneNetError(f"Got {len(strategies)} strategies for {len(folders)} folders.")
@@ -473,4 +483,4 @@ def prune_strategies_and_save(
     def cut(strategy, last: bool):
         return apply_strategy(model, planner, strategy, head_scores, tokens, last, refit)
 
-    return _cut_and_save_each(strategies, folders, cut, tokenizer, overwrite)
+    return _cut_and_save_each(strategies, folders, cut, tokenizer, overwrite, records)

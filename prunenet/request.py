@@ -6,7 +6,8 @@ where (the strategy), which rows (the scorer), the refit, the self-generated tex
 route and the device. Its field defaults are the defaults of the library and of the CLI alike:
 `prunenet prune` only turns flags into a request (`--config FILE` reads one from JSON), and
 `prunenet.prune(model, out, request)` runs the same request from Python. The request is written
-into every output folder (`prunenet_request.json`, with the defaults resolved), so anyone can
+into every output folder (`prunenet_request.json`, `prunenet.io.saving.write_records`, with
+the defaults resolved), so anyone can
 see how a folder was made and replay it with `prunenet prune --config`.
 
 `validate` refuses, before any model is read, every combination that cannot work, with one
@@ -43,7 +44,6 @@ MAX_SEED = 2**32 - 1
 # The refit holds out a quarter of the sequences and needs two tokens after the start token.
 MIN_TEXT_SEQUENCES = 4
 MIN_TEXT_LENGTH = 3
-REQUEST_FILE = "prunenet_request.json"
 FORMAT = 1
 # Echo at most this many values of a list in a message.
 _ECHOED = 5

@@ -230,11 +230,21 @@ class Run:
             sequences=request.text_sequences, length=request.text_length, seed=request.seed
         )
 
-    def record(self, request: PruneRequest | None = None) -> dict:
-        """What each folder records about its making (`prunenet_request.json`, the card)."""
-        record = request_record(request or self.request, self.model, self.command)
+    def record(self, amount: float) -> dict:
+        """What the folder of one amount records about its making (`prunenet_request.json`,
+        the card): the request as it would replay that folder alone.
+
+        :param amount: the folder's share of FFN rows or of parameters.
+        """
+        field = "remove_params" if self.request.remove_params is not None else "ratio"
+        request = self.request.replace(**{field: (amount,)})
+        record = request_record(request, self.model, self.command)
         record.update(source_metadata(self.model))
         return record
+
+    def records(self, amounts) -> list[dict]:
+        """`record` for each amount, in order."""
+        return [self.record(amount) for amount in amounts]
 
     # ----- the whole model in memory ----------------------------------------------------------
 
@@ -282,7 +292,7 @@ class Run:
         if search is not None:
             planner = _recording(planner, {"target_speedup": search.to_dict()})
         common = dict(overwrite=self.overwrite, refit=request.refit, selfgen=self.selfgen,
-                      record=self.record())  # fmt: skip
+                      records=self.records(request.amounts))  # fmt: skip
         if request.remove_params is not None and request.strategy_name != "uniform":
             context = strategy_context(
                 model, request.refit != "none", describe=request.strategy_name == "policy"
@@ -347,7 +357,7 @@ class Run:
                 tokenizer=tokenizer,
                 overwrite=self.overwrite,
                 text_route=request.text_route,
-                record=self.record(),
+                record=self.record(ratio),
             )  # fmt: skip
             for ratio, folder in zip(request.ratio, self.folders, strict=True)
         ]
@@ -378,7 +388,7 @@ class Run:
                 device=self.device,
                 overwrite=self.overwrite,
                 progress=lambda line: self.say(f"  {line}"),
-                record=self.record(),
+                record=self.record(ratio),
             )  # fmt: skip
             for ratio, folder in zip(request.ratio, self.folders, strict=True)
         ]

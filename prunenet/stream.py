@@ -23,7 +23,6 @@ assembled in memory, because real checkpoints ship 5-10 GB shards. Peak memory i
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +43,12 @@ from prunenet.core.devices import resolve_device
 from prunenet.core.ratios import validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.io.remote_code import write_remote_code
-from prunenet.io.saving import REPORT_FILE, atomic_directory, check_free_space, check_output_path
+from prunenet.io.saving import (
+    atomic_directory,
+    check_free_space,
+    check_output_path,
+    write_records,
+)
 from prunenet.io.stream.checkpoint import (
     available_memory_bytes,
     checkpoint_bytes,
@@ -87,6 +91,7 @@ def stream_prune(
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    record: dict | None = None,
 ) -> StreamReport:
     """Prune the FFN of every layer of a safetensors checkpoint folder without loading the model.
 
@@ -100,6 +105,7 @@ def stream_prune(
         writing stay on the CPU.
     :param overwrite: replace an existing `out`.
     :param progress: called with one line per written shard (the CLI prints them).
+    :param record: how the folder was made (`prunenet.runner`), written into it with the card.
     """
     start = time.perf_counter()
     require_weights_only(scorer)
@@ -152,7 +158,7 @@ def stream_prune(
             bytes_written=bytes_written,
         )
         report.seconds = time.perf_counter() - start
-        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
+        write_records(staging, report.to_dict(), record)
     return report
 
 
