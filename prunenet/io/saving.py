@@ -22,6 +22,9 @@ What a user can rely on at `--out`:
   is a real folder (not a link) holding `config.json` (a model folder; `pareto.json` for
   `prunenet pareto`) and is not the current folder, one above it, the home folder or `/`,
   however spelled; `--out ""` is refused. Anything else exits 2 before any work.
+- **Names that fit.** An `out` whose name plus the longest name derived from it
+  (`.NAME.previous-XXXXXXXX`, 19 bytes more) exceeds the filesystem's name limit is refused
+  before any work, not when the finished output is renamed.
 - **No leftovers.** SIGINT and SIGTERM (the CLI turns SIGTERM into KeyboardInterrupt) remove the
   staging folder. SIGKILL cannot be caught, so the next run to the same destination, holding the
   lock, removes the killed run's staging folders and says so.
@@ -47,7 +50,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prunenet.errors import PruneNetError
-from prunenet.io.remote_code import write_remote_code
+from prunenet.io.model_card import render_model_card, write_model_card
+from prunenet.io.remote_code import MODELING_FILE, write_remote_code
 
 try:  # POSIX; without it (Windows) runs are not locked against each other
     import fcntl
@@ -55,8 +59,10 @@ except ImportError:  # pragma: no cover - not reachable on Linux/macOS
     fcntl = None
 
 REPORT_FILE = "prunenet_report.json"
+REQUEST_FILE = "prunenet_request.json"  # prunenet.request.REQUEST_FILE: the resolved request
 PARTIAL = "partial"
 PREVIOUS = "previous"
+_SUFFIX = 8  # characters `mkdtemp` adds to the staging and backup names
 MODEL_MARKER = "config.json"
 # Locks this process holds, by absolute destination, with the file that makes an existing
 # destination replaceable: nested writers of the same run reuse them.
@@ -76,6 +82,7 @@ def check_output_path(out: str | Path, overwrite: bool, replaces: str = MODEL_MA
         model folder; a pareto folder holds `pareto.json`).
     """
     out = output_path(out)
+    check_name_length(out)
     if os.path.lexists(out) and not overwrite:
         raise PruneNetError(
             f"Output path {out} already exists. Choose another --out or pass --overwrite."
@@ -94,6 +101,39 @@ def output_path(out: str | Path) -> Path:
             "--out is empty (an unset shell variable?); give the output folder's path."
         )
     return Path(out).expanduser()
+
+
+def check_name_length(out: Path) -> None:
+    """Refuse an `out` whose name, or a name the writer derives from it, the filesystem cannot
+    hold (ENAMETOOLONG would otherwise come only when the finished output is renamed).
+
+    The longest derived name is the fallback replace's `.NAME.previous-XXXXXXXX`; folders that
+    do not exist yet are checked too.
+    """
+    absolute = Path(os.path.abspath(out))
+    existing = absolute.parent
+    while not os.path.exists(existing):  # (Path.exists raises on a name that is too long)
+        existing = existing.parent
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):  # no pathconf (or no answer): the common limit
+        limit = 255
+    for part in absolute.relative_to(existing).parts[:-1]:
+        if len(os.fsencode(part)) > limit:
+            raise PruneNetError(
+                f"Cannot create the folder {part[:40]}... in --out: its name is "
+                f"{len(os.fsencode(part))} bytes, over this filesystem's limit of {limit}. "
+                "Choose shorter names."
+            )
+    name = len(os.fsencode(absolute.name))
+    derived = name + len(f"..{PREVIOUS}-") + _SUFFIX
+    if derived > limit:
+        raise PruneNetError(
+            f"--out's name {absolute.name[:40]}... is {name} bytes; PruneNet also writes beside "
+            f"it under names {derived - name} bytes longer (.NAME.{PREVIOUS}-XXXXXXXX), over "
+            f"this filesystem's limit of {limit}. Choose a name of at most "
+            f"{limit - (derived - name)} bytes."
+        )
 
 
 def check_replaceable(out: Path, replaces: str = MODEL_MARKER) -> None:
@@ -151,7 +191,7 @@ def check_writable_parent(path: str | Path) -> Path:
     """The nearest existing ancestor of `path` must be a folder this process can write to."""
     path = Path(path).expanduser().absolute()
     ancestor = path.parent
-    while not ancestor.exists():
+    while not os.path.exists(ancestor):
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise PruneNetError(
@@ -292,7 +332,9 @@ def clean_stale_siblings(out: Path) -> list[str]:
 def _sibling_kind(out: Path, name: str) -> str | None:
     # mkdtemp's suffix is 8 characters of [a-z0-9_]; matching it exactly keeps the staging
     # folders of another destination (say `out.partial-x`) out of this one's cleanup.
-    match = re.fullmatch(rf"\.{re.escape(out.name)}\.({PARTIAL}|{PREVIOUS})-[a-z0-9_]{{8}}", name)
+    match = re.fullmatch(
+        rf"\.{re.escape(out.name)}\.({PARTIAL}|{PREVIOUS})-[a-z0-9_]{{{_SUFFIX}}}", name
+    )
     return match.group(1) if match else None
 
 
@@ -458,17 +500,56 @@ def _set_default_mode(folder: Path) -> None:
             os.chmod(path, (0o777 if name in folders or executable else 0o666) & ~umask)
 
 
-def save_pruned(model, tokenizer, out: str | Path, report, overwrite: bool = False) -> Path:
-    """Save model, tokenizer and report atomically: nothing appears at `out` unless all succeed.
+def save_pruned(
+    model, tokenizer, out: str | Path, report, overwrite: bool = False, record: dict | None = None
+) -> Path:
+    """Save model, tokenizer, report, request and card atomically: nothing appears at `out`
+    unless all succeed.
 
     :param model: a `transformers` model (`save_pretrained`).
     :param tokenizer: its tokenizer, or None (then the folder has none).
     :param out: the destination folder.
     :param report: what the run did (`prunenet.core.compress.PruneReport`, any `to_dict()`).
     :param overwrite: replace an existing `out`.
+    :param record: how the folder was made (`prunenet.request.request_record`, with the
+        source's `base_model` and `license`), written as `prunenet_request.json` and rendered
+        into the model card; None (a bare library call of the pipeline): the card says only
+        what the report says.
     """
-    files = {REPORT_FILE: json.dumps(report.to_dict(), indent=2)}
-    return save_model_folder(model, tokenizer, out, files, overwrite)
+    out = Path(out).expanduser()
+    with atomic_directory(out, overwrite) as staging:
+        model.save_pretrained(staging)
+        write_remote_code(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        write_records(staging, report.to_dict(), record)
+    return out
+
+
+def write_records(folder: Path, report: dict, record: dict | None) -> None:
+    """The files that say what a pruned folder is: `prunenet_report.json`,
+    `prunenet_request.json` (when there is a request) and the model card `README.md`. Called
+    last, in the staging folder, so the card knows whether the folder needs its modeling file.
+
+    :param folder: the staging folder (model files already written).
+    :param report: the report's dict (`PruneReport.to_dict()`).
+    :param record: how it was made (`save_pruned`), or None.
+    """
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    record = record or {}
+    if record:
+        public = {k: v for k, v in record.items() if k not in ("base_model", "license")}
+        (folder / REQUEST_FILE).write_text(json.dumps(public, indent=2) + "\n")
+    card = render_model_card(
+        report,
+        source=str(record.get("model") or "a model"),
+        base_model=record.get("base_model"),
+        license=record.get("license"),
+        command=record.get("command"),
+        request=record.get("request"),
+        needs_remote_code=(folder / MODELING_FILE).is_file(),
+    )
+    write_model_card(folder, card)
 
 
 def save_model_folder(

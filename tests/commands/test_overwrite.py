@@ -102,3 +102,11 @@ def test_overwrite_of_a_folder_above_the_current_one_exits_2(
 def test_overwrite_of_root_exits_2(capsys) -> None:
     assert _prune("/") == 2
     assert "the root folder" in capsys.readouterr().err
+
+
+def test_a_245_character_out_name_exits_2_before_the_model_is_read(tmp_path: Path, capsys) -> None:
+    code = _exit_code("prune", "--model", MISSING_MODEL, "--ratio", "0.5", "--scorer", "random",
+                      "--out", str(tmp_path / ("m" * 245)))  # fmt: skip
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "at most 236 bytes" in error and "does not exist" not in error

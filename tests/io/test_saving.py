@@ -183,6 +183,29 @@ def test_a_folder_that_stops_being_a_model_folder_during_the_run_is_kept(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_an_out_name_too_long_for_the_writers_derived_names_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / ("m" * 245)  # fits the 255-byte limit itself, its backup name does not
+    with pytest.raises(PruneNetError, match=r"at most 236 bytes"):
+        check_output_path(out, overwrite=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_longest_accepted_out_name_is_written_and_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(saving, "_renameat2", lambda source, target, flags: False)
+    out = tmp_path / ("m" * 236)
+    for run in ("first", "second"):  # the second replaces the first through `.NAME.previous-`
+        with atomic_directory(out, overwrite=True) as staging:
+            (staging / "config.json").write_text(run)
+    assert (out / "config.json").read_text() == "second"
+
+
+def test_a_parent_folder_name_too_long_to_create_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(PruneNetError, match="Cannot create the folder"):
+        check_output_path(tmp_path / ("d" * 300) / "out", overwrite=False)
+
+
 def test_missing_parent_folders_are_created(tmp_path: Path) -> None:
     with atomic_directory(tmp_path / "a" / "b" / "out", overwrite=False) as staging:
         (staging / "f").write_text("x")
