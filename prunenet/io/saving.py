@@ -63,6 +63,8 @@ REQUEST_FILE = "prunenet_request.json"  # prunenet.request.REQUEST_FILE: the res
 PARTIAL = "partial"
 PREVIOUS = "previous"
 _SUFFIX = 8  # characters `mkdtemp` adds to the staging and backup names
+# Kept free beyond the output's own size: the filesystem's metadata, the tokenizer, reports.
+FREE_SPACE_MARGIN = 64 * 2**20
 MODEL_MARKER = "config.json"
 # Locks this process holds, by absolute destination, with the file that makes an existing
 # destination replaceable: nested writers of the same run reuse them.
@@ -83,6 +85,12 @@ def check_output_path(out: str | Path, overwrite: bool, replaces: str = MODEL_MA
     """
     out = output_path(out)
     check_name_length(out)
+    if out.is_symlink() and not out.exists():
+        raise PruneNetError(
+            f"Output path {out} is a symbolic link to {os.readlink(out)}, which does not "
+            "exist; PruneNet writes a real folder and never through a link. Remove the link "
+            "or choose another --out."
+        )
     if os.path.lexists(out) and not overwrite:
         raise PruneNetError(
             f"Output path {out} already exists. Choose another --out or pass --overwrite."
@@ -209,11 +217,23 @@ def check_free_space(out: str | Path, needed_bytes: int) -> None:
     """Refuse to start when the filesystem of `out` cannot hold `needed_bytes` (plus a margin)."""
     existing = check_writable_parent(out)
     free = shutil.disk_usage(existing).free
-    if free < needed_bytes * 1.02 + 64 * 2**20:
+    required = int(needed_bytes * 1.02) + FREE_SPACE_MARGIN
+    if free < required:
+        # Sizes in a unit that shows them: a small model's output is far below 0.01 GB, and
+        # the fixed margin is then most of what is missing.
         raise PruneNetError(
-            f"The output needs about {needed_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB "
-            f"are free under {existing}; free some space or choose another --out."
+            f"The output needs about {format_size(needed_bytes)}, {format_size(required)} "
+            f"with a safety margin, but only {format_size(free)} are free under {existing}; "
+            "free some space or choose another --out."
         )
+
+
+def format_size(size: int | float) -> str:
+    """A byte count in the largest decimal unit that keeps it at 1 or more: `21.7 kB`."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{int(size)} bytes"
 
 
 @contextmanager

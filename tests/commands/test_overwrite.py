@@ -110,3 +110,13 @@ def test_a_245_character_out_name_exits_2_before_the_model_is_read(tmp_path: Pat
     assert code == 2
     error = capsys.readouterr().err
     assert "at most 236 bytes" in error and "does not exist" not in error
+
+
+def test_a_dangling_symlink_out_exits_2_before_the_model_is_read(tmp_path: Path, capsys) -> None:
+    (tmp_path / "out").symlink_to(tmp_path / "missing-target")
+    code = _exit_code("prune", "--model", MISSING_MODEL, "--ratio", "0.5", "--scorer", "random",
+                      "--out", str(tmp_path / "out"))  # fmt: skip
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "missing-target, which does not exist" in error
+    assert "appeared while this run was working" not in error

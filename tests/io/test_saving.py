@@ -479,6 +479,25 @@ def test_full_disk_while_writing_is_a_clear_error_and_leaves_nothing(tmp_path: P
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_dangling_symlink_out_is_refused_up_front_naming_its_target(tmp_path: Path) -> None:
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    for overwrite in (False, True):
+        with pytest.raises(PruneNetError, match=r"symbolic link to .*gone, which does not exist"):
+            check_output_path(tmp_path / "out", overwrite)
+    assert not (tmp_path / "gone").exists()
+
+
+def test_a_full_disk_message_gives_the_real_size_of_a_small_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(saving.shutil, "disk_usage", lambda path: usage._replace(free=10**6))
+    with pytest.raises(PruneNetError) as refused:
+        check_free_space(tmp_path / "out", 22_224)  # a tiny model's weights
+    assert "needs about 22.2 kB" in str(refused.value)
+    assert "67.1 MB with a safety margin, but only 1.0 MB are free" in str(refused.value)
+
+
 def test_free_space_check_refuses_an_output_larger_than_the_disk(tmp_path: Path) -> None:
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(PruneNetError, match="free some space"):
