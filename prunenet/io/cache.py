@@ -23,10 +23,15 @@ one-line `CacheWarning` naming the entry and the reason. The checksum detects co
 entry with wrong numbers. So the `analysis` folder is kept at mode 0700, a folder owned by
 another user is not used at all, and entries are written atomically with mode 0600. Pickled
 `.pt` entries of older versions are never read.
+
+A writer killed mid-write (SIGKILL) leaves a `.NAME.partial-PID-XXXXXXXX` temporary; the
+first cache use of a later process removes those whose writer is gone or that are over an hour
+old.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,13 +46,16 @@ import torch
 from torch import nn
 
 from prunenet.io.models import prunenet_cache_dir
-from prunenet.io.saving import atomic_file
+from prunenet.io.saving import atomic_file, remove_stale_partial_files
 
 CACHE_FORMAT = 2  # 1 was pickled `.pt` files
 ENTRY_SUFFIX = ".safetensors"
 T = TypeVar("T")
 Tensors = dict[str, torch.Tensor]
 Info = dict[str, Any]  # JSON-able: str keys; str, int, float, bool, None, lists and dicts
+
+# Cache folders whose stale temporaries this process removed (once per process).
+_SWEPT: set[Path] = set()
 
 _ENTRY_FIELD = "prunenet.entry"
 _CHECKSUM_FIELD = "prunenet.sha256"
@@ -102,7 +110,7 @@ def memoize(
     if folder is None:
         return compute()
     path = folder / _entry_name(kind, key)
-    if path.exists():
+    if os.path.exists(path):
         try:
             return decode(*_read_entry(path, key))
         except Exception as error:  # whatever is wrong with an entry, it is recomputed
@@ -162,7 +170,8 @@ def _entry_name(kind: str, key: str) -> str:
 
 
 def _private_folder() -> Path | None:
-    """The `analysis` folder, created (or narrowed) to 0700; None if another user owns it."""
+    """The `analysis` folder, created (or narrowed) to 0700, its stale temporaries removed;
+    None if another user owns it."""
     folder = prunenet_cache_dir() / "analysis"
     os.makedirs(folder, mode=0o700, exist_ok=True)
     status = folder.stat()
@@ -177,6 +186,12 @@ def _private_folder() -> Path | None:
         return None
     if stat.S_IMODE(status.st_mode) != 0o700:  # e.g. created 0755 by an older version
         os.chmod(folder, 0o700)
+    if folder not in _SWEPT:
+        _SWEPT.add(folder)
+        # What writers killed mid-write (SIGKILL) left: nothing else removes it. An unreadable
+        # listing only leaves them for a later run.
+        with contextlib.suppress(OSError):
+            remove_stale_partial_files(folder)
     return folder
 
 

@@ -45,6 +45,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +64,8 @@ REQUEST_FILE = "prunenet_request.json"  # prunenet.request.REQUEST_FILE: the res
 PARTIAL = "partial"
 PREVIOUS = "previous"
 _SUFFIX = 8  # characters `mkdtemp` adds to the staging and backup names
+# An `atomic_file` temporary this old is stale even if a process has its writer's pid.
+STALE_PARTIAL_SECONDS = 3600
 # Kept free beyond the output's own size: the filesystem's metadata, the tokenizer, reports.
 FREE_SPACE_MARGIN = 64 * 2**20
 MODEL_MARKER = "config.json"
@@ -308,7 +311,9 @@ def atomic_file(path: str | Path, mode: int | None = None) -> Iterator[Path]:
     """
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.{PARTIAL}-", dir=path.parent)
+    # The writer's pid in the name lets a later reader remove what a killed writer left.
+    prefix = f".{path.name}.{PARTIAL}-{os.getpid()}-"
+    handle, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     os.close(handle)
     staging = Path(name)
     try:
@@ -323,6 +328,54 @@ def atomic_file(path: str | Path, mode: int | None = None) -> Iterator[Path]:
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def remove_stale_partial_files(
+    folder: Path, max_age_seconds: float = STALE_PARTIAL_SECONDS
+) -> list[Path]:
+    """Remove the temporaries of `atomic_file` writers in `folder` that are gone: the pid in
+    the name is no running process (a SIGKILL mid-write), or the file is older than
+    `max_age_seconds` (a writer's pid reused, or a name from before pids were recorded).
+
+    A writer whose temporary is removed under it fails with an OSError, never with a wrong
+    file; callers for whom the file is optional (the cache) go on without it.
+
+    :param folder: the folder the files were written to.
+    :param max_age_seconds: age past which any temporary is stale.
+    :return: the removed paths.
+    """
+    removed = []
+    now = time.time()
+    pattern = re.compile(rf"\..+\.{PARTIAL}-(?:(\d+)-)?[a-z0-9_]{{{_SUFFIX}}}")
+    for entry in os.scandir(folder):
+        match = pattern.fullmatch(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(match.group(1)) if match.group(1) else None
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            continue  # its writer finished meanwhile
+        if age > max_age_seconds or (pid not in (None, os.getpid()) and not _running(pid)):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether a process `pid` exists (one of another user counts)."""
+    if os.name != "posix":  # pragma: no cover - Windows' os.kill would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or a pid we cannot ask about
+        return True
+    return True
 
 
 def clean_stale_siblings(out: Path) -> list[str]:

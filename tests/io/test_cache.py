@@ -7,7 +7,11 @@ import hashlib
 import json
 import os
 import pickle
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -295,6 +299,74 @@ def test_prunenet_no_cache_disables_the_cache(
 def test_cache_leaves_no_staging_files_behind(cache_dir: Path) -> None:
     remember("test", tiny_model("llama"), {}, Counter())
     assert [p.name for p in cache_dir.iterdir() if p.name.startswith(".")] == []
+
+
+# ----- what killed writers leave behind -----------------------------------------------------
+
+
+def test_a_partial_entry_left_by_a_writer_killed_mid_write_is_removed_on_next_use(
+    cache_dir: Path,
+) -> None:
+    cache_dir.mkdir(mode=0o700)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITE_UNTIL_KILLED, str(cache_dir)], stdout=subprocess.PIPE
+    )
+    try:
+        assert writer.stdout.readline().strip() == b"writing"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=60)
+    assert [p.name for p in cache_dir.iterdir()] == [
+        f".test-abc.safetensors.partial-{writer.pid}-{_name_suffix(cache_dir)}"
+    ]
+    remember("test", tiny_model("llama"), {}, Counter())
+    assert not [p for p in cache_dir.iterdir() if ".partial-" in p.name]
+
+
+def test_a_fresh_partial_entry_of_a_running_writer_is_kept(cache_dir: Path) -> None:
+    cache_dir.mkdir(mode=0o700)
+    running = cache_dir / f".test-abc.safetensors.partial-{os.getppid()}-abcd1234"
+    running.write_bytes(b"being written")
+    remember("test", tiny_model("llama"), {}, Counter())
+    assert running.read_bytes() == b"being written"
+
+
+@pytest.mark.parametrize("name", [".x.safetensors.partial-{pid}-abcd1234",
+                                  ".x.safetensors.partial-abcd1234"])  # fmt: skip
+def test_a_partial_entry_older_than_an_hour_is_removed_even_if_its_pid_runs(
+    cache_dir: Path, name: str
+) -> None:
+    cache_dir.mkdir(mode=0o700)
+    old = cache_dir / name.format(pid=os.getppid())  # a pid that runs: reused, say
+    old.write_bytes(b"abandoned")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    remember("test", tiny_model("llama"), {}, Counter())
+    assert not old.exists()
+
+
+def test_files_that_are_not_partial_entries_are_never_removed(cache_dir: Path) -> None:
+    cache_dir.mkdir(mode=0o700)
+    mine = cache_dir / "notes.partial-99999999-abcd1234"  # no leading dot: not a temporary
+    mine.write_text("kept")
+    remember("test", tiny_model("llama"), {}, Counter())
+    assert mine.read_text() == "kept"
+
+
+def _name_suffix(folder: Path) -> str:
+    return next(folder.iterdir()).name.rsplit("-", 1)[1]
+
+
+# Starts an atomic cache write into argv[1], says "writing" with half an entry on disk, waits.
+_WRITE_UNTIL_KILLED = """
+import sys, time
+from pathlib import Path
+from prunenet.io.saving import atomic_file
+with atomic_file(Path(sys.argv[1]) / "test-abc.safetensors", mode=0o600) as staging:
+    staging.write_bytes(b"half an entry")
+    print("writing", flush=True)
+    time.sleep(600)
+"""
 
 
 def test_cached_activations_equal_computed_ones_without_computing_again(
