@@ -24,9 +24,11 @@ entry with wrong numbers. So the `analysis` folder is kept at mode 0700, a folde
 another user is not used at all, and entries are written atomically with mode 0600. Pickled
 `.pt` entries of older versions are never read.
 
-A writer killed mid-write (SIGKILL) leaves a `.NAME.partial-PID-XXXXXXXX` temporary; the
-first cache use of a later process removes those whose writer is gone or that are over an hour
-old.
+The cache only saves time, so an unusable one never stops a run: a `PRUNENET_CACHE` that is a
+file, a read-only folder or a full disk gets one `CacheWarning` per process and the run goes on
+computing (entries that can be read still are). A writer killed mid-write (SIGKILL) leaves a
+`.NAME.partial-PID-XXXXXXXX` temporary; the first cache use of a later process removes those
+whose writer is gone or that are over an hour old.
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ T = TypeVar("T")
 Tensors = dict[str, torch.Tensor]
 Info = dict[str, Any]  # JSON-able: str keys; str, int, float, bool, None, lists and dicts
 
-# Cache folders whose stale temporaries this process removed (once per process).
+# Per process: cache folders warned about as unusable (once each), folders writes failed in
+# (reads from them go on), folders whose stale temporaries were removed.
+_WARNED: set[Path] = set()
+_NOT_WRITABLE: set[Path] = set()
 _SWEPT: set[Path] = set()
 
 _ENTRY_FIELD = "prunenet.entry"
@@ -117,8 +122,13 @@ def memoize(
             reason = " ".join(f"{type(error).__name__}: {error}".split())
             warnings.warn(f"prunenet cache: recomputing {path}: {reason}", CacheWarning, 2)
     value = compute()
-    tensors, info = encode(value)
-    _write_entry(path, key, tensors, info)
+    if folder not in _NOT_WRITABLE:
+        tensors, info = encode(value)
+        try:
+            _write_entry(path, key, tensors, info)
+        except OSError as error:  # read-only, full, or a quota: the value is still good
+            _NOT_WRITABLE.add(folder)
+            _warn_unusable(folder, f"cannot write to it ({error.strerror or error})")
     return value
 
 
@@ -171,10 +181,14 @@ def _entry_name(kind: str, key: str) -> str:
 
 def _private_folder() -> Path | None:
     """The `analysis` folder, created (or narrowed) to 0700, its stale temporaries removed;
-    None if another user owns it."""
+    None (after one warning) if it cannot be used or another user owns it."""
     folder = prunenet_cache_dir() / "analysis"
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    status = folder.stat()
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        status = folder.stat()
+    except OSError as error:  # PRUNENET_CACHE is a file, or read-only, or on a full disk
+        _warn_unusable(folder, f"it cannot be created or read ({error.strerror or error})")
+        return None
     if hasattr(os, "getuid") and status.st_uid != os.getuid():
         # We cannot narrow its permissions, and its owner could plant consistent wrong entries.
         warnings.warn(
@@ -185,7 +199,11 @@ def _private_folder() -> Path | None:
         )
         return None
     if stat.S_IMODE(status.st_mode) != 0o700:  # e.g. created 0755 by an older version
-        os.chmod(folder, 0o700)
+        try:
+            os.chmod(folder, 0o700)
+        except OSError as error:
+            _warn_unusable(folder, f"it cannot be made private ({error.strerror or error})")
+            return None
     if folder not in _SWEPT:
         _SWEPT.add(folder)
         # What writers killed mid-write (SIGKILL) left: nothing else removes it. An unreadable
@@ -193,6 +211,19 @@ def _private_folder() -> Path | None:
         with contextlib.suppress(OSError):
             remove_stale_partial_files(folder)
     return folder
+
+
+def _warn_unusable(folder: Path, reason: str) -> None:
+    """One warning per folder and process: the cache only saves time, so the run goes on."""
+    if folder in _WARNED:
+        return
+    _WARNED.add(folder)
+    warnings.warn(
+        f"prunenet cache: not using {folder}: {reason}. Going on without the cache (it only "
+        "saves time); set PRUNENET_CACHE to a writable folder, or PRUNENET_NO_CACHE=1.",
+        CacheWarning,
+        4,
+    )
 
 
 def _read_entry(path: Path, key: str) -> tuple[Tensors, Info]:

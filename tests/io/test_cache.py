@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -12,6 +13,8 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ import torch
 
 import prunenet.allocation.sensitivity
 import prunenet.analysis.selfgen
+import prunenet.io.cache as cache_module
 from prunenet.allocation.sensitivity import auto_allocation
 from prunenet.analysis.selfgen import _encode_activations, collect_activations
 from prunenet.io.cache import (
@@ -299,6 +303,70 @@ def test_prunenet_no_cache_disables_the_cache(
 def test_cache_leaves_no_staging_files_behind(cache_dir: Path) -> None:
     remember("test", tiny_model("llama"), {}, Counter())
     assert [p.name for p in cache_dir.iterdir() if p.name.startswith(".")] == []
+
+
+# ----- an unusable cache: warn once and go on --------------------------------------------------
+
+
+def _cache_warnings(call) -> list[str]:
+    """The CacheWarnings `call()` emits, every one recorded (not Python's once-per-place)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if issubclass(w.category, CacheWarning)]
+
+
+def _twice(model: torch.nn.Module, compute: Counter) -> None:
+    remember("a", model, {}, compute)
+    remember("b", model, {}, compute)
+
+
+def test_a_cache_path_that_is_a_file_warns_once_and_computes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cache").write_text("a file")
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("PRUNENET_NO_CACHE", raising=False)
+    compute = Counter()
+    messages = _cache_warnings(lambda: _twice(tiny_model("llama"), compute))
+    assert compute.calls == 2
+    assert len(messages) == 1 and "Going on without the cache" in messages[0]
+    assert (tmp_path / "cache").read_text() == "a file"
+
+
+def test_a_cache_folder_that_cannot_be_created_warns_once_and_computes(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cache_module.os, "makedirs", read_only)
+    compute = Counter()
+    messages = _cache_warnings(lambda: _twice(tiny_model("llama"), compute))
+    assert compute.calls == 2
+    assert len(messages) == 1 and "Read-only file system" in messages[0]
+
+
+@pytest.mark.parametrize(
+    "failure", [(errno.EROFS, "Read-only file system"), (errno.ENOSPC, "No space left on device")]
+)
+def test_a_cache_that_cannot_be_written_warns_once_and_still_reads_its_entries(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch, failure: tuple[int, str]
+) -> None:
+    model, compute = tiny_model("llama"), Counter()
+    stored = remember("stored", model, {}, compute)
+
+    @contextmanager
+    def cannot_write(path, mode=None):
+        raise OSError(*failure)
+        yield
+
+    monkeypatch.setattr(cache_module, "atomic_file", cannot_write)
+    messages = _cache_warnings(lambda: _twice(model, compute))
+    assert compute.calls == 3  # "a" and "b" computed, "stored" not again:
+    assert torch.equal(remember("stored", model, {}, compute)["value"], stored["value"])
+    assert compute.calls == 3
+    assert len(messages) == 1 and failure[1] in messages[0]
 
 
 # ----- what killed writers leave behind -----------------------------------------------------
