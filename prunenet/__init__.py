@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load_pruned"]
+__all__ = ["PruneRequest", "load_pruned", "prune"]
 
 
 def __getattr__(name: str) -> Any:
@@ -14,4 +14,12 @@ def __getattr__(name: str) -> Any:
         from prunenet.io.loading import load_pruned
 
         return load_pruned
+    if name == "prune":
+        from prunenet.runner import prune
+
+        return prune
+    if name == "PruneRequest":
+        from prunenet.request import PruneRequest
+
+        return PruneRequest
     raise AttributeError(f"module 'prunenet' has no attribute {name!r}")

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The command line as typed, for the records a command writes (prunenet_request.json).
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     # Signal handlers can only be set from the main thread (callers may run main elsewhere).
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None

@@ -478,7 +478,7 @@ def _check_fractions(name: str, meaning: str, values: tuple[float, ...]) -> None
            or not 0 < v < 1]  # fmt: skip
     if bad:
         raise PruneNetError(
-            f"{name} {echo(bad)}: each value is the {meaning} and must be in (0, 1), e.g. 0.2."
+            f"{name} {echo(bad)} is outside (0, 1): each value is the {meaning}, e.g. 0.2."
         )
     duplicates = sorted({v for v in values if values.count(v) > 1})
     if duplicates:

@@ -23,7 +23,7 @@ from prunenet.allocation.structures import check_budget
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN
 from prunenet.commands.options import non_negative_int, positive_int
-from prunenet.commands.prune import build_scorer, parse_ratios, resolve_defaults
+from prunenet.commands.prune import parse_ratios
 from prunenet.core.arch import can_store_output_bias
 from prunenet.core.devices import describe_device, resolve_device
 from prunenet.core.refit import REFITS
@@ -48,7 +48,9 @@ from prunenet.front import (
 from prunenet.io.models import ALIASES, DTYPES, load_model
 from prunenet.io.saving import hold_output
 from prunenet.pipeline import scorer_planner
+from prunenet.request import PruneRequest
 from prunenet.rl.strategy import BUNDLED_STRATEGY, load_strategy_policy
+from prunenet.runner import build_scorer, resolve_defaults
 from prunenet.scoring.registry import SCORERS
 from prunenet.tables import format_table
 
@@ -229,9 +231,11 @@ def run(args: argparse.Namespace) -> int:
             f"--tasks {args.tasks} names no perplexity text; the quality is measured on them: "
             f"add one of {', '.join(PPL_TASKS)}."
         )
-    args.policy, args.analysis = None, None  # prune's scorer options that pareto does not take
-    scorer = build_scorer(args)
-    resolve_defaults(args, scorer)
+    # The scorer and the refit default exactly as `prunenet prune` resolves them in memory.
+    request = PruneRequest(remove_params=tuple(args.remove_params), scorer=args.scorer,
+                           refit=args.refit, seed=args.seed)  # fmt: skip
+    scorer = build_scorer(request)
+    args.refit = resolve_defaults(request, scorer, "memory").refit
     settings = SweepSettings(
         budgets=tuple(args.remove_params),
         strategies=tuple(args.strategies),
