@@ -53,8 +53,9 @@ from prunenet.evaluation.zero_shot import (
     primary_metric,
     zero_shot_average,
 )
+from prunenet.io.model_card import CARD_FILE, evaluation_markdown, is_prunenet_card, with_evaluation
 from prunenet.io.models import ALIASES, load_model, resolve_model_path
-from prunenet.io.saving import REPORT_FILE, check_writable_parent
+from prunenet.io.saving import REPORT_FILE, atomic_file, check_writable_parent
 from prunenet.tables import format_table
 
 
@@ -128,6 +129,13 @@ def register(subparsers) -> None:
         help="tokens generated per sequence in the decode measurements",
     )
     parser.add_argument("--json", default=None, help="write results and protocol to this file")
+    parser.add_argument(
+        "--no-update-card",
+        dest="update_card",
+        action="store_false",
+        help="leave the folder's model card as it is (by default a card PruneNet wrote gets "
+        "these numbers in its Evaluation section; no other README.md is ever touched)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -184,13 +192,37 @@ def run(args: argparse.Namespace) -> int:
 
     print(summary_tables(args, results, suite, speed, where))
     print(f"wall time {wall:.1f} s")
+    record = protocol_record(args, model, tokenizer, suite, results, counts, speed, device)
+    record["wall_seconds"] = wall
     if json_path is not None:
-        record = protocol_record(args, model, tokenizer, suite, results, counts, speed, device)
-        record["wall_seconds"] = wall
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(record, indent=2))
         print(f"wrote {json_path}")
+    if args.update_card:
+        update_card(Path(resolve_model_path(args.model)), record)
     return 0
+
+
+def update_card(folder: Path, record: dict) -> bool:
+    """Write the evaluation into the folder's model card, when the card is one PruneNet wrote
+    (a README.md of anyone else is never touched); atomic, like every write.
+
+    :param folder: the evaluated model's folder.
+    :param record: `protocol_record`'s result.
+    :return: whether the card was updated.
+    """
+    if not folder.is_dir() or not is_prunenet_card(folder):
+        return False
+    card = folder / CARD_FILE
+    try:
+        with atomic_file(card) as staging:
+            staging.write_text(with_evaluation(card.read_text(), evaluation_markdown(record)))
+    except OSError as error:
+        print(f"could not update the model card {card} ({error}); the numbers are above",
+              file=sys.stderr)  # fmt: skip
+        return False
+    print(f"wrote the evaluation into {card}")
+    return True
 
 
 def check_same_vocabulary(model: torch.nn.Module, reference: torch.nn.Module, spec: str) -> None:

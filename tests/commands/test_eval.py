@@ -202,3 +202,26 @@ def test_threads_below_one_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--model", "x", "--threads", "0"])
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_eval_writes_its_numbers_into_a_card_prunenet_wrote(tiny_model_folder, tmp_path):
+    import prunenet
+    from prunenet.io.model_card import NOT_EVALUATED
+
+    pruned = tmp_path / "pruned"
+    prunenet.prune(str(tiny_model_folder), pruned, ratio=(0.5,), text_sequences=8, text_length=16)
+    before = (pruned / "README.md").read_text()
+    code = main(["eval", "--model", str(pruned), "--tasks", "ppl_code", *QUICK])
+
+    after = (pruned / "README.md").read_text()
+    assert code == 0 and NOT_EVALUATED in before and NOT_EVALUATED not in after
+    assert "| ppl_code |" in after and "2 windows of 8 tokens" in after
+
+
+def test_eval_never_touches_a_readme_prunenet_did_not_write(tiny_model_folder, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_folder, folder)
+    (folder / "README.md").write_text("# my notes\n")
+
+    assert main(["eval", "--model", str(folder), "--tasks", "ppl_code", *QUICK]) == 0
+    assert (folder / "README.md").read_text() == "# my notes\n"
