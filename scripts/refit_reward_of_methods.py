@@ -34,7 +34,7 @@ from prunenet.core.ratios import validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.io.models import load_model
 from prunenet.pipeline import ANALYSES, scorer_planner
-from prunenet.rl.ppo.scorer import PolicyScorer
+from prunenet.scoring.ppo import PolicyScorer
 from prunenet.scoring.registry import SCORERS, make_scorer
 from prunenet.tables import format_table, markdown_table
 

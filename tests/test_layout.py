@@ -1,5 +1,6 @@
-"""The tree's promises, read from the source: no import circles, `prunenet` never imports `envs`,
-and no module grows past ~400 lines without saying why at its top (docs/architecture.md)."""
+"""The tree's promises, read from the source: no import circles between modules or between
+packages, `prunenet` never imports `envs`, no module grows past ~400 lines without saying why at
+its top, and none past 600 (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("prunenet", "envs")
 MAX_LINES = 400
+# Past this, a module is split whatever its reason (one job per module).
+HARD_LIMIT = 600
 
 
 def module_name(path: Path) -> str:
@@ -86,6 +89,44 @@ def _is_parent_package(target: str, node: str) -> bool:
 def test_the_import_graph_has_no_cycles() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def package_of(module: str) -> str:
+    """The package a module belongs to, one level below the top (`prunenet.io.cache` ->
+    `prunenet.io`); a top-level module is its own (`prunenet.pipeline`)."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The import graph between packages (imports inside one package left out)."""
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        source = package_of(module)
+        packages.setdefault(source, set()).update(
+            package_of(t) for t in targets if package_of(t) not in (source, t.split(".")[0])
+        )
+    return packages
+
+
+def test_the_package_graph_has_no_cycles() -> None:
+    cycle = find_cycle(package_graph(import_graph()))
+    assert cycle is None, "package cycle: " + " -> ".join(cycle)
+
+
+def test_package_cycles_are_found_where_modules_alone_have_none() -> None:
+    # a.x -> b.y -> a.z: no module cycle, but a and b import each other.
+    graph = {"p.a.x": {"p.b.y"}, "p.b.y": {"p.a.z"}, "p.a.z": set()}
+    assert find_cycle(graph) is None
+    assert find_cycle(package_graph(graph)) == ["p.a", "p.b", "p.a"]
+
+
+def test_no_module_is_over_the_hard_limit() -> None:
+    too_long = [
+        f"{name} ({len(path.read_text().splitlines())} lines)"
+        for name, path in source_modules().items()
+        if len(path.read_text().splitlines()) > HARD_LIMIT
+    ]
+    assert too_long == []
 
 
 def test_prunenet_never_imports_envs() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,6 @@ from prunenet.core.compress import select_keep_indices
 from prunenet.core.ratios import keep_count, rows_for_ratio
 from prunenet.errors import PruneNetError
 from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
-from prunenet.scoring.base import Scorer
 
 SENSITIVITY_RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 13))  # 0.05 .. 0.6
 SENSITIVITY_TEXT = SelfGenConfig(sequences=4, length=96)
@@ -42,8 +42,17 @@ REFERENCE_RATIO = 0.3
 ALLOCATIONS = ("uniform", "auto")
 
 
+class RowScorer(Protocol):
+    """What the auto allocation needs of a scorer (`prunenet.scoring.base.Scorer` has it):
+    declared here so that allocation depends on no scorer package (the scorers sit above it)."""
+
+    def describe(self) -> dict: ...
+
+    def score_model(self, model: nn.Module, ratio: float | None = None) -> list[torch.Tensor]: ...
+
+
 def auto_allocation(
-    model: nn.Module, scorer: Scorer, ratio: float, max_layer_ratio: float = DEFAULT_MAX_RATIO
+    model: nn.Module, scorer: RowScorer, ratio: float, max_layer_ratio: float = DEFAULT_MAX_RATIO
 ) -> list[int]:
     """Rows to remove per layer for a global `ratio`: least total self-generated KL damage.
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from prunenet.errors import PruneNetError
 from prunenet.rl.checkpoint import read_metadata
-from prunenet.rl.ppo.scorer import PolicyScorer
-from prunenet.rl.reinforce.scorer import ReinforceScorer
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer, SelfGenScorer
+from prunenet.scoring.ppo import PolicyScorer
+from prunenet.scoring.reinforce import ReinforceScorer
 
 
 def load_scorer_from_checkpoint(checkpoint: str, device: str = "cpu") -> Scorer:

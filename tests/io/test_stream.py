@@ -306,7 +306,7 @@ def copy_checkpoint(source: Path, target: Path) -> Path:
 
 def test_stream_with_a_weights_only_policy_matches_in_memory_pruning(checkpoints, tmp_path):
     """A policy trained on weights-only features streams, bit for bit like in-memory pruning."""
-    from prunenet.rl.ppo.scorer import PolicyScorer
+    from prunenet.scoring.ppo import PolicyScorer
     from prunenet.rl.ppo.train import TrainConfig, train_policy
 
     source = checkpoints("llama")

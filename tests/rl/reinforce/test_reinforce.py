@@ -16,14 +16,12 @@ from prunenet.core.ratios import keep_count
 from prunenet.errors import PruneNetError
 from prunenet.rl import rewards
 from prunenet.rl.checkpoint import METADATA_FILE, TrainingInterrupted, read_metadata
-from prunenet.rl.ppo.scorer import PolicyScorer
 from prunenet.rl.reinforce.checkpoint import (
     LEGACY_STATE_FILE,
     STATE_FILE,
     load_reinforce,
     resave_reinforce,
 )
-from prunenet.rl.reinforce.scorer import ReinforceScorer
 from prunenet.rl.reinforce.train import (
     discounted_returns,
     evaluate_reinforce,
@@ -31,7 +29,9 @@ from prunenet.rl.reinforce.train import (
     train_reinforce,
     weight_layer_data,
 )
+from prunenet.scoring.ppo import PolicyScorer
 from prunenet.scoring.registry import load_scorer_from_checkpoint
+from prunenet.scoring.reinforce import ReinforceScorer
 from tests.conftest import FFN_WIDTH, HIDDEN_SIZE, tiny_model
 
 

@@ -19,7 +19,7 @@ from prunenet.errors import PruneNetError
 from prunenet.rl.checkpoint import METADATA_FILE, read_metadata, read_state_dict
 from prunenet.rl.ppo.checkpoint import LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, write_policy_members
 from prunenet.rl.ppo.policy import RowScoringPolicy
-from prunenet.rl.ppo.scorer import PolicyScorer
+from prunenet.scoring.ppo import PolicyScorer
 from prunenet.scoring.registry import BUNDLED_POLICY
 from tests.conftest import FFN_WIDTH, tiny_model
 from tests.conftest import SMALL_SELFGEN as SMALL
@@ -30,7 +30,7 @@ def _small_uncached_selfgen(monkeypatch: pytest.MonkeyPatch) -> None:
     """No disk cache, and the scorer's self-generated text shrunk to SMALL (speed only)."""
     monkeypatch.setenv("PRUNENET_NO_CACHE", "1")
     monkeypatch.setattr(
-        "prunenet.rl.ppo.scorer.SelfGenConfig",
+        "prunenet.scoring.ppo.SelfGenConfig",
         lambda seed=0: SelfGenConfig(SMALL.sequences, SMALL.length, seed, SMALL.kept_tokens),
     )
 
