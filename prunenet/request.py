@@ -10,6 +10,9 @@ into every output folder (`prunenet_request.json`, `prunenet.io.saving.write_rec
 the defaults resolved), so anyone can
 see how a folder was made and replay it with `prunenet prune --config`.
 
+Messages name the options as the CLI spells them (`--remove-params` is the field
+`remove_params`): most users meet them there, and the mapping is one-to-one.
+
 `validate` refuses, before any model is read, every combination that cannot work, with one
 line saying why; `UNSUPPORTED` lists those combinations for the documentation and the tests.
 """
@@ -52,8 +55,9 @@ _ECHOED = 5
 UNSUPPORTED = {
     "stream + refit": "--route stream reads weights only, and a refit fits each layer on "
     "activations of the model's own text, which needs the model in memory",
-    "stream + activation scorer": "--route stream never runs the model; score with magnitude "
-    "or random, or use --route layerwise for the default path in bounded memory",
+    "stream + activation scorer": "--route stream never runs the model, and this scorer reads "
+    "its activations, which needs the model; score with magnitude or random, or use --route "
+    "layerwise for the default path in bounded memory",
     "stream/layerwise + remove-params": "a parameter budget is split by the whole model's KL on "
     "its own text, which needs the model in memory",
     "stream/layerwise + strategy": "per-layer strategies are measured on the whole model's "
@@ -190,8 +194,8 @@ class PruneRequest:
         given = [n for n in ("ratio", "remove_params", "target_speedup") if getattr(self, n)]
         if len(given) != 1:
             raise PruneNetError(
-                "Say how much to remove with exactly one of ratio (share of FFN rows), "
-                f"remove_params (share of all parameters) or target_speedup; got "
+                "Say how much to remove with exactly one of --ratio (share of FFN rows), "
+                f"--remove-params (share of all parameters) or --target-speedup; got "
                 f"{', '.join(given) or 'none'}."
             )
         if self.ratio is not None:
@@ -203,7 +207,7 @@ class PruneRequest:
             isinstance(self.target_speedup, (int, float)) and 1 < self.target_speedup < 100
         ):
             raise PruneNetError(
-                f"target_speedup {self.target_speedup!r} must be a number above 1 (e.g. 1.2 for "
+                f"--target-speedup {self.target_speedup!r} must be above 1 (e.g. 1.2 for "
                 "a 20% faster prefill)."
             )
         self._check_names()
@@ -242,7 +246,7 @@ class PruneRequest:
         _check_int("search_evaluations", self.search_evaluations, 1, 100_000)
         if not (isinstance(self.max_layer_ratio, (int, float)) and 0 < self.max_layer_ratio <= 0.6):
             raise PruneNetError(
-                f"max_layer_ratio {self.max_layer_ratio!r} must be in (0, 0.6]: the share of "
+                f"--max-layer-ratio {self.max_layer_ratio!r} is not in (0, 0.6]: the share of "
                 "one layer's FFN rows the auto strategy may remove (its layer measurements "
                 "stop at 0.6)."
             )
@@ -252,46 +256,50 @@ class PruneRequest:
         budget = self.remove_params is not None
         if budget and strategy == "auto":
             raise PruneNetError(
-                "strategy auto spreads a share of FFN rows (ratio) by layer sensitivity; for a "
-                f"share of parameters choose {', '.join(BUDGET_STRATEGIES)}."
+                "--strategy auto spreads a share of FFN rows by layer sensitivity and works "
+                "with --ratio only; for a share of parameters (--remove-params) choose "
+                f"{', '.join(BUDGET_STRATEGIES)}."
             )
         if not budget and strategy not in RATIO_STRATEGIES:
             raise PruneNetError(
-                f"strategy {strategy} decides per-layer amounts for a share of parameters: use "
-                f"it with remove_params (--remove-params F), or with ratio use "
+                f"--strategy {strategy} decides per-layer amounts for a share of parameters: "
+                f"use it with --remove-params F, or with --ratio use "
                 f"{' or '.join(RATIO_STRATEGIES)}."
             )
         if not budget and self.structures != ("ffn",):
             raise PruneNetError(
-                f"structures {','.join(self.structures)} needs remove_params: a ratio is a share "
-                "of FFN rows and removes nothing else. Use --remove-params F --structures "
+                f"--structures {','.join(self.structures)} needs --remove-params: --ratio is a "
+                "share of FFN rows and removes nothing else. Use --remove-params F --structures "
                 f"{','.join(self.structures)}."
             )
         if strategy != "uniform" and "ffn" not in self.structures:
             raise PruneNetError(
-                f"strategy {strategy} decides per-layer FFN amounts (the FFN meets the budget "
-                "exactly): include ffn in structures."
+                f"--strategy {strategy} decides per-layer FFN amounts (the FFN meets the budget "
+                "exactly): include ffn in --structures."
             )
         if strategy == "ramp" and self.structures != ("ffn",):
-            raise PruneNetError(f"strategy ramp with heads or layers: "
-                                f"{UNSUPPORTED['ramp + heads/layers']}; drop them or use "
-                                "uniform, policy or search.")  # fmt: skip
+            raise PruneNetError(f"--strategy ramp with heads or layers: "
+                                f"{UNSUPPORTED['ramp + heads/layers']}; drop them from "
+                                "--structures or use --strategy uniform, policy or "
+                                "search.")  # fmt: skip
         if self.target_speedup is not None and (strategy != "uniform" or self.route in
                                                 ("stream", "layerwise")):  # fmt: skip
             raise PruneNetError(
-                f"target_speedup: {UNSUPPORTED['target-speedup + strategy']}; use strategy "
-                "uniform with the memory route, or give a ratio."
+                f"--target-speedup: {UNSUPPORTED['target-speedup + strategy']}; use --strategy "
+                "uniform with --route memory or auto, or give --ratio."
             )
         if self.analysis == "shared":
             if self.route in ("stream", "layerwise"):
                 raise PruneNetError(
-                    "analysis shared keeps every layer's statistics of the dense model in "
-                    "memory; use route memory, or analysis sequential with route layerwise."
+                    "--analysis shared keeps every layer's statistics of the dense model in "
+                    "memory; drop --route stream/layerwise, or use --analysis sequential with "
+                    "--route layerwise."
                 )
             if self.structures != ("ffn",) or strategy != "uniform":
                 raise PruneNetError(
-                    f"analysis shared: {UNSUPPORTED['shared + not ffn/uniform']}; for heads, "
-                    "layers or per-layer strategies use analysis sequential."
+                    f"{UNSUPPORTED['shared + not ffn/uniform']} (--structures ffn --strategy "
+                    "uniform); for heads, layers or per-layer strategies use --analysis "
+                    "sequential."
                 )
         if self.route == "stream":
             self._check_stream()
@@ -299,63 +307,65 @@ class PruneRequest:
             self._check_layerwise()
         if self.route not in ("layerwise",) and self.compute_dtype is not None:
             raise PruneNetError(
-                "compute_dtype sets the dtype route layerwise computes each layer in; in memory "
-                "the model has one dtype (dtype). Use route layerwise or drop compute_dtype."
+                "--compute-dtype sets the dtype --route layerwise computes each layer in; in "
+                "memory the model has one dtype (--dtype). Use --route layerwise or drop "
+                "--compute-dtype."
             )
         if self.route != "layerwise" and self.text_route != "auto":
             raise PruneNetError(
-                "text_route says how route layerwise writes the own text; use route layerwise "
-                "or drop text_route."
+                "--text-route says how --route layerwise writes the own text; use --route "
+                "layerwise or drop --text-route."
             )
 
     def _check_stream(self) -> None:
         if self.remove_params is not None:
             raise PruneNetError(
-                "route stream with remove_params: "
-                f"{UNSUPPORTED['stream/layerwise + remove-params']}; use ratio with route "
-                "stream, or route memory."
+                "--route stream with --remove-params: "
+                f"{UNSUPPORTED['stream/layerwise + remove-params']}; use --ratio with --route "
+                "stream, or --route memory."
             )
         if self.strategy_name != "uniform":
             raise PruneNetError(
-                f"route stream with strategy {self.strategy_name}: "
-                f"{UNSUPPORTED['stream/layerwise + strategy']}; use route memory."
+                f"--route stream with --strategy {self.strategy_name}: "
+                f"{UNSUPPORTED['stream/layerwise + strategy']}; use --route memory."
             )
         if self.refit not in (None, "none"):
             raise PruneNetError(
-                f"route stream with refit {self.refit}: {UNSUPPORTED['stream + refit']}; use "
-                "refit none with route stream, or route layerwise."
-            )
-        if self.scorer in ("policy", "selfgen"):
-            raise PruneNetError(
-                f"route stream with scorer {self.scorer}: "
-                f"{UNSUPPORTED['stream + activation scorer']}."
+                f"--route stream with --refit {self.refit}: {UNSUPPORTED['stream + refit']}; "
+                "use --refit none with --route stream, or --route layerwise."
             )
         if self.analysis not in (None, "oneshot"):
             raise PruneNetError(
-                f"route stream with analysis {self.analysis}: sequential analysis runs each "
-                "layer on the model's own text, which needs the model; use route layerwise."
+                f"--route stream with --analysis {self.analysis}: sequential analysis runs each "
+                "layer on the model's own text, which needs the model; use --analysis oneshot "
+                "with a weights-only scorer, or --route layerwise."
+            )
+        if self.scorer in ("policy", "selfgen"):
+            raise PruneNetError(
+                f"--route stream with --scorer {self.scorer}: "
+                f"{UNSUPPORTED['stream + activation scorer']}."
             )
 
     def _check_layerwise(self) -> None:
         if self.remove_params is not None:
             raise PruneNetError(
-                "route layerwise with remove_params: "
-                f"{UNSUPPORTED['stream/layerwise + remove-params']}; use ratio with route "
-                "layerwise, or route memory."
+                "--route layerwise with --remove-params: "
+                f"{UNSUPPORTED['stream/layerwise + remove-params']}; use --ratio with --route "
+                "layerwise, or --route memory."
             )
         if self.strategy_name != "uniform":
             raise PruneNetError(
-                f"route layerwise with strategy {self.strategy_name}: "
-                f"{UNSUPPORTED['stream/layerwise + strategy']}; use strategy uniform."
+                f"--route layerwise with --strategy {self.strategy_name}: "
+                f"{UNSUPPORTED['stream/layerwise + strategy']}; use --strategy uniform."
             )
         if self.analysis in ("oneshot", "shared") or self.scorer in ("magnitude", "random"):
             raise PruneNetError(
-                f"route layerwise: {UNSUPPORTED['layerwise + weights-only scorer']} (and "
+                f"--route layerwise: {UNSUPPORTED['layerwise + weights-only scorer']} (and "
                 "sequential analysis)."
             )
         if str(self.device) != "cpu":
-            raise PruneNetError(f"route layerwise: {UNSUPPORTED['layerwise + device']}; drop "
-                                "device or use route memory.")  # fmt: skip
+            raise PruneNetError(f"--route layerwise: {UNSUPPORTED['layerwise + device']}; drop "
+                                "--device or use --route memory.")  # fmt: skip
 
     # ----- JSON -----------------------------------------------------------------------------
 

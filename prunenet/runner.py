@@ -39,6 +39,7 @@ from prunenet.io.models import (
     resolve_dtype,
     resolve_model_path,
 )
+from prunenet.io.resume import SKIPPED, finished_line, folders_to_write
 from prunenet.io.saving import check_free_space, hold_output
 from prunenet.io.stream.checkpoint import checkpoint_bytes, load_config
 from prunenet.layerwise import layerwise_prune
@@ -88,7 +89,8 @@ def prune(
 
     :param model: a local model folder, a hub id, or a built-in alias (`smollm2-135m`, ...).
     :param out: the output folder (one amount), or the parent of `ratio-0.30`-style subfolders
-        (several amounts).
+        (several amounts; resumable: subfolders already complete for this request are skipped,
+        `prunenet.io.resume`).
     :param request: what to prune and how (`PruneRequest()`: the defaults).
     :param overwrite: replace an existing output folder that PruneNet wrote.
     :param command: the command line, recorded in the folder (the CLI passes its own).
@@ -110,16 +112,15 @@ def prune(
     if request.strategy_name == "policy":
         strategy_policy = load_strategy_policy(request.strategy_checkpoint or BUNDLED_STRATEGY)[0]
     _hint_shared(request)
-    with hold_output(out, overwrite):
+    several = [folder.name for folder in folders] if len(folders) > 1 else None
+    with hold_output(out, overwrite, subfolders=several):
         # Own `out` for the whole run: a second run to it exits 2 now, not after its scoring.
         route = choose_route(model, request, scorer, say)
         request = resolve_defaults(request, scorer, route)
         run = Run(model, request, scorer, folders, overwrite, device, say, command)
-        if route == "stream":
-            return run.stream()
-        if route == "layerwise":
-            return run.layerwise()
-        return run.in_memory(strategy_policy)
+        if several is None:
+            return run.along(route, strategy_policy)
+        return run.resumed(route, strategy_policy)
 
 
 def output_folders(out: str | Path, request: PruneRequest) -> list[Path]:
@@ -183,11 +184,11 @@ def choose_route(model: str, request: PruneRequest, scorer: Scorer, say: Say) ->
     sizes = f"safetensors {size / 1e9:.1f} GB > half of available RAM ({available / 1e9:.1f} GB)"
     layerwise = request.replace(route="layerwise")
     if _would_validate(layerwise) and not scorer.weights_only:
-        say(f"model {model}: {sizes}; switching to the layerwise route (one decoder layer in "
+        say(f"model {model}: {sizes}; switching to --route layerwise (one decoder layer in "
             "memory)")  # fmt: skip
         return "layerwise"
     if scorer.weights_only and request.refit in (None, "none") and request.target_speedup is None:
-        say(f"model {model}: {sizes}; switching to the stream route (weights only, layer by "
+        say(f"model {model}: {sizes}; switching to --route stream (weights only, layer by "
             "layer)")  # fmt: skip
         return "stream"
     say(f"model {model}: {sizes}, but this request needs the model in memory; loading it anyway")
@@ -246,6 +247,38 @@ class Run:
         """`record` for each amount, in order."""
         return [self.record(amount) for amount in amounts]
 
+    def along(self, route: str, strategy_policy) -> list[PruneResult]:
+        """Run along `route` (`choose_route`)."""
+        if route == "stream":
+            return self.stream()
+        if route == "layerwise":
+            return self.layerwise()
+        return self.in_memory(strategy_policy)
+
+    def resumed(self, route: str, strategy_policy) -> list[PruneResult]:
+        """Several folders, resumably (`prunenet.io.resume`): skip those already complete for
+        this request, write the others; if interrupted, say which are finished.
+
+        :return: results for the folders this run wrote.
+        """
+        folders, records = self.folders, self.records(self.request.amounts)
+        todo = folders_to_write(folders, records, self.overwrite)  # refusals before any work
+        for index, folder in enumerate(folders):
+            if index not in todo:
+                self.say(f"{folder}: {SKIPPED}")
+        if not todo:
+            return []
+        field = "remove_params" if self.request.remove_params is not None else "ratio"
+        amounts = tuple(self.request.amounts[index] for index in todo)
+        self.request = self.request.replace(**{field: amounts})
+        self.folders = [folders[index] for index in todo]
+        try:
+            return self.along(route, strategy_policy)
+        except KeyboardInterrupt:
+            # Each folder is complete or absent; say which, since a rerun then resumes.
+            print(f"prunenet prune: {finished_line(folders, records)}", file=sys.stderr)
+            raise
+
     # ----- the whole model in memory ----------------------------------------------------------
 
     def in_memory(self, strategy_policy) -> list[PruneResult]:
@@ -278,9 +311,9 @@ class Run:
         check_free_space(self.folders[0], sum(sizes))
         if request.refit == "bias" and not can_store_output_bias(model.config):
             raise PruneNetError(
-                f"refit bias adds an FFN output bias, which {model.config.model_type} models "
-                "cannot store (plain from_pretrained would drop it); use refit lsq, which "
-                "refits them without an intercept, or refit none."
+                f"--refit bias adds an FFN output bias, which {model.config.model_type} models "
+                "cannot store (plain from_pretrained would drop it); use --refit lsq, which "
+                "refits them without an intercept, or --refit none."
             )
         self.say(
             f"model {self.model} ({model.config.model_type}) loaded in {load_seconds:.1f} s; "
@@ -327,7 +360,7 @@ class Run:
         path = Path(resolve_model_path(self.model))
         if not (path / "config.json").is_file():
             raise PruneNetError(
-                f"route layerwise reads a local safetensors folder; {self.model!r} is not one. "
+                f"--route layerwise reads a local safetensors folder; {self.model!r} is not one. "
                 "Download it first (or save it with save_pretrained)."
             )
         config = load_config(path)
@@ -370,8 +403,8 @@ class Run:
         path = resolve_model_path(self.model)
         if request.strategy == "auto":
             raise PruneNetError(
-                "strategy auto measures the model's own outputs and needs the model in memory; "
-                "use route memory, or strategy uniform with route stream."
+                "--strategy auto measures the model's own outputs and needs the model in memory; "
+                "use --route memory, or --strategy uniform with --route stream."
             )
         for ratio in request.ratio:  # refuse a ratio that empties the FFN before any write
             warn_if_nothing_removed(ffn_width(load_config(Path(path))), ratio)
@@ -449,8 +482,9 @@ def _hint_shared(request: PruneRequest) -> None:
     if request.analysis is None and len(budgets) >= SHARED_HINT_REQUESTS and plain:
         print(
             f"prunenet prune: {len(budgets)} requests, each cut on its own (sequential "
-            "analysis, about one prune's time each); analysis shared (--config) answers all of "
-            "them in about the time of one, at 1.6-5.6% higher code perplexity on SmolLM2 "
+            'analysis, about one prune\'s time each); --analysis shared ("analysis": '
+            '"shared" in --config) answers all of them in about the time of one, at 1.6-5.6% '
+            "higher code perplexity on SmolLM2 "
             "(docs/strategies.md, 'Many requests at once')",
             file=sys.stderr,
             flush=True,
@@ -460,8 +494,8 @@ def _hint_shared(request: PruneRequest) -> None:
 def _check_layerwise_scorer(scorer: Scorer) -> None:
     if scorer.weights_only:
         raise PruneNetError(
-            "route layerwise exists to run the activation-based default path; this scorer "
-            "reads weights only: use route stream for it."
+            "--route layerwise exists to run the activation-based default path; this scorer "
+            "reads weights only: use --route stream for it."
         )
 
 

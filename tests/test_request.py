@@ -86,9 +86,9 @@ def test_each_unsupported_combination_is_refused_with_its_one_line_reason(fields
 
 
 def test_strategies_belong_to_their_amount() -> None:
-    assert "share of parameters" in _refused(ratio=(0.3,), strategy="ramp")
-    assert "strategy auto" in _refused(remove_params=(0.2,), strategy="auto")
-    assert "needs remove_params" in _refused(ratio=(0.3,), structures=("ffn", "heads"))
+    assert "use it with --remove-params" in _refused(ratio=(0.3,), strategy="ramp")
+    assert "--ratio only" in _refused(remove_params=(0.2,), strategy="auto")
+    assert "needs --remove-params" in _refused(ratio=(0.3,), structures=("ffn", "heads"))
 
 
 def test_a_checkpoint_path_is_the_policy_strategy_with_that_file() -> None:

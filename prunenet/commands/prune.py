@@ -60,12 +60,16 @@ def register(subparsers) -> None:
         "--out",
         required=True,
         help="output folder; with several amounts, one subfolder per amount (ratio-0.30, "
-        "params-0.20, ...), each written whole or not at all",
+        "params-0.20, ...), each written whole or not at all. An interrupted run keeps the "
+        "subfolders it finished, and rerunning the same command resumes: subfolders already "
+        "complete for the same request are skipped, the rest are written",
     )
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing --out folder that PruneNet wrote (never any other folder)",
+        help="replace an existing --out model folder (one holding config.json; never another "
+        "folder, a file, the current folder, one above it or the home folder); with several "
+        "amounts, the subfolders another request made",
     )
     amount = parser.add_mutually_exclusive_group()
     amount.add_argument(
@@ -238,7 +242,7 @@ def _earlier_flags(given: dict) -> dict:
             )
         changes["strategy"] = given["allocation"]
     if "strategy_policy" in given:
-        if given.get("strategy", "policy") != "policy":
+        if given.get("strategy") != "policy":
             raise PruneNetError("--strategy-policy is only read with --strategy policy.")
         changes["strategy"] = given["strategy_policy"]
     if "policy" in given:
@@ -277,7 +281,13 @@ def parse_amounts_or_file(text: str) -> tuple[float, ...]:
     """
     path = Path(text).expanduser()
     if not path.is_file():
-        return parse_amounts(text)
+        try:
+            return parse_amounts(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"cannot read {text}: it is neither a comma list of numbers (0.1,0.2) nor a "
+                "file of budgets"
+            ) from None
     try:
         content = path.read_text()
     except (OSError, UnicodeDecodeError) as error:

@@ -16,8 +16,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_utils import PreTrainedModel
 
+from prunenet import runner
 from prunenet.cli import main
-from prunenet.commands import prune as prune_command
 from prunenet.core.arch import ffn_width, supported_model_types
 from prunenet.core.ratios import keep_count
 from prunenet.io import saving
@@ -146,7 +146,7 @@ def test_repeated_ratio_in_a_list_exits_2_with_a_message(
     tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     err = _refused_with_exit_2(capsys, tiny_model_folder, tmp_path / "out", "0.3,0.30")
-    assert "repeat a value" in err
+    assert "more than once" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -248,7 +248,7 @@ def test_bad_max_layer_ratio_exits_2_before_the_model_is_loaded(
     capsys: pytest.CaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(prune_command, "load_model", _must_not_be_called)
+    monkeypatch.setattr(runner, "load_model", _must_not_be_called)
     err = _refused_with_exit_2(
         capsys, tiny_model_folder, tmp_path / "out", "0.3", "--allocation", "auto",
         "--max-layer-ratio", value,
@@ -276,7 +276,7 @@ def test_output_under_a_file_exits_2_before_the_model_is_loaded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     (tmp_path / "file").write_text("x")
-    monkeypatch.setattr(prune_command, "load_model", _must_not_be_called)
+    monkeypatch.setattr(runner, "load_model", _must_not_be_called)
     err = _refused_with_exit_2(capsys, tiny_model_folder, tmp_path / "file" / "out")
     assert "is a file, not a folder" in err
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from prunenet import runner
 from prunenet.cli import main
-from prunenet.commands import prune as prune_command
 from prunenet.io.models import load_model
 from prunenet.io.saving import REPORT_FILE
 from tests.conftest import tiny_model, tiny_tokenizer
@@ -46,9 +46,9 @@ def test_layerwise_cli_output_equals_the_in_memory_run(dense, tmp_path, no_disk_
 def test_a_large_checkpoint_switches_to_layerwise(
     dense, tmp_path, monkeypatch, capsys, no_disk_cache
 ):
-    monkeypatch.setattr(prune_command, "should_stream", lambda path: (True, 10**11, 10**10))
+    monkeypatch.setattr(runner, "should_stream", lambda path: (True, 10**11, 10**10))
     assert _prune(dense, tmp_path / "out") == 0
-    assert "switching to --layerwise" in capsys.readouterr().out
+    assert "switching to --route layerwise" in capsys.readouterr().out
     assert (tmp_path / "out" / "model-outer.safetensors").is_file()
 
 
@@ -56,9 +56,9 @@ def test_a_large_checkpoint_switches_to_layerwise(
     ("extra", "says"),
     [
         (("--stream",), "Pick one"),
-        (("--scorer", "magnitude"), "use --stream"),
-        (("--analysis", "oneshot"), "use --stream"),
-        (("--allocation", "auto"), "--allocation uniform"),
+        (("--scorer", "magnitude"), "use --route stream"),
+        (("--analysis", "oneshot"), "use --route stream"),
+        (("--allocation", "auto"), "use --strategy uniform"),
     ],
 )
 def test_layerwise_refuses_what_it_cannot_do(dense, tmp_path, capsys, extra, says):
@@ -70,12 +70,12 @@ def test_layerwise_refuses_what_it_cannot_do(dense, tmp_path, capsys, extra, say
 def test_layerwise_refuses_a_parameter_budget(dense, tmp_path, capsys):
     argv = ["prune", "--model", str(dense), "--remove-params", "0.1", "--layerwise"]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
-    assert "Use --ratio with --layerwise" in capsys.readouterr().err
+    assert "use --ratio with --route layerwise" in capsys.readouterr().err
 
 
 def test_compute_dtype_needs_layerwise(dense, tmp_path, capsys):
     assert _prune(dense, tmp_path / "out", "--compute-dtype", "float32") == 2
-    assert "Add --layerwise" in capsys.readouterr().err
+    assert "Use --route layerwise" in capsys.readouterr().err
 
 
 def test_layerwise_computes_in_float32_and_saves_bf16(dense, tmp_path, no_disk_cache):
@@ -89,7 +89,7 @@ def test_layerwise_computes_in_float32_and_saves_bf16(dense, tmp_path, no_disk_c
 
 def test_text_route_needs_layerwise(dense, tmp_path, capsys):
     assert _prune(dense, tmp_path / "out", "--text-route", "streamed") == 2
-    assert "Add --layerwise or drop --text-route" in capsys.readouterr().err
+    assert "use --route layerwise or drop --text-route" in capsys.readouterr().err
 
 
 def test_a_streamed_text_route_is_used_and_reported(dense, tmp_path, no_disk_cache):

@@ -41,7 +41,7 @@ def test_the_found_ratio_is_pruned_and_recorded(
     ("extra", "says"),
     [
         (("--target-speedup", "0.9"), "must be above 1"),
-        (("--target-speedup", "1.2", "--layerwise"), "drop --stream / --layerwise"),
+        (("--target-speedup", "1.2", "--layerwise"), "with --route memory or auto"),
     ],
 )
 def test_bad_speed_targets_exit_2(tiny_model_folder, tmp_path, capsys, extra, says):
