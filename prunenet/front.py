@@ -1,26 +1,18 @@
 """Quality against size and against speed: a sweep of parameter budgets x per-layer strategies,
 and its Pareto fronts.
 
-Why a sweep of its own: one `prunenet prune` run answers "how good is this cut"; choosing a
-budget and a strategy needs every (budget, strategy) cut measured the same way, side by side,
-and the points that no other point beats. Every cut here goes through the code `prunenet prune
---remove-params F --strategy S` runs (`cut`: `pipeline.apply_budget` for `uniform`,
-`rl.strategy.make_strategy` then `pipeline.apply_strategy` for the others), on one analysis text
-and one strategy context written by the dense model once for the whole grid, so a row is the
-folder `prune` would ship. Each cut is evaluated by `EvaluationSuite` (perplexity on the
-perplexity texts, KL(dense || model) on the same windows, the dense logits cached) and its prefill
-speed-up is timed against the dense model in this process (`speed.compare_speed`, alternated).
+Every (budget, strategy) cut goes through the code `prunenet prune --remove-params F --strategy S`
+runs (`pipeline.apply_budget` for `uniform`, `make_strategy` then `pipeline.apply_strategy` for
+the others), on one text and one strategy context written once for the whole grid, so a row is
+the folder `prune` would ship. Each cut is evaluated by `EvaluationSuite` (perplexity, KL(dense ||
+model) on the same windows) and its prefill speed-up is timed against the dense model here.
 
-A Pareto front needs one quality number per point (`QUALITIES`): `log_ppl`, the mean over the
-texts of log(perplexity) (the log of their geometric mean; every domain counts the same whatever
-its perplexity scale), or `kl`, the mean over the texts of the mean KL. `mark_fronts` flags the
-points that are non-dominated (`pareto.non_dominated`) twice: quality vs parameters (both lower
-is better) and quality vs prefill speed-up (higher is better). The dense model is a point of both
-fronts (0 removed, speed-up 1 by definition, KL 0).
+A front needs one quality number per point (`QUALITIES`: `log_ppl`, the mean log-perplexity over
+the texts, or `kl`, their mean KL). `mark_fronts` flags the non-dominated points twice: quality vs
+parameters and quality vs prefill speed-up; the dense model is a point of both.
 
-Why this module is long (over 400 lines): the sweep, its front, and the three views of it
-(JSON record, Markdown table, plot) are read together: a column of the table or a marker of the
-plot means what the sweep measured, and the module says so in one place.
+Why this module is long (over 400 lines): the sweep, its front, and its three views (JSON record,
+Markdown table, plot) are read together: a column or a marker means what the sweep measured.
 """
 
 from __future__ import annotations
@@ -30,7 +22,6 @@ import gc
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,7 +31,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunenet import __version__
 from prunenet.allocation.strategy import (
     KL_SEQUENCES,
     STRATEGY_TEXT,
@@ -64,7 +54,7 @@ from prunenet.evaluation.suite import (
     METRIC_DEFINITIONS,
     EvaluationSuite,
     SuiteResult,
-    lm_eval_version,
+    software_versions,
 )
 from prunenet.evaluation.zero_shot import zero_shot_average
 from prunenet.io.saving import atomic_directory
@@ -453,19 +443,10 @@ def sweep_protocol(
         "device": describe_device(device),
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "versions": versions(),
+        "versions": software_versions(),
         "data_packages": data_versions(),
         "metric_definitions": METRIC_DEFINITIONS,
     }
-
-
-def versions() -> dict[str, str | None]:
-    """Python, torch, transformers, lm-eval and PruneNet versions."""
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "lm_eval": lm_eval_version(),
-            "prunenet": __version__}  # fmt: skip
 
 
 def write_outputs(result: ParetoResult, out: str | Path, overwrite: bool = False) -> list[Path]:

@@ -15,6 +15,9 @@ Messages name the options as the CLI spells them (`--remove-params` is the field
 
 `validate` refuses, before any model is read, every combination that cannot work, with one
 line saying why; `UNSUPPORTED` lists those combinations for the documentation and the tests.
+
+Why this module is long (over 400 lines): every option, its default, its range and the reason
+each combination is refused sit together, so the one place that defines an option also checks it.
 """
 
 from __future__ import annotations

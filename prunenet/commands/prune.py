@@ -4,6 +4,9 @@ The command decides nothing itself: every default is `PruneRequest`'s, every che
 request's or the runner's, so `prunenet.prune(model, out, request)` from Python writes the same
 folder. Rare options live in a JSON request file (`--config`); the flags of earlier releases
 are still read (hidden from `--help`) and mapped onto the same request fields.
+
+Why this module is long (over 400 lines): the help texts, the earlier flags' mapping and the
+three summary tables are the command's whole job; none of it is decided here.
 """
 
 from __future__ import annotations

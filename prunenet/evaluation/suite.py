@@ -227,3 +227,17 @@ def lm_eval_version() -> str | None:
         return importlib.metadata.version("lm-eval")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def software_versions() -> dict[str, str | None]:
+    """Python, torch, transformers, lm-eval and PruneNet versions, for every record of numbers."""
+    import platform
+
+    import torch
+    import transformers
+
+    from prunenet import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "lm_eval": lm_eval_version(),
+            "prunenet": __version__}  # fmt: skip
