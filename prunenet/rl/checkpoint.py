@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
 import pickle
 import re
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import safetensors.torch
@@ -42,6 +44,16 @@ ALGO_FEATURE_SETS: dict[str, tuple[str, ...]] = {
 }
 # Members PruneNet reads are kilobytes; a larger one (a zip bomb) is refused before inflating it.
 MAX_MEMBER_BYTES = 256 * 1024**2
+# The widest hidden layer a checkpoint may declare. Trained policies use 8-64; 4096 already means
+# a network of about 70 M parameters. A larger number is a damaged or hostile file, refused
+# before the network is built (`hidden: 30000` would allocate tens of GB).
+MAX_HIDDEN = 4096
+# What reading a zip can raise besides PruneNetError: BadZipFile (bad CRC or header), OSError,
+# KeyError (no such member), EOFError (truncated data), ValueError (bad JSON or UTF-8),
+# zlib/lzma errors (a damaged compressed stream), RecursionError (JSON nested thousands deep),
+# NotImplementedError (an unsupported compression method), RuntimeError (an encrypted member).
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, KeyError, EOFError, ValueError, zlib.error,
+              lzma.LZMAError, RecursionError, NotImplementedError, RuntimeError)  # fmt: skip
 
 
 def write_metadata(
@@ -80,14 +92,17 @@ def read_metadata(checkpoint: str | Path, algo: str | None = None) -> dict:
     try:
         with zipfile.ZipFile(path) as archive:
             if METADATA_FILE not in archive.namelist():
+                # A truncated checkpoint can look like this too: its SB3 members are zips.
                 raise PruneNetError(
-                    f"{path} is a zip file but not a PruneNet policy checkpoint (no "
-                    f"{METADATA_FILE}). Train one with `prunenet train`."
+                    f"{path} is corrupt or not a PruneNet policy checkpoint (no {METADATA_FILE} "
+                    "in it). Train one with `prunenet train`, or restore the file."
                 )
             metadata = json.loads(read_checked(archive, METADATA_FILE))
-    except (zipfile.BadZipFile, OSError, ValueError) as error:  # ValueError: bad JSON or UTF-8
+    except PruneNetError:  # a ValueError too, but already says what is wrong
+        raise
+    except ZIP_ERRORS as error:
         raise PruneNetError(
-            f"Policy checkpoint {path} is corrupt or not a zip file ({error}). "
+            f"Policy checkpoint {path} is corrupt or not a zip file ({_reason(error)}). "
             "Re-train it with `prunenet train` or restore the file."
         ) from None
     validate_metadata(path, metadata)
@@ -221,14 +236,85 @@ def policy_kwargs(path: Path, value: object, where: str) -> dict:
                 f"PruneNet only reads {', '.join(POLICY_KWARGS)}. Re-train it with "
                 "`prunenet train`."
             )
-        # bool is an int to Python but not a width; every argument is a positive count so far.
-        if not isinstance(number, POLICY_KWARGS[name]) or isinstance(number, bool) or number < 1:
+        # Every argument is a width so far: checked before the network is built (MAX_HIDDEN).
+        if problem := count_problem(name, number, MAX_HIDDEN):
             raise PruneNetError(
-                f"Policy checkpoint {path} sets the policy argument {name}={number!r} (in "
-                f"{where}); it must be a positive JSON integer. Re-train it with "
-                "`prunenet train`."
+                f"Policy checkpoint {path} has an unusable policy argument in {where}: "
+                f"{problem}. Re-train it with `prunenet train`."
             )
     return dict(value)
+
+
+def count_problem(name: str, value: object, upper: int) -> str | None:
+    """Why `value` cannot be the size `name` of a network (None when it can): it must be a JSON
+    integer (not `true`, which Python counts as 1) from 1 to `upper`.
+
+    :param name: the metadata key, named in the answer.
+    :param value: what the checkpoint says (None: missing or null).
+    :param upper: the largest size accepted (a sane bound, so nothing huge is allocated).
+    """
+    if value is None:
+        return f"no {name} (missing or null; a whole number from 1 to {upper:,} is needed)"
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+        return f"{name}={_clip(repr(value))}, which is not a whole number from 1 to {upper:,}"
+    return None
+
+
+def tensor_problem(
+    state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], network: str
+) -> str | None:
+    """Why `state` cannot be loaded into the network whose tensors are `expected` (None when it
+    can): names and shapes must match exactly, values be finite floating-point numbers. Checked
+    before the network is built, so a file's claims never decide what is allocated.
+
+    :param state: the tensors read from the checkpoint.
+    :param expected: name -> shape of every tensor the declared network has.
+    :param network: the declared network in words, for the answer.
+    """
+    missing = [name for name in expected if name not in state]
+    unexpected = [_clip(name) for name in state if name not in expected]
+    if missing or unexpected:
+        found = [f"missing {listed(missing)}"] if missing else []
+        found += [f"unexpected {listed(unexpected)}"] if unexpected else []
+        return f"its weights are not those of {network} ({'; '.join(found)})"
+    wrong = [
+        f"{name} is {tuple(state[name].shape)}, expected {shape}"
+        for name, shape in expected.items()
+        if tuple(state[name].shape) != shape
+    ]
+    if wrong:
+        return f"its weights do not match {network}: {listed(wrong)}"
+    not_float = [name for name, tensor in state.items() if not tensor.is_floating_point()]
+    if not_float:
+        return f"its weights {listed(not_float)} are not floating-point numbers"
+    broken = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
+    if broken:
+        return f"its weights {listed(broken)} hold NaN or infinite values"
+    return None
+
+
+def listed(items: list, limit: int = 3) -> str:
+    """`items` for a message: at most `limit` of them, then how many more (a file with
+    thousands of bad tensors must not make a message of thousands of names).
+
+    :param items: what to name (each shown with `str`).
+    :param limit: how many are named.
+    """
+    shown = ", ".join(str(item) for item in items[:limit])
+    return shown + (f" ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters: a message quotes a file's strings, never all of them."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _reason(error: BaseException) -> str:
+    """An exception for a message: its type where its text alone would not say what failed."""
+    text = _clip(str(error), 200)
+    if isinstance(error, (zipfile.BadZipFile, OSError)):
+        return text
+    return f"{type(error).__name__}: {text}"
 
 
 def torch_load_weights_only(checkpoint: str | Path, member: str, data: bytes) -> object:
@@ -258,9 +344,9 @@ def member_names(path: Path) -> set[str]:
     try:
         with zipfile.ZipFile(path) as archive:
             return set(archive.namelist())
-    except (zipfile.BadZipFile, OSError) as error:
+    except ZIP_ERRORS as error:
         raise PruneNetError(
-            f"Policy checkpoint {path} is corrupt or not a zip file ({error}). "
+            f"Policy checkpoint {path} is corrupt or not a zip file ({_reason(error)}). "
             "Re-train it with `prunenet train` or restore the file."
         ) from None
 
@@ -270,11 +356,9 @@ def read_member(path: Path, member: str) -> bytes:
     try:
         with zipfile.ZipFile(path) as archive:
             return read_checked(archive, member)
-    except (zipfile.BadZipFile, OSError, KeyError, EOFError, ValueError) as error:
-        # BadZipFile: bad CRC or header; KeyError: no such member; EOFError: truncated data;
-        # ValueError/zlib.error: a damaged compressed stream.
+    except ZIP_ERRORS as error:
         raise PruneNetError(
-            f"Policy checkpoint {path} could not be read ({type(error).__name__}: {error}). "
+            f"Policy checkpoint {path} could not be read ({_reason(error)}). "
             "Re-train it with `prunenet train` or restore the file."
         ) from None
 

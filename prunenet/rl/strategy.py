@@ -45,7 +45,13 @@ from prunenet.allocation.strategy import (
 )
 from prunenet.errors import PruneNetError
 from prunenet.io.saving import atomic_file
-from prunenet.rl.checkpoint import MAX_MEMBER_BYTES
+from prunenet.rl.checkpoint import (
+    MAX_HIDDEN,
+    MAX_MEMBER_BYTES,
+    ZIP_ERRORS,
+    count_problem,
+    tensor_problem,
+)
 
 # The per-layer strategies `prunenet prune --strategy` and `prunenet pareto` know (`make_strategy`).
 STRATEGIES = ("uniform", "ramp", "policy", "search")
@@ -56,6 +62,8 @@ METADATA = "prunenet.json"
 WEIGHTS = "policy.safetensors"
 KIND = "strategy-policy"
 FORMAT = 1
+ACTIONS = 3  # per layer: FFN weight exponent, head level, drop level (`allocation.strategy`)
+RETRAIN = "Re-train it with scripts/train_strategy.py or restore the file."
 
 
 @dataclass
@@ -244,48 +252,88 @@ def save_strategy_policy(policy: ActorCriticPolicy, path: str | Path, metadata: 
 
 
 def load_strategy_policy(path: str | Path) -> tuple[StrategyPolicy, dict]:
-    """Read a strategy policy written by `save_strategy_policy` (no pickle anywhere).
+    """Read a strategy policy written by `save_strategy_policy` (no pickle anywhere). The
+    network's description and the tensors' names, shapes and values are checked before the
+    network is built, so a damaged or hostile file is refused without allocating anything.
 
     :param path: the checkpoint zip.
     :return: the policy (network in eval mode, and its base) and its metadata.
     """
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            sizes = {info.filename: info.file_size for info in archive.infolist()}
-            if any(sizes.get(name, 0) > MAX_MEMBER_BYTES for name in (METADATA, WEIGHTS)):
-                raise PruneNetError(f"Strategy policy {path} has an oversized member.")
-            metadata = json.loads(archive.read(METADATA))
-            weights = safetensors.torch.load(archive.read(WEIGHTS))
-    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as error:
-        raise PruneNetError(
-            f"Strategy policy {path} could not be read ({type(error).__name__}: {error}); "
-            "re-train it with scripts/train_strategy.py or restore the file."
-        ) from None
+    path = Path(path).expanduser()
+    metadata, weights = _read_strategy_zip(path)
     if not isinstance(metadata, dict) or metadata.get("kind") != KIND:
         raise PruneNetError(f"{path} is not a PruneNet strategy policy (no kind {KIND!r}).")
     if metadata.get("descriptors") != list(DESCRIPTORS):
         raise PruneNetError(
             f"Strategy policy {path} was trained on other layer descriptors "
-            f"({metadata.get('descriptors')}); re-train it with this version."
+            f"({str(metadata.get('descriptors'))[:200]}); re-train it with this version."
         )
     hidden, log_std = metadata.get("hidden"), metadata.get("log_std_init")
     base = metadata.get("base", "uniform")  # checkpoints from before the ramp base: uniform
-    if (not isinstance(hidden, int) or not isinstance(log_std, (int, float))
-            or base not in BASES):  # fmt: skip
-        raise PruneNetError(f"Strategy policy {path} has a malformed network description.")
+    problem = count_problem("hidden", hidden, MAX_HIDDEN)
+    if problem is None and (isinstance(log_std, bool) or not isinstance(log_std, (int, float))
+                            or not math.isfinite(log_std)):  # fmt: skip
+        problem = f"log_std_init={str(log_std)[:40]}, which is not a finite number"
+    if problem is None and base not in BASES:
+        problem = f"base={str(base)[:40]}, which is not one of {', '.join(BASES)}"
+    if problem:
+        raise PruneNetError(
+            f"Strategy policy {path} has a malformed network description: {problem}. {RETRAIN}"
+        )
+    network = f"a strategy network with hidden={hidden} on the {base} base"
+    if problem := tensor_problem(weights, _state_shapes(observation_size(base), hidden), network):
+        raise PruneNetError(f"Strategy policy {path} cannot be used: {problem}. {RETRAIN}")
     policy = ActorCriticPolicy(
         gym.spaces.Box(-np.inf, np.inf, (observation_size(base),), np.float32),
-        gym.spaces.Box(-1.0, 1.0, (3,), np.float32),
+        gym.spaces.Box(-1.0, 1.0, (ACTIONS,), np.float32),
         lambda _: 0.0,
         **_network_kwargs(hidden, float(log_std)),
     )
-    try:
-        policy.load_state_dict(weights, strict=True)
-    except RuntimeError as error:
-        raise PruneNetError(f"Strategy policy {path} does not match its network: {error}") from None
+    policy.load_state_dict(weights, strict=True)  # names and shapes checked above
     policy.set_training_mode(False)
     return StrategyPolicy(policy, base), metadata
+
+
+def _read_strategy_zip(path: Path) -> tuple[object, dict]:
+    """The checkpoint's JSON metadata (any JSON value) and its tensors, or a PruneNetError."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            sizes = {info.filename: info.file_size for info in archive.infolist()}
+            if any(sizes.get(name, 0) > MAX_MEMBER_BYTES for name in (METADATA, WEIGHTS)):
+                raise PruneNetError(f"Strategy policy {path} has an oversized member. {RETRAIN}")
+            metadata = json.loads(archive.read(METADATA))
+            data = archive.read(WEIGHTS)
+    except PruneNetError:  # a ValueError too, but already says what is wrong
+        raise
+    except ZIP_ERRORS as error:
+        raise PruneNetError(
+            f"Strategy policy {path} could not be read ({type(error).__name__}: "
+            f"{str(error)[:200]}). {RETRAIN}"
+        ) from None
+    try:
+        weights = safetensors.torch.load(data)
+    except Exception as error:  # safetensors raises its own SafetensorError and others
+        raise PruneNetError(
+            f"Strategy policy {path} could not be read: {WEIGHTS} is not a valid safetensors "
+            f"file ({type(error).__name__}: {str(error)[:200]}). {RETRAIN}"
+        ) from None
+    return metadata, weights
+
+
+def _state_shapes(observation: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor of the strategy network (`_network_kwargs`), unbuilt.
+
+    :param observation: length of one observation (`observation_size`).
+    :param hidden: width of the actor's and the critic's two hidden layers.
+    """
+    shapes: dict[str, tuple[int, ...]] = {"log_std": (ACTIONS,)}
+    for net in ("policy_net", "value_net"):
+        shapes[f"mlp_extractor.{net}.0.weight"] = (hidden, observation)
+        shapes[f"mlp_extractor.{net}.2.weight"] = (hidden, hidden)
+        shapes[f"mlp_extractor.{net}.0.bias"] = shapes[f"mlp_extractor.{net}.2.bias"] = (hidden,)
+    shapes.update({"action_net.weight": (ACTIONS, hidden), "action_net.bias": (ACTIONS,),
+                   "value_net.weight": (1, hidden), "value_net.bias": (1,)})  # fmt: skip
+    return shapes
 
 
 def make_strategy(

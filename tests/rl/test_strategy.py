@@ -91,7 +91,7 @@ def _rewrite(source, target, metadata=None, extra=None) -> None:
     [({"kind": "row-policy"}, "not a PruneNet strategy"),
      ({"descriptors": ["depth"]}, "other layer descriptors"),
      ({"hidden": "64"}, "malformed"),
-     ({"hidden": 32}, "does not match")],
+     ({"hidden": 32}, "do not match")],
 )  # fmt: skip
 def test_foreign_or_inconsistent_checkpoints_are_refused(checkpoint, tmp_path, metadata, message):
     bad = tmp_path / "bad.zip"

@@ -23,11 +23,12 @@ from prunenet.rl.checkpoint import (
     read_member,
     read_metadata,
     read_state_dict,
+    tensor_problem,
     tensors_to_bytes,
     write_metadata,
 )
 from prunenet.rl.observation import spaces_for
-from prunenet.rl.ppo.policy import RowScoringPolicy
+from prunenet.rl.ppo.policy import DEFAULT_HIDDEN, RowScoringPolicy, state_shapes
 
 WEIGHTS_FILE = "policy.safetensors"
 LEGACY_WEIGHTS_FILE = "policy.pth"  # SB3's, the only weights of format-1 checkpoints
@@ -55,7 +56,8 @@ def load_policy(
 ) -> tuple[RowScoringPolicy, dict]:
     """A `RowScoringPolicy` for FFNs of `width` rows, loaded from any-width checkpoint.
 
-    Reads only `prunenet.json` and the weights, never unpickling anything (module comment above).
+    Reads only `prunenet.json` and the weights, never unpickling anything (module comment above);
+    the weights are checked against the network the metadata declares before it is built.
 
     :param checkpoint: a `prunenet train` zip, format 2 or (read safely) format 1.
     :param width: row count of the FFNs it will score (shapes the spaces, not the weights).
@@ -66,13 +68,7 @@ def load_policy(
     state, kwargs = _read_policy(Path(checkpoint).expanduser(), metadata)
     observation_space, action_space = spaces_for(width, metadata["feature_set"])
     policy = RowScoringPolicy(observation_space, action_space, lambda _: 0.0, **kwargs)
-    try:
-        policy.load_state_dict(state)
-    except (RuntimeError, KeyError) as error:
-        raise PruneNetError(
-            f"Policy checkpoint {checkpoint} does not match this PruneNet's policy network "
-            f"({error}). Re-train it with `prunenet train`."
-        ) from None
+    policy.load_state_dict(state)  # names and shapes are checked (`_read_policy`)
     return policy.to(device).eval(), metadata
 
 
@@ -105,7 +101,25 @@ def resave_checkpoint(old: str | Path, new: str | Path) -> None:
 
 
 def _read_policy(path: Path, metadata: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """State dict and constructor arguments of a PPO checkpoint, read safely for its format."""
+    """State dict and constructor arguments of a PPO checkpoint, read safely for its format and
+    checked against the network they declare (so nothing is built from a file's bad claims)."""
+    state, kwargs = _read_members(path, metadata)
+    hidden = kwargs.get("hidden", DEFAULT_HIDDEN)
+    columns = spaces_for(1, metadata["feature_set"])[0].shape[-1]
+    network = (
+        f"this PruneNet's policy network (hidden={hidden}, {columns} feature columns for "
+        f"feature set {metadata['feature_set']!r})"
+    )
+    if problem := tensor_problem(state, state_shapes(columns, hidden), network):
+        raise PruneNetError(
+            f"Policy checkpoint {path} cannot be used: {problem}. Re-train it with "
+            "`prunenet train`."
+        )
+    return state, kwargs
+
+
+def _read_members(path: Path, metadata: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """State dict and constructor arguments as stored, by the checkpoint's format."""
     names = member_names(path)
     if WEIGHTS_FILE in names:
         if "policy_kwargs" not in metadata:
@@ -126,7 +140,7 @@ def _read_policy(path: Path, metadata: dict) -> tuple[dict[str, torch.Tensor], d
     # cloudpickle ({":serialized:": ...}). We parse the JSON and look only at `policy_kwargs`.
     try:
         sb3_data = json.loads(read_member(path, SB3_DATA_FILE))
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise PruneNetError(
             f"Policy checkpoint {path} could not be read: its SB3 '{SB3_DATA_FILE}' is not "
             f"JSON ({error}). Re-train it with `prunenet train`."

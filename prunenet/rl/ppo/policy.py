@@ -22,6 +22,8 @@ from torch import nn
 
 from prunenet.analysis.features import CONTEXT_FEATURES
 
+DEFAULT_HIDDEN = 32  # the row code's width when a (format-1) checkpoint does not say
+
 
 class FeatureSpaceGaussian(DiagGaussianDistribution):
     """Row scores `mean + basis @ noise`, with `noise ~ N(0, std^2 I_k)` shared by all rows.
@@ -101,6 +103,28 @@ class RowSetEncoder(nn.Module):
         return self.critic(self.row(rows).mean(dim=-2))
 
 
+def state_shapes(columns: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor of a `RowScoringPolicy`'s state dict, without building
+    one: a checkpoint is checked against this before any network is allocated.
+
+    :param columns: features per row (the observation's last dimension).
+    :param hidden: width of the row code.
+    """
+    weights = {
+        "mlp_extractor.row.0": (hidden, columns),
+        "mlp_extractor.row.2": (hidden, hidden),
+        "mlp_extractor.mix.0": (hidden, 2 * hidden),
+        "mlp_extractor.critic.0": (hidden, hidden),
+        "action_net": (1, hidden),
+        "value_net": (1, hidden),
+    }
+    shapes: dict[str, tuple[int, ...]] = {"log_std": ()}
+    for name, shape in weights.items():
+        shapes[f"{name}.weight"] = shape
+        shapes[f"{name}.bias"] = shape[:1]
+    return shapes
+
+
 class RowScoringPolicy(ActorCriticPolicy):
     """SB3 `ActorCriticPolicy` that scores a variable number of rows with shared weights.
 
@@ -108,7 +132,7 @@ class RowScoringPolicy(ActorCriticPolicy):
     Other parameters are `ActorCriticPolicy`'s; `net_arch` is ignored.
     """
 
-    def __init__(self, *args, hidden: int = 32, **kwargs) -> None:
+    def __init__(self, *args, hidden: int = DEFAULT_HIDDEN, **kwargs) -> None:
         self.hidden = hidden
         kwargs.setdefault("features_extractor_class", RowsExtractor)
         super().__init__(*args, **kwargs)

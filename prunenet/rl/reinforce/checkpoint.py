@@ -12,8 +12,18 @@ from pathlib import Path
 from prunenet import __version__
 from prunenet.errors import PruneNetError
 from prunenet.io.saving import atomic_file
-from prunenet.rl.checkpoint import CHECKPOINT_FORMAT, read_metadata, read_state_dict, write_metadata
-from prunenet.rl.reinforce.policy import ALGO, FEATURE_SET, RowLogitPolicy
+from prunenet.rl.checkpoint import (
+    CHECKPOINT_FORMAT,
+    ZIP_ERRORS,
+    count_problem,
+    read_metadata,
+    read_state_dict,
+    tensor_problem,
+    write_metadata,
+)
+from prunenet.rl.reinforce.policy import ALGO, FEATURE_SET, MAX_WIDTH, RowLogitPolicy, state_shapes
+
+RETRAIN = "Re-train it with `prunenet train --algo reinforce`."
 
 STATE_FILE = "reinforce_policy.safetensors"
 LEGACY_STATE_FILE = "reinforce_policy.pt"  # format 1: torch.save, read with weights_only=True
@@ -49,21 +59,27 @@ def load_reinforce(checkpoint: str | Path, device: str = "cpu") -> tuple[RowLogi
     """The baseline policy and its metadata; clear errors for foreign or damaged files.
 
     The weights are read from `reinforce_policy.safetensors`, or in format-1 checkpoints from
-    `reinforce_policy.pt` with `torch.load(weights_only=True)`: never unpickled.
+    `reinforce_policy.pt` with `torch.load(weights_only=True)`: never unpickled. The sizes in
+    the metadata and the tensors' names, shapes and values are checked before the policy is built.
 
     :param checkpoint: a `prunenet train --algo reinforce` zip.
     :param device: where the returned policy lives.
     """
     metadata = read_metadata(checkpoint, ALGO)
+    for key in ("d_model", "d_ff"):
+        if problem := count_problem(key, metadata.get(key), MAX_WIDTH):
+            raise PruneNetError(
+                f"REINFORCE checkpoint {checkpoint} cannot be used: its prunenet.json has "
+                f"{problem}. {RETRAIN}"
+            )
     state = read_state_dict(checkpoint, _state_member(checkpoint))
-    try:
-        policy = RowLogitPolicy(_positive_int(metadata, "d_model"), _positive_int(metadata, "d_ff"))
-        policy.load_state_dict(state)
-    except (KeyError, RuntimeError, TypeError, ValueError) as error:
+    network = f"a linear policy over rows of {metadata['d_model']} (its d_model)"
+    if problem := tensor_problem(state, state_shapes(metadata["d_model"]), network):
         raise PruneNetError(
-            f"REINFORCE checkpoint {checkpoint} could not be read ({type(error).__name__}: "
-            f"{error}). Re-train it with `prunenet train --algo reinforce`."
-        ) from None
+            f"REINFORCE checkpoint {checkpoint} cannot be used: {problem}. {RETRAIN}"
+        )
+    policy = RowLogitPolicy(metadata["d_model"], metadata["d_ff"])
+    policy.load_state_dict(state)
     return policy.to(device).eval(), metadata
 
 
@@ -84,9 +100,9 @@ def _state_member(checkpoint: str | Path) -> str:
     try:
         with zipfile.ZipFile(Path(checkpoint).expanduser()) as archive:
             names = set(archive.namelist())
-    except (zipfile.BadZipFile, OSError) as error:
+    except ZIP_ERRORS as error:
         raise PruneNetError(
-            f"REINFORCE checkpoint {checkpoint} is corrupt or not a zip file ({error})."
+            f"REINFORCE checkpoint {checkpoint} is corrupt or not a zip file ({error}). {RETRAIN}"
         ) from None
     for member in (STATE_FILE, LEGACY_STATE_FILE):
         if member in names:
@@ -95,10 +111,3 @@ def _state_member(checkpoint: str | Path) -> str:
         f"REINFORCE checkpoint {checkpoint} has PruneNet metadata but no policy inside (no "
         f"{STATE_FILE}). Re-train it with `prunenet train --algo reinforce`."
     )
-
-
-def _positive_int(metadata: dict, key: str) -> int:
-    value = metadata[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    return value

@@ -12,6 +12,17 @@ from prunenet.core.arch import FFNWeights
 
 ALGO = "reinforce"
 FEATURE_SET = "weights-raw"  # the raw rows of the first FFN input projection, no features
+# The largest hidden size and FFN width a checkpoint may declare: today's largest models have
+# 16k and 53k; a larger number is a damaged file, refused before anything is allocated.
+MAX_WIDTH = 1 << 20
+
+
+def state_shapes(d_model: int) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor of a `RowLogitPolicy`'s state dict, without building one.
+
+    :param d_model: length of a row (the model's hidden size).
+    """
+    return {"linear.weight": (1, d_model), "linear.bias": (1,)}
 
 
 class RowLogitPolicy(nn.Module):
