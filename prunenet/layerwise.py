@@ -64,6 +64,7 @@ from prunenet.io.stream.checkpoint import (
     read_tensor,
 )
 from prunenet.io.stream.plan import resolve_layers_prefix
+from prunenet.io.trust import NO_REMOTE_CODE
 from prunenet.pipeline import Planner
 
 OUTER_SHARD = "model-outer.safetensors"
@@ -91,7 +92,9 @@ class LazyModel:
         # Parameters on meta, buffers real: rotary tables and embedding scales are computed
         # from the config at construction and are in no checkpoint.
         with init_empty_weights():
-            self.model = AutoModelForCausalLM.from_config(config, dtype=self.compute_dtype)
+            self.model = AutoModelForCausalLM.from_config(
+                config, dtype=self.compute_dtype, **NO_REMOTE_CODE
+            )
         self.model.eval()
         self.layers = decoder_layers(self.model)
         self._prefix = resolve_layers_prefix(self.adapter, self.checkpoint.tensors)

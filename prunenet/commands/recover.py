@@ -33,6 +33,7 @@ from prunenet.core.devices import describe_device, resolve_device
 from prunenet.errors import PruneNetError
 from prunenet.io.models import ALIASES, load_model, resolve_model_path
 from prunenet.io.saving import check_free_space, hold_output
+from prunenet.io.trust import NO_REMOTE_CODE, is_remote_code_error, remote_code_error
 from prunenet.recovery.compatibility import check_same_vocabulary
 from prunenet.recovery.distill import DEFAULT_TEXT, RecoveryConfig, distill, merge_adapters
 from prunenet.recovery.saving import RECOVER_REPORT_FILE, save_recovered
@@ -256,8 +257,10 @@ def summary_row(report, folder: Path) -> list:
 def _config(path: str):
     """The config alone (cheap), to refuse a mismatched teacher before loading any weights."""
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, **NO_REMOTE_CODE)
     except (OSError, ValueError, KeyError) as error:
+        if is_remote_code_error(error):  # a hub id (local folders were refused already)
+            raise remote_code_error(path) from None
         raise PruneNetError(
             f"Could not read the config of {path!r} ({type(error).__name__}: {error}). Pass a "
             f"folder written by save_pretrained, a reachable hub id, or an alias: "

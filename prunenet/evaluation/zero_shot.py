@@ -376,6 +376,7 @@ def evaluate_zero_shot(
             tokenizer=tokenizer,
             batch_size=batch_size,
             add_bos_token=add_bos_token,
+            trust_remote_code=False,  # it loads nothing (both are objects); stated, not implied
         )
         results = lm_eval.simple_evaluate(
             model=lm,

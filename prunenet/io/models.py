@@ -29,6 +29,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from prunenet.errors import PruneNetError
 from prunenet.io.loading import load_pruned
 from prunenet.io.saving import atomic_directory
+from prunenet.io.trust import (
+    NO_REMOTE_CODE,
+    check_model_folder,
+    is_remote_code_error,
+    refuse_remote_code,
+    remote_code_error,
+)
 
 
 @dataclass(frozen=True)
@@ -78,9 +85,15 @@ def prunenet_cache_dir() -> Path:
 
 
 def resolve_model_path(spec: str) -> str:
-    """A local folder or hub id for `spec`, materialising an alias's cached folder if needed."""
+    """A local folder or hub id for `spec`, materialising an alias's cached folder if needed.
+
+    A local folder that asks to run its own code is refused here, before any work
+    (`prunenet.io.trust.check_model_folder`).
+    """
     if spec in ALIASES:
-        return str(_cached_alias_folder(spec))
+        folder = _cached_alias_folder(spec)
+        check_model_folder(folder)
+        return str(folder)
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -89,6 +102,7 @@ def resolve_model_path(spec: str) -> str:
                 "folder. Pass a folder written by save_pretrained, a hub id, or one of the "
                 f"built-in aliases: {', '.join(ALIASES)}."
             )
+        check_model_folder(path)
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise PruneNetError(
@@ -135,9 +149,9 @@ def checkpoint_dtype(path: str) -> torch.dtype:
         name = config.get("dtype") or config.get("torch_dtype")
     else:  # a hub id: transformers reads (and caches) its config
         try:
-            name = getattr(AutoConfig.from_pretrained(path), "dtype", None)
+            name = getattr(AutoConfig.from_pretrained(path, **NO_REMOTE_CODE), "dtype", None)
         except (OSError, ValueError):
-            return torch.float32
+            return torch.float32  # the load itself reports it (remote code: `remote_code_error`)
     name = str(name).removeprefix("torch.") if name is not None else None
     return DTYPES.get(name, torch.float32)
 
@@ -186,6 +200,8 @@ def load_model(
             "truncated or corrupt (an interrupted download or copy); re-download or re-save it."
         ) from None
     except (OSError, ValueError, KeyError, RuntimeError, StrictDataclassError) as error:
+        if is_remote_code_error(error):  # a hub id whose repo asks to run its own code
+            raise remote_code_error(spec) from None
         # transformers raises assorted types for broken folders: OSError for missing weights,
         # huggingface_hub's validation errors for inconsistent configs, RuntimeError for shape
         # mismatches. For a user they all mean "this folder does not load".
@@ -198,11 +214,20 @@ def load_model(
 
 
 def load_tokenizer(path: str):
-    """The folder's tokenizer, or None for a local folder without tokenizer files."""
+    """The folder's tokenizer, or None for a local folder without tokenizer files.
+
+    Never runs the folder's code: a folder asking for it is refused (`PruneNetError`).
+    """
     folder = Path(path)
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         return None
-    return AutoTokenizer.from_pretrained(path)
+    refuse_remote_code(folder, path)
+    try:
+        return AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE)
+    except ValueError as error:
+        if is_remote_code_error(error):
+            raise remote_code_error(path) from None
+        raise
 
 
 def _cached_alias_folder(alias: str) -> Path:
@@ -218,9 +243,11 @@ def _cached_alias_folder(alias: str) -> Path:
         )
     gguf = offline.gguf_path(Path(spec.submodule_search_locations[0]))
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **NO_REMOTE_CODE
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, **NO_REMOTE_CODE
+    )
     # The weights are already de-quantized to fp32; transformers 5 refuses to save a model that
     # still carries its GGUF quantizer, so drop it to write a plain folder.
     model.hf_quantizer = None

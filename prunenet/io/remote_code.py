@@ -52,6 +52,7 @@ from prunenet.io.loading import (
     narrow_to_widths,
     recorded_structure,
 )
+from prunenet.io.trust import NO_REMOTE_CODE
 
 MODELING_FILE = Path(modeling_prunenet.__file__).name
 MODELING_MODULE = MODELING_FILE.removesuffix(".py")
@@ -71,7 +72,7 @@ def write_remote_code(folder: str | Path) -> bool:
     folder = Path(folder)
     config_file = folder / CONFIG_FILE
     saved = json.loads(config_file.read_text())
-    config = AutoConfig.from_pretrained(str(folder))
+    config = AutoConfig.from_pretrained(str(folder), **NO_REMOTE_CODE)
     structure = layer_structure(config)
     updated = drop_remote_code(copy.deepcopy(saved))
     if structure is None:

@@ -18,6 +18,12 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
 from prunenet.errors import PruneNetError
+from prunenet.io.trust import (
+    NO_REMOTE_CODE,
+    check_model_folder,
+    is_remote_code_error,
+    remote_code_error,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -65,15 +71,19 @@ def available_memory_bytes() -> int:
 
 
 def load_config(folder: Path):
-    """The checkpoint's config, or a clear error when the folder is not a local HF model."""
+    """The checkpoint's config, or a clear error when the folder is not a local HF model, asks
+    to run its own code, or has only pickle weights (`prunenet.io.trust.check_model_folder`)."""
     if not (folder / CONFIG_FILE).is_file():
         raise PruneNetError(
             f"{folder} holds no config.json. Stream mode reads a local folder written by "
             "save_pretrained (download hub models first, e.g. with `hf download`)."
         )
+    check_model_folder(folder)
     try:
-        return AutoConfig.from_pretrained(folder)
+        return AutoConfig.from_pretrained(folder, **NO_REMOTE_CODE)
     except (OSError, ValueError, KeyError) as error:
+        if is_remote_code_error(error):
+            raise remote_code_error(str(folder)) from None
         raise PruneNetError(f"Could not read {folder / CONFIG_FILE}: {error}") from error
 
 
