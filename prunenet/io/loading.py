@@ -79,7 +79,7 @@ from prunenet.core.arch import (
 from prunenet.core.heads import narrow_heads
 from prunenet.errors import PruneNetError
 from prunenet.io import modeling_prunenet
-from prunenet.io.trust import NO_REMOTE_CODE, check_model_folder
+from prunenet.io.trust import NO_REMOTE_CODE, SAFE_WEIGHTS, check_model_folder
 
 # Arguments that only matter when reading config.json (the rest go to the model).
 _CONFIG_ARGUMENTS = (
@@ -105,12 +105,12 @@ def load_pruned(
     :param from_pretrained_kwargs: passed to `from_pretrained` (`dtype=`, `device_map=`, ...).
         `config`, `output_loading_info` and `ignore_mismatched_sizes` are refused for
         non-uniform folders: the loader sets the config itself and never re-initialises weights.
-        `trust_remote_code=True` is refused: nothing PruneNet loads runs code
-        (`prunenet.io.trust`).
+        `trust_remote_code=True` and `use_safetensors=False` are refused: nothing PruneNet
+        loads runs code (`prunenet.io.trust`).
     :return: the model, with a config whose per-layer widths and head counts match its modules
         (`save_model_folder` writes the same config.json again; plain `save_pretrained` writes
         it without the modeling file's `auto_map` entry and `prunenet_structure`).
-    :raises PruneNetError: a local folder asks to run its own code.
+    :raises PruneNetError: a local folder asks to run its own code or has only pickle weights.
     """
     check_model_folder(path)
     from_pretrained_kwargs = {**_safe_loading(from_pretrained_kwargs), **from_pretrained_kwargs}
@@ -275,17 +275,18 @@ def concrete_class(model_class: type, config) -> type:
 
 def _safe_loading(from_pretrained_kwargs: dict[str, Any]) -> dict[str, Any]:
     """The loading options that keep a load from running code (`prunenet.io.trust`), checked
-    against the caller's."""
+    against the caller's: a GGUF file is read without pickle, so it needs no safetensors."""
     unsafe = [
         f"{key}={from_pretrained_kwargs[key]!r}"
-        for key, safe in NO_REMOTE_CODE.items()
+        for key, safe in SAFE_WEIGHTS.items()
         if key in from_pretrained_kwargs and from_pretrained_kwargs[key] != safe
     ]
     if unsafe:
         raise PruneNetError(
-            f"load_pruned never runs a model folder's code; drop {', '.join(unsafe)}."
+            f"load_pruned never runs a model folder's code or unpickles its weights; drop "
+            f"{', '.join(unsafe)}."
         )
-    return NO_REMOTE_CODE
+    return NO_REMOTE_CODE if "gguf_file" in from_pretrained_kwargs else SAFE_WEIGHTS
 
 
 def _narrowing_subclass(

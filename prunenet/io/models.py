@@ -87,8 +87,8 @@ def prunenet_cache_dir() -> Path:
 def resolve_model_path(spec: str) -> str:
     """A local folder or hub id for `spec`, materialising an alias's cached folder if needed.
 
-    A local folder that asks to run its own code is refused here, before any work
-    (`prunenet.io.trust.check_model_folder`).
+    A local folder that asks to run its own code or holds only pickle weights is refused here,
+    before any work (`prunenet.io.trust.check_model_folder`).
     """
     if spec in ALIASES:
         folder = _cached_alias_folder(spec)

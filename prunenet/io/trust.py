@@ -1,16 +1,20 @@
 """Nothing PruneNet reads runs code: what a model folder may ask for, and what is refused.
 
-A model folder can make transformers run Python of its own: an `auto_map` entry in config.json
-or tokenizer_config.json names a class in a `.py` file beside the weights (or in another hub
-repo), which transformers imports when the caller passes `trust_remote_code=True`, or, when the
-caller passes nothing, after asking "Do you wish to run the custom code? [y/N]" on stdin (so
-`yes |` or a stray `y` runs it).
+A model folder can make transformers run Python of its own in two ways:
 
-PruneNet never runs it. Every transformers load passes `trust_remote_code=False`
-(`NO_REMOTE_CODE`), so transformers never asks. Before any work, `check_model_folder` refuses (a
-`PruneNetError`, exit 2) a local folder that asks for remote code, with a message saying why and
-what to do; a hub id is checked the same way by transformers itself, and `remote_code_error`
-words its refusal the same.
+- remote code: an `auto_map` entry in config.json or tokenizer_config.json names a class in a
+  `.py` file beside the weights (or in another hub repo), which transformers imports when the
+  caller passes `trust_remote_code=True`, or, when the caller passes nothing, after asking
+  "Do you wish to run the custom code? [y/N]" on stdin (so `yes |` or a stray `y` runs it);
+- pickle: `pytorch_model.bin` (and `.pt`, `.pth`, `.ckpt`, `.pkl`) are unpickled, and a pickle
+  can call any function.
+
+PruneNet does neither. Every transformers load passes `trust_remote_code=False`
+(`NO_REMOTE_CODE`) and model loads also `use_safetensors=True` (`SAFE_WEIGHTS`), so transformers
+never asks and never unpickles. Before any work, `check_model_folder` refuses (a
+`PruneNetError`, exit 2) a local folder that asks for remote code or holds only pickle weights,
+with a message saying why and what to do; a hub id is checked the same way by transformers
+itself, and `remote_code_error` words its refusal the same.
 
 PruneNet's own entry is accepted: per-layer-width outputs carry
 `"auto_map": {"AutoModelForCausalLM": "modeling_prunenet.<Class>"}` so plain transformers can
@@ -29,9 +33,13 @@ from prunenet.io import modeling_prunenet
 
 # Keyword arguments every transformers `from_pretrained` / `from_config` call passes.
 NO_REMOTE_CODE = {"trust_remote_code": False}
+# Model loads also read safetensors only (never pickle, whatever else the folder holds).
+SAFE_WEIGHTS = {**NO_REMOTE_CODE, "use_safetensors": True}
 
 # The files whose `auto_map` PruneNet's loads read (AutoConfig, AutoModel*, AutoTokenizer).
 REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+# Weight formats that are unpickled when read.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 OWN_AUTO_CLASS = "AutoModelForCausalLM"
 _OWN_REFERENCE = re.compile(
@@ -40,19 +48,20 @@ _OWN_REFERENCE = re.compile(
 
 
 def check_model_folder(path: str | Path) -> None:
-    """Refuse a local model folder that asks to run its own code.
+    """Refuse a local model folder that asks to run its own code or has only pickle weights.
 
-    Reads a few small JSON files, so it runs before any expensive work. A path that is not a
-    local folder (a hub id) is left to transformers, which refuses remote code too
-    (`NO_REMOTE_CODE`).
+    Reads a few small JSON files and the file names, so it runs before any expensive work.
+    A path that is not a local folder (a hub id) is left to transformers, which refuses remote
+    code and pickle weights too (`NO_REMOTE_CODE`, `SAFE_WEIGHTS`).
 
     :param path: the model folder (or a hub id: nothing is checked).
-    :raises PruneNetError: the folder asks for remote code.
+    :raises PruneNetError: the folder asks for remote code, or its weights are only pickles.
     """
     folder = Path(path).expanduser()
     if not folder.is_dir():
         return
     refuse_remote_code(folder, str(path))
+    refuse_pickle_weights(folder)
 
 
 def refuse_remote_code(path: str | Path, source: str | None = None) -> None:
@@ -109,6 +118,27 @@ def remote_code_error(source: str, requests: list[str] | None = None) -> PruneNe
 def is_remote_code_error(error: BaseException) -> bool:
     """Whether transformers refused to load because the model needs `trust_remote_code=True`."""
     return isinstance(error, ValueError) and "trust_remote_code=True" in str(error)
+
+
+def refuse_pickle_weights(folder: str | Path) -> None:
+    """Refuse a folder whose weights are pickle files only (`pytorch_model.bin`, ...).
+
+    A folder that also has safetensors weights is fine: only those are read (`SAFE_WEIGHTS`).
+
+    :param folder: a local model folder.
+    :raises PruneNetError: no `.safetensors` file, and at least one pickle weight file.
+    """
+    names = [path.name for path in Path(folder).iterdir() if path.is_file()]
+    if any(name.endswith(".safetensors") for name in names):
+        return
+    pickles = sorted(name for name in names if name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise PruneNetError(
+            f"{folder} has only pickle weights ({', '.join(pickles)}) and no safetensors. "
+            "Unpickling can run any code, so PruneNet never unpickles. Convert the folder to "
+            "safetensors with a tool you trust (for example, in an environment you can throw "
+            "away: from_pretrained, then save_pretrained), or download its safetensors version."
+        )
 
 
 def _own_entries(key: str, value: object) -> dict:

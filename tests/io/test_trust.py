@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from prunenet.cli import main
 from prunenet.errors import PruneNetError
@@ -236,3 +237,60 @@ def test_entries_beyond_prunenet_own_are_refused(
 ) -> None:
     with pytest.raises(PruneNetError, match=REFUSAL):
         check_model_folder(_with_auto_map(tmp_path, tiny_model_folder, auto_map))
+
+
+# ----- pickle weights are never unpickled ------------------------------------------------------
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls `exec` on a line that creates `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('unpickled')",)
+
+
+def pickle_folder(base: Path, also_safetensors: bool = False) -> tuple[Path, Path]:
+    """A tiny Llama folder whose `pytorch_model.bin` runs code when unpickled (and, optionally,
+    the same weights as safetensors beside it), and the marker that code would create."""
+    folder, marker = base / "pickled", base / "unpickled"
+    model = tiny_model("llama")
+    if also_safetensors:
+        model.save_pretrained(folder)
+    else:
+        model.config.save_pretrained(folder)
+    torch.save({**model.state_dict(), "payload": _RunsCodeWhenUnpickled(marker)},
+               folder / "pytorch_model.bin")  # fmt: skip
+    return folder, marker
+
+
+@pytest.mark.parametrize("extra", [["--scorer", "random"], ["--scorer", "random", "--stream"]])
+def test_prune_refuses_a_folder_with_only_pickle_weights_with_exit_2(
+    extra: list[str], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder, marker = pickle_folder(tmp_path)
+    assert _exit_code(_prune(folder, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err
+    assert "only pickle weights (pytorch_model.bin)" in err
+    assert "never unpickles" in err and "safetensors" in err
+    assert not marker.exists()
+
+
+def test_load_model_refuses_a_folder_with_only_pickle_weights(tmp_path: Path) -> None:
+    folder, marker = pickle_folder(tmp_path)
+    with pytest.raises(PruneNetError, match="PruneNet never unpickles"):
+        load_model(str(folder))
+    assert not marker.exists()
+
+
+def test_pickle_weights_beside_safetensors_are_never_read(tmp_path: Path) -> None:
+    folder, marker = pickle_folder(tmp_path, also_safetensors=True)
+    load_model(str(folder))
+    assert not marker.exists()
+
+
+def test_load_pruned_refuses_use_safetensors_false(tiny_model_folder: Path) -> None:
+    with pytest.raises(PruneNetError, match="use_safetensors=False"):
+        load_pruned(tiny_model_folder, use_safetensors=False)
