@@ -405,11 +405,11 @@ def layerwise_prune(
             "layer_seconds": [sum(parts) for parts in zip(*cut.seconds.values(), strict=True)],
             **{f"{part}_seconds": values for part, values in cut.seconds.items()},
         }}  # fmt: skip
+        if tokenizer is not None:  # before `_write_outer`, whose last step cleans every file
+            tokenizer.save_pretrained(staging)
         _write_outer(lazy, staging, cut)
         report.seconds = time.perf_counter() - start
         (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
     return report
 
 

@@ -52,7 +52,7 @@ from prunenet.io.loading import (
     narrow_to_widths,
     recorded_structure,
 )
-from prunenet.io.trust import NO_REMOTE_CODE
+from prunenet.io.trust import NO_REMOTE_CODE, strip_remote_code
 
 MODELING_FILE = Path(modeling_prunenet.__file__).name
 MODELING_MODULE = MODELING_FILE.removesuffix(".py")
@@ -66,10 +66,16 @@ def write_remote_code(folder: str | Path) -> bool:
     layers differ from what its config builds (`loading.recorded_structure`); remove them (if a
     previous save left them) when they do not.
 
+    First every remote-code entry that is not PruneNet's own is removed from every JSON file of
+    the folder (`trust.strip_remote_code`): an output never points at its input's code, so a
+    user who loads it with `trust_remote_code=True` runs PruneNet's modeling file or nothing.
+    So writers call this last, once every file is in the folder.
+
     :param folder: a folder `save_pretrained` has just written (config.json present).
     :return: whether the folder now carries the modeling file.
     """
     folder = Path(folder)
+    strip_remote_code(folder)
     config_file = folder / CONFIG_FILE
     saved = json.loads(config_file.read_text())
     config = AutoConfig.from_pretrained(str(folder), **NO_REMOTE_CODE)

@@ -592,9 +592,9 @@ def save_pruned(
     out = Path(out).expanduser()
     with atomic_directory(out, overwrite) as staging:
         model.save_pretrained(staging)
-        write_remote_code(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        write_remote_code(staging)  # after the tokenizer: it drops any auto_map but our own
         write_records(staging, report.to_dict(), record)
     return out
 
@@ -644,9 +644,9 @@ def save_model_folder(
     out = Path(out).expanduser()
     with atomic_directory(out, overwrite) as staging:
         model.save_pretrained(staging)
-        write_remote_code(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         for name, text in files.items():
             (staging / name).write_text(text)
+        write_remote_code(staging)  # last: it also drops any auto_map but PruneNet's own
     return out

@@ -20,6 +20,10 @@ PruneNet's own entry is accepted: per-layer-width outputs carry
 `"auto_map": {"AutoModelForCausalLM": "modeling_prunenet.<Class>"}` so plain transformers can
 load them with `trust_remote_code=True` (`prunenet.io.remote_code`). PruneNet itself never runs
 that file (`load_pruned` builds the model from the config), so a planted copy stays inert.
+
+Outputs never carry an input's remote code: `strip_remote_code` removes every `auto_map` (and
+`custom_pipelines`) entry that is not PruneNet's own from every JSON file of a written folder,
+and the writers copy no `.py` file of the input.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ SAFE_WEIGHTS = {**NO_REMOTE_CODE, "use_safetensors": True}
 
 # The files whose `auto_map` PruneNet's loads read (AutoConfig, AutoModel*, AutoTokenizer).
 REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+# Keys through which a folder names code of its own (`custom_pipelines`: for `pipeline()`).
+REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
 # Weight formats that are unpickled when read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -83,6 +89,9 @@ def refuse_remote_code(path: str | Path, source: str | None = None) -> None:
 def remote_code_requests(folder: str | Path) -> list[str]:
     """Every `auto_map` entry of the folder's config files that is not PruneNet's own, as
     `file: auto_map class -> reference` lines (empty when there is none).
+
+    (`custom_pipelines` names code only `pipeline()` runs, which PruneNet never calls; outputs
+    drop it anyway, `strip_remote_code`.)
 
     :param folder: a local model folder.
     """
@@ -139,6 +148,30 @@ def refuse_pickle_weights(folder: str | Path) -> None:
             "safetensors with a tool you trust (for example, in an environment you can throw "
             "away: from_pretrained, then save_pretrained), or download its safetensors version."
         )
+
+
+def strip_remote_code(folder: str | Path) -> list[str]:
+    """Remove every remote-code entry that is not PruneNet's own from the JSON files of a
+    written folder (config.json, tokenizer_config.json, and whatever else was copied), in place.
+
+    :param folder: a folder PruneNet is writing (its staging folder).
+    :return: the names of the files that changed.
+    """
+    changed = []
+    for path in sorted(Path(folder).glob("*.json")):
+        entries = _json_object(path)
+        kept = {key: _own_entries(key, entries[key]) for key in REMOTE_CODE_KEYS if key in entries}
+        if all(entries[key] == own for key, own in kept.items()):
+            continue  # nothing foreign: the file stays byte for byte as it was written
+        for key, own in kept.items():
+            if own:
+                entries[key] = own
+            else:
+                del entries[key]
+        # The format transformers writes its config files in.
+        path.write_text(json.dumps(entries, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        changed.append(path.name)
+    return changed
 
 
 def _own_entries(key: str, value: object) -> dict:

@@ -337,3 +337,72 @@ def test_the_file_refuses_a_config_without_its_structure_block():
 def test_the_file_names_only_transformers_model_classes():
     with pytest.raises(AttributeError):
         modeling_prunenet.AutoConfig  # noqa: B018 - a transformers name, but not a model class
+
+
+# ----- an input's remote code never reaches an output ------------------------------------------
+
+# The input's code, beside the output's files: it fails loudly if anything resolves it.
+FOREIGN_CODE = "raise RuntimeError('the input model\\'s own remote code ran')\n"
+FOREIGN_AUTO_MAP = {
+    "AutoConfig": "foreign.ForeignConfig",
+    "AutoModelForCausalLM": "foreign.ForeignModel",
+    "AutoTokenizer": [None, "someone/repo--foreign.ForeignTokenizer"],
+}
+
+LOAD_WITH_TRUST = """
+import sys
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+folder = sys.argv[1]
+config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+print(type(config).__module__, type(model).__module__, type(tokenizer).__module__)
+"""
+
+
+@pytest.fixture(scope="module")
+def output_of_foreign_input(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A per-layer-width model whose config and tokenizer carry an input's `auto_map`, saved by
+    PruneNet's writer, with the input's code placed beside it; then loaded with
+    `trust_remote_code=True` in a child (offline, so a hub reference fails loudly too).
+
+    :return: the folder and the child's output (the modules of config, model and tokenizer).
+    """
+    folder = tmp_path_factory.mktemp("foreign") / "out"
+    model, _ = prune_unevenly("llama")
+    model.config.auto_map = dict(FOREIGN_AUTO_MAP)
+    tokenizer = tiny_tokenizer()
+    tokenizer.init_kwargs["auto_map"] = {"AutoTokenizer": FOREIGN_AUTO_MAP["AutoTokenizer"]}
+    save_model_folder(model, tokenizer, folder, {})
+    (folder / "foreign.py").write_text(FOREIGN_CODE)
+    env = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(folder.parent / "hf-modules"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    child = subprocess.run(
+        [sys.executable, "-I", "-c", LOAD_WITH_TRUST, str(folder)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-4000:]
+    return folder, child.stdout
+
+
+def test_per_layer_width_output_keeps_only_prunenet_own_auto_map_entry(output_of_foreign_input):
+    folder, _ = output_of_foreign_input
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_prunenet.LlamaForCausalLM"}
+    assert "auto_map" not in json.loads((folder / "tokenizer_config.json").read_text())
+
+
+def test_output_of_a_foreign_input_loads_with_trust_remote_code_without_its_code(
+    output_of_foreign_input,
+):
+    _, modules = output_of_foreign_input
+    config_module, model_module, tokenizer_module = modules.split()
+    assert config_module.startswith("transformers.models.llama")
+    assert model_module.endswith(".modeling_prunenet")  # PruneNet's own file, nothing else
+    assert tokenizer_module.startswith("transformers.")

@@ -18,8 +18,9 @@ from prunenet.errors import PruneNetError
 from prunenet.io import loading, models
 from prunenet.io.loading import load_pruned
 from prunenet.io.models import load_model, load_tokenizer
+from prunenet.io.stream import checkpoint
 from prunenet.io.stream.checkpoint import load_config
-from prunenet.io.trust import check_model_folder
+from prunenet.io.trust import check_model_folder, strip_remote_code
 from tests.conftest import tiny_model, tiny_tokenizer
 
 REFUSAL = "asks to run its own Python code"
@@ -237,6 +238,62 @@ def test_entries_beyond_prunenet_own_are_refused(
 ) -> None:
     with pytest.raises(PruneNetError, match=REFUSAL):
         check_model_folder(_with_auto_map(tmp_path, tiny_model_folder, auto_map))
+
+
+# ----- outputs never carry an input's remote code ------------------------------------------
+
+
+def test_strip_remote_code_keeps_only_prunenet_own_entry(tmp_path: Path) -> None:
+    own = {"AutoModelForCausalLM": "modeling_prunenet.LlamaForCausalLM"}
+    (tmp_path / "config.json").write_text(
+        json.dumps({"auto_map": {**own, "AutoConfig": "x.Y"}, "custom_pipelines": {"a": {}}})
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"auto_map": ["x.T", None]}))
+    assert strip_remote_code(tmp_path) == ["config.json", "tokenizer_config.json"]
+    assert json.loads((tmp_path / "config.json").read_text()) == {"auto_map": own}
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {}
+
+
+def test_strip_remote_code_leaves_other_files_byte_for_byte(tmp_path: Path) -> None:
+    text = '{"auto_map":{"AutoModelForCausalLM":"modeling_prunenet.LlamaForCausalLM"}}'
+    (tmp_path / "config.json").write_text(text)
+    (tmp_path / "broken.json").write_text("{not json")
+    assert strip_remote_code(tmp_path) == []
+    assert (tmp_path / "config.json").read_text() == text
+
+
+def foreign_but_loadable_folder(base: Path) -> Path:
+    """A tiny Llama whose config, tokenizer config and another JSON file name code of their own
+    that transformers never needs (it has local classes for all of them), with that code beside
+    them: what gets past the up-front check only if the check is missing."""
+    folder = base / "foreign"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    (folder / "foreign.py").write_text("raise RuntimeError('the foreign code ran')\n")
+    for name, auto_map in [
+        ("config.json", {"AutoConfig": "foreign.C", "AutoModelForCausalLM": "foreign.M"}),
+        ("tokenizer_config.json", {"AutoTokenizer": [None, "foreign.T"]}),
+        ("processor_config.json", {"AutoProcessor": "foreign.P"}),
+    ]:
+        path = folder / name
+        entries = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**entries, "auto_map": auto_map}))
+    return folder
+
+
+@pytest.mark.parametrize("command", ["prune in memory", "prune --stream", "prune --layerwise"])
+def test_prune_output_carries_no_auto_map_and_no_code_of_its_input(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_disk_cache: None
+) -> None:
+    # The writers' own guarantee, with the up-front refusal switched off.
+    for module in (models, loading, checkpoint):
+        monkeypatch.setattr(module, "check_model_folder", lambda *args: None)
+    monkeypatch.setattr(models, "refuse_remote_code", lambda *args: None)
+    out = tmp_path / "out"
+    assert main(COMMANDS[command](foreign_but_loadable_folder(tmp_path), None, out)) == 0
+    assert not list(out.glob("*.py"))
+    for path in out.glob("*.json"):
+        assert "auto_map" not in json.loads(path.read_text()), path.name
 
 
 # ----- pickle weights are never unpickled ------------------------------------------------------

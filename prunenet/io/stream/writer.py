@@ -99,11 +99,18 @@ def copy_side_files(source: Path, staging: Path) -> list[str]:
     """Copy tokenizer, generation config and other small top-level files verbatim.
 
     Weight files (any format) and files this module rewrites are skipped, and so are folders
-    (hub repos keep e.g. the original consolidated weights in `original/`).
+    (hub repos keep e.g. the original consolidated weights in `original/`) and Python files:
+    an output never carries its input's code (`prunenet.io.trust`; `write_remote_code` then
+    drops any `auto_map` the copied JSON files name it in).
     """
     copied = []
     for path in sorted(source.iterdir()):
-        if not path.is_file() or path.name in _REWRITTEN or path.name.endswith(_WEIGHT_SUFFIXES):
+        if (
+            not path.is_file()
+            or path.name in _REWRITTEN
+            or path.name.endswith(_WEIGHT_SUFFIXES)
+            or path.suffix == ".py"
+        ):
             continue
         shutil.copy2(path, staging / path.name)
         copied.append(path.name)
