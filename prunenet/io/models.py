@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import json
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,10 @@ ALIASES: dict[str, OfflineModel] = {
         "Gemma-3-270M base (Gemma3, 18 layers, FFN 2048)",
     ),
 }
+
+
+# Mode bits that let users other than the owner change a file or a folder's entries.
+_WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
 
 def prunenet_cache_dir() -> Path:
@@ -231,9 +236,16 @@ def load_tokenizer(path: str):
 
 
 def _cached_alias_folder(alias: str) -> Path:
-    folder = prunenet_cache_dir() / "models" / alias
+    """The alias's converted folder in the cache, converted from its package's GGUF first if
+    absent. Whatever is there is pruned as the real model, so it is used only if nobody else
+    could have put it there or changed it (`_check_private`)."""
+    models_folder = prunenet_cache_dir() / "models"
+    folder = models_folder / alias
     if (folder / "config.json").is_file():
+        _check_private(folder, alias)
         return folder
+    if models_folder.exists():
+        _check_private(models_folder, alias)  # before the conversion's ~20 s
     offline = ALIASES[alias]
     spec = importlib.util.find_spec(offline.package)
     if spec is None:
@@ -253,7 +265,59 @@ def _cached_alias_folder(alias: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    write_alias_folder(folder, model, tokenizer)
+    return folder
+
+
+def write_alias_folder(folder: Path, model: PreTrainedModel, tokenizer) -> None:
+    """Save a converted alias into the cache, writable by its owner only (whatever the umask:
+    `_check_private` refuses a folder others can change).
+
+    :param folder: `<cache>/models/<alias>`.
+    :param model: the de-quantized model.
+    :param tokenizer: its tokenizer.
+    """
+    folder.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     with atomic_directory(folder, overwrite=False) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    return folder
+    for path in [folder, *folder.rglob("*")]:
+        _remove_write_access_of_others(path)
+
+
+def _remove_write_access_of_others(path: Path) -> None:
+    mode = stat.S_IMODE(path.lstat().st_mode)
+    if not path.is_symlink() and mode & _WRITABLE_BY_OTHERS:
+        path.chmod(mode & ~_WRITABLE_BY_OTHERS)
+
+
+def _check_private(top: Path, alias: str) -> None:
+    """Refuse a cache folder (`top` and everything in it) that another user owns or that others
+    can write: its content could have been planted, and would be pruned as the real `alias`.
+
+    The same rule protects the analysis cache (`prunenet.io.cache`). For a symbolic link, both
+    the link and what it points to must be the current user's.
+
+    :param top: `<cache>/models`, or `<cache>/models/<alias>` (checked with its parent).
+    :param alias: the alias it is used for (for the message).
+    """
+    if not hasattr(os, "getuid"):  # no POSIX owners (Windows): nothing to check
+        return
+    uid = os.getuid()
+    paths = [top] if top.name == "models" else [top.parent, top, *sorted(top.rglob("*"))]
+    for path in paths:
+        for status in (path.lstat(), path.stat()):
+            if status.st_uid != uid:
+                problem = f"{path} belongs to another user (uid {status.st_uid})"
+            elif not stat.S_ISLNK(status.st_mode) and status.st_mode & _WRITABLE_BY_OTHERS:
+                problem = f"{path} is writable by others (mode {stat.S_IMODE(status.st_mode):o})"
+            else:
+                continue
+            culprit = top.parent if path == top.parent else top
+            raise PruneNetError(
+                f"The cached model folder for {alias!r} cannot be trusted: {problem}, so it may "
+                "hold other weights than the real model's. If you made it and trust it, run "
+                f"`chmod -R go-w {culprit}` (and chown it to yourself); otherwise remove "
+                f"{culprit} and PruneNet converts the model again; or set PRUNENET_CACHE to a "
+                "folder of your own."
+            )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -17,8 +20,9 @@ from prunenet.io.models import (
     prunenet_cache_dir,
     resolve_dtype,
     resolve_model_path,
+    write_alias_folder,
 )
-from tests.conftest import logits_of, tiny_model
+from tests.conftest import logits_of, tiny_model, tiny_tokenizer
 
 
 def test_existing_model_folder_resolves_to_itself(tiny_model_folder: Path) -> None:
@@ -117,3 +121,86 @@ def test_cached_alias_resolves_to_its_folder_without_converting_again(
     monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path))
     monkeypatch.setattr(importlib.util, "find_spec", lambda *a: pytest.fail("converted again"))
     assert resolve_model_path("smollm2-135m") == str(cached)
+
+
+# ----- a cached alias folder is used only if nobody else could have planted or changed it -------
+
+
+@pytest.fixture
+def planted_alias(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_folder: Path) -> Path:
+    """`$PRUNENET_CACHE/models/smollm2-135m` holding another model, as a planted folder would;
+    converting the alias again fails the test."""
+    cached = tmp_path / "models" / "smollm2-135m"
+    shutil.copytree(tiny_model_folder, cached)
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda *a: pytest.fail("converted again"))
+    return cached
+
+
+def test_cached_alias_owned_by_another_user_is_refused(
+    planted_alias: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(planted_alias).st_uid + 1)
+    with pytest.raises(PruneNetError, match="belongs to another user") as refusal:
+        resolve_model_path("smollm2-135m")
+    assert f"remove {planted_alias.parent}" in str(refusal.value)
+
+
+@pytest.mark.parametrize("inside", [".", "model.safetensors"])
+def test_cached_alias_writable_by_others_is_refused(planted_alias: Path, inside: str) -> None:
+    path = planted_alias / inside
+    path.chmod(path.stat().st_mode | 0o002)
+    with pytest.raises(PruneNetError, match="writable by others") as refusal:
+        resolve_model_path("smollm2-135m")
+    assert f"chmod -R go-w {planted_alias}" in str(refusal.value)
+
+
+def test_cache_models_folder_writable_by_others_is_refused(planted_alias: Path) -> None:
+    planted_alias.parent.chmod(0o777)
+    with pytest.raises(PruneNetError, match="writable by others"):
+        resolve_model_path("smollm2-135m")
+
+
+def test_cached_alias_linking_to_a_folder_of_another_user_is_refused(
+    planted_alias: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    planted_alias.rename(elsewhere)
+    planted_alias.symlink_to(elsewhere)
+    real_stat = os.stat
+    monkeypatch.setattr(  # `elsewhere` (what the link points to) belongs to someone else
+        os,
+        "stat",
+        lambda path, *a, follow_symlinks=True, **k: _owned_by(
+            real_stat(path, *a, follow_symlinks=follow_symlinks, **k),
+            os.getuid() + 1 if follow_symlinks and Path(path) == planted_alias else None,
+        ),
+    )
+    with pytest.raises(PruneNetError, match="belongs to another user"):
+        resolve_model_path("smollm2-135m")
+
+
+def _owned_by(status: os.stat_result, uid: int | None) -> os.stat_result:
+    if uid is None:
+        return status
+    fields = list(status)
+    fields[stat.ST_UID] = uid
+    return os.stat_result(fields)
+
+
+def test_alias_folder_written_under_a_permissive_umask_is_not_writable_by_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / "smollm2-135m"
+    previous = os.umask(0o002)
+    try:
+        write_alias_folder(folder, tiny_model("llama"), tiny_tokenizer())
+    finally:
+        os.umask(previous)
+    assert all(
+        not path.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        for path in [folder.parent, folder, *folder.iterdir()]
+    )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda *a: pytest.fail("converted again"))
+    assert resolve_model_path("smollm2-135m") == str(folder)
