@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Aligned plain-text table (numbers right-aligned)."""
+    """Aligned plain-text table (numbers right-aligned); no rows gives the headers alone."""
     cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     numeric = [all(_is_number(row[i]) for row in rows) for i in range(len(headers))]
 
     def line(values):

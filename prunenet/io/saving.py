@@ -46,7 +46,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -88,12 +88,7 @@ def check_output_path(out: str | Path, overwrite: bool, replaces: str = MODEL_MA
     """
     out = output_path(out)
     check_name_length(out)
-    if out.is_symlink() and not out.exists():
-        raise PruneNetError(
-            f"Output path {out} is a symbolic link to {os.readlink(out)}, which does not "
-            "exist; PruneNet writes a real folder and never through a link. Remove the link "
-            "or choose another --out."
-        )
+    _refuse_dangling_link(out)
     if os.path.lexists(out) and not overwrite:
         raise PruneNetError(
             f"Output path {out} already exists. Choose another --out or pass --overwrite."
@@ -102,6 +97,65 @@ def check_output_path(out: str | Path, overwrite: bool, replaces: str = MODEL_MA
         check_replaceable(out, replaces)
     check_writable_parent(out)
     return out
+
+
+def check_output_container(out: str | Path, overwrite: bool, subfolders: Sequence[str]) -> Path:
+    """Check `out` for a run that writes one subfolder per amount into it; fail before any work.
+
+    `out` itself is never replaced, so it may exist: empty or holding only these subfolders
+    (and their lock and staging names), a run to resume (`prunenet.io.resume`); with
+    `--overwrite`, holding anything else too (it is left as it is). The subfolders are checked
+    one by one (`prunenet.io.resume.folders_to_write`).
+
+    :param out: the folder the subfolders go into.
+    :param overwrite: the user asked to replace existing subfolders PruneNet wrote.
+    :param subfolders: the names of the subfolders this run writes.
+    """
+    out = output_path(out)
+    check_name_length(out)
+    _refuse_dangling_link(out)
+    if overwrite:
+        protected = _protected_folder(out)
+        if protected:
+            raise PruneNetError(
+                f"--out {out} is {protected}; --overwrite is never used on it (an unset shell "
+                "variable in --out is the usual cause). Give the output folder's own path."
+            )
+    if os.path.lexists(out):
+        if not out.is_dir():
+            raise PruneNetError(
+                f"Output path {out} exists and is not a folder; a run with several amounts "
+                "writes one subfolder per amount into a folder. Choose another --out."
+            )
+        others = sorted(
+            entry.name for entry in out.iterdir() if not _belongs_to(entry.name, subfolders)
+        )
+        if others and not overwrite:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise PruneNetError(
+                f"Output path {out} already exists and holds other things than this run's "
+                f"subfolders ({shown}). Choose another --out, or pass --overwrite to write "
+                "into it anyway (what is there is left as it is)."
+            )
+    check_writable_parent(out / "subfolder")  # the folder itself, or its nearest ancestor
+    return out
+
+
+def _belongs_to(name: str, subfolders: Sequence[str]) -> bool:
+    """Whether `name` in a run's `--out` is one of its subfolders or their lock or staging."""
+    for sub in subfolders:
+        if name in (sub, f".{sub}.lock") or _sibling_kind(Path(sub), name) is not None:
+            return True
+    return False
+
+
+def _refuse_dangling_link(out: Path) -> None:
+    if out.is_symlink() and not out.exists():
+        raise PruneNetError(
+            f"Output path {out} is a symbolic link to {os.readlink(out)}, which does not "
+            "exist; PruneNet writes a real folder and never through a link. Remove the link "
+            "or choose another --out."
+        )
 
 
 def output_path(out: str | Path) -> Path:
@@ -240,7 +294,12 @@ def format_size(size: int | float) -> str:
 
 
 @contextmanager
-def hold_output(out: str | Path, overwrite: bool, replaces: str | None = None) -> Iterator[Path]:
+def hold_output(
+    out: str | Path,
+    overwrite: bool,
+    replaces: str | None = None,
+    subfolders: Sequence[str] | None = None,
+) -> Iterator[Path]:
     """Own the destination `out` for the duration: lock it, clear what killed runs left behind.
 
     Re-entrant within one process (the CLI holds it for a whole run, the writer again inside).
@@ -249,13 +308,18 @@ def hold_output(out: str | Path, overwrite: bool, replaces: str | None = None) -
     :param overwrite: the user asked to replace an existing `out`.
     :param replaces: the file an existing `out` must hold to be replaced (default
         `config.json`, or what the outer holder of `out` said).
+    :param subfolders: for a run that writes several folders into `out`: their names (`out`
+        is then checked as their container, `check_output_container`).
     """
     held = _HELD.get(output_path(out).absolute())
     if held is not None:
         yield check_output_path(out, overwrite, replaces or held[1]).absolute()
         return
     replaces = replaces or MODEL_MARKER
-    out = check_output_path(out, overwrite, replaces).absolute()
+    if subfolders is not None:
+        out = check_output_container(out, overwrite, subfolders).absolute()
+    else:
+        out = check_output_path(out, overwrite, replaces).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     descriptor = _lock(out)
     _HELD[out] = (descriptor, replaces)

@@ -95,7 +95,7 @@ def test_many_requests_are_cut_sequentially_unless_shared_is_asked_for(
     assert len(BUDGETS) >= SHARED_HINT_REQUESTS
     out = tmp_path / "out"
     assert _prune(tiny_model_folder, out, "--requests", _requests(tmp_path, LINES)) == 0
-    assert "--analysis shared answers all of them" in capsys.readouterr().err
+    assert "analysis shared (--config) answers all of them" in capsys.readouterr().err
     for budget in BUDGETS:
         report = json.loads((out / f"params-{budget:.2f}" / REPORT_FILE).read_text())
         assert report["scorer"]["analysis"] == "sequential"
@@ -116,7 +116,7 @@ def test_few_requests_get_no_hint(
         ("# nothing\n\n", "holds no budgets"),
         ("0.1\n1.5\n", "1.5"),
         ("0.1\nhalf\n", "half"),
-        ("0.1\n0.1\n", "repeat"),
+        ("0.1\n0.1\n", "more than once"),
         ("[0.1, ", "not a JSON list"),
         ('[{"budget": 0.1}]', "holds no budgets"),
     ],
@@ -134,7 +134,7 @@ def test_a_bad_requests_file_exits_2_before_the_model_is_read(
     [
         (("--structures", "ffn,layers"), "--structures ffn --strategy uniform"),
         (("--strategy", "ramp"), "--structures ffn --strategy uniform"),
-        (("--stream",), "drop --stream"),
+        (("--stream",), "drop --route stream"),
     ],
 )
 def test_shared_analysis_refuses_what_it_cannot_cut_before_any_work(

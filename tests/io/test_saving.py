@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from prunenet.core.arch import ffn_widths
 from prunenet.core.compress import prune_model
+from prunenet.core.arch import ffn_widths
 from prunenet.core.ratios import uniform_keep
 from prunenet.errors import PruneNetError
 from prunenet.io import saving
 from prunenet.io.saving import (
     atomic_directory,
     check_free_space,
+    check_output_container,
     check_output_path,
     hold_output,
     save_pruned,
@@ -230,6 +231,51 @@ def test_save_pruned_failing_midway_leaves_no_folder_and_no_staging(
     with pytest.raises(SaveFailed):
         save_pruned(model, tiny_tokenizer(), tmp_path / "out", report)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----- the folder of a run with several amounts ----------------------------------------------
+
+
+def test_a_container_may_exist_when_it_holds_only_the_runs_subfolders(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "ratio-0.20").mkdir(parents=True)
+    (out / ".ratio-0.40.partial-abcd1234").mkdir()  # a killed run's staging, cleaned later
+    assert check_output_container(out, False, ["ratio-0.20", "ratio-0.40"]) == out
+
+
+def test_a_container_holding_other_files_is_refused_without_overwrite(tmp_path: Path) -> None:
+    out = _users_folder(tmp_path / "out")
+    with pytest.raises(PruneNetError, match=r"holds other things .* \(thesis.tex\)"):
+        check_output_container(out, False, ["ratio-0.20", "ratio-0.40"])
+    assert check_output_container(out, True, ["ratio-0.20", "ratio-0.40"]) == out
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_a_container_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(PruneNetError, match="is not a folder"):
+        check_output_container(tmp_path / "out", True, ["ratio-0.20"])
+
+
+def test_overwrite_into_the_current_folder_as_a_container_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PruneNetError, match="the current folder"):
+        check_output_container(".", True, ["ratio-0.20"])
+    with pytest.raises(PruneNetError, match="--out is empty"):
+        check_output_container("", False, ["ratio-0.20"])
+
+
+def test_holding_a_container_locks_it_and_never_replaces_it(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with hold_output(out, overwrite=True, subfolders=["ratio-0.20"]):
+        assert (tmp_path / ".out.lock").is_file()
+        with atomic_directory(out / "ratio-0.20", overwrite=True) as staging:
+            (staging / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["ratio-0.20"]
 
 
 # ----- one run per destination, nothing left behind ---------------------------------------------
