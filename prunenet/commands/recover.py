@@ -63,7 +63,12 @@ def register(subparsers) -> None:
         "but the same tokenizer",
     )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out model folder (one holding config.json; never another "
+        "folder, a file, the current folder, one above it or the home folder)",
+    )
     parser.add_argument(
         "--steps",
         type=positive_int,

@@ -22,6 +22,9 @@ What a user can rely on at `--out`:
   is a real folder (not a link) holding `config.json` (a model folder; `pareto.json` for
   `prunenet pareto`) and is not the current folder, one above it, the home folder or `/`,
   however spelled; `--out ""` is refused. Anything else exits 2 before any work.
+- **Several folders, one container.** A run that writes one subfolder per amount holds `out`
+  as their container (`check_output_container`): it may exist, it is never replaced, and each
+  subfolder is written as above (resuming such runs: `prunenet.io.resume`).
 - **Names that fit.** An `out` whose name plus the longest name derived from it
   (`.NAME.previous-XXXXXXXX`, 19 bytes more) exceeds the filesystem's name limit is refused
   before any work, not when the finished output is renamed.
