@@ -235,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
     request = PruneRequest(remove_params=tuple(args.remove_params), scorer=args.scorer,
                            refit=args.refit, seed=args.seed)  # fmt: skip
     scorer = build_scorer(request)
-    args.refit = resolve_defaults(request, scorer, "memory").refit
+    resolved = resolve_defaults(request, scorer, "memory")
+    args.refit, analysis = resolved.refit, resolved.analysis
     settings = SweepSettings(
         budgets=tuple(args.remove_params),
         strategies=tuple(args.strategies),
@@ -266,14 +267,14 @@ def run(args: argparse.Namespace) -> int:
                 f"--refit bias adds an FFN output bias, which {model.config.model_type} models "
                 "cannot store; use --refit lsq or none."
             )
-        planner = scorer_planner(scorer, "uniform", analysis=args.analysis)
+        planner = scorer_planner(scorer, "uniform", analysis=analysis)
         suite = pareto_suite(model, tokenizer, ppl_tasks, zero_shot_tasks, args.seqlen,
                              args.ppl_windows, args.limit)  # fmt: skip
         grid = len(settings.budgets) * len(settings.strategies)
         print(
             f"model {args.model} ({model.config.model_type}): {len(settings.budgets)} budget(s) "
             f"x {len(settings.strategies)} strategy(ies) = {grid} cuts; {scorer.name} scores, "
-            f"{args.analysis} analysis, refit {args.refit}; {args.ppl_windows} x {args.seqlen}-"
+            f"{analysis} analysis, refit {args.refit}; {args.ppl_windows} x {args.seqlen}-"
             f"token windows/text, {args.speed_rounds} prefill rounds; "
             f"{describe_device(device)}, {torch.get_num_threads()} thread(s)",
             file=sys.stderr,
@@ -284,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
             command=command_line(args),
             model=args.model,
             scorer=scorer.describe(),
-            analysis=args.analysis,
+            analysis=analysis,
             strategy_policy=(str(args.strategy_policy or BUNDLED_STRATEGY)
                              if policy is not None else None),
             zero_shot_tasks=zero_shot_tasks,

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from prunenet.commands.options import positive_int
+from prunenet.commands.options import integer, positive_int
 from prunenet.core.ratios import validate_ratio
 from prunenet.errors import PruneNetError
 from prunenet.io.models import ALIASES
@@ -178,9 +178,10 @@ def _register_earlier_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy-policy", default=given, help=hidden)
     parser.add_argument("--stream", action="store_true", default=given, help=hidden)
     parser.add_argument("--layerwise", action="store_true", default=given, help=hidden)
+    # Plain integers: the request gives their true range (positive_int would say "at least 1").
     parser.add_argument("--selfgen-sequences", "--refit-sequences", dest="text_sequences",
-                        type=positive_int, default=given, help=hidden)  # fmt: skip
-    parser.add_argument("--selfgen-length", dest="text_length", type=positive_int,
+                        type=integer, default=given, help=hidden)  # fmt: skip
+    parser.add_argument("--selfgen-length", dest="text_length", type=integer,
                         default=given, help=hidden)  # fmt: skip
     parser.add_argument("--analysis", default=given, help=hidden)
     parser.add_argument("--max-layer-ratio", type=float, default=given, help=hidden)
@@ -283,12 +284,13 @@ def parse_amounts_or_file(text: str) -> tuple[float, ...]:
     :param text: a comma list of numbers, or a file's path.
     """
     path = Path(text).expanduser()
-    if not path.is_file():
+    if not _is_file(path):
         try:
             return parse_amounts(text)
         except argparse.ArgumentTypeError:
+            shown = text if len(text) <= 60 else f"{text[:57]}..."
             raise argparse.ArgumentTypeError(
-                f"cannot read {text}: it is neither a comma list of numbers (0.1,0.2) nor a "
+                f"cannot read {shown}: it is neither a comma list of numbers (0.1,0.2) nor a "
                 "file of budgets"
             ) from None
     try:
@@ -318,8 +320,17 @@ def parse_ratios(text: str) -> list[float]:
     except PruneNetError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     if len(set(ratios)) != len(ratios):
-        raise argparse.ArgumentTypeError(f"{text} repeats a value; list each one once.")
+        raise argparse.ArgumentTypeError(f"Values {text} repeat a value; list each one once.")
     return ratios
+
+
+def _is_file(path: Path) -> bool:
+    """Whether `path` is a file; a list of thousands of budgets is no file name (stat refuses
+    it with ENAMETOOLONG)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def parse_text(text: str) -> tuple[int, int]:

@@ -95,7 +95,10 @@ def test_many_requests_are_cut_sequentially_unless_shared_is_asked_for(
     assert len(BUDGETS) >= SHARED_HINT_REQUESTS
     out = tmp_path / "out"
     assert _prune(tiny_model_folder, out, "--requests", _requests(tmp_path, LINES)) == 0
-    assert "analysis shared (--config) answers all of them" in capsys.readouterr().err
+    assert (
+        '--analysis shared ("analysis": "shared" in --config) answers all of them'
+        in capsys.readouterr().err
+    )
     for budget in BUDGETS:
         report = json.loads((out / f"params-{budget:.2f}" / REPORT_FILE).read_text())
         assert report["scorer"]["analysis"] == "sequential"
