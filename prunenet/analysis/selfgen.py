@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral
 
 import torch
 from torch import nn
@@ -21,6 +22,19 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules, ffn_widths, max_positions
 from prunenet.errors import PruneNetError
 from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
+
+# The largest seed every generator PruneNet seeds accepts: numpy's legacy seeding (which SB3
+# uses) stops at 2**32 - 1, torch's at 2**64 - 1, numpy's default_rng refuses negatives.
+MAX_SEED = 2**32 - 1
+# SelfGenConfig's fields: (name, smallest, largest, why). Length 1 is the start token alone,
+# with nothing sampled: `generate` refuses it. The upper bounds only catch typos (2**20
+# tokens per sequence would already be days of generation).
+LIMITS = (
+    ("sequences", 1, 1 << 20, "sequences the model writes"),
+    ("length", 2, 1 << 20, "tokens per sequence: the start token and at least one sampled"),
+    ("seed", 0, MAX_SEED, "what every random generator PruneNet seeds accepts"),
+    ("kept_tokens", 1, 1 << 30, "activation rows kept per layer"),
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,18 @@ class SelfGenConfig:
     length: int = 128
     seed: int = 0
     kept_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        # Every caller (prune, pareto, train, recover, scripts, Python) builds one of these, so
+        # values that would fail deep inside `generate` or a seeded RNG are refused here.
+        for name, low, high, why in LIMITS:
+            value = getattr(self, name)
+            whole = isinstance(value, Integral) and not isinstance(value, bool)
+            if not whole or not low <= value <= high:
+                raise PruneNetError(
+                    f"Self-generated text: {name} {repr(value)[:40]} must be a whole number from "
+                    f"{low:,} to {high:,} ({why})."
+                )
 
 
 @dataclass

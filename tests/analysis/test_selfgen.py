@@ -171,3 +171,41 @@ def test_writing_text_in_bf16_gives_token_ids_of_the_requested_shape() -> None:
     tokens = generate_own_text(tiny_model("llama").bfloat16(), SMALL)
     assert tokens.dtype == torch.int64
     assert tokens.shape == (SMALL.sequences, SMALL.length)
+
+
+# ----- SelfGenConfig's values ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("length", 1, "length 1 must be a whole number from 2 to"),
+        ("length", 0, "length 0 must be a whole number from 2 to"),
+        ("sequences", 0, "sequences 0 must be a whole number from 1 to"),
+        (
+            "seed",
+            2**70,
+            "seed 1180591620717411303424 must be a whole number from 0 to 4,294,967,295",
+        ),
+        ("seed", 2**32, "seed 4294967296 must be a whole number from 0 to 4,294,967,295"),
+        ("seed", -1, "seed -1 must be a whole number from 0"),
+        ("seed", True, "seed True must be a whole number"),
+        ("length", 16.0, "length 16.0 must be a whole number"),
+        ("kept_tokens", 0, "kept_tokens 0 must be a whole number from 1"),
+    ],
+)
+def test_values_no_generator_can_use_are_refused_when_the_config_is_made(
+    field: str, value: object, message: str
+) -> None:
+    with pytest.raises(PruneNetError, match=message):
+        SelfGenConfig(**{field: value})
+
+
+def test_the_shortest_text_is_the_start_token_and_one_sampled_token() -> None:
+    tokens = generate_own_text(tiny_model("llama"), SelfGenConfig(sequences=2, length=2))
+    assert tokens.shape == (2, 2)
+
+
+def test_the_largest_seed_seeds_every_generator() -> None:
+    config = SelfGenConfig(sequences=1, length=4, seed=2**32 - 1, kept_tokens=2)
+    assert collect_activations(tiny_model("llama"), config)[0].sample.shape[0] == 2
