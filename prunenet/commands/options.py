@@ -21,6 +21,12 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def integer(text: str) -> int:
+    """Any integer; for options whose range is checked where they are used, with a message
+    that gives the real range (the self-generated text's size, checked by the request)."""
+    return _integer(text)
+
+
 def _integer(text: str) -> int:
     try:
         return int(text)
