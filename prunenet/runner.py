@@ -32,6 +32,7 @@ from prunenet.core.compress import PruneReport, estimated_output_bytes
 from prunenet.core.devices import resolve_device
 from prunenet.core.ratios import keep_count
 from prunenet.errors import PruneNetError
+from prunenet.evaluation.vocabulary import embedding_rows, warn_if_tokenizer_overflows
 from prunenet.io.models import (
     ALIASES,
     load_model,
@@ -286,6 +287,7 @@ class Run:
         start = time.perf_counter()
         model, tokenizer = load_model(self.model, dtype=request.dtype, device=str(self.device))
         load_seconds = time.perf_counter() - start
+        warn_if_tokenizer_overflows(tokenizer, embedding_rows(model), self.model)
         # Everything that can be refused is refused now, before the (slow) scoring.
         width = ffn_width(model.config)
         search = None
@@ -370,6 +372,7 @@ class Run:
         dtype = resolve_dtype(str(path), request.dtype)
         compute_dtype = resolve_dtype(str(path), request.compute_dtype or request.dtype)
         tokenizer = load_tokenizer(str(path))
+        warn_if_tokenizer_overflows(tokenizer, config.get_text_config().vocab_size, self.model)
         self.say(
             f"model {self.model} ({config.model_type}): layer by layer from its safetensors "
             f"({dtype}, computed in {compute_dtype}); scoring with {self.scorer.name} (seed "

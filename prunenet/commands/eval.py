@@ -47,6 +47,7 @@ from prunenet.evaluation.suite import (
     lm_eval_version,
     parse_tasks,
 )
+from prunenet.evaluation.vocabulary import embedding_rows, tokenizer_overflow
 from prunenet.evaluation.zero_shot import (
     DEFAULT_ZERO_SHOT_BATCH,
     DEFAULT_ZERO_SHOT_LIMIT,
@@ -156,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
             "...); evaluation needs one to read text. Copy the tokenizer of the model it was "
             "pruned from into the folder."
         )
+    check_tokenizer_fits(model, tokenizer, args.model)
     reference = None
     if args.reference:
         reference, _ = load_model(args.reference, device=device)
@@ -223,6 +225,22 @@ def update_card(folder: Path, record: dict) -> bool:
         return False
     print(f"wrote the evaluation into {card}")
     return True
+
+
+def check_tokenizer_fits(model: torch.nn.Module, tokenizer, spec: str) -> None:
+    """Refuse a tokenizer with ids the model's embedding lacks, before anything is evaluated
+    (otherwise the first such token fails deep inside the forward pass).
+
+    :param model: the loaded model.
+    :param tokenizer: the tokenizer loaded beside it.
+    :param spec: what --model said, for the message.
+    """
+    problem = tokenizer_overflow(tokenizer, embedding_rows(model))
+    if problem:
+        raise PruneNetError(
+            f"Model {spec} cannot be evaluated: {problem}. The tokenizer files are not this "
+            "model's; copy the tokenizer of the model it was pruned from into the folder."
+        )
 
 
 def check_same_vocabulary(model: torch.nn.Module, reference: torch.nn.Module, spec: str) -> None:

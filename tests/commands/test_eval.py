@@ -110,6 +110,26 @@ def test_reference_with_another_vocabulary_exits_2(tiny_model_folder, tmp_path, 
     assert "vocabulary" in capsys.readouterr().err
 
 
+def test_tokenizer_with_ids_beyond_the_embedding_exits_2_naming_both_sizes(
+    tmp_path, capsys, monkeypatch
+):
+    from tests.conftest import tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "mismatched"
+    tiny_model("llama", vocab_size=32).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)  # ids 0..63
+    monkeypatch.setattr(eval_command.EvaluationSuite, "run", _must_not_evaluate)
+    code = main(["eval", "--model", str(folder), "--tasks", "ppl_code", *QUICK])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "token ids up to 63 (64 ids)" in err and "embedding has 32 rows" in err
+    assert "copy the tokenizer" in err and "Traceback" not in err
+
+
+def _must_not_evaluate(*args, **kwargs):
+    raise AssertionError("a tokenizer that does not fit must be refused before evaluating")
+
+
 @pytest.mark.parametrize(
     "config",
     [
