@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 from prunenet.commands.options import integer, positive_int
@@ -28,6 +29,7 @@ from prunenet.request import (
     STRUCTURES,
     PruneRequest,
     default_of,
+    echo,
     parse_structure_names,
     read_request_file,
 )
@@ -273,7 +275,7 @@ def parse_amounts(text: str) -> tuple[float, ...]:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number or a comma list of numbers (e.g. 0.2 or 0.1,0.2)"
+            f"{_clipped(text)!r} is not a number or a comma list of numbers (e.g. 0.2 or 0.1,0.2)"
         ) from None
 
 
@@ -288,10 +290,9 @@ def parse_amounts_or_file(text: str) -> tuple[float, ...]:
         try:
             return parse_amounts(text)
         except argparse.ArgumentTypeError:
-            shown = text if len(text) <= 60 else f"{text[:57]}..."
             raise argparse.ArgumentTypeError(
-                f"cannot read {shown}: it is neither a comma list of numbers (0.1,0.2) nor a "
-                "file of budgets"
+                f"cannot read {_clipped(text)}: it is neither a comma list of numbers (0.1,0.2) "
+                "nor a file of budgets"
             ) from None
     try:
         content = path.read_text()
@@ -316,12 +317,20 @@ def parse_ratios(text: str) -> list[float]:
     :param text: a comma list of ratios.
     """
     try:
-        ratios = [validate_ratio(part) for part in text.split(",")]
+        ratios = [validate_ratio(_clipped(part)) for part in text.split(",")]
     except PruneNetError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    if len(set(ratios)) != len(ratios):
-        raise argparse.ArgumentTypeError(f"Values {text} repeat a value; list each one once.")
+    repeated = [value for value, count in Counter(ratios).items() if count > 1]
+    if repeated:
+        raise argparse.ArgumentTypeError(
+            f"Values {echo(repeated)} repeat a value of the list; list each one once."
+        )
     return ratios
+
+
+def _clipped(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters for a message: a list of 10,000 values is not echoed."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _is_file(path: Path) -> bool:

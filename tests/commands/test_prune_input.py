@@ -4,12 +4,14 @@ the input allows; a tokenizer the model cannot read is warned about."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
 from prunenet import runner
 from prunenet.cli import main
+from prunenet.commands.prune import parse_ratios
 from tests.conftest import tiny_model, tiny_tokenizer
 
 
@@ -151,3 +153,19 @@ def test_prune_says_nothing_about_a_tokenizer_that_fits(
             "--text", "4x8"]  # fmt: skip
     assert _prune(*argv) == 0
     assert "token ids" not in capsys.readouterr().err
+
+
+def test_repeated_ratios_of_a_long_list_are_each_named_once() -> None:
+    # `prunenet pareto` reads its ratio lists with this (prune's own lists go to the request).
+    with pytest.raises(argparse.ArgumentTypeError) as refused:
+        parse_ratios(",".join(["0.2", "0.3"] * 5_000))
+    assert str(refused.value) == "Values 0.2, 0.3 repeat a value of the list; list each one once."
+
+
+@pytest.mark.usefixtures("unreadable_model")
+def test_a_long_ratio_list_that_is_not_numbers_is_echoed_only_in_part(
+    tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    err = _refused(capsys, tiny_model_folder, tmp_path / "out", "--ratio", "0.1,x" * 10_000)
+    assert "is not a number or a comma list of numbers" in err
+    assert len(err.splitlines()[-1]) < 300
