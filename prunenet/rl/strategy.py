@@ -47,9 +47,9 @@ from prunenet.errors import PruneNetError
 from prunenet.io.saving import atomic_file
 from prunenet.rl.checkpoint import (
     MAX_HIDDEN,
-    MAX_MEMBER_BYTES,
     ZIP_ERRORS,
     count_problem,
+    read_checked,
     tensor_problem,
 )
 
@@ -297,14 +297,9 @@ def load_strategy_policy(path: str | Path) -> tuple[StrategyPolicy, dict]:
 def _read_strategy_zip(path: Path) -> tuple[object, dict]:
     """The checkpoint's JSON metadata (any JSON value) and its tensors, or a PruneNetError."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            sizes = {info.filename: info.file_size for info in archive.infolist()}
-            if any(sizes.get(name, 0) > MAX_MEMBER_BYTES for name in (METADATA, WEIGHTS)):
-                raise PruneNetError(f"Strategy policy {path} has an oversized member. {RETRAIN}")
-            metadata = json.loads(archive.read(METADATA))
-            data = archive.read(WEIGHTS)
-    except PruneNetError:  # a ValueError too, but already says what is wrong
-        raise
+        with zipfile.ZipFile(path) as archive:  # read_checked: no member beyond its size bound
+            metadata = json.loads(read_checked(archive, METADATA))
+            data = read_checked(archive, WEIGHTS)
     except ZIP_ERRORS as error:
         raise PruneNetError(
             f"Strategy policy {path} could not be read ({type(error).__name__}: "

@@ -165,3 +165,14 @@ def test_prune_with_a_malformed_strategy_policy_exits_2_before_reading_the_model
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
     assert not out.exists()
+
+
+def test_a_member_declaring_more_bytes_than_any_checkpoint_has_is_refused_unread(
+    tmp_path: Path,
+) -> None:
+    path = _zip(tmp_path / "p.zip")
+    data = bytearray(path.read_bytes())
+    start = data.index(b"PK\x01\x02")  # the first central header: prunenet.json
+    data[start + 24 : start + 28] = (2**31).to_bytes(4, "little")  # its uncompressed size
+    path.write_bytes(bytes(data))
+    _refused(path, "could not be read.*declares 2147483648 bytes")
