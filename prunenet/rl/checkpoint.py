@@ -29,6 +29,7 @@ import torch
 
 from prunenet.analysis.features import FEATURE_SETS, FEATURE_VERSION
 from prunenet.errors import PruneNetError
+from prunenet.rl.checks import MAX_HIDDEN, clip, count_problem
 
 METADATA_FILE = "prunenet.json"
 # 2: weights in safetensors and constructor arguments in prunenet.json, nothing pickled.
@@ -44,10 +45,6 @@ ALGO_FEATURE_SETS: dict[str, tuple[str, ...]] = {
 }
 # Members PruneNet reads are kilobytes; a larger one (a zip bomb) is refused before inflating it.
 MAX_MEMBER_BYTES = 256 * 1024**2
-# The widest hidden layer a checkpoint may declare. Trained policies use 8-64; 4096 already means
-# a network of about 70 M parameters. A larger number is a damaged or hostile file, refused
-# before the network is built (`hidden: 30000` would allocate tens of GB).
-MAX_HIDDEN = 4096
 # What reading a zip can raise besides PruneNetError: BadZipFile (bad CRC or header), OSError,
 # KeyError (no such member), EOFError (truncated data), ValueError (bad JSON or UTF-8),
 # zlib/lzma errors (a damaged compressed stream), RecursionError (JSON nested thousands deep),
@@ -245,73 +242,9 @@ def policy_kwargs(path: Path, value: object, where: str) -> dict:
     return dict(value)
 
 
-def count_problem(name: str, value: object, upper: int) -> str | None:
-    """Why `value` cannot be the size `name` of a network (None when it can): it must be a JSON
-    integer (not `true`, which Python counts as 1) from 1 to `upper`.
-
-    :param name: the metadata key, named in the answer.
-    :param value: what the checkpoint says (None: missing or null).
-    :param upper: the largest size accepted (a sane bound, so nothing huge is allocated).
-    """
-    if value is None:
-        return f"no {name} (missing or null; a whole number from 1 to {upper:,} is needed)"
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
-        return f"{name}={_clip(repr(value))}, which is not a whole number from 1 to {upper:,}"
-    return None
-
-
-def tensor_problem(
-    state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], network: str
-) -> str | None:
-    """Why `state` cannot be loaded into the network whose tensors are `expected` (None when it
-    can): names and shapes must match exactly, values be finite floating-point numbers. Checked
-    before the network is built, so a file's claims never decide what is allocated.
-
-    :param state: the tensors read from the checkpoint.
-    :param expected: name -> shape of every tensor the declared network has.
-    :param network: the declared network in words, for the answer.
-    """
-    missing = [name for name in expected if name not in state]
-    unexpected = [_clip(name) for name in state if name not in expected]
-    if missing or unexpected:
-        found = [f"missing {listed(missing)}"] if missing else []
-        found += [f"unexpected {listed(unexpected)}"] if unexpected else []
-        return f"its weights are not those of {network} ({'; '.join(found)})"
-    wrong = [
-        f"{name} is {tuple(state[name].shape)}, expected {shape}"
-        for name, shape in expected.items()
-        if tuple(state[name].shape) != shape
-    ]
-    if wrong:
-        return f"its weights do not match {network}: {listed(wrong)}"
-    not_float = [name for name, tensor in state.items() if not tensor.is_floating_point()]
-    if not_float:
-        return f"its weights {listed(not_float)} are not floating-point numbers"
-    broken = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
-    if broken:
-        return f"its weights {listed(broken)} hold NaN or infinite values"
-    return None
-
-
-def listed(items: list, limit: int = 3) -> str:
-    """`items` for a message: at most `limit` of them, then how many more (a file with
-    thousands of bad tensors must not make a message of thousands of names).
-
-    :param items: what to name (each shown with `str`).
-    :param limit: how many are named.
-    """
-    shown = ", ".join(str(item) for item in items[:limit])
-    return shown + (f" ... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
-def _clip(text: str, limit: int = 60) -> str:
-    """`text` cut to `limit` characters: a message quotes a file's strings, never all of them."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _reason(error: BaseException) -> str:
     """An exception for a message: its type where its text alone would not say what failed."""
-    text = _clip(str(error), 200)
+    text = clip(str(error), 200)
     if isinstance(error, (zipfile.BadZipFile, OSError)):
         return text
     return f"{type(error).__name__}: {text}"

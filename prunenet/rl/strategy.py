@@ -45,13 +45,8 @@ from prunenet.allocation.strategy import (
 )
 from prunenet.errors import PruneNetError
 from prunenet.io.saving import atomic_file
-from prunenet.rl.checkpoint import (
-    MAX_HIDDEN,
-    ZIP_ERRORS,
-    count_problem,
-    read_checked,
-    tensor_problem,
-)
+from prunenet.rl.checkpoint import ZIP_ERRORS, read_checked
+from prunenet.rl.checks import MAX_HIDDEN, count_problem, tensor_problem
 
 # The per-layer strategies `prunenet prune --strategy` and `prunenet pareto` know (`make_strategy`).
 STRATEGIES = ("uniform", "ramp", "policy", "search")

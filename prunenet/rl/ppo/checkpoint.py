@@ -23,10 +23,10 @@ from prunenet.rl.checkpoint import (
     read_member,
     read_metadata,
     read_state_dict,
-    tensor_problem,
     tensors_to_bytes,
     write_metadata,
 )
+from prunenet.rl.checks import tensor_problem
 from prunenet.rl.observation import spaces_for
 from prunenet.rl.ppo.policy import DEFAULT_HIDDEN, RowScoringPolicy, state_shapes
 

@@ -15,12 +15,11 @@ from prunenet.io.saving import atomic_file
 from prunenet.rl.checkpoint import (
     CHECKPOINT_FORMAT,
     ZIP_ERRORS,
-    count_problem,
     read_metadata,
     read_state_dict,
-    tensor_problem,
     write_metadata,
 )
+from prunenet.rl.checks import count_problem, tensor_problem
 from prunenet.rl.reinforce.policy import ALGO, FEATURE_SET, MAX_WIDTH, RowLogitPolicy, state_shapes
 
 RETRAIN = "Re-train it with `prunenet train --algo reinforce`."
