@@ -46,8 +46,8 @@ from prunenet.analysis.sequential import (
     analysis_text,
 )
 from prunenet.analysis.shared import SharedAnalysis, SharedCut, shared_analysis
-from prunenet.core.arch import ffn_widths, head_shapes
 from prunenet.core.compress import PruneReport, count_parameters, prune_model
+from prunenet.core.config_fields import ffn_widths, head_shapes
 from prunenet.core.depth import drop_layers
 from prunenet.core.heads import prune_heads, select_heads
 from prunenet.core.ratios import uniform_keep

@@ -27,8 +27,9 @@ from prunenet.allocation.strategy import strategy_context
 from prunenet.allocation.structures import check_budget, parse_structures
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.shared import SHARED_HINT_REQUESTS
-from prunenet.core.arch import can_store_output_bias, ffn_width
+from prunenet.core.arch import can_store_output_bias
 from prunenet.core.compress import PruneReport, estimated_output_bytes
+from prunenet.core.config_fields import ffn_width
 from prunenet.core.devices import resolve_device
 from prunenet.core.ratios import keep_count
 from prunenet.errors import PruneNetError

@@ -7,11 +7,11 @@ copying every other tensor through unchanged (same names, same dtype, same shard
 
 Why the result is bit-identical to in-memory pruning (`prune_model` + `save_pretrained`): each
 layer's FFN tensors are hung on a small module "shell" laid out like the real layer, so the same
-`arch.ffn_weights` builds the scorer's neuron-first view, the same `compress.select_keep_indices`
-picks the rows and the same `arch.cut_ffn` cuts them. Checkpoint names come from the adapter row
-(layers path + index + module path + ".weight"/".bias"); the only thing learned from the files
-is the prefix in front of the layers path, because checkpoints differ there ("model.decoder..."
-versus "decoder...").
+`surgery.ffn_weights` builds the scorer's neuron-first view, the same
+`compress.select_keep_indices` picks the rows and the same `surgery.cut_ffn` cuts them.
+Checkpoint names come from the adapter row (layers path + index + module path +
+".weight"/".bias"); the only thing learned from the files is the prefix in front of the layers
+path, because checkpoints differ there ("model.decoder..." versus "decoder...").
 
 Why memory stays bounded: `safe_open` maps a shard and `get_tensor` returns a tensor backed by
 that map, so every page read counts in the process's RSS until the map is released. Each tensor
@@ -30,17 +30,11 @@ from pathlib import Path
 
 import torch
 
-from prunenet.core.arch import (
-    FFNWeights,
-    adapter_for,
-    cut_ffn,
-    ffn_weights,
-    layer_shell,
-    shell_tensors,
-)
+from prunenet.core.arch import FFNWeights, adapter_for
 from prunenet.core.compress import PruneReport, record_ffn_widths, select_keep_indices
 from prunenet.core.devices import resolve_device
 from prunenet.core.ratios import validate_ratio
+from prunenet.core.surgery import cut_ffn, ffn_weights, layer_shell, shell_tensors
 from prunenet.errors import PruneNetError
 from prunenet.io.remote_code import write_remote_code
 from prunenet.io.saving import (

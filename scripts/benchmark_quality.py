@@ -52,7 +52,7 @@ from prunenet.allocation.strategy import strategy_context
 from prunenet.allocation.structures import check_budget
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN, analysis_text
-from prunenet.core.arch import ffn_widths
+from prunenet.core.config_fields import ffn_widths
 from prunenet.core.devices import default_device, describe_device
 from prunenet.core.ratios import rows_for_ratio, validate_ratio
 from prunenet.errors import PruneNetError

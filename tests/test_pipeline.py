@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from prunenet.analysis import selfgen
 from prunenet.analysis.selfgen import SelfGenConfig
-from prunenet.core.arch import adapter_for, can_store_output_bias, ffn_width, ffn_widths
+from prunenet.core.arch import adapter_for, can_store_output_bias
 from prunenet.core.compress import prune_model
+from prunenet.core.config_fields import ffn_width, ffn_widths
 from prunenet.core.ratios import keep_count
 from prunenet.errors import PruneNetError
 from prunenet.pipeline import PrunePlan, apply_plan, prune_and_save, scorer_planner

@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 
 import prunenet
 from prunenet.cli import main
-from prunenet.core.arch import ffn_widths
+from prunenet.core.config_fields import ffn_widths
 from prunenet.errors import PruneNetError
 from prunenet.io.model_card import MARKER
 from prunenet.io.saving import REQUEST_FILE

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules, ffn_weights
+from prunenet.core.arch import adapter_for, decoder_layers
+from prunenet.core.surgery import ffn_modules, ffn_weights
 from prunenet.errors import PruneNetError
 
 DEFAULT_MAX_RATIO = 0.6

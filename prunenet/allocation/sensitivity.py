@@ -28,9 +28,11 @@ from tqdm.auto import tqdm
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO, CostGrid, allocate_rows
 from prunenet.analysis.selfgen import SelfGenConfig, collect_activations, generate_own_text
 from prunenet.analysis.spectral import function_error, output_energy
-from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules, ffn_weights, ffn_widths
+from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.compress import select_keep_indices
+from prunenet.core.config_fields import ffn_widths
 from prunenet.core.ratios import keep_count, rows_for_ratio
+from prunenet.core.surgery import ffn_modules, ffn_weights
 from prunenet.errors import PruneNetError
 from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
 

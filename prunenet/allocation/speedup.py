@@ -19,9 +19,11 @@ import torch
 from torch import nn
 
 from prunenet.allocation.structures import MAX_FFN_RATIO
-from prunenet.core.arch import adapter_for, cut_ffn, decoder_layers, ffn_widths
+from prunenet.core.arch import adapter_for, decoder_layers
+from prunenet.core.config_fields import ffn_widths
 from prunenet.core.devices import model_device
 from prunenet.core.ratios import uniform_keep
+from prunenet.core.surgery import cut_ffn
 from prunenet.errors import PruneNetError
 from prunenet.evaluation.speed import compare_runners, prefill_runner
 

@@ -38,19 +38,12 @@ from prunenet.allocation.budget import _parameters_per_row
 from prunenet.allocation.trials import masked, mean_kl, reference_log_probs
 from prunenet.analysis.head_scores import output_energy_scores
 from prunenet.analysis.influence import block_influence
-from prunenet.core.arch import (
-    adapter_for,
-    added_bias_parameters,
-    decoder_layers,
-    ffn_modules,
-    ffn_weights,
-    ffn_widths,
-    head_removal_blocker,
-    head_shapes,
-)
+from prunenet.core.arch import adapter_for, decoder_layers, head_removal_blocker
 from prunenet.core.compress import count_parameters
+from prunenet.core.config_fields import ffn_widths, head_shapes
 from prunenet.core.depth import layer_parameters
 from prunenet.core.heads import head_costs
+from prunenet.core.surgery import added_bias_parameters, ffn_modules, ffn_weights
 from prunenet.errors import PruneNetError
 
 STRUCTURES = ("ffn", "heads", "layers")

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from prunenet.analysis.influence import skipping
-from prunenet.core.arch import adapter_for, attention_modules, decoder_layers, ffn_modules
+from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.heads import select_heads
+from prunenet.core.surgery import attention_modules, ffn_modules
 
 
 @contextlib.contextmanager

@@ -22,7 +22,8 @@ from torch import nn
 from prunenet.analysis.refit_statistics import RefitStatistics, collect_refit_statistics
 from prunenet.analysis.selfgen import LayerActivations, SelfGenConfig, collect_activations
 from prunenet.analysis.spectral import output_energy, row_spectral_stats, singular_values
-from prunenet.core.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
+from prunenet.core.arch import FFNWeights, adapter_for, decoder_layers
+from prunenet.core.surgery import ffn_weights
 from prunenet.errors import PruneNetError
 
 FEATURE_VERSION = 1

@@ -21,16 +21,9 @@ import torch
 from torch import nn
 
 from prunenet.analysis.selfgen import SelfGenConfig, own_text
-from prunenet.core.arch import (
-    Adapter,
-    HeadShape,
-    adapter_for,
-    attention_adapter,
-    attention_modules,
-    decoder_layers,
-    head_shapes,
-    head_weights,
-)
+from prunenet.core.arch import Adapter, HeadShape, adapter_for, attention_adapter, decoder_layers
+from prunenet.core.config_fields import head_shapes
+from prunenet.core.surgery import attention_modules, head_weights
 from prunenet.errors import PruneNetError
 
 # Self-generated text for head scores: a few sequences are enough for one energy per head.

@@ -44,16 +44,10 @@ from prunenet.analysis.sequential import (
     HELD_OUT_FRACTION,
     held_out_sequences,
 )
-from prunenet.core.arch import (
-    adapter_for,
-    can_store_output_bias,
-    decoder_layers,
-    ffn_modules,
-    ffn_output_bias,
-    ffn_weights,
-    ffn_widths,
-)
+from prunenet.core.arch import adapter_for, can_store_output_bias, decoder_layers
+from prunenet.core.config_fields import ffn_widths
 from prunenet.core.refit import DEFAULT_RIDGE, RIDGE_CANDIDATES
+from prunenet.core.surgery import ffn_modules, ffn_output_bias, ffn_weights
 from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
 
 # Sequences per forward pass while collecting (bounds the logits' memory, 200 MB on SmolLM2).

@@ -19,7 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules, ffn_widths, max_positions
+from prunenet.core.arch import adapter_for, decoder_layers, max_positions
+from prunenet.core.config_fields import ffn_widths
+from prunenet.core.surgery import ffn_modules
 from prunenet.errors import PruneNetError
 from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
 

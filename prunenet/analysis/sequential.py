@@ -26,20 +26,17 @@ from prunenet.analysis.selfgen import (
     overflow_hint,
     own_text,
 )
-from prunenet.core.arch import (
-    FFNWeights,
-    adapter_for,
-    can_store_output_bias,
+from prunenet.core.arch import FFNWeights, adapter_for, can_store_output_bias, decoder_layers
+from prunenet.core.compress import select_keep_indices
+from prunenet.core.refit import check_refit, refit_aware_scores, refit_output
+from prunenet.core.surgery import (
     cut_ffn,
-    decoder_layers,
     enable_output_biases,
     ffn_modules,
     ffn_output_bias,
     ffn_weights,
     set_ffn_output,
 )
-from prunenet.core.compress import select_keep_indices
-from prunenet.core.refit import check_refit, refit_aware_scores, refit_output
 from prunenet.errors import PruneNetError
 
 # Self-generated text for sequential analysis and the refit, chosen from the measured curve

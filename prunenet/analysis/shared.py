@@ -46,19 +46,17 @@ from prunenet.analysis.sequential import (
     held_out_sequences,
     run_layer,
 )
-from prunenet.core.arch import (
-    adapter_for,
-    can_store_output_bias,
+from prunenet.core.arch import adapter_for, can_store_output_bias, decoder_layers
+from prunenet.core.compress import select_keep_indices
+from prunenet.core.refit import check_refit
+from prunenet.core.surgery import (
     cut_ffn,
-    decoder_layers,
     enable_output_biases,
     ffn_modules,
     ffn_output_bias,
     ffn_weights,
     set_ffn_output,
 )
-from prunenet.core.compress import select_keep_indices
-from prunenet.core.refit import check_refit
 from prunenet.errors import PruneNetError
 
 # With at least this many requests and no --analysis, `prunenet prune --requests` says that

@@ -13,15 +13,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from prunenet.core.arch import (
-    adapter_for,
-    cut_ffn,
-    decoder_layers,
-    ffn_weights,
-    ffn_width,
-    set_ffn_widths,
-)
+from prunenet.core.arch import adapter_for, decoder_layers
+from prunenet.core.config_fields import ffn_width, set_ffn_widths
 from prunenet.core.ratios import validate_ratio
+from prunenet.core.surgery import cut_ffn, ffn_weights
 from prunenet.errors import PruneNetError
 
 
@@ -113,7 +108,7 @@ def prune_model(
         fraction of all FFN rows actually removed.
     :param cut: `cut(index, layer, scores, kept)` removes all but `kept` rows of one layer and
         returns the indices it kept; called for the layers in order. The default keeps the
-        top-scoring rows with `arch.cut_ffn`. `prunenet.analysis.sequential.SequentialCut`
+        top-scoring rows with `surgery.cut_ffn`. `prunenet.analysis.sequential.SequentialCut`
         replaces it to score each layer on the already-cut model and to refit it.
     """
     start = time.perf_counter()
@@ -161,8 +156,8 @@ def record_ffn_widths(config, widths: list[int]) -> None:
     """Write the pruned widths into the config so the saved folder rebuilds the same shapes.
 
     Equal widths reload with plain `from_pretrained`; different widths are written as
-    transformers' `per_layer_config` and reload with `prunenet.load_pruned` (arch.set_ffn_widths
-    and loading.py say why).
+    transformers' `per_layer_config` and reload with `prunenet.load_pruned`
+    (`config_fields.set_ffn_widths` and loading.py say why).
     """
     set_ffn_widths(config, widths)
 

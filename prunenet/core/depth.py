@@ -18,14 +18,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from prunenet.core.arch import (
-    _config_owner,
-    _get,
-    adapter_for,
-    decoder_layers,
-    ffn_widths,
-    set_ffn_widths,
-)
+from prunenet.core.arch import _config_owner, _get, adapter_for, decoder_layers
+from prunenet.core.config_fields import ffn_widths, set_ffn_widths
 from prunenet.errors import PruneNetError
 
 # Architecture facts about per-layer state, read from transformers 5.24's modeling and

@@ -33,9 +33,9 @@ Every `load_pruned` folder also loads without PruneNet with `trust_remote_code=T
 (1) Their config validators check `hidden_size % num_attention_heads == 0` (so only such counts
 are accepted, even with an explicit `head_dim`) and read the field globally, which transformers
 refuses on a heterogeneous config: PruneNet saves these configs with
-`allow_global_per_layer_attribute_access` (see `arch.set_layer_values`).
+`allow_global_per_layer_attribute_access` (see `config_fields.set_layer_values`).
 (2) Phi-3's attention forward reads `config.num_attention_heads`, so each attention module is
-given its own layer's config (`arch.bind_layer_configs`).
+given its own layer's config (`config_fields.bind_layer_configs`).
 (3) Their modeling code derives the head size as hidden_size / num_attention_heads (Phi sizes
 its q/k norms that way), and no config field can say otherwise: the config keeps the built
 counts, the kept ones are recorded apart (`prunenet_kept_num_attention_heads`, ...;
@@ -67,20 +67,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from prunenet.core.arch import (
-    Adapter,
-    HeadShape,
-    adapter_for,
-    attention_modules,
-    bind_layer_configs,
-    cut_attention,
-    decoder_layers,
-    head_removal_blocker,
-    head_shapes,
-    qkv_row_heads,
-    set_head_counts,
-)
+from prunenet.core.arch import Adapter, HeadShape, adapter_for, decoder_layers, head_removal_blocker
 from prunenet.core.compress import count_parameters
+from prunenet.core.config_fields import bind_layer_configs, head_shapes, set_head_counts
+from prunenet.core.surgery import attention_modules, cut_attention, qkv_row_heads
 from prunenet.errors import PruneNetError
 
 
@@ -135,7 +125,7 @@ def prune_heads(model: nn.Module, keep: Sequence[HeadKeep | tuple | None]) -> He
     `per_layer_config` beside any per-layer FFN widths, and `prunenet.load_pruned` reloads them.
     Where the modeling code derives the head size from the count (OPT, GPT-2, GPT-NeoX, Falcon,
     Phi with qk_layernorm), the counts go into PruneNet's own fields instead
-    (`arch.set_head_counts`) and every such folder reloads with `prunenet.load_pruned`.
+    (`config_fields.set_head_counts`) and every such folder reloads with `prunenet.load_pruned`.
     Every input is checked before the first cut: a refusal leaves the model untouched.
 
     :param model: a model of an architecture whose heads can be removed (module docstring).
@@ -177,7 +167,7 @@ def cut_heads(layer: nn.Module, adapter: Adapter, shape: HeadShape, keep: HeadKe
 
     :param layer: a decoder layer.
     :param adapter: its architecture's adapter.
-    :param shape: the layer's heads before the cut (`arch.head_shapes(config)[i]`).
+    :param shape: the layer's heads before the cut (`config_fields.head_shapes(config)[i]`).
     :param keep: the heads to keep (`HeadKeep`), checked by `check_keep`.
     :return: the layer's heads after the cut.
     """

@@ -34,9 +34,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules, ffn_weights
+from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.compress import count_parameters
 from prunenet.core.devices import describe_device, model_device, synchronize
+from prunenet.core.surgery import ffn_modules, ffn_weights
 
 # One timed call; returns how many tokens it processed (prefilled or generated).
 Runner = Callable[[], int]
@@ -168,7 +169,7 @@ class ParameterCounts:
 
 
 def parameter_counts(model: nn.Module) -> ParameterCounts:
-    """Total parameters and those of the FFNs (found through `prunenet.core.arch`)."""
+    """Total parameters and those of the FFNs (found through `prunenet.core.surgery`)."""
     adapter = adapter_for(model.config)
     ffn = 0
     widths = []

@@ -63,20 +63,20 @@ from transformers.models.auto.auto_factory import _get_model_class
 
 from prunenet.core.arch import (
     ADAPTERS,
-    RECORDED_PREFIX,
     adapter_for,
-    built_head_counts,
     counts_recorded_apart,
-    cut_ffn,
     decoder_config,
     decoder_layers,
-    ffn_modules,
-    ffn_weights,
+)
+from prunenet.core.config_fields import (
+    RECORDED_PREFIX,
+    built_head_counts,
     ffn_widths,
     head_shapes,
     set_ffn_widths,
 )
 from prunenet.core.heads import narrow_heads
+from prunenet.core.surgery import cut_ffn, ffn_modules, ffn_weights
 from prunenet.errors import PruneNetError
 from prunenet.io import modeling_prunenet
 from prunenet.io.trust import NO_REMOTE_CODE, SAFE_WEIGHTS, check_model_folder

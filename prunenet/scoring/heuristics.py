@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from prunenet.analysis.selfgen import LayerActivations, SelfGenConfig, collect_activations
-from prunenet.core.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
+from prunenet.core.arch import FFNWeights, adapter_for, decoder_layers
+from prunenet.core.surgery import ffn_weights
 from prunenet.scoring.base import Scorer
 
 

@@ -15,8 +15,8 @@ from prunenet.allocation.budget import (
     rows_for_parameter_target,
     uniform_allocation,
 )
-from prunenet.core.arch import ffn_width, ffn_widths
 from prunenet.core.compress import count_parameters, prune_model
+from prunenet.core.config_fields import ffn_width, ffn_widths
 from prunenet.core.ratios import rows_for_ratio
 from prunenet.errors import PruneNetError
 from tests.conftest import tiny_model

@@ -14,7 +14,8 @@ from prunenet.allocation.sensitivity import (
     auto_allocation,
     layer_sensitivity,
 )
-from prunenet.core.arch import decoder_layers, ffn_widths
+from prunenet.core.arch import decoder_layers
+from prunenet.core.config_fields import ffn_widths
 from prunenet.core.ratios import rows_for_ratio
 from prunenet.errors import PruneNetError
 from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prunenet.allocation.structures import parse_structures, split_budget
-from prunenet.core.arch import head_shapes
 from prunenet.core.compress import count_parameters
+from prunenet.core.config_fields import head_shapes
 from prunenet.errors import PruneNetError
 from prunenet.pipeline import apply_budget, scorer_planner
 from prunenet.scoring.heuristics import MagnitudeScorer

@@ -15,7 +15,8 @@ from prunenet.analysis.features import (
     standardise,
 )
 from prunenet.analysis.selfgen import LayerActivations
-from prunenet.core.arch import FFNWeights, adapter_for, decoder_layers, ffn_weights
+from prunenet.core.arch import FFNWeights, adapter_for, decoder_layers
+from prunenet.core.surgery import ffn_weights
 from prunenet.errors import PruneNetError
 from tests.conftest import FFN_WIDTH, tiny_model
 from tests.conftest import SMALL_SELFGEN as SMALL

@@ -11,8 +11,10 @@ from prunenet.analysis.head_scores import (
     output_energy_scores,
     weight_scores,
 )
-from prunenet.core.arch import adapter_for, attention_modules, decoder_layers, head_shapes
-from prunenet.core.arch import head_weights as arch_head_weights
+from prunenet.core.arch import adapter_for, decoder_layers
+from prunenet.core.config_fields import head_shapes
+from prunenet.core.surgery import attention_modules
+from prunenet.core.surgery import head_weights as arch_head_weights
 from prunenet.errors import PruneNetError
 from tests.conftest import ALL_MODEL_TYPES, SMALL_SELFGEN, sample_input_ids
 from tests.core.test_heads import gqa_model

@@ -16,8 +16,9 @@ from prunenet.analysis.refit_statistics import (
 )
 from prunenet.analysis.selfgen import SelfGenConfig, own_text
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN
-from prunenet.core.arch import adapter_for, decoder_layers, ffn_modules
+from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.refit import DEFAULT_RIDGE, RIDGE_CANDIDATES, output_error, refit_output
+from prunenet.core.surgery import ffn_modules
 from prunenet.io.cache import entry_path
 from tests.conftest import FFN_WIDTH, tiny_model
 

@@ -14,7 +14,8 @@ from prunenet.analysis.selfgen import (
     generate_own_text,
     start_token_id,
 )
-from prunenet.core.arch import decoder_layers, ffn_width
+from prunenet.core.arch import decoder_layers
+from prunenet.core.config_fields import ffn_width
 from prunenet.errors import PruneNetError
 from prunenet.io.cache import CacheWarning, entry_path
 from tests.conftest import SMALL_SELFGEN as SMALL

@@ -13,8 +13,9 @@ from prunenet.analysis.sequential import (
     ffn_activations,
     run_layer,
 )
-from prunenet.core.arch import adapter_for, decoder_layers, ffn_widths
+from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.compress import prune_model
+from prunenet.core.config_fields import ffn_widths
 from prunenet.core.ratios import uniform_keep
 from prunenet.errors import PruneNetError
 from tests.conftest import ALL_MODEL_TYPES, sample_input_ids, tiny_model

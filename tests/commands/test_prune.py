@@ -18,7 +18,8 @@ from transformers.modeling_utils import PreTrainedModel
 
 from prunenet import runner
 from prunenet.cli import main
-from prunenet.core.arch import ffn_width, supported_model_types
+from prunenet.core.arch import supported_model_types
+from prunenet.core.config_fields import ffn_width
 from prunenet.core.ratios import keep_count
 from prunenet.io import saving
 from prunenet.io.saving import REPORT_FILE

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from prunenet.cli import main
-from prunenet.core.arch import ffn_width
+from prunenet.core.config_fields import ffn_width
 from prunenet.core.ratios import keep_count
 from prunenet.io.saving import REPORT_FILE
 from tests.conftest import FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer

@@ -11,9 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prunenet.core.arch import adapter_for, decoder_layers, ffn_weights, ffn_width, ffn_widths
+from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.compress import count_parameters, prune_model, select_keep_indices
+from prunenet.core.config_fields import ffn_width, ffn_widths
 from prunenet.core.ratios import keep_count, uniform_keep, validate_ratio
+from prunenet.core.surgery import ffn_weights
 from prunenet.errors import PruneNetError
 from prunenet.io.saving import REPORT_FILE, save_pruned
 from prunenet.scoring.heuristics import MagnitudeScorer, RandomScorer

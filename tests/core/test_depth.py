@@ -11,8 +11,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from prunenet import load_pruned
-from prunenet.core.arch import _config_owner, adapter_for, decoder_layers, ffn_widths
+from prunenet.core.arch import _config_owner, adapter_for, decoder_layers
 from prunenet.core.compress import count_parameters, prune_model
+from prunenet.core.config_fields import ffn_widths
 from prunenet.core.depth import drop_layers, layer_parameters
 from prunenet.errors import PruneNetError
 from tests.conftest import (

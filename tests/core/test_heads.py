@@ -12,16 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prunenet.core.arch import (
-    ADAPTERS,
-    adapter_for,
-    attention_modules,
-    decoder_layers,
-    head_removal_blocker,
-    head_shapes,
-    head_weights,
-    qkv_row_heads,
-)
+from prunenet.core.arch import ADAPTERS, adapter_for, decoder_layers, head_removal_blocker
+from prunenet.core.config_fields import head_shapes
 from prunenet.core.heads import (
     HeadKeep,
     attention_parameters,
@@ -31,6 +23,7 @@ from prunenet.core.heads import (
     prune_heads,
     select_heads,
 )
+from prunenet.core.surgery import attention_modules, head_weights, qkv_row_heads
 from prunenet.errors import PruneNetError
 from tests.conftest import ALL_MODEL_TYPES, TINY_CONFIGS, logits_of, tiny_model
 

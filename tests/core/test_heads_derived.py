@@ -21,16 +21,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from prunenet import load_pruned
 from prunenet.allocation.structures import parse_structures
 from prunenet.cli import main
-from prunenet.core.arch import (
-    RECORDED_PREFIX,
-    adapter_for,
-    counts_recorded_apart,
-    decoder_config,
-    decoder_layers,
-    head_shapes,
-    head_weights,
-)
+from prunenet.core.arch import adapter_for, counts_recorded_apart, decoder_config, decoder_layers
+from prunenet.core.config_fields import RECORDED_PREFIX, head_shapes
 from prunenet.core.heads import HeadKeep, head_costs, prune_heads
+from prunenet.core.surgery import head_weights
 from prunenet.errors import PruneNetError
 from prunenet.io.remote_code import MODELING_FILE, STRUCTURE_KEY
 from prunenet.io.saving import save_model_folder

@@ -7,7 +7,7 @@ import torch
 
 from prunenet.analysis.selfgen import SelfGenConfig, generate_own_text
 from prunenet.analysis.sequential import capture_layer_inputs, ffn_activations
-from prunenet.core.arch import adapter_for, decoder_layers, ffn_output_bias, ffn_weights
+from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.refit import (
     RIDGE_CANDIDATES,
     _Moments,
@@ -16,6 +16,7 @@ from prunenet.core.refit import (
     refit_aware_scores,
     refit_output,
 )
+from prunenet.core.surgery import ffn_output_bias, ffn_weights
 from prunenet.errors import PruneNetError
 from tests.conftest import FFN_WIDTH, tiny_model
 

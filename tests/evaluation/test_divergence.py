@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from prunenet.core.arch import ffn_widths
 from prunenet.core.compress import prune_model
+from prunenet.core.config_fields import ffn_widths
 from prunenet.core.ratios import uniform_keep
 from prunenet.evaluation.divergence import ReferenceCache, kl_and_perplexity, per_token_kl
 from prunenet.evaluation.perplexity import perplexity, token_windows

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from prunenet.core.arch import ffn_widths
 from prunenet.core.compress import prune_model
+from prunenet.core.config_fields import ffn_widths
 from prunenet.core.ratios import uniform_keep
 from prunenet.evaluation.speed import (
     MODEL,

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from prunenet import load_pruned
-from prunenet.core.arch import ffn_width, ffn_widths, head_shapes
 from prunenet.core.compress import prune_model
+from prunenet.core.config_fields import ffn_width, ffn_widths, head_shapes
 from prunenet.core.heads import HeadKeep, prune_heads
 from prunenet.core.ratios import uniform_keep
 from prunenet.errors import PruneNetError
@@ -189,7 +189,8 @@ def test_per_layer_head_counts_reload_with_identical_logits(model_type, ffn, tmp
 def test_plain_from_pretrained_refuses_per_layer_head_counts_loudly(model_type, tmp_path):
     heads_unevenly(model_type).save_pretrained(tmp_path / "out")
     # 5.24: AmbiguousGlobalPerLayerAttributeError, or (configs saved with global access, see
-    # arch.set_layer_values) a size mismatch at the first narrower weight; never a silent load.
+    # config_fields.set_layer_values) a size mismatch at the first narrower weight; never a
+    # silent load.
     with pytest.raises(RuntimeError, match="per-layer attribute|mismatch"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 

@@ -24,8 +24,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.dynamic_module_utils import get_imports
 
 from prunenet import load_pruned
-from prunenet.core.arch import ffn_width, ffn_widths, head_shapes
 from prunenet.core.compress import prune_model
+from prunenet.core.config_fields import ffn_width, ffn_widths, head_shapes
 from prunenet.core.depth import drop_layers
 from prunenet.core.ratios import uniform_keep
 from prunenet.io import modeling_prunenet

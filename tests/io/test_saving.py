@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from prunenet.core.compress import prune_model
-from prunenet.core.arch import ffn_widths
+from prunenet.core.config_fields import ffn_widths
 from prunenet.core.ratios import uniform_keep
 from prunenet.errors import PruneNetError
 from prunenet.io import saving

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from prunenet.cli import main
-from prunenet.core.arch import ffn_widths
 from prunenet.core.compress import count_parameters, prune_model, select_keep_indices
+from prunenet.core.config_fields import ffn_widths
 from prunenet.core.ratios import keep_count, uniform_keep
 from prunenet.errors import PruneNetError
 from prunenet.io.loading import drop_remote_code
@@ -306,8 +306,8 @@ def copy_checkpoint(source: Path, target: Path) -> Path:
 
 def test_stream_with_a_weights_only_policy_matches_in_memory_pruning(checkpoints, tmp_path):
     """A policy trained on weights-only features streams, bit for bit like in-memory pruning."""
-    from prunenet.scoring.ppo import PolicyScorer
     from prunenet.rl.ppo.train import TrainConfig, train_policy
+    from prunenet.scoring.ppo import PolicyScorer
 
     source = checkpoints("llama")
     checkpoint = tmp_path / "policy.zip"

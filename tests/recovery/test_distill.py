@@ -13,14 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN
-from prunenet.core.arch import (
-    adapter_for,
-    decoder_layers,
-    enable_output_biases,
-    ffn_modules,
-    ffn_widths,
-)
+from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.compress import prune_model
+from prunenet.core.config_fields import ffn_widths
+from prunenet.core.surgery import enable_output_biases, ffn_modules
 from prunenet.errors import PruneNetError
 from prunenet.io.loading import drop_remote_code, load_pruned
 from prunenet.recovery.compatibility import check_same_vocabulary

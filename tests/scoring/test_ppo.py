@@ -14,7 +14,8 @@ from stable_baselines3 import PPO
 from envs.ffn_prune import FFNPruneEnv
 from prunenet.analysis.features import model_layer_data
 from prunenet.analysis.selfgen import SelfGenConfig
-from prunenet.core.arch import adapter_for, decoder_layers, ffn_weights
+from prunenet.core.arch import adapter_for, decoder_layers
+from prunenet.core.surgery import ffn_weights
 from prunenet.errors import PruneNetError
 from prunenet.rl.checkpoint import METADATA_FILE, read_metadata, read_state_dict
 from prunenet.rl.ppo.checkpoint import LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, write_policy_members

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from prunenet.core.arch import Adapter, cut_ffn, ffn_weights, ffn_width, layer_shell, shell_tensors
+from prunenet.core.arch import Adapter
+from prunenet.core.config_fields import ffn_width
 from prunenet.core.ratios import keep_count
+from prunenet.core.surgery import cut_ffn, ffn_weights, layer_shell, shell_tensors
 from prunenet.errors import PruneNetError
 from prunenet.io.stream.checkpoint import DTYPE_BYTES, Checkpoint, TensorEntry
 

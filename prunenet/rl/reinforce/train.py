@@ -45,8 +45,9 @@ from tqdm.auto import tqdm
 from prunenet.analysis.features import LayerData
 from prunenet.analysis.refit_statistics import collect_refit_statistics, refit_text
 from prunenet.analysis.selfgen import SelfGenConfig, collect_activations
-from prunenet.core.arch import adapter_for, decoder_layers, ffn_weights
+from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.ratios import keep_count, validate_ratio
+from prunenet.core.surgery import ffn_weights
 from prunenet.errors import PruneNetError
 from prunenet.rl.checkpoint import (
     TrainingInterrupted,
