@@ -5,7 +5,11 @@ protocol (model, tasks, limits, seqlen, device, threads, library, lm-eval and da
 metric definitions, token counts) next to the results, so a number can be reproduced or
 compared. Zero-shot accuracy comes from lm-evaluation-harness (`prunenet.evaluation.zero_shot`);
 with `--reference DENSE` the KL(dense || model) on the perplexity windows and the speed-up
-(dense and model timed alternately in this process) are added.
+(dense and model timed alternately in this process) are added. A model card PruneNet wrote
+gets the numbers in its Evaluation section.
+
+Why this module is long (over 400 lines): the tables and the JSON record say how every number
+was measured, and they must say it from the same fields; split, they would drift apart.
 """
 
 from __future__ import annotations
@@ -14,16 +18,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers.utils import logging as hf_logging
 
-from prunenet import __version__
 from prunenet.commands.options import non_negative_int, positive_int
 from prunenet.core.devices import default_device, describe_device
 from prunenet.errors import PruneNetError
@@ -46,6 +47,7 @@ from prunenet.evaluation.suite import (
     all_task_names,
     lm_eval_version,
     parse_tasks,
+    software_versions,
 )
 from prunenet.evaluation.vocabulary import embedding_rows, tokenizer_overflow
 from prunenet.evaluation.zero_shot import (
@@ -421,13 +423,7 @@ def protocol_record(
         "tokenizer": type(tokenizer).__name__,
         "device": describe_device(device),
         "threads": torch.get_num_threads(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "lm_eval": lm_eval_version(),
-            "prunenet": __version__,
-        },
+        "versions": software_versions(),
         "lm_eval_version": lm_eval_version(),
         "data_packages": data_versions(),
         "metric_definitions": METRIC_DEFINITIONS,

@@ -269,7 +269,7 @@ def test_cli_switches_to_stream_when_the_checkpoint_would_crowd_ram(
 
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
 
-    assert "switching to --stream" in capsys.readouterr().out
+    assert "switching to --route stream" in capsys.readouterr().out
     for ratio in (0.2, 0.4):
         config = config_of(tmp_path / "out" / f"ratio-{ratio:.2f}")
         assert config["intermediate_size"] == keep_count(FFN_WIDTH, ratio)
@@ -280,7 +280,7 @@ def test_cli_stream_refuses_a_scorer_that_needs_the_model_in_memory(checkpoints,
 
     assert main([*args, "--scorer", "selfgen", "--out", str(tmp_path / "out")]) == 2
 
-    assert "cannot run in stream mode" in capsys.readouterr().err
+    assert "never runs the model" in capsys.readouterr().err
     assert no_output_left(tmp_path / "out")
 
 
