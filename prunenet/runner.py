@@ -41,8 +41,9 @@ from prunenet.io.models import (
     resolve_dtype,
     resolve_model_path,
 )
+from prunenet.io.output_checks import check_free_space
 from prunenet.io.resume import SKIPPED, finished_line, folders_to_write
-from prunenet.io.saving import check_free_space, hold_output
+from prunenet.io.saving import hold_output
 from prunenet.io.stream.checkpoint import checkpoint_bytes, load_config
 from prunenet.layerwise import layerwise_prune
 from prunenet.pipeline import (

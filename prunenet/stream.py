@@ -36,13 +36,9 @@ from prunenet.core.devices import resolve_device
 from prunenet.core.ratios import validate_ratio
 from prunenet.core.surgery import cut_ffn, ffn_weights, layer_shell, shell_tensors
 from prunenet.errors import PruneNetError
+from prunenet.io.output_checks import check_free_space, check_output_path
 from prunenet.io.remote_code import write_remote_code
-from prunenet.io.saving import (
-    atomic_directory,
-    check_free_space,
-    check_output_path,
-    write_records,
-)
+from prunenet.io.saving import atomic_directory, write_records
 from prunenet.io.stream.checkpoint import (
     available_memory_bytes,
     checkpoint_bytes,

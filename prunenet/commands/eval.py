@@ -58,7 +58,8 @@ from prunenet.evaluation.zero_shot import (
 )
 from prunenet.io.model_card import CARD_FILE, evaluation_markdown, is_prunenet_card, with_evaluation
 from prunenet.io.models import ALIASES, load_model, resolve_model_path
-from prunenet.io.saving import REPORT_FILE, atomic_file, check_writable_parent
+from prunenet.io.output_checks import check_writable_parent
+from prunenet.io.saving import REPORT_FILE, atomic_file
 from prunenet.tables import format_table
 
 

@@ -32,7 +32,8 @@ from prunenet.core.compress import count_parameters
 from prunenet.core.devices import describe_device, resolve_device
 from prunenet.errors import PruneNetError
 from prunenet.io.models import ALIASES, load_model, resolve_model_path
-from prunenet.io.saving import check_free_space, hold_output
+from prunenet.io.output_checks import check_free_space
+from prunenet.io.saving import hold_output
 from prunenet.io.trust import NO_REMOTE_CODE, is_remote_code_error, remote_code_error
 from prunenet.recovery.compatibility import check_same_vocabulary
 from prunenet.recovery.distill import DEFAULT_TEXT, RecoveryConfig, distill, merge_adapters

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from prunenet.errors import PruneNetError
-from prunenet.io.saving import MODEL_MARKER, REPORT_FILE, REQUEST_FILE, check_replaceable
+from prunenet.io.output_checks import MODEL_MARKER, check_replaceable
+from prunenet.io.saving import REPORT_FILE, REQUEST_FILE
 
 SKIPPED = "skipped (already complete)"
 WEIGHTS_FILE = "model.safetensors"

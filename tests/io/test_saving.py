@@ -18,14 +18,8 @@ from prunenet.core.config_fields import ffn_widths
 from prunenet.core.ratios import uniform_keep
 from prunenet.errors import PruneNetError
 from prunenet.io import saving
-from prunenet.io.saving import (
-    atomic_directory,
-    check_free_space,
-    check_output_container,
-    check_output_path,
-    hold_output,
-    save_pruned,
-)
+from prunenet.io.output_checks import check_free_space, check_output_container, check_output_path
+from prunenet.io.saving import atomic_directory, hold_output, save_pruned
 from prunenet.scoring.heuristics import RandomScorer
 from tests.conftest import tiny_model, tiny_tokenizer
 
