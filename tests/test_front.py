@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import prunenet.allocation.strategy as strategy_module
+from prunenet import front
 from prunenet.allocation.structures import Costs
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.errors import PruneNetError
-from prunenet import front
 from prunenet.front import (
     ParetoResult,
     ParetoRow,

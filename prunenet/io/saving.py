@@ -1,5 +1,8 @@
 """Output folders that are complete or absent, written by one run at a time.
 
+Why this module is long (over 400 lines): the lock, the staging folder, the atomic rename and
+the clean-up after a killed run are one protocol; each step relies on what the others did.
+
 What a user can rely on at `--out`:
 
 - **One run per destination.** A run holds an exclusive lock (`flock` on `.NAME.lock` beside
@@ -37,9 +40,6 @@ What a user can rely on at `--out`:
   (0666 minus the umask; 0777 minus it for an executable one).
 
 The checks an output path passes before any work are `prunenet.io.output_checks`'.
-
-Why this module is long (over 400 lines): the lock, the staging folder, the atomic rename and
-the clean-up after a killed run are one protocol; each step relies on what the others did.
 """
 
 from __future__ import annotations
