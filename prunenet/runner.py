@@ -122,8 +122,12 @@ def prune(
         request = resolve_defaults(request, scorer, route)
         run = Run(model, request, scorer, folders, overwrite, device, say, command)
         if several is None:
-            return run.along(route, strategy_policy)
-        return run.resumed(route, strategy_policy)
+            results = run.along(route, strategy_policy)
+        else:
+            results = run.resumed(route, strategy_policy)
+    if request.remove_params is not None:
+        warn_if_budget_removed_nothing(results)
+    return results
 
 
 def output_folders(out: str | Path, request: PruneRequest) -> list[Path]:
@@ -470,6 +474,22 @@ def warn_if_nothing_removed(width: int, ratio: float) -> int:
             file=sys.stderr,
         )
     return kept
+
+
+def warn_if_budget_removed_nothing(results: list[PruneResult]) -> None:
+    """A parameter budget too small to remove one row, head or layer writes a full-size copy:
+    say so (as `warn_if_nothing_removed` does for a ratio).
+
+    :param results: the run's results.
+    """
+    for result in results:
+        if result.report.params_after >= result.report.params_before:
+            print(
+                f"prunenet prune: warning: --remove-params {result.amount} removes nothing from "
+                f"this model (not one FFN row, head or layer), so {result.folder} is a full-size "
+                "copy; ask for a larger share.",
+                file=sys.stderr,
+            )
 
 
 def _results(amounts, folders, reports) -> list[PruneResult]:

@@ -152,3 +152,12 @@ def test_every_accepted_combination_prunes_and_reloads(index: int, model_folders
         assert report.params_removed_fraction == pytest.approx(0.1, abs=0.06), combination
     else:
         assert report.ffn_ratio == pytest.approx(0.3, abs=0.05), combination
+
+
+def test_a_budget_too_small_to_remove_anything_warns(model_folders, tmp_path, capsys) -> None:
+    results = prunenet.prune(
+        str(model_folders["llama"]), tmp_path / "out", remove_params=(1e-7,), **SMALL
+    )
+
+    assert results[0].report.params_after == results[0].report.params_before
+    assert "removes nothing" in capsys.readouterr().err

@@ -206,7 +206,7 @@ def check_budget(model: nn.Module, target: float, structures: Sequence[str]) -> 
     reachable = reachable_parameters(costs, structures)
     if reachable < target * costs.dense:
         raise PruneNetError(
-            f"--remove-params {target} asks for {target:.0%} of the parameters, but "
+            f"--remove-params {target} asks for {target:.1%} of the parameters, but "
             f"{', '.join(structures)} can remove at most {reachable / costs.dense:.1%} of this "
             f"model ({_limits(structures)}; embeddings are never cut). Lower the budget or "
             "allow more --structures."
