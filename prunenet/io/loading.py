@@ -2,7 +2,8 @@
 
 Why a loader at all. A pruned model with per-layer widths is saved in transformers' own schema
 for heterogeneous models: the width field (`intermediate_size`, `ffn_dim`, ...) holds the widest
-layer and `per_layer_config` overrides the narrower layers (prunenet.core.arch.set_ffn_widths).
+layer and `per_layer_config` overrides the narrower layers
+(prunenet.core.config_fields.set_ffn_widths).
 transformers 5.23 reads and writes that schema in the config (HeterogeneousConfigMixin), but
 only a few new architectures (Gemma4, Step3p7, dots3_note, ...) build their layers from
 `config.per_layer_config[i]`; the MLPs of Llama, Qwen2, Gemma3, OPT, GPT-2, ... read the one
@@ -220,7 +221,7 @@ def make_homogeneous(config, values: dict[str, int]) -> None:
     """Turn `config` into one with no per-layer overrides and the given decoder-config values
     (`homogeneous_values`), in place.
 
-    The fields are set directly, not through `arch.set_ffn_widths` / `arch.set_head_counts`,
+    The fields are set directly, not through `config_fields.set_ffn_widths` / `set_head_counts`,
     whose validators would check values that are only meant to build the model. PruneNet's
     own head-count fields (`arch.counts_recorded_apart`) go too: the model is built at the
     config's own counts, and narrowing records the kept counts again.

@@ -162,8 +162,8 @@ def _snapshot(model: torch.nn.Module) -> _Snapshot:
 
 
 def _layer_index(path: str, layers: str) -> int:
-    """The decoder layer a module with its own config sits in: arch.bind_layer_configs, the one
-    code that gives a module another config, gives it its layer's per_layer_config[i]."""
+    """The decoder layer a module with its own config sits in: config_fields.bind_layer_configs,
+    the one code that gives a module another config, gives it its layer's per_layer_config[i]."""
     if not path.startswith(f"{layers}."):
         raise PruneNetError(
             f"Narrowing gave {path}, outside the decoder layers {layers}, a config of its own; "
