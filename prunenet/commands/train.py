@@ -32,7 +32,7 @@ def register(subparsers) -> None:
             "Train the size-agnostic row-scoring policy with PPO. No dataset is read: features "
             "and rewards come from the model's weights and text it generates itself. The "
             "checkpoint then prunes any model of a supported architecture at any ratio "
-            "(`prunenet prune --policy CKPT`)."
+            "(`prunenet prune --scorer CKPT`)."
         ),
     )
     parser.add_argument("--model", required=True, help="local folder, hub id, or alias")

@@ -38,6 +38,7 @@ def render_model_card(
     command: str | None = None,
     request: dict | None = None,
     needs_remote_code: bool = False,
+    recovery: dict | None = None,
 ) -> str:
     """The card's text for a pruned folder.
 
@@ -51,6 +52,7 @@ def render_model_card(
     :param request: the resolved request (every option with its value), when there is one.
     :param needs_remote_code: the layers differ in width or heads, so plain transformers needs
         `trust_remote_code=True` and the folder's own modeling file.
+    :param recovery: `prunenet recover`'s record, when the folder is a recovered model.
     """
     tags = ["pruned", "prunenet", "structured-pruning", str(report.get("model_type", "model"))]
     front = ["---"]
@@ -85,6 +87,8 @@ def render_model_card(
         body += ["Request (every option, defaults resolved):", "", "```json",
                  json.dumps(request, indent=2, sort_keys=True), "```", ""]  # fmt: skip
     body += ["The full record is in `prunenet_report.json` beside this card.", ""]
+    if recovery:
+        body += ["## Recovery", "", _recovery(recovery), ""]
     body += ["## How to load it", "", *_loading(needs_remote_code), ""]
     body += ["## Evaluation", "", EVALUATION_START, NOT_EVALUATED, EVALUATION_END, ""]
     return "\n".join(front + body)
@@ -187,6 +191,24 @@ def _removed_table(report: dict) -> list[str]:
         ("refit", str((scorer.get("sequential") or {}).get("mode", scorer.get("refit", "-")))),
     ]
     return ["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
+
+
+def _recovery(record: dict) -> str:
+    """One paragraph on `prunenet recover`'s run (its record: `prunenet_recover_report.json`)."""
+    before, after = record.get("held_out_kl_before"), record.get("held_out_kl_after")
+    measured = isinstance(before, (int, float)) and isinstance(after, (int, float))
+    kl = (
+        f" Held-out KL to the teacher on its own text: {before:.4f} -> {after:.4f}."
+        if measured
+        else ""
+    )
+    return (
+        f"After pruning, `prunenet recover` distilled the teacher "
+        f"({record.get('teacher', 'the dense model')}) into this model on text the teacher "
+        f"wrote itself (no dataset): {record.get('steps', '?')} steps, "
+        f"{record.get('train_tokens', '?')} training tokens, on {record.get('device', '?')}."
+        f"{kl} Full record: `prunenet_recover_report.json`."
+    )
 
 
 def _heads(structures: dict) -> str:

@@ -80,6 +80,8 @@ def test_recover_writes_a_folder_that_loads_like_the_pruned_input(
     assert report["steps"] == 4 and report["seed"] == 0 and report["rank"] == 8
     assert report["held_out_kl_after"] <= report["held_out_kl_before"]
     assert {"seconds", "lr", "train_tokens", "held_out_tokens", "train_losses"} <= set(report)
+    card = (out / "README.md").read_text()
+    assert "## Recovery" in card and "4 steps" in card and "prunenet_recover_report.json" in card
 
 
 def test_same_seed_writes_identical_tensors_and_another_seed_different_ones(
