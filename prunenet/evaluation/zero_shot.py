@@ -35,6 +35,7 @@ and the result summary belong to one job (running lm-eval offline) and are read 
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import importlib.metadata
 import importlib.util
@@ -427,10 +428,7 @@ def check_tasks(tasks: Sequence[str], include_path: Sequence[str | Path] = ()) -
     if not others:
         return
     lm_eval_tasks_folder()  # a clear message when lm-eval itself is missing
-    from lm_eval.tasks import TaskManager
-
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    known = set(TaskManager(include_path=[str(p) for p in include_path] or None).all_tasks)
+    known = _known_tasks(tuple(str(p) for p in include_path))
     unknown = [t for t in others if t not in known]
     if unknown:
         raise ZeroShotError(
@@ -461,3 +459,12 @@ def zero_shot_average(tasks: dict[str, dict[str, Any]]) -> tuple[float | None, f
     if any(e is None for e in errors):
         return average, None
     return average, math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
+@functools.lru_cache(maxsize=4)
+def _known_tasks(include_path: tuple[str, ...]) -> frozenset[str]:
+    """lm-eval's task names (its index takes seconds to build: built once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    return frozenset(TaskManager(include_path=list(include_path) or None).all_tasks)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import lzma
+import os
 import pickle
 import re
 import warnings
@@ -121,11 +122,35 @@ def refuse_existing_checkpoint(out: str | Path, overwrite: bool) -> None:
     path = Path(out).expanduser()
     if path.is_dir():
         raise PruneNetError(f"Checkpoint path {path} is a folder; give a file path ending in .zip.")
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:
         raise PruneNetError(
             f"Checkpoint {path} already exists. Pass --overwrite (overwrite=True) to replace it "
             "with this run's best policy, or choose another --out."
         )
+    if os.path.lexists(path) and not is_policy_checkpoint(path):
+        # --overwrite replaces a checkpoint, never a user's other file that happens to be there.
+        raise PruneNetError(
+            f"{path} is not a policy checkpoint PruneNet wrote (a zip holding {METADATA_FILE}"
+            " or an older SB3 policy), so --overwrite does not replace it. Choose another --out."
+        )
+
+
+def is_policy_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a regular file that is a policy zip: PruneNet's format (with its JSON
+    metadata member) or an older SB3 zip (`data` and `policy.pth`). Only the zip's directory
+    is read.
+
+    :param path: the file.
+    """
+    path = Path(path)
+    if path.is_symlink() or not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return METADATA_FILE in names or {"data", "policy.pth"} <= names
 
 
 def read_state_dict(checkpoint: str | Path, member: str) -> dict[str, torch.Tensor]:

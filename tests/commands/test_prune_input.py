@@ -92,7 +92,7 @@ def test_a_remove_params_value_beyond_reach_names_the_reachable_share(
     tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     err = _refused(capsys, tiny_model_folder, tmp_path / "out", "--remove-params", "0.9")
-    assert "asks for 90% of the parameters" in err and "can remove at most 33.8%" in err
+    assert "asks for 90.0% of the parameters" in err and "can remove at most 33.8%" in err
 
 
 @pytest.mark.usefixtures("unreadable_model")

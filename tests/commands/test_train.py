@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -123,9 +124,26 @@ def test_an_existing_out_exits_with_code_2_before_the_model_is_loaded(
     assert out.read_bytes() == b"a previous run"
 
 
+def _previous_checkpoint(path: Path) -> None:
+    """A previous run's checkpoint zip (what --overwrite may replace)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("prunenet.json", "{}")
+
+
+@pytest.mark.parametrize("content", [b"a previous run", b"PK\x05\x06" + bytes(18)])
+def test_overwrite_never_replaces_a_file_that_is_not_a_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture, content: bytes
+) -> None:
+    out = tmp_path / "thesis.zip"
+    out.write_bytes(content)  # a user's file (the second: an empty zip)
+    assert _train("--model", str(tmp_path / "none"), "--out", str(out), "--overwrite") == 2
+    assert "not a policy checkpoint" in capsys.readouterr().err
+    assert out.read_bytes() == content
+
+
 def test_overwrite_replaces_an_existing_out(tiny_model_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.zip"
-    out.write_bytes(b"a previous run")
+    _previous_checkpoint(out)
     args = ["--model", str(tiny_model_folder), "--out", str(out), "--overwrite"]
     assert _train(*args, "--timesteps", "8", "--eval-every", "8", "--seed", "4") == 0
     assert read_metadata(out)["seed"] == 4
@@ -184,12 +202,13 @@ def test_ctrl_c_with_overwrite_before_any_checkpoint_says_the_old_one_is_still_t
     tiny_model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
 ) -> None:
     out = tmp_path / "p.zip"
-    out.write_bytes(b"a previous run")
+    _previous_checkpoint(out)
+    before = out.read_bytes()
     _interrupt_at_step(monkeypatch, 3)
     args = ["--model", str(tiny_model_folder), "--out", str(out), "--overwrite"]
     assert _train(*args, "--timesteps", "16", "--eval-every", "8") == 130
     assert f"{out} still holds the checkpoint that was there before" in capsys.readouterr().err
-    assert out.read_bytes() == b"a previous run"
+    assert out.read_bytes() == before
 
 
 def test_sigterm_during_training_says_where_the_best_checkpoint_is_and_exits_143(

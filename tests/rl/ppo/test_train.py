@@ -185,7 +185,8 @@ def test_an_existing_checkpoint_is_refused_before_the_model_is_loaded(tmp_path: 
 
 def test_overwrite_replaces_an_existing_checkpoint(layer_data, tmp_path: Path) -> None:
     out = tmp_path / "policy.zip"
-    out.write_bytes(b"a previous run")
+    with zipfile.ZipFile(out, "w") as archive:  # a previous run's checkpoint
+        archive.writestr("prunenet.json", "{}")
     train_policy(_config(out, overwrite=True, timesteps=8), layer_data=layer_data)
     assert read_metadata(out)["step"] == 8
 

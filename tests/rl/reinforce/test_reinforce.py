@@ -309,6 +309,8 @@ def test_cli_refuses_an_existing_out_unless_overwrite(tiny_model_folder, tmp_pat
     assert "already exists" in capsys.readouterr().err
     assert out.read_bytes() == b"a previous run"
     argv[2] = str(tiny_model_folder)
+    with zipfile.ZipFile(out, "w") as archive:  # now a previous run's checkpoint
+        archive.writestr("prunenet.json", "{}")
     assert cli_main([*argv, "--episodes", "1", "--overwrite"]) == 0
     assert read_metadata(out)["ratio"] == 0.25
 
