@@ -23,7 +23,7 @@ from prunenet.allocation.structures import check_budget
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN
 from prunenet.commands.options import non_negative_int, positive_int
-from prunenet.commands.prune import parse_ratios
+from prunenet.commands.prune import parse_ratios, parse_text
 from prunenet.core.arch import can_store_output_bias
 from prunenet.core.devices import describe_device, resolve_device
 from prunenet.core.refit import REFITS
@@ -73,6 +73,13 @@ def register(subparsers) -> None:
             "pareto.md (the table, front rows marked P and S) and pareto.png (both fronts) into "
             "--out, all at once. Built-in models: " + ", ".join(ALIASES) + "."
         ),
+        epilog=(
+            "Rarer options: --strategy-policy CKPT (the policy strategy's checkpoint; default "
+            "the bundled one), --search-evaluations N (search: strategies measured per budget; "
+            "default 32), --speed-rounds N (alternated prefill timing rounds per row, 0 skips "
+            f"speed; default {DEFAULT_SPEED_ROUNDS}), --prefill-tokens N (tokens of the timed "
+            f"batch-1 prefill; default {DEFAULT_PREFILL_TOKENS})."
+        ),
     )
     parser.add_argument("--model", required=True, help="local folder, hub id, or alias")
     parser.add_argument(
@@ -107,15 +114,13 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--strategy-policy",
-        help="a strategy-policy checkpoint for the policy strategy (default: the bundled one, "
-        "trained on SmolLM2-135M)",
+        help=argparse.SUPPRESS,
     )
     parser.add_argument(
         "--search-evaluations",
         type=positive_int,
         default=32,
-        help="search: random strategies measured per budget (one forward pass each; default "
-        "%(default)s)",
+        help=argparse.SUPPRESS,
     )
     parser.add_argument(
         "--scorer",
@@ -130,18 +135,18 @@ def register(subparsers) -> None:
         help="the FFN refit of every cut (default lsq, as prune in memory)",
     )
     parser.add_argument(
-        "--selfgen-sequences",
-        type=positive_int,
-        default=ANALYSIS_SELFGEN.sequences,
-        help="self-generated sequences of the analysis text (sequential analysis and refit), "
-        "written once for every row (default %(default)s, as prune; cached)",
+        "--text",
+        type=parse_text,
+        default=None,
+        metavar="SEQUENCESxLENGTH",
+        help=f"the model's own text of every cut (scores and refit), written once (default "
+        f"{ANALYSIS_SELFGEN.sequences}x{ANALYSIS_SELFGEN.length}, as prune; cached)",
     )
-    parser.add_argument(
-        "--selfgen-length",
-        type=positive_int,
-        default=ANALYSIS_SELFGEN.length,
-        help="tokens per self-generated sequence (default %(default)s)",
-    )
+    hidden = argparse.SUPPRESS  # rarer options, listed in the epilog; earlier names kept
+    parser.add_argument("--selfgen-sequences", type=positive_int,
+                        default=ANALYSIS_SELFGEN.sequences, help=hidden)  # fmt: skip
+    parser.add_argument("--selfgen-length", type=positive_int, default=ANALYSIS_SELFGEN.length,
+                        help=hidden)  # fmt: skip
     parser.add_argument(
         "--tasks",
         default=",".join(PPL_TASKS),
@@ -170,14 +175,13 @@ def register(subparsers) -> None:
         "--speed-rounds",
         type=non_negative_int,
         default=DEFAULT_SPEED_ROUNDS,
-        help="alternated prefill timing rounds per row; 0 skips speed (then only the dense "
-        "model is on the speed front) (default %(default)s)",
+        help=argparse.SUPPRESS,
     )
     parser.add_argument(
         "--prefill-tokens",
         type=positive_int,
         default=DEFAULT_PREFILL_TOKENS,
-        help="tokens of the timed batch-1 prefill (default %(default)s)",
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--seed", type=int, default=0, help="search, selfgen and timing seed")
     parser.add_argument(
@@ -221,6 +225,8 @@ def parse_strategies(text: str) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.text is not None:  # --text SEQxLEN, or the earlier two flags
+        args.selfgen_sequences, args.selfgen_length = args.text
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
@@ -309,8 +315,8 @@ def command_line(args: argparse.Namespace) -> str:
              "--remove-params", ",".join(f"{b:g}" for b in args.remove_params),
              "--strategies", ",".join(args.strategies), "--quality", args.quality,
              "--search-evaluations", args.search_evaluations, "--scorer", args.scorer,
-             "--refit", args.refit, "--selfgen-sequences", args.selfgen_sequences,
-             "--selfgen-length", args.selfgen_length, "--tasks", args.tasks,
+             "--refit", args.refit, "--text", f"{args.selfgen_sequences}x{args.selfgen_length}",
+             "--tasks", args.tasks,
              "--limit", args.limit, "--ppl-windows", args.ppl_windows, "--seqlen", args.seqlen,
              "--speed-rounds", args.speed_rounds, "--prefill-tokens", args.prefill_tokens,
              "--seed", args.seed, "--threads", args.threads, "--device", args.device,

@@ -20,7 +20,7 @@ from prunenet.io.loading import load_pruned
 from prunenet.io.saving import REPORT_FILE
 
 BUDGETS = (0.1, 0.2)
-SMALL = ["--scorer", "magnitude", "--selfgen-sequences", "4", "--selfgen-length", "12"]
+SMALL = ["--scorer", "magnitude", "--text", "4x12"]
 SMALL_EVAL = ["--seqlen", "8", "--ppl-windows", "2"]
 QUICK = [*SMALL, *SMALL_EVAL, "--speed-rounds", "1", "--prefill-tokens", "8",
          "--search-evaluations", "2"]  # fmt: skip
