@@ -9,8 +9,8 @@ must be cheap. Everything the refit and its held-out error depend on is a second
 row, so one pass over the self-generated text stores, per layer and in float64, the Gram of `x`
 on the fit rows and on the held-out rows, and that row. The dense target is linear in `x`
 (`x @ [W, b].T`), so its products with the Grams follow from them. A query then costs one
-Cholesky factorisation of the kept block and a few traces, exactly the algebra of
-`refit_output` (`_RidgeSystem`):
+Cholesky factorisation of the kept block and a few traces, the algebra of `refit_output`
+solved from the Grams (`prunenet.core.refit.gram_refit` and `gram_error`):
 
     beta   = (Gc[K, K] + ridge * s * I)^-1 Cc[K]             (centred Gram and cross-product)
     beta  += the smallest correction (in that metric) that reproduces the start token's row
@@ -46,7 +46,14 @@ from prunenet.analysis.sequential import (
 )
 from prunenet.core.arch import adapter_for, can_store_output_bias, decoder_layers
 from prunenet.core.config_fields import ffn_widths
-from prunenet.core.refit import DEFAULT_RIDGE, RIDGE_CANDIDATES
+from prunenet.core.refit import (
+    DEFAULT_RIDGE,
+    RIDGE_CANDIDATES,
+    add_to_gram,
+    gram_error,
+    gram_refit,
+    lowest_error,
+)
 from prunenet.core.surgery import ffn_modules, ffn_output_bias, ffn_weights
 from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
 
@@ -111,49 +118,19 @@ class RefitStatistics:
         :param keep: indices of the kept neurons.
         """
         keep = keep.to(torch.long).reshape(-1)
-        width = self.width
-        gram = self.fit_gram[keep][:, keep]
-        cross = self.fit_cross[keep]
-        anchor_row = None if self.anchor is None else self.anchor[keep]
-        anchor_out = None
-        if self.anchor is not None:
-            anchor_out = self.output[:, :width] @ self.anchor + self.output[:, width]
-        if self.intercept:
-            # Centring fits the intercept exactly and leaves it out of the ridge penalty.
-            rows = self.fit_gram[width, width]
-            acts_mean = self.fit_gram[keep, width] / rows
-            target_mean = self.fit_cross[width] / rows
-            gram = gram - rows * torch.outer(acts_mean, acts_mean)
-            cross = cross - rows * torch.outer(acts_mean, target_mean)
-            if anchor_row is not None:
-                anchor_row, anchor_out = anchor_row - acts_mean, anchor_out - target_mean
-        scale = float(gram.diagonal().mean().clamp_min(1e-12)) if keep.numel() else 1.0
-        gram.diagonal().add_(self.ridge * scale)
-        right = cross if anchor_row is None else torch.cat([cross, anchor_row[:, None]], dim=1)
-        factor, info = torch.linalg.cholesky_ex(gram)
-        if int(info) == 0:
-            solved = torch.cholesky_solve(right, factor)
-        else:  # only if rounding breaks positive definiteness
-            solved = torch.linalg.lstsq(gram, right).solution
-        coefficients = solved[:, : cross.shape[1]]  # kept x d_model
-        if anchor_row is not None:
-            direction = solved[:, -1]  # M^-1 row
-            norm = float(anchor_row @ direction)
-            if norm > 0:
-                residual = anchor_out - anchor_row @ coefficients
-                coefficients = coefficients + torch.outer(direction, residual / norm)
-        columns = keep
-        if self.intercept:
-            bias = target_mean - acts_mean @ coefficients
-            coefficients = torch.cat([coefficients, bias[None]])
-            columns = torch.cat([keep, keep.new_tensor([width])])
-        held = self.held_gram[columns][:, columns]
-        error = (
-            self.held_energy
-            - 2 * float((coefficients * self.held_cross[columns]).sum())
-            + float((coefficients * (held @ coefficients)).sum())
-        )
-        return max(error, 0.0) / max(self.held_energy, 1e-300)
+        coefficients, bias = self.solution(keep)
+        error = gram_error(self.held_gram, self.held_cross, self.held_energy, keep, coefficients,
+                           bias)  # fmt: skip
+        return error / max(self.held_energy, 1e-300)
+
+    def solution(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The refit of the cut layer on the fit rows at `self.ridge`: (coefficients kept x
+        d_model, bias or None), float64 (`prunenet.core.refit.gram_refit`).
+
+        :param keep: indices of the kept neurons.
+        """
+        return gram_refit(self.fit_gram, self.fit_cross, self.output, keep, self.ridge,
+                          self.intercept, self.anchor)  # fmt: skip
 
 
 def choose_ridge(
@@ -169,11 +146,11 @@ def choose_ridge(
     :param candidates: relative ridges to try.
     """
     keep = reference_keep(statistics) if keep is None else keep
-    errors = {}
+    errors = []
     for ridge in candidates:
         statistics.ridge = ridge
-        errors[ridge] = statistics.held_error(keep)
-    statistics.ridge = min(errors, key=errors.__getitem__)
+        errors.append(statistics.held_error(keep))
+    statistics.ridge = lowest_error(tuple(candidates), errors)
     return statistics.ridge
 
 
@@ -262,8 +239,7 @@ def _collect_grams(
         if anchors[index] is None:
             anchors[index] = acts[0, 0].clone()
         acts = acts[:, 1:].reshape(-1, acts.shape[-1])  # without the start token's rows
-        rows = torch.cat([acts, torch.ones(acts.shape[0], 1, dtype=torch.float64)], dim=1)
-        grams[index][split[0]].addmm_(rows.T, rows)
+        add_to_gram(grams[index][split[0]], acts)
 
     handles = [
         ffn_modules(layer, adapter)[1].register_forward_pre_hook(

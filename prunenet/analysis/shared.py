@@ -16,8 +16,8 @@ The ridge of each layer is chosen once, on the held-out rows, for a reference ke
 (`refit_statistics.choose_ridge`: the 70% of rows with the most output energy), and the fit and
 held-out Grams are then added, as the sequential refit refits on all rows with the ridge it
 chose. A request then costs, per layer, one scoring call on the stored statistics, the top rows,
-and one Cholesky solve of the kept block with the start token's row reproduced exactly (the
-algebra of `prunenet.core.refit._RidgeSystem`, from moments instead of rows).
+and one Cholesky solve of the kept block with the start token's row reproduced exactly
+(`prunenet.core.refit.gram_refit`: the refit algebra of the sequential cut, from moments).
 
 What differs from the default path, and is measured in docs/strategies.md ("Many requests at
 once"):
@@ -48,7 +48,7 @@ from prunenet.analysis.sequential import (
 )
 from prunenet.core.arch import adapter_for, can_store_output_bias, decoder_layers
 from prunenet.core.compress import select_keep_indices
-from prunenet.core.refit import check_refit
+from prunenet.core.refit import add_to_gram, check_refit, gram_refit
 from prunenet.core.surgery import (
     cut_ffn,
     enable_output_biases,
@@ -220,13 +220,8 @@ def _without_start(rows: torch.Tensor, length: int) -> torch.Tensor:
 
 def _gram(rows: torch.Tensor) -> torch.Tensor:
     """`sum x x'` over `x = [row, 1]`, in float64, a chunk of rows at a time."""
-    width = rows.shape[1]
-    gram = torch.zeros(width + 1, width + 1, dtype=torch.float64)
-    for start in range(0, rows.shape[0], GRAM_CHUNK_ROWS):
-        chunk = rows[start : start + GRAM_CHUNK_ROWS].double().cpu()
-        chunk = torch.cat([chunk, torch.ones(chunk.shape[0], 1, dtype=torch.float64)], dim=1)
-        gram.addmm_(chunk.T, chunk)
-    return gram
+    gram = torch.zeros(rows.shape[1] + 1, rows.shape[1] + 1, dtype=torch.float64)
+    return add_to_gram(gram, rows, GRAM_CHUNK_ROWS)
 
 
 class SharedCut:
@@ -284,43 +279,16 @@ def solve_refit(
     statistics: SharedRefit, keep: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The lsq refit of one layer cut to `keep`, from its moments: weights d_model x kept and
-    the bias (None without an intercept), float64.
-
-    The same algebra as `prunenet.core.refit._RidgeSystem` with one ridge (centred Gram,
-    ridge x mean centred kept diagonal, the start token's row reproduced exactly), solved by
-    Cholesky on the kept block of `statistics.gram`.
+    the bias (None without an intercept), float64 (`prunenet.core.refit.gram_refit` at the
+    layer's ridge, the start token's row reproduced exactly).
 
     :param statistics: the layer's moments (`SharedLayer.refit`).
     :param keep: sorted kept indices.
     """
-    keep = keep.to(torch.long).reshape(-1)
-    width = statistics.width
-    grams = statistics.gram
-    gram = grams[keep][:, keep]
-    cross = statistics.cross[keep]  # kept x d_model: sum x' y
-    rows = grams[width, width]
-    anchor_row = statistics.anchor[keep]
-    anchor_out = statistics.output[:, :width] @ statistics.anchor + statistics.output[:, width]
-    if statistics.intercept:
-        acts_mean = grams[keep, width] / rows
-        target_mean = statistics.cross[width] / rows
-        gram = gram - rows * torch.outer(acts_mean, acts_mean)
-        cross = cross - rows * torch.outer(acts_mean, target_mean)
-        anchor_row, anchor_out = anchor_row - acts_mean, anchor_out - target_mean
-    scale = float(gram.diagonal().mean().clamp_min(1e-12))
-    gram.diagonal().add_(statistics.ridge * scale)
-    right = torch.cat([cross, anchor_row[:, None]], dim=1)
-    factor, info = torch.linalg.cholesky_ex(gram)
-    if int(info) == 0:
-        solved = torch.cholesky_solve(right, factor)
-    else:  # only if rounding breaks positive definiteness
-        solved = torch.linalg.lstsq(gram, right).solution
-    coefficients, direction = solved[:, :-1], solved[:, -1]
-    norm = float(anchor_row @ direction)
-    if norm > 0:
-        residual = anchor_out - anchor_row @ coefficients
-        coefficients = coefficients + torch.outer(direction, residual / norm)
-    bias = target_mean - acts_mean @ coefficients if statistics.intercept else None
+    coefficients, bias = gram_refit(
+        statistics.gram, statistics.cross, statistics.output, keep, statistics.ridge,
+        statistics.intercept, statistics.anchor,
+    )  # fmt: skip
     return coefficients.T.contiguous(), bias
 
 

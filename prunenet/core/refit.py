@@ -11,10 +11,18 @@ collects them; this module only does the algebra):
   = lambda x mean Gram diagonal, lambda chosen on a held-out self-generated split: December's
   experiments found 0.1 right at 64 x 128 tokens and 0.01 overfitting at 8 x 128 (DESIGN.md).
 
-Why this module is long: the ridge algebra has two routes (the kept x kept Gram, and the rows'
-space when there are fewer rows than kept neurons, as at 7B widths) with an exact anchor row in
-both, and the held-out choice of the ridge is computed in whichever route solved it; one
-module keeps the two routes provably the same solution (tests/core/test_refit.py).
+Why this module is long: it is the one place the ridge problem is solved, for three callers:
+the sequential cut (`refit_output`, from rows), the shared analysis and the refit reward
+(`prunenet.analysis.shared`, `.refit_statistics`: moments stored as one Gram of `x = [acts, 1]`;
+`add_to_gram`, `gram_refit`, `gram_error`). All read `_Moments`, centred with an intercept, the
+ridge x the mean centred kept Gram diagonal, the start token's row reproduced exactly
+(`_RidgeProblem`). The routes that solve it are kept as they were, so outputs stay bit for bit,
+and tests/core/test_refit.py holds them to the same solution: the cut tries every ridge on one
+eigendecomposition (`_RidgeSystem`; in the rows' space when there are fewer rows than kept
+neurons, as at 7B widths), the Gram callers solve one ridge per keep set by Cholesky
+(`_RidgeProblem.coefficients`) and measure held-out errors in the Gram's trace form
+(`gram_error`, not `_Moments.error`). The cut chooses the ridge per keep set, the Gram callers
+per layer for a reference keep set.
 """
 
 from __future__ import annotations
@@ -134,12 +142,12 @@ class _Moments:
     rows x rows instead of kept x kept: 50x faster on LLaMA-2-7B shapes, same solution).
     """
 
-    count: int
+    count: int | torch.Tensor  # a 0-d float64 tensor when read from a Gram (`of_gram`)
     sum_x: torch.Tensor
     sum_y: torch.Tensor
     xx: torch.Tensor | None
     xy: torch.Tensor | None
-    yy: float
+    yy: float | None  # None from a Gram, whose errors are `gram_error`'s
     rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
@@ -148,6 +156,14 @@ class _Moments:
         if x.shape[0] < x.shape[1]:
             return cls(*sums, None, None, float(y.pow(2).sum()), rows=(x, y))
         return cls(*sums, x.T @ x, x.T @ y, float(y.pow(2).sum()))
+
+    @classmethod
+    def of_gram(cls, gram: torch.Tensor, cross: torch.Tensor, keep: torch.Tensor) -> _Moments:
+        """The kept columns' moments from `gram` = sum x x' over x = [acts, 1] (its last row and
+        column hold the sums and the count) and `cross` = sum x' y."""
+        width = gram.shape[0] - 1
+        return cls(gram[width, width], gram[keep, width], cross[width], gram[keep][:, keep],
+                   cross[keep], None)  # fmt: skip
 
     def __add__(self, other: _Moments) -> _Moments:
         if self.rows is not None and other.rows is not None:
@@ -233,9 +249,78 @@ def _least_squares(fit, held, intercept, ridges, anchor=None) -> RefitResult:
         errors = system.held_errors(held, candidates)
     else:
         errors = [held.error(*system.solution(ridge)) for ridge in candidates]
-    best = candidates[min(range(len(errors)), key=errors.__getitem__)]
+    best = lowest_error(candidates, errors)
     new_weight, new_bias = _RidgeSystem.of(fit + held, intercept, anchor).solution(best)
     return RefitResult(new_weight, new_bias, ridge=best)
+
+
+def lowest_error(candidates: tuple[float, ...], errors: list[float]) -> float:
+    """The candidate ridge with the smallest held-out error (the first of equals).
+
+    :param candidates: relative ridges tried.
+    :param errors: their held-out errors, in the same order.
+    """
+    return candidates[min(range(len(errors)), key=errors.__getitem__)]
+
+
+@dataclass
+class _RidgeProblem:
+    """The refit's ridge problem read from `_Moments`, shared by every route that solves it.
+
+    With an intercept the Gram and cross products are centred (which fits the intercept exactly
+    and leaves it out of the ridge penalty) and so is the anchor; the ridge is relative to
+    `scale`, the mean diagonal of the (centred) kept Gram.
+    """
+
+    gram: torch.Tensor | None  # kept x kept; None when the moments keep their rows
+    cross: torch.Tensor | None  # kept x d_model
+    scale: float | None  # None when the moments keep their rows (`_row_space_eigen`'s)
+    acts_mean: torch.Tensor | None  # None without intercept
+    target_mean: torch.Tensor | None
+    anchor: tuple[torch.Tensor, torch.Tensor] | None  # (row, output), centred with an intercept
+
+    @classmethod
+    def of(cls, moments: _Moments, intercept: bool, anchor=None) -> _RidgeProblem:
+        acts_mean, target_mean = moments.sum_x / moments.count, moments.sum_y / moments.count
+        gram = cross = scale = None
+        if moments.rows is None:
+            gram, cross = moments.xx, moments.xy
+            if intercept:
+                gram = gram - moments.count * torch.outer(acts_mean, acts_mean)
+                cross = cross - moments.count * torch.outer(acts_mean, target_mean)
+            # A layer whose kept neurons never fire has a zero Gram; any positive scale keeps
+            # it solvable (and an empty keep set has no diagonal at all).
+            scale = float(gram.diagonal().mean().clamp_min(1e-12)) if gram.numel() else 1.0
+        if anchor is not None and intercept:  # the bias moves with the weights
+            anchor = (anchor[0] - acts_mean, anchor[1] - target_mean)
+        if not intercept:
+            acts_mean = target_mean = None
+        return cls(gram, cross, scale, acts_mean, target_mean, anchor)
+
+    def coefficients(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(coefficients kept x d_model, bias or None) for one relative ridge, by a Cholesky
+        solve of the kept Gram (the Gram callers' route: one factorisation per keep set). The
+        anchor's correction is the smallest (in the ridge's metric) that reproduces its row."""
+        gram = self.gram.clone()
+        gram.diagonal().add_(ridge * self.scale)
+        row = None if self.anchor is None else self.anchor[0].reshape(-1)
+        right = self.cross if row is None else torch.cat([self.cross, row[:, None]], dim=1)
+        factor, info = torch.linalg.cholesky_ex(gram)
+        if int(info) == 0:
+            solved = torch.cholesky_solve(right, factor)
+        else:  # only if rounding breaks positive definiteness
+            solved = torch.linalg.lstsq(gram, right).solution
+        coefficients = solved[:, : self.cross.shape[1]]
+        if row is not None:
+            direction = solved[:, -1]  # M^-1 row
+            norm = float(row @ direction)
+            if norm > 0:
+                residual = self.anchor[1].reshape(-1) - row @ coefficients
+                coefficients = coefficients + torch.outer(direction, residual / norm)
+        bias = None
+        if self.acts_mean is not None:
+            bias = self.target_mean - self.acts_mean @ coefficients
+        return coefficients, bias
 
 
 @dataclass
@@ -260,28 +345,17 @@ class _RidgeSystem:
 
     @classmethod
     def of(cls, moments: _Moments, intercept: bool, anchor=None) -> _RidgeSystem:
-        acts_mean, target_mean = moments.sum_x / moments.count, moments.sum_y / moments.count
+        problem = _RidgeProblem.of(moments, intercept, anchor)
         if moments.rows is not None:
             eigenvalues, eigenvectors, projected, scale = _row_space_eigen(moments, intercept)
         else:
-            gram, cross = moments.xx, moments.xy
-            if intercept:
-                # Centring fits the intercept exactly and leaves it out of the ridge penalty.
-                gram = gram - moments.count * torch.outer(acts_mean, acts_mean)
-                cross = cross - moments.count * torch.outer(acts_mean, target_mean)
-            # A layer whose kept neurons never fire has a zero Gram; any positive scale keeps
-            # it solvable.
-            scale = float(gram.diagonal().mean().clamp_min(1e-12))
-            eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-            projected = eigenvectors.T @ cross
-        system = cls(eigenvalues.clamp_min(0), eigenvectors, projected, scale,
-                     acts_mean if intercept else None, target_mean if intercept else None,
-                     None)  # fmt: skip
-        if anchor is not None:
-            row, out = anchor
-            if intercept:  # the bias moves with the weights: constrain the centred row
-                row, out = row - acts_mean, out - target_mean
-            system.anchor = (row, out)
+            scale = problem.scale
+            eigenvalues, eigenvectors = torch.linalg.eigh(problem.gram)
+            projected = eigenvectors.T @ problem.cross
+        system = cls(eigenvalues.clamp_min(0), eigenvectors, projected, scale, problem.acts_mean,
+                     problem.target_mean, problem.anchor)  # fmt: skip
+        if problem.anchor is not None:
+            row = problem.anchor[0]  # 1 x kept
             system.row_projected = eigenvectors.T @ row.T
             # From the rows, the eigenvectors span only the Gram's range; on the rest of the
             # kept columns the Gram is zero, so M^-1 is 1 / (ridge x scale) there.
@@ -364,6 +438,88 @@ def _row_space_eigen(moments: _Moments, intercept: bool):
     projected = roots.unsqueeze(1) * (vectors.T @ y)  # V^T x^T y = S^1/2 U^T y
     scale = max(float(values.sum()) / x.shape[1], 1e-12)
     return values, eigenvectors, projected, scale
+
+
+def add_to_gram(
+    gram: torch.Tensor, rows: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """Add `sum x x'` over `x = [row, 1]` to `gram` in place, in float64 on the CPU (the last
+    row and column accumulate the sums and the row count).
+
+    :param gram: `(width + 1) x (width + 1)` float64 accumulator.
+    :param rows: N x width activations (any dtype or device).
+    :param chunk_rows: rows per float64 update (bounds the float64 copy); None adds all at once.
+    :return: `gram`.
+    """
+    step = rows.shape[0] if chunk_rows is None else chunk_rows
+    for start in range(0, rows.shape[0], max(step, 1)):
+        chunk = rows[start : start + step].double().cpu()
+        chunk = torch.cat([chunk, torch.ones(chunk.shape[0], 1, dtype=torch.float64)], dim=1)
+        gram.addmm_(chunk.T, chunk)
+    return gram
+
+
+def gram_refit(
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    output: torch.Tensor,
+    keep: torch.Tensor,
+    ridge: float,
+    intercept: bool,
+    anchor: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The `lsq` refit of a layer cut to `keep`, from its moments stored as one Gram: the same
+    solution as `refit_output` on the rows (without held-out rows, at `ridge`), by Cholesky.
+
+    :param gram: `(d_ff + 1) x (d_ff + 1)` float64 `sum x x'` over `x = [acts, 1]`, the start
+        token's rows left out (`add_to_gram`).
+    :param cross: `(d_ff + 1) x d_model` `sum x' y`, y the dense output (`gram @ output.T`).
+    :param output: `d_model x (d_ff + 1)` dense output weights, the output bias as last column.
+    :param keep: indices of the kept neurons.
+    :param ridge: relative ridge (x the mean diagonal of the centred kept Gram).
+    :param intercept: fit an output bias.
+    :param anchor: the start token's activation row (d_ff), reproduced exactly; None pins none.
+    :return: (coefficients kept x d_model, i.e. the new output weights transposed, bias or None).
+    """
+    keep = keep.to(torch.long).reshape(-1)
+    pinned = None
+    if anchor is not None:
+        width = gram.shape[0] - 1
+        pinned = (anchor[keep], output[:, :width] @ anchor + output[:, width])
+    problem = _RidgeProblem.of(_Moments.of_gram(gram, cross, keep), intercept, pinned)
+    return problem.coefficients(ridge)
+
+
+def gram_error(
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    energy: float,
+    keep: torch.Tensor,
+    coefficients: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> float:
+    """Summed squared difference between y and `x[keep] @ coefficients + bias` over a Gram's
+    rows, without a pass over them: `energy - 2 tr(B' cross[K]) + tr(B' G[K, K] B)`, B the
+    coefficients with the bias appended (and K with the intercept column).
+
+    :param gram: the rows' `(d_ff + 1) x (d_ff + 1)` Gram.
+    :param cross: their `(d_ff + 1) x d_model` `sum x' y`.
+    :param energy: their `sum ||y||^2`.
+    :param keep: indices of the kept neurons (as long).
+    :param coefficients: kept x d_model (`gram_refit`).
+    :param bias: d_model, or None.
+    """
+    columns = keep
+    if bias is not None:
+        coefficients = torch.cat([coefficients, bias[None]])
+        columns = torch.cat([keep, keep.new_tensor([gram.shape[0] - 1])])
+    block = gram[columns][:, columns]
+    error = (
+        energy
+        - 2 * float((coefficients * cross[columns]).sum())
+        + float((coefficients * (block @ coefficients)).sum())
+    )
+    return max(error, 0.0)
 
 
 def _affine(acts: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

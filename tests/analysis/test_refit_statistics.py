@@ -17,7 +17,14 @@ from prunenet.analysis.refit_statistics import (
 from prunenet.analysis.selfgen import SelfGenConfig, own_text
 from prunenet.analysis.sequential import ANALYSIS_SELFGEN
 from prunenet.core.arch import adapter_for, decoder_layers
-from prunenet.core.refit import DEFAULT_RIDGE, RIDGE_CANDIDATES, output_error, refit_output
+from prunenet.core.refit import (
+    DEFAULT_RIDGE,
+    RIDGE_CANDIDATES,
+    _Moments,
+    _RidgeSystem,
+    output_error,
+    refit_output,
+)
 from prunenet.core.surgery import ffn_modules
 from prunenet.io.cache import entry_path
 from tests.conftest import FFN_WIDTH, tiny_model
@@ -88,6 +95,26 @@ def test_held_error_equals_the_refit_outputs_held_out_error_over_the_dense_energ
     stats, (weight, dense_bias, fit, held, anchor) = random_statistics(intercept, bias, anchored)
     expected = refit_output_error(weight, dense_bias, KEEP, fit, held, anchor, intercept)
     assert stats.held_error(KEEP) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("anchored", [False, True])
+@pytest.mark.parametrize("intercept", [True, False])
+def test_the_rewards_refit_is_the_cuts_ridge_solution_on_the_same_moments(
+    intercept: bool, anchored: bool
+) -> None:
+    stats, (weight, _, _, _, anchor) = random_statistics(intercept, True, anchored)
+    stats.ridge = 0.3
+    pinned = None
+    if anchored:
+        pinned = (anchor[KEEP][None], (stats.output[:, :12] @ anchor + stats.output[:, 12])[None])
+    moments = _Moments.of_gram(stats.fit_gram, stats.fit_cross, KEEP)
+    expected = _RidgeSystem.of(moments, intercept, pinned).solution(stats.ridge)
+    coefficients, bias = stats.solution(KEEP)
+    torch.testing.assert_close(coefficients.T, expected[0], rtol=1e-8, atol=1e-9)
+    if intercept:
+        torch.testing.assert_close(bias, expected[1], rtol=1e-8, atol=1e-9)
+    else:
+        assert bias is None
 
 
 def test_keeping_every_row_leaves_only_the_ridges_error() -> None:

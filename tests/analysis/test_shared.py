@@ -16,7 +16,7 @@ from prunenet.analysis.shared import (
 from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.compress import prune_model
 from prunenet.core.ratios import uniform_keep
-from prunenet.core.refit import DEFAULT_RIDGE, refit_output
+from prunenet.core.refit import DEFAULT_RIDGE, _Moments, _RidgeSystem, refit_output
 from prunenet.core.surgery import ffn_weights
 from tests.conftest import FFN_WIDTH, logits_of, start_token_text, tiny_model
 
@@ -44,6 +44,44 @@ def test_the_refit_from_moments_equals_the_refit_from_rows(intercept: bool) -> N
     # The start token's dense output is reproduced exactly.
     refitted = anchor[keep] @ new_weight.T + (0 if new_bias is None else new_bias)
     torch.testing.assert_close(refitted, dense_anchor, rtol=1e-9, atol=1e-9)
+
+
+def _layer_statistics(intercept: bool) -> tuple[RefitStatistics, torch.Tensor]:
+    """A layer's refit statistics (fit and held-out Grams, a massive start row), a keep set."""
+    generator = torch.Generator().manual_seed(1)
+    acts = torch.randn(150, 12, generator=generator, dtype=torch.float64).relu()
+    output = torch.randn(5, 13, generator=generator, dtype=torch.float64)
+    anchor = 30 * torch.randn(12, generator=generator, dtype=torch.float64).relu()
+    statistics = RefitStatistics(_gram(acts[:100]), _gram(acts[100:]), output, intercept, anchor)
+    return statistics, torch.tensor([1, 2, 4, 5, 7, 10, 11])
+
+
+@pytest.mark.parametrize("intercept", [True, False])
+def test_the_shared_refit_and_the_refit_reward_solve_the_same_statistics_bit_for_bit(
+    intercept: bool,
+) -> None:
+    statistics, keep = _layer_statistics(intercept)
+    statistics.ridge = 0.03
+    shared = SharedRefit(statistics.fit_gram, statistics.fit_cross, statistics.output,
+                         statistics.anchor, intercept, statistics.ridge)  # fmt: skip
+    new_weight, new_bias = solve_refit(shared, keep)
+    coefficients, reward_bias = statistics.solution(keep)
+    assert torch.equal(new_weight, coefficients.T)
+    assert (new_bias is None and reward_bias is None) or torch.equal(new_bias, reward_bias)
+
+
+@pytest.mark.parametrize("intercept", [True, False])
+def test_the_shared_refit_is_the_cuts_ridge_solution_on_the_same_moments(intercept: bool) -> None:
+    statistics, keep = _layer_statistics(intercept)
+    shared = SharedRefit.of(statistics)  # fit and held-out rows, at the default ridge
+    output = shared.output
+    anchor = (shared.anchor[keep][None], (output[:, :12] @ shared.anchor + output[:, 12])[None])
+    moments = _Moments.of_gram(shared.gram, shared.cross, keep)
+    expected = _RidgeSystem.of(moments, intercept, anchor).solution(shared.ridge)
+    new_weight, new_bias = solve_refit(shared, keep)
+    torch.testing.assert_close(new_weight, expected[0], rtol=1e-9, atol=1e-10)
+    if intercept:
+        torch.testing.assert_close(new_bias, expected[1], rtol=1e-9, atol=1e-10)
 
 
 def test_the_analysis_leaves_the_dense_model_unchanged() -> None:

@@ -11,7 +11,11 @@ from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.refit import (
     RIDGE_CANDIDATES,
     _Moments,
+    _RidgeProblem,
     _RidgeSystem,
+    add_to_gram,
+    gram_error,
+    gram_refit,
     output_error,
     refit_aware_scores,
     refit_output,
@@ -217,3 +221,86 @@ def test_held_out_errors_from_the_rows_space_equal_those_of_the_formed_solutions
     formed = [held.error(*system.solution(ridge)) for ridge in RIDGE_CANDIDATES]
     assert len(set(formed)) == len(formed)  # the ridges really differ on these rows
     assert errors == pytest.approx(formed, rel=1e-10)
+
+
+def _rows_with_an_anchor(seed: int = 7):
+    """Activations (the first row massive), dense weights and bias, and half the columns kept."""
+    generator = torch.Generator().manual_seed(seed)
+    acts = torch.randn(121, 16, generator=generator, dtype=torch.float64).relu()
+    acts[0] *= 40
+    weight = torch.randn(5, 16, generator=generator, dtype=torch.float64)
+    bias = torch.randn(5, generator=generator, dtype=torch.float64)
+    return acts, weight, bias, torch.arange(1, 16, 2)
+
+
+def _stored_as_a_gram(acts: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """(Gram of [acts, 1], its cross products with the dense output, [W, b]), as the shared
+    analysis and the refit reward store a layer."""
+    output = torch.cat([weight, bias[:, None]], dim=1)
+    gram = add_to_gram(torch.zeros(17, 17, dtype=torch.float64), acts)
+    return gram, gram @ output.T, output
+
+
+@pytest.mark.parametrize("intercept", [True, False])
+@pytest.mark.parametrize("anchored", [False, True])
+def test_the_cholesky_route_solves_the_ridge_problem_as_the_eigendecomposition_does(
+    intercept: bool, anchored: bool
+) -> None:
+    acts, weight, bias, keep = _rows_with_an_anchor()
+    moments = _Moments.of(acts[1:, keep], acts[1:] @ weight.T + bias)
+    anchor = (acts[:1, keep], acts[:1] @ weight.T + bias) if anchored else None
+    eigen = _RidgeSystem.of(moments, intercept, anchor).solution(0.03)
+    coefficients, new_bias = _RidgeProblem.of(moments, intercept, anchor).coefficients(0.03)
+    torch.testing.assert_close(coefficients.T, eigen[0], rtol=1e-9, atol=1e-10)
+    if intercept:
+        torch.testing.assert_close(new_bias, eigen[1], rtol=1e-9, atol=1e-10)
+    else:
+        assert new_bias is None and eigen[1] is None
+
+
+def test_moments_read_from_a_gram_of_ones_appended_are_the_rows_moments() -> None:
+    acts, weight, bias, keep = _rows_with_an_anchor()
+    gram, cross, _ = _stored_as_a_gram(acts, weight, bias)
+    stored = _Moments.of_gram(gram, cross, keep)
+    direct = _Moments.of(acts[:, keep], acts @ weight.T + bias)
+    assert float(stored.count) == direct.count
+    for name in ("sum_x", "sum_y", "xx", "xy"):
+        torch.testing.assert_close(getattr(stored, name), getattr(direct, name))
+
+
+def test_a_gram_added_in_chunks_is_the_gram_added_at_once() -> None:
+    acts, _, _, _ = _rows_with_an_anchor()
+    once = add_to_gram(torch.zeros(17, 17, dtype=torch.float64), acts)
+    chunked = add_to_gram(torch.zeros(17, 17, dtype=torch.float64), acts.float(), chunk_rows=50)
+    ones = torch.cat([acts, torch.ones(121, 1, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(once, ones.T @ ones)
+    torch.testing.assert_close(chunked, once, rtol=1e-6, atol=1e-4)  # float32 rows
+
+
+@pytest.mark.parametrize("intercept", [True, False])
+def test_the_refit_from_a_gram_is_refit_outputs_and_pins_the_anchor(intercept: bool) -> None:
+    acts, weight, bias, keep = _rows_with_an_anchor()
+    gram, cross, output = _stored_as_a_gram(acts[1:], weight, bias)
+    coefficients, new_bias = gram_refit(gram, cross, output, keep, 0.1, intercept, acts[0])
+    dense_anchor = acts[0] @ weight.T + bias
+    expected = refit_output(weight, bias, keep, acts[1:], intercept=intercept,
+                            anchor=(acts[0], dense_anchor))  # fmt: skip
+    torch.testing.assert_close(coefficients.T, expected.weight, rtol=1e-9, atol=1e-10)
+    if intercept:
+        torch.testing.assert_close(new_bias, expected.bias, rtol=1e-9, atol=1e-10)
+    refitted = acts[0, keep] @ coefficients + (0 if new_bias is None else new_bias)
+    torch.testing.assert_close(refitted, dense_anchor, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("intercept", [True, False])
+def test_the_gram_error_is_the_summed_squared_error_over_the_rows(intercept: bool) -> None:
+    acts, weight, bias, keep = _rows_with_an_anchor()
+    gram, cross, output = _stored_as_a_gram(acts, weight, bias)
+    coefficients, new_bias = gram_refit(gram, cross, output, keep, 0.3, intercept)
+    dense = acts @ weight.T + bias
+    energy = float(dense.pow(2).sum())
+    predicted = acts[:, keep] @ coefficients + (0 if new_bias is None else new_bias)
+    expected = float((dense - predicted).pow(2).sum())
+    assert gram_error(gram, cross, energy, keep, coefficients, new_bias) == pytest.approx(
+        expected, rel=1e-8
+    )
