@@ -12,3 +12,13 @@ class PruneNetError(ValueError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C (the CLI installs the handler) so every cleanup runs."""
+
+
+def clip(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters for a message: a message quotes what the user gave (a
+    list of 10,000 values, a file's strings), never all of it.
+
+    :param text: what to quote.
+    :param limit: the most characters shown, "..." included.
+    """
+    return text if len(text) <= limit else text[: limit - 3] + "..."

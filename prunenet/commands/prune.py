@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prunenet.commands.options import integer, positive_int
 from prunenet.core.ratios import validate_ratio
-from prunenet.errors import PruneNetError
+from prunenet.errors import PruneNetError, clip
 from prunenet.io.models import ALIASES
 from prunenet.request import (
     DTYPES,
@@ -275,7 +275,7 @@ def parse_amounts(text: str) -> tuple[float, ...]:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{_clipped(text)!r} is not a number or a comma list of numbers (e.g. 0.2 or 0.1,0.2)"
+            f"{clip(text)!r} is not a number or a comma list of numbers (e.g. 0.2 or 0.1,0.2)"
         ) from None
 
 
@@ -291,7 +291,7 @@ def parse_amounts_or_file(text: str) -> tuple[float, ...]:
             return parse_amounts(text)
         except argparse.ArgumentTypeError:
             raise argparse.ArgumentTypeError(
-                f"cannot read {_clipped(text)}: it is neither a comma list of numbers (0.1,0.2) "
+                f"cannot read {clip(text)}: it is neither a comma list of numbers (0.1,0.2) "
                 "nor a file of budgets"
             ) from None
     try:
@@ -317,7 +317,7 @@ def parse_ratios(text: str) -> list[float]:
     :param text: a comma list of ratios.
     """
     try:
-        ratios = [validate_ratio(_clipped(part)) for part in text.split(",")]
+        ratios = [validate_ratio(clip(part)) for part in text.split(",")]
     except PruneNetError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     repeated = [value for value, count in Counter(ratios).items() if count > 1]
@@ -326,11 +326,6 @@ def parse_ratios(text: str) -> list[float]:
             f"Values {echo(repeated)} repeat a value of the list; list each one once."
         )
     return ratios
-
-
-def _clipped(text: str, limit: int = 60) -> str:
-    """`text` cut to `limit` characters for a message: a list of 10,000 values is not echoed."""
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _is_file(path: Path) -> bool:

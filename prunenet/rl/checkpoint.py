@@ -29,8 +29,8 @@ import safetensors.torch
 import torch
 
 from prunenet.analysis.features import FEATURE_SETS, FEATURE_VERSION
-from prunenet.errors import PruneNetError
-from prunenet.rl.checks import MAX_HIDDEN, clip, count_problem
+from prunenet.errors import PruneNetError, clip
+from prunenet.rl.checks import MAX_HIDDEN, count_problem
 
 METADATA_FILE = "prunenet.json"
 # 2: weights in safetensors and constructor arguments in prunenet.json, nothing pickled.

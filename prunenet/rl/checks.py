@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from prunenet.errors import clip
+
 # The widest hidden layer a checkpoint may declare. Trained policies use 8-64; 4096 already means
 # a network of about 70 M parameters. A larger number is a damaged or hostile file, refused
 # before the network is built (`hidden: 30000` would allocate tens of GB).
@@ -74,8 +76,3 @@ def listed(items: list, limit: int = 3) -> str:
     """
     shown = ", ".join(str(item) for item in items[:limit])
     return shown + (f" ... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
-def clip(text: str, limit: int = 60) -> str:
-    """`text` cut to `limit` characters: a message quotes a file's strings, never all of them."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
