@@ -55,6 +55,7 @@ from prunenet.core.refit import check_refit
 from prunenet.errors import PruneNetError
 from prunenet.io.saving import save_pruned
 from prunenet.scoring.base import Scorer
+from prunenet.stages import StageTimes, rewrite_report
 
 
 @dataclass
@@ -231,6 +232,7 @@ def prune_and_save(
     refit: str = "none",
     selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
     records: Sequence[dict] | None = None,
+    stages: StageTimes | None = None,
 ) -> list[PruneReport]:
     """Prune at each ratio and save each result atomically into its folder.
 
@@ -243,6 +245,8 @@ def prune_and_save(
     :param refit: `none`, `bias` or `lsq` (`apply_plan`).
     :param selfgen: the self-generated text sequential scoring and the refit use.
     :param records: how each folder was made (`prunenet.runner`), one per folder, or None.
+    :param stages: the run's stages so far (`prunenet.runner` times the load); each report gets
+        them with the text, its cut and its save (`prunenet.stages`).
     :return: one report per ratio, with `seconds` covering planning, cutting and saving (the
         first ratio's include writing the text).
     """
@@ -251,23 +255,39 @@ def prune_and_save(
         raise PruneNetError(f"Got {len(ratios)} ratios for {len(folders)} output folders.")
     tokens = None  # the dense model writes its text once; every ratio uses the same text
     analysis = None  # with a shared plan, the dense model is analysed once for every ratio
+    run = stages or StageTimes()
     reports = []
     for index, (ratio, folder) in enumerate(zip(ratios, folders, strict=True)):
         start = time.perf_counter()
         plan = planner(model, ratio)
+        planning = time.perf_counter() - start
         if tokens is None and needs_text(plan, refit):
-            tokens = analysis_text(model, selfgen)
+            with run.own_text():
+                tokens = analysis_text(model, selfgen)
+        times = run.fork()
+        times.seconds["cut"] = planning
         last = index == len(ratios) - 1
-        if plan.info.get("analysis") == "shared":
-            analysis = analysis or shared_analysis(model, tokens, refit)
-            pruned, report = apply_shared(model, plan, ratio, analysis, last)
-        else:
-            pruned, report = apply_plan(model, plan, ratio, last, refit, selfgen, tokens)
+        with times.timing("cut"):
+            if plan.info.get("analysis") == "shared":
+                analysis = analysis or shared_analysis(model, tokens, refit)
+                pruned, report = apply_shared(model, plan, ratio, analysis, last)
+            else:
+                pruned, report = apply_plan(model, plan, ratio, last, refit, selfgen, tokens)
         record = records[index] if records else None
-        save_pruned(pruned, tokenizer, folder, report, overwrite, record)
-        report.seconds = time.perf_counter() - start
+        _save_timed(pruned, tokenizer, folder, report, overwrite, record, times, start)
         reports.append(report)
     return reports
+
+
+def _save_timed(pruned, tokenizer, folder, report, overwrite, record, times, start) -> None:
+    """`save_pruned`, timed; then the saved report gets the save's seconds and the total
+    (`seconds`, from `start`), which only exist once the save is done."""
+    report.stages = times.to_dict()
+    with times.timing("save"):
+        save_pruned(pruned, tokenizer, folder, report, overwrite, record)
+    report.seconds = time.perf_counter() - start
+    report.stages = times.to_dict()
+    rewrite_report(folder, report)
 
 
 def cut_structures(model: nn.Module, split: StructureSplit) -> None:
@@ -358,6 +378,7 @@ def prune_budgets_and_save(
     refit: str = "none",
     selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
     records: Sequence[dict] | None = None,
+    stages: StageTimes | None = None,
 ) -> list[PruneReport]:
     """`prune_and_save` for parameter budgets: one folder per budget. With a planner of
     `analysis="shared"`, the dense model is analysed once at the first budget and every budget
@@ -373,31 +394,42 @@ def prune_budgets_and_save(
     :param refit: the FFN refit.
     :param selfgen: the self-generated text (written once, used by every budget).
     :param records: how each folder was made (`prunenet.runner`), one per folder, or None.
+    :param stages: the run's stages so far (`prune_and_save`).
     """
     if len(targets) != len(folders):
         raise PruneNetError(f"Got {len(targets)} budgets for {len(folders)} output folders.")
-    tokens = analysis_text(model, selfgen)
+    run = stages or StageTimes()
+    with run.own_text():
+        tokens = analysis_text(model, selfgen)
     # A shared planner's analysis of the dense model, made at the first budget (before any cut).
     shared = functools.cache(lambda: shared_analysis(model, tokens, refit))
 
     def cut(target, last: bool):
         return apply_budget(model, planner, target, structures, tokens, last, refit, shared)
 
-    return _cut_and_save_each(targets, folders, cut, tokenizer, overwrite, records)
+    return _cut_and_save_each(targets, folders, cut, tokenizer, overwrite, records, run)
 
 
 def _cut_and_save_each(
-    requests, folders, cut, tokenizer, overwrite: bool, records: Sequence[dict] | None = None
+    requests,
+    folders,
+    cut,
+    tokenizer,
+    overwrite: bool,
+    records: Sequence[dict] | None = None,
+    stages: StageTimes | None = None,
 ) -> list[PruneReport]:
     """`cut(request, last)` for each request (the last may cut the dense model in place), each
-    result saved atomically into its folder; `seconds` covers cutting and saving."""
+    result saved atomically into its folder; `seconds` covers cutting and saving, `stages`
+    are the run's so far plus each folder's cut and save."""
     reports = []
     for index, (request, folder) in enumerate(zip(requests, folders, strict=True)):
         start = time.perf_counter()
-        pruned, report = cut(request, index == len(requests) - 1)
+        times = (stages or StageTimes()).fork()
+        with times.timing("cut"):
+            pruned, report = cut(request, index == len(requests) - 1)
         record = records[index] if records else None
-        save_pruned(pruned, tokenizer, folder, report, overwrite, record)
-        report.seconds = time.perf_counter() - start
+        _save_timed(pruned, tokenizer, folder, report, overwrite, record, times, start)
         reports.append(report)
     return reports
 
@@ -462,6 +494,7 @@ def prune_strategies_and_save(
     refit: str = "none",
     selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
     records: Sequence[dict] | None = None,
+    stages: StageTimes | None = None,
 ) -> list[PruneReport]:
     """`prune_budgets_and_save` for per-layer strategies (one folder per strategy).
 
@@ -475,12 +508,15 @@ def prune_strategies_and_save(
     :param refit: the FFN refit.
     :param selfgen: the analysis text (written once, used by every strategy).
     :param records: how each folder was made (`prunenet.runner`), one per folder, or None.
+    :param stages: the run's stages so far (`prune_and_save`).
     """
     if len(strategies) != len(folders):
         raise PruneNetError(f"Got {len(strategies)} strategies for {len(folders)} folders.")
-    tokens = analysis_text(model, selfgen)
+    run = stages or StageTimes()
+    with run.own_text():
+        tokens = analysis_text(model, selfgen)
 
     def cut(strategy, last: bool):
         return apply_strategy(model, planner, strategy, head_scores, tokens, last, refit)
 
-    return _cut_and_save_each(strategies, folders, cut, tokenizer, overwrite, records)
+    return _cut_and_save_each(strategies, folders, cut, tokenizer, overwrite, records, run)

@@ -57,6 +57,7 @@ from prunenet.request import PruneRequest, request_record
 from prunenet.rl.strategy import BUNDLED_STRATEGY, load_strategy_policy, make_strategy
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import make_scorer
+from prunenet.stages import StageTimes
 from prunenet.stream import require_weights_only, should_stream, stream_prune
 
 Say = Callable[[str], None]
@@ -293,6 +294,8 @@ class Run:
         start = time.perf_counter()
         model, tokenizer = load_model(self.model, dtype=request.dtype, device=str(self.device))
         load_seconds = time.perf_counter() - start
+        # Wall seconds per stage, into every folder's report (`prunenet.stages`).
+        stages = StageTimes({"load": load_seconds})
         warn_if_tokenizer_overflows(tokenizer, embedding_rows(model), self.model)
         # Everything that can be refused is refused now, before the (slow) scoring.
         width = ffn_width(model.config)
@@ -305,7 +308,8 @@ class Run:
             sizes = [int((1 - target) * dense_bytes) for target in request.remove_params]
         else:
             if request.target_speedup is not None:
-                search = ratio_for_speedup(model, request.target_speedup)
+                with stages.timing("speedup_search"):
+                    search = ratio_for_speedup(model, request.target_speedup)
                 request = self.request = request.replace(ratio=(search.ratio,))
                 self.say(
                     f"target prefill speed-up {request.target_speedup}: ratio {search.ratio} "
@@ -333,16 +337,17 @@ class Run:
         if search is not None:
             planner = _recording(planner, {"target_speedup": search.to_dict()})
         common = dict(overwrite=self.overwrite, refit=request.refit, selfgen=self.selfgen,
-                      records=self.records(request.amounts))  # fmt: skip
+                      records=self.records(request.amounts), stages=stages)  # fmt: skip
         if request.remove_params is not None and request.strategy_name != "uniform":
-            context = strategy_context(
-                model, request.refit != "none", describe=request.strategy_name == "policy"
-            )
-            strategies = [
-                make_strategy(request.strategy_name, context, target, request.structures,
-                              strategy_policy, request.search_evaluations, request.seed)
-                for target in request.remove_params
-            ]  # fmt: skip
+            with stages.timing("strategy"):
+                context = strategy_context(
+                    model, request.refit != "none", describe=request.strategy_name == "policy"
+                )
+                strategies = [
+                    make_strategy(request.strategy_name, context, target, request.structures,
+                                  strategy_policy, request.search_evaluations, request.seed)
+                    for target in request.remove_params
+                ]  # fmt: skip
             reports = prune_strategies_and_save(
                 model, tokenizer, planner, strategies, context.head_rank, self.folders, **common
             )

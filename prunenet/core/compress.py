@@ -35,6 +35,8 @@ class PruneReport:
     scorer: dict = field(default_factory=dict)
     # Heads and layers removed beside FFN rows (`prunenet.allocation.structures`), if any.
     structures: dict = field(default_factory=dict)
+    # Wall seconds per stage of the run (`prunenet.stages.StageTimes.to_dict`), if timed.
+    stages: dict = field(default_factory=dict)
 
     @property
     def ffn_ratio(self) -> float:

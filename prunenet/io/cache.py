@@ -39,7 +39,7 @@ import json
 import os
 import stat
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,6 +61,8 @@ Info = dict[str, Any]  # JSON-able: str keys; str, int, float, bool, None, lists
 _WARNED: set[Path] = set()
 _NOT_WRITABLE: set[Path] = set()
 _SWEPT: set[Path] = set()
+# Open `watch_lookups` blocks: each gets (kind, read from an entry) for every `memoize` call.
+_WATCHERS: list[list[tuple[str, bool]]] = []
 
 _ENTRY_FIELD = "prunenet.entry"
 _CHECKSUM_FIELD = "prunenet.sha256"
@@ -109,15 +111,15 @@ def memoize(
         recomputed.
     """
     if os.environ.get("PRUNENET_NO_CACHE"):
-        return compute()
+        return _noted(kind, False, compute())
     key = _entry_key(kind, model, settings)
     folder = _private_folder()
     if folder is None:
-        return compute()
+        return _noted(kind, False, compute())
     path = folder / _entry_name(kind, key)
     if os.path.exists(path):
         try:
-            return decode(*_read_entry(path, key))
+            return _noted(kind, True, decode(*_read_entry(path, key)))
         except Exception as error:  # whatever is wrong with an entry, it is recomputed
             reason = " ".join(f"{type(error).__name__}: {error}".split())
             warnings.warn(f"prunenet cache: recomputing {path}: {reason}", CacheWarning, 2)
@@ -129,6 +131,25 @@ def memoize(
         except OSError as error:  # read-only, full, or a quota: the value is still good
             _NOT_WRITABLE.add(folder)
             _warn_unusable(folder, f"cannot write to it ({error.strerror or error})")
+    return _noted(kind, False, value)
+
+
+@contextlib.contextmanager
+def watch_lookups() -> Iterator[list[tuple[str, bool]]]:
+    """Collect `(kind, read from the cache)` for every `memoize` call inside the block, so a
+    timing can say whether a stage computed its value or read it (`prunenet.stages`).
+    """
+    lookups: list[tuple[str, bool]] = []
+    _WATCHERS.append(lookups)
+    try:
+        yield lookups
+    finally:
+        _WATCHERS.remove(lookups)
+
+
+def _noted(kind: str, read: bool, value: T) -> T:
+    for lookups in _WATCHERS:
+        lookups.append((kind, read))
     return value
 
 
