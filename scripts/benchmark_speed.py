@@ -1,7 +1,8 @@
 """Prune speed side by side: this working tree against a base commit, cold and warm cache.
 
 Runs `prunenet prune --model MODEL COMMAND` as a child process for each side (`base`: a
-temporary `git worktree` of --base; `new`: this working tree, uncommitted changes included),
+temporary `git worktree` of --base; `new`: a copy of this working tree taken at the start,
+uncommitted and untracked files included, so edits made meanwhile are not measured),
 same Python and packages, and measures each run alone: wall seconds, user and system CPU
 seconds and peak RSS (`os.wait4` on the child), the stage breakdown its
 `prunenet_report.json` records (load, own text and whether it was generated or read from the
@@ -48,11 +49,11 @@ REPORT_FILE = "prunenet_report.json"
 # The child runs the CLI of the tree PYTHONPATH names, and refuses to run another tree's
 # (an editable install elsewhere would otherwise be measured instead).
 LAUNCH = (
-    "import os, sys\n"
-    "import prunenet\n"
+    "import importlib.util, os, sys\n"
+    "found = getattr(importlib.util.find_spec('prunenet'), 'origin', None) or 'nowhere'\n"
     "tree = os.path.realpath(os.environ['PRUNENET_BENCH_TREE'])\n"
-    "if not os.path.realpath(prunenet.__file__).startswith(tree + os.sep):\n"
-    "    sys.exit(f'benchmark_speed: imported prunenet from {prunenet.__file__}, not {tree}')\n"
+    "if not os.path.realpath(found).startswith(tree + os.sep):\n"
+    "    sys.exit(f'benchmark_speed: prunenet would come from {found}, not {tree}')\n"
     "from prunenet.cli import main\n"
     "sys.exit(main())\n"
 )
@@ -285,8 +286,8 @@ def read_outputs(run: Run) -> None:
     run.cut_parts = parts or None
 
 
-def evaluate(folder: str, out: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Perplexity on the three texts, `prunenet eval`'s protocol, with this tree's code."""
+def evaluate(folder: str, out: Path, args: argparse.Namespace, tree: Path) -> dict[str, float]:
+    """Perplexity on the three texts, `prunenet eval`'s protocol, with `tree`'s code."""
     json_path = out / "eval.json"
     threads = args.threads or os.cpu_count() or 1
     argv = [sys.executable, "-P", "-c", LAUNCH, "eval", "--model", folder,
@@ -294,10 +295,22 @@ def evaluate(folder: str, out: Path, args: argparse.Namespace) -> dict[str, floa
             "--seqlen", str(args.seqlen), "--speed-rounds", "0", "--threads", str(threads),
             "--no-update-card", "--json", str(json_path)]  # fmt: skip
     with open(out / "eval.log", "wb") as log:
-        done = subprocess.run(argv, env=child_env(ROOT, out / "cache"), stdout=log, stderr=log)
+        done = subprocess.run(argv, env=child_env(tree, out / "cache"), stdout=log, stderr=log)
     if done.returncode:
         raise RunFailed(f"prunenet eval of {folder} exited {done.returncode} (log {out}/eval.log)")
     return json.loads(json_path.read_text())["perplexity"]
+
+
+def snapshot(folder: Path) -> Path:
+    """A copy of this working tree's files as they are now (tracked and untracked, not
+    ignored), so that edits made while the benchmark runs are not measured halfway."""
+    names = git("ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+    for name in filter(None, names):
+        source = ROOT / name
+        if source.is_file():  # a tracked file deleted in the working tree is listed too
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, folder / name)
+    return folder
 
 
 def schedule(sides: list[str], modes: list[str], repeats: int) -> list[tuple[int, str, str]]:
@@ -323,7 +336,7 @@ def benchmark(args: argparse.Namespace, work: Path, out_dir: Path | None) -> dic
         check_base_options(base, command)
     model = resolve_model(args.model)
     header = describe(args, model, command, base)
-    trees = {"new": ROOT}
+    trees = {"new": snapshot(work / "new-tree")}
     if base is not None:
         trees["base"] = work / "base-tree"
         git("worktree", "add", "--detach", str(trees["base"]), base)
@@ -354,12 +367,12 @@ def benchmark(args: argparse.Namespace, work: Path, out_dir: Path | None) -> dic
         )
         runs.append(run)
     if args.eval:
-        evaluate_runs(runs, args, work)
+        evaluate_runs(runs, args, work, trees["new"])
     return {"header": header, "runs": [asdict(run) for run in runs]}
 
 
-def evaluate_runs(runs: list[Run], args: argparse.Namespace, work: Path) -> None:
-    """Each distinct output once (equal weights give equal perplexities)."""
+def evaluate_runs(runs: list[Run], args: argparse.Namespace, work: Path, tree: Path) -> None:
+    """Each distinct output once (equal weights give equal perplexities), by `tree`'s eval."""
     done: dict[str, dict[str, float]] = {}
     for run in runs:
         if run.mode == "fill" or not run.folders:
@@ -369,7 +382,7 @@ def evaluate_runs(runs: list[Run], args: argparse.Namespace, work: Path) -> None
                   flush=True)  # fmt: skip
             out = work / f"eval-{run.index}"
             out.mkdir()
-            done[run.weights_sha256] = evaluate(run.folders[0], out, args)
+            done[run.weights_sha256] = evaluate(run.folders[0], out, args, tree)
         run.perplexity = done[run.weights_sha256]
 
 
@@ -380,7 +393,8 @@ def describe(args: argparse.Namespace, model: Path, command: list[str], base: st
     import torch
 
     head = git("rev-parse", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    # Changed and untracked files the snapshot holds beside HEAD (`snapshot`).
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
     cpu = "unknown CPU"
     if Path("/proc/cpuinfo").is_file():
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -406,7 +420,7 @@ def describe(args: argparse.Namespace, model: Path, command: list[str], base: st
         else None,
         "new": {
             "commit": head,
-            "uncommitted_changes": dirty,
+            "changed_files": changed,
             "subject": git("log", "-1", "--format=%s", head),
         },  # fmt: skip
         "modes": parse_modes(args.modes),
@@ -432,8 +446,8 @@ def header_lines(header: dict) -> list[str]:
         f"{header['cpu']}, {header['cores']} logical cores ({header['cores_usable']} usable); "
         f"load average at start {load}; {header['date']}; Python {header['python']}, torch "
         f"{header['torch']}",
-        f"new: working tree at {new['commit'][:10]} ({short(new['subject'])})"
-        + (" with uncommitted changes" if new["uncommitted_changes"] else ""),
+        f"new: the working tree as it was at the start: {new['commit'][:10]} "
+        f"({short(new['subject'])}) + {len(new['changed_files'])} changed or new file(s)",
     ]
     if base:
         lines.append(f"base: {base['commit'][:10]} ({short(base['subject'])})")

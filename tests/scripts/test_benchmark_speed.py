@@ -98,3 +98,18 @@ def test_a_side_without_stages_prints_n_a(speed):
     cells = speed.row("base", "cold", [run], "1")
     assert cells[3:7] == ["2.00", "1.00", "0.50", "1.00"]
     assert cells[7:] == ["n/a"] * (len(speed.HEADERS) - 7)
+
+
+def test_a_child_refuses_to_run_a_prunenet_of_another_tree(speed, tmp_path):
+    env = speed.child_env(tmp_path, tmp_path / "cache")  # PYTHONPATH: a tree without prunenet
+    done = subprocess.run([sys.executable, "-P", "-c", speed.LAUNCH, "prune"], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 1
+    assert f"not {tmp_path.resolve()}" in done.stderr
+
+
+def test_the_new_side_is_a_copy_of_the_working_tree(speed, tmp_path):
+    tree = speed.snapshot(tmp_path / "tree")
+    source = Path(speed.__file__).resolve()
+    assert (tree / "scripts" / source.name).read_bytes() == source.read_bytes()
+    assert (tree / "prunenet" / "cli.py").is_file()
