@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,8 @@ class PruneRequest:
         when the checkpoint is larger than half of the available RAM).
     :param device: where the model runs in memory (`cpu`, `cuda`, ...).
     :param dtype: dtype of the run and of the saved folder; `auto` keeps the checkpoint's own.
-    :param threads: torch CPU threads.
+    :param threads: torch CPU threads; None: every core this process may use
+        (`threads_to_use`), resolved when the request runs and recorded resolved.
     :param max_layer_ratio: `auto` strategy: never remove more than this share of one layer.
     :param search_evaluations: `search` strategy: strategies measured per request.
     :param compute_dtype: `layerwise` route: the dtype layers compute in (None: `dtype`).
@@ -129,7 +131,7 @@ class PruneRequest:
     route: str = "auto"
     device: str = "cpu"
     dtype: str = "auto"
-    threads: int = 1
+    threads: int | None = None
     max_layer_ratio: float = 0.6
     search_evaluations: int = 32
     compute_dtype: str | None = None
@@ -242,7 +244,8 @@ class PruneRequest:
 
     def _check_numbers(self) -> None:
         _check_int("seed", self.seed, 0, MAX_SEED)
-        _check_int("threads", self.threads, 1, 4096)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1, 4096)
         _check_int("text_sequences", self.text_sequences, MIN_TEXT_SEQUENCES, 1 << 20,
                    "the smallest that runs; a quarter is held out for the refit")  # fmt: skip
         _check_int("text_length", self.text_length, MIN_TEXT_LENGTH, 1 << 20,
@@ -408,6 +411,23 @@ def default_of(name: str) -> Any:
         if item.name == name:
             return item.default if item.default is not dataclasses.MISSING else None
     raise KeyError(name)
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the system reports one (a
+    container or `taskset` may allow fewer than the machine has), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def threads_to_use(threads: int | None) -> int:
+    """The torch CPU threads a request runs with: `threads` when given, else every core this
+    process may use (`available_cores`; docs/scale.md, "Threads and generation speed").
+
+    :param threads: `PruneRequest.threads`.
+    """
+    return available_cores() if threads is None else threads
 
 
 def read_request_file(path: str | Path) -> tuple[PruneRequest, str | None]:

@@ -53,7 +53,7 @@ from prunenet.pipeline import (
     prune_strategies_and_save,
     scorer_planner,
 )
-from prunenet.request import PruneRequest, request_record
+from prunenet.request import PruneRequest, request_record, threads_to_use
 from prunenet.rl.strategy import BUNDLED_STRATEGY, load_strategy_policy, make_strategy
 from prunenet.scoring.base import Scorer
 from prunenet.scoring.registry import make_scorer
@@ -106,6 +106,7 @@ def prune(
     say = say or (lambda line: None)
     if request.target_speedup is not None:
         check_target_speedup(request.target_speedup)
+    request = request.replace(threads=threads_to_use(request.threads))  # recorded resolved
     torch.set_num_threads(request.threads)
     folders = output_folders(out, request)
     device = resolve_device(request.device)

@@ -199,6 +199,15 @@ def load_script(name: str):
 
 
 @pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test ends with torch back on one thread: `prunenet.prune` runs a request on every
+    usable core by default (`PruneRequest.threads`), and the next test in the same process must
+    not inherit that."""
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
 def private_prunenet_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> None:
     """Every test gets an empty PruneNet cache: tests never write to (or read stale entries
     from) the user's ~/.cache/prunenet, and one test's cached text cannot hide another's."""

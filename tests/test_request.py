@@ -4,6 +4,7 @@ read, and a JSON form that replays."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,11 @@ from prunenet.errors import PruneNetError
 from prunenet.request import (
     UNSUPPORTED,
     PruneRequest,
+    available_cores,
     default_of,
     field_names,
     read_request_file,
+    threads_to_use,
 )
 
 
@@ -29,7 +32,7 @@ def test_the_default_request_is_the_documented_default_path() -> None:
 
     assert (request.strategy, request.scorer, request.route) == ("uniform", "policy", "auto")
     assert (request.text_sequences, request.text_length, request.seed) == (256, 256, 0)
-    assert default_of("threads") == request.threads
+    assert default_of("threads") == request.threads is None  # every usable core, when run
 
 
 def test_exactly_one_amount_is_required() -> None:
@@ -134,3 +137,33 @@ def test_an_unreadable_config_file_is_refused(tmp_path: Path, content: bytes) ->
 
 def test_rare_options_are_request_fields() -> None:
     assert set(PruneRequest.RARE) <= set(field_names())
+
+
+# ----- threads --------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity here")
+def test_no_thread_count_means_every_core_this_process_may_use() -> None:
+    assert threads_to_use(PruneRequest().threads) == len(os.sched_getaffinity(0))
+
+
+def test_an_explicit_thread_count_wins_over_the_core_count() -> None:
+    assert threads_to_use(3) == 3
+
+
+def test_the_core_count_is_the_machines_where_the_system_reports_no_affinity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert available_cores() == 6
+
+
+def test_a_request_without_a_thread_count_validates_and_replays_from_json(tmp_path: Path) -> None:
+    request = PruneRequest(ratio=(0.3,)).validate()
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(request.to_dict()))
+
+    replayed, _ = read_request_file(path)
+
+    assert replayed.threads is None and replayed == request

@@ -17,7 +17,7 @@ from prunenet.core.config_fields import ffn_widths
 from prunenet.errors import PruneNetError
 from prunenet.io.model_card import MARKER
 from prunenet.io.saving import REQUEST_FILE
-from prunenet.request import UNSUPPORTED, PruneRequest
+from prunenet.request import UNSUPPORTED, PruneRequest, available_cores
 from tests.conftest import tiny_model, tiny_tokenizer
 
 TEXT = ("--text", "8x16")
@@ -85,6 +85,17 @@ def test_library_defaults_are_the_cli_defaults(model_folders, tmp_path: Path) ->
 
     record = json.loads((tmp_path / "out" / REQUEST_FILE).read_text())["request"]
     assert (record["analysis"], record["refit"], record["route"]) == ("sequential", "lsq", "memory")
+
+
+def test_the_recorded_request_names_the_threads_it_ran_with(model_folders, tmp_path) -> None:
+    request = PruneRequest(ratio=(0.5,), route="stream", scorer="magnitude", **SMALL)
+    prunenet.prune(str(model_folders["llama"]), tmp_path / "all", request)
+    prunenet.prune(str(model_folders["llama"]), tmp_path / "one", request.replace(threads=1))
+
+    def threads(name: str) -> int:
+        return json.loads((tmp_path / name / REQUEST_FILE).read_text())["request"]["threads"]
+
+    assert (threads("all"), threads("one")) == (available_cores(), 1)
 
 
 # ----- the matrix -------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def register(subparsers) -> None:
         "--threads",
         type=positive_int,
         default=given,
-        help=f"torch CPU threads (default {default_of('threads')})",
+        help="torch CPU threads (default: every core this process may use)",
     )
     parser.add_argument(
         "--config",
