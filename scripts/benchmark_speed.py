@@ -46,6 +46,7 @@ from prunenet.tables import markdown_table
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("cold", "warm")
 REPORT_FILE = "prunenet_report.json"
+REQUEST_FILE = "prunenet_request.json"
 # The child runs the CLI of the tree PYTHONPATH names, and refuses to run another tree's
 # (an editable install elsewhere would otherwise be measured instead).
 LAUNCH = (
@@ -88,6 +89,7 @@ class Run:
     text: str | None = None
     cut_parts: dict[str, float] | None = None
     report_seconds: float | None = None
+    threads: int | None = None
     folders: list[str] = field(default_factory=list)
     weights_sha256: str | None = None
     perplexity: dict[str, float] | None = None
@@ -267,6 +269,9 @@ def read_outputs(run: Run) -> None:
     run.weights_sha256 = digest.hexdigest()
     if not reports:
         return
+    request = reports[0].parent / REQUEST_FILE  # the threads it ran with, where recorded
+    if request.is_file():
+        run.threads = (json.loads(request.read_text()).get("request") or {}).get("threads")
     data = [json.loads(path.read_text()) for path in reports]
     run.report_seconds = sum(report.get("seconds") or 0.0 for report in data)
     stages = [report.get("stages") or {} for report in data]
@@ -465,7 +470,7 @@ def header_lines(header: dict) -> list[str]:
 
 
 STAGES = ("load", "text", "cut", "save")
-HEADERS = ["side", "mode", "runs", "wall s", "user s", "sys s", "peak RSS GB", "load s",
+HEADERS = ["side", "mode", "runs", "threads", "wall s", "user s", "sys s", "peak RSS GB", "load s",
            "text s", "cut s", "cut parts s", "save s", "other s", *PPL_TASKS]  # fmt: skip
 
 
@@ -503,10 +508,12 @@ def row(side: str, mode: str, runs: list[dict], label: str) -> list[str]:
     for task in PPL_TASKS:
         values = [run["perplexity"][task] for run in runs if run["perplexity"]]
         ppl.append(f"{median(values):.3f}" if values else "n/a")
+    threads = sorted({str(run["threads"] or "n/a") for run in runs})
     return [
         side,
         mode,
         label,
+        "/".join(threads),
         seconds(median([run["wall_seconds"] for run in runs])),
         seconds(median([run["user_seconds"] for run in runs])),
         seconds(median([run["system_seconds"] for run in runs])),

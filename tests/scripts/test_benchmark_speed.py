@@ -46,6 +46,7 @@ def test_a_tiny_run_measures_both_sides_and_writes_the_table_and_json(
     new = next(run for run in runs if run["side"] == "new")
     assert list(new["stages"]) == ["load", "text", "cut", "save"]
     assert new["text"] == "generated"
+    assert new["threads"] >= 1  # read from the folder's prunenet_request.json
     printed = capsys.readouterr().out
     assert "| base | cold | 1 |" in printed and "| new | cold | 1 |" in printed
     assert "cold: new/base wall" in printed
@@ -94,10 +95,10 @@ def test_sides_alternate_and_flip_every_repeat_with_warm_after_cold(speed):
 def test_a_side_without_stages_prints_n_a(speed):
     run = {"wall_seconds": 2.0, "user_seconds": 1.0, "system_seconds": 0.5,
            "peak_rss_bytes": 10**9, "stages": None, "text": None, "cut_parts": None,
-           "perplexity": None}  # fmt: skip
+           "perplexity": None, "threads": None}  # fmt: skip
     cells = speed.row("base", "cold", [run], "1")
-    assert cells[3:7] == ["2.00", "1.00", "0.50", "1.00"]
-    assert cells[7:] == ["n/a"] * (len(speed.HEADERS) - 7)
+    assert cells[4:8] == ["2.00", "1.00", "0.50", "1.00"]
+    assert cells[3] == "n/a" and cells[8:] == ["n/a"] * (len(speed.HEADERS) - 8)
 
 
 def test_a_child_refuses_to_run_a_prunenet_of_another_tree(speed, tmp_path):
