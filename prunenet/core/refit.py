@@ -14,14 +14,14 @@ collects them; this module only does the algebra):
 Why this module is long: it is the one place the ridge problem is solved, for three callers:
 the sequential cut (`refit_output`, from rows), the shared analysis and the refit reward
 (`prunenet.analysis.shared`, `.refit_statistics`: moments stored as one Gram of `x = [acts, 1]`;
-`add_to_gram`, `gram_refit`, `gram_error`). All read `_Moments`, centred with an intercept, the
+`add_to_gram`, `gram_refit`, `gram_error`). All read `Moments`, centred with an intercept, the
 ridge x the mean centred kept Gram diagonal, the start token's row reproduced exactly
 (`_RidgeProblem`). The routes that solve it are kept as they were, so outputs stay bit for bit,
 and tests/core/test_refit.py holds them to the same solution: the cut tries every ridge on one
 eigendecomposition (`_RidgeSystem`; in the rows' space when there are fewer rows than kept
 neurons, as at 7B widths), the Gram callers solve one ridge per keep set by Cholesky
 (`_RidgeProblem.coefficients`) and measure held-out errors in the Gram's trace form
-(`gram_error`, not `_Moments.error`). The cut chooses the ridge per keep set, the Gram callers
+(`gram_error`, not `Moments.error`). The cut chooses the ridge per keep set, the Gram callers
 per layer for a reference keep set.
 """
 
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prunenet.core.moments import Moments, affine
 from prunenet.errors import PruneNetError
 
 REFITS = ("none", "bias", "lsq")
@@ -98,103 +99,69 @@ def refit_output(
         it: the first token's, whose "massive" activations would otherwise dominate the fit
         (`prunenet.analysis.sequential` says why). Leave it out of `fit` and `held`.
     """
+    keep = keep.to(torch.long)
+    dense_weight, dense_bias = weight.double(), None if bias is None else bias.double()
+    # Everything below reads the rows through their moments (sums, Gram, cross products): one
+    # pass over the activations per split, and the all-rows fit is the sum of the two splits'.
+    fit = fit.double()
+    fit_moments = Moments.of(fit[:, keep], affine(fit, dense_weight, dense_bias))
+    held_moments = None
+    if held is not None:
+        held = held.double()
+        held_moments = Moments.of(held[:, keep], affine(held, dense_weight, dense_bias))
+    if anchor is not None:
+        anchor = (anchor[0].double().reshape(-1), anchor[1])
+    return refit_moments(weight, bias, keep, fit_moments, held_moments, mode, intercept, ridges,
+                         anchor)  # fmt: skip
+
+
+def refit_moments(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep: torch.Tensor,
+    fit: Moments,
+    held: Moments | None = None,
+    mode: str = "lsq",
+    intercept: bool = True,
+    ridges: tuple[float, ...] = RIDGE_CANDIDATES,
+    anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> RefitResult:
+    """`refit_output` from the kept columns' moments (`Moments.of_blocks`) instead of the rows.
+
+    :param weight: the dense neuron-first output weights, d_model x d_ff.
+    :param bias: the dense output bias (d_model), or None.
+    :param keep: sorted indices of the kept neurons.
+    :param fit: moments of the kept activations and the dense outputs to fit on.
+    :param held: the same on held-out rows (the ridge is chosen on them), or None.
+    :param mode: `bias` or `lsq`.
+    :param intercept: fit (or keep) a bias.
+    :param ridges: relative ridges tried on `held` (`lsq`).
+    :param anchor: (full activation row d_ff, its dense output row) reproduced exactly (`lsq`).
+    """
     if mode not in ("bias", "lsq"):
         raise PruneNetError(f"Unknown refit {mode!r}; choose one of {', '.join(REFITS[1:])}.")
     if mode == "bias" and not intercept:
         raise PruneNetError("--refit bias needs an output bias; this architecture has none.")
     weight = weight.double()
     bias = None if bias is None else bias.double()
-    keep = keep.to(torch.long)
+    keep = keep.to(device=weight.device, dtype=torch.long)
     cut_weight = weight[:, keep]
     if bias is None and intercept:
-        bias = torch.zeros(weight.shape[0], dtype=torch.float64)  # a bias the caller will add
+        bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
     cut_bias = bias
-    # Everything below reads the rows through their moments (sums, Gram, cross products): one
-    # pass over the activations per split, and the all-rows fit is the sum of the two splits'.
-    fit = fit.double()
-    fit_moments = _Moments.of(fit[:, keep], _affine(fit, weight, bias))
-    held_moments = None
-    if held is not None:
-        held = held.double()
-        held_moments = _Moments.of(held[:, keep], _affine(held, weight, bias))
     if mode == "bias":
-        lost = (fit_moments.sum_y - fit_moments.sum_x @ cut_weight.T) / fit_moments.count
+        lost = (fit.sum_y - fit.sum_x @ cut_weight.T) / fit.count
         lost = lost - (0 if cut_bias is None else cut_bias)
         result = RefitResult(cut_weight, cut_bias + lost)
     else:
         if anchor is not None:
-            anchor = (anchor[0].double().reshape(1, -1)[:, keep], anchor[1].double().reshape(1, -1))
-        result = _least_squares(fit_moments, held_moments, intercept, ridges, anchor)
-    if held_moments is not None:
-        result.held_error_cut = held_moments.error(cut_weight, cut_bias)
-        result.held_error_refit = held_moments.error(result.weight, result.bias)
+            row = anchor[0].double().reshape(1, -1)[:, keep.to(anchor[0].device)]
+            anchor = (row, anchor[1].double().reshape(1, -1))
+        result = _least_squares(fit, held, intercept, ridges, anchor)
+    if held is not None:
+        result.held_error_cut = held.error(cut_weight, cut_bias)
+        result.held_error_refit = held.error(result.weight, result.bias)
     return result
-
-
-@dataclass
-class _Moments:
-    """What least squares needs from rows x (kept activations) and targets y: the count, the
-    sums, x^T x, x^T y and the sum of y^2 (float64). Moments of two row sets add up.
-
-    With fewer rows than kept columns (a 7B layer keeps ~7.7k of 11k neurons; a few thousand
-    tokens of text), the rows themselves are kept instead of x^T x and x^T y: the Gram then has
-    rank <= rows, and `_RidgeSystem` works in the rows' space (an eigendecomposition of
-    rows x rows instead of kept x kept: 50x faster on LLaMA-2-7B shapes, same solution).
-    """
-
-    count: int | torch.Tensor  # a 0-d float64 tensor when read from a Gram (`of_gram`)
-    sum_x: torch.Tensor
-    sum_y: torch.Tensor
-    xx: torch.Tensor | None
-    xy: torch.Tensor | None
-    yy: float | None  # None from a Gram, whose errors are `gram_error`'s
-    rows: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @classmethod
-    def of(cls, x: torch.Tensor, y: torch.Tensor) -> _Moments:
-        sums = (x.shape[0], x.sum(dim=0), y.sum(dim=0))
-        if x.shape[0] < x.shape[1]:
-            return cls(*sums, None, None, float(y.pow(2).sum()), rows=(x, y))
-        return cls(*sums, x.T @ x, x.T @ y, float(y.pow(2).sum()))
-
-    @classmethod
-    def of_gram(cls, gram: torch.Tensor, cross: torch.Tensor, keep: torch.Tensor) -> _Moments:
-        """The kept columns' moments from `gram` = sum x x' over x = [acts, 1] (its last row and
-        column hold the sums and the count) and `cross` = sum x' y."""
-        width = gram.shape[0] - 1
-        return cls(gram[width, width], gram[keep, width], cross[width], gram[keep][:, keep],
-                   cross[keep], None)  # fmt: skip
-
-    def __add__(self, other: _Moments) -> _Moments:
-        if self.rows is not None and other.rows is not None:
-            x = torch.cat([self.rows[0], other.rows[0]])
-            return _Moments.of(x, torch.cat([self.rows[1], other.rows[1]]))
-        (xx, xy), (other_xx, other_xy) = self.products(), other.products()
-        return _Moments(self.count + other.count, self.sum_x + other.sum_x,
-                        self.sum_y + other.sum_y, xx + other_xx, xy + other_xy,
-                        self.yy + other.yy)  # fmt: skip
-
-    def products(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x^T x and x^T y."""
-        if self.xx is not None:
-            return self.xx, self.xy
-        x, y = self.rows
-        return x.T @ x, x.T @ y
-
-    def error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
-        """Mean squared difference between y and `x @ weight.T + bias` over these rows."""
-        if self.rows is not None:
-            x, y = self.rows
-            predicted = _affine(x, weight.double(), None if bias is None else bias.double())
-            return float((predicted - y).pow(2).mean())
-        coefficients = weight.double().T  # kept x d_model
-        squared = self.yy - 2 * float((coefficients * self.xy).sum())
-        squared += float((coefficients * (self.xx @ coefficients)).sum())
-        if bias is not None:
-            bias = bias.double()
-            squared += -2 * float(bias @ self.sum_y) + 2 * float(bias @ (self.sum_x @ coefficients))
-            squared += self.count * float(bias @ bias)
-        return max(squared, 0.0) / (self.count * self.xy.shape[1])
 
 
 def output_error(
@@ -214,7 +181,7 @@ def output_error(
     :param new_weight: the cut layer's output weights, d_model x kept.
     :param new_bias: the cut layer's output bias, or None.
     """
-    dense = _affine(acts.double(), weight.double(), None if bias is None else bias.double())
+    dense = affine(acts.double(), weight.double(), None if bias is None else bias.double())
     return target_error(acts, dense, keep, new_weight, new_bias)
 
 
@@ -233,12 +200,12 @@ def target_error(
     :param new_weight: the cut layer's output weights, d_model x kept.
     :param new_bias: the cut layer's output bias, or None.
     """
-    cut = _affine(acts.double()[:, keep.to(torch.long)], new_weight.double(), new_bias)
+    cut = affine(acts.double()[:, keep.to(torch.long)], new_weight.double(), new_bias)
     return float((target.double() - cut).pow(2).mean())
 
 
 def _least_squares(fit, held, intercept, ridges, anchor=None) -> RefitResult:
-    """Ridge least squares from `_Moments`; the ridge that does best on `held` is refitted on
+    """Ridge least squares from `Moments`; the ridge that does best on `held` is refitted on
     all rows."""
     candidates = tuple(ridges) if held is not None else (DEFAULT_RIDGE,)
     system = _RidgeSystem.of(fit, intercept, anchor)
@@ -265,7 +232,7 @@ def lowest_error(candidates: tuple[float, ...], errors: list[float]) -> float:
 
 @dataclass
 class _RidgeProblem:
-    """The refit's ridge problem read from `_Moments`, shared by every route that solves it.
+    """The refit's ridge problem read from `Moments`, shared by every route that solves it.
 
     With an intercept the Gram and cross products are centred (which fits the intercept exactly
     and leaves it out of the ridge penalty) and so is the anchor; the ridge is relative to
@@ -280,7 +247,7 @@ class _RidgeProblem:
     anchor: tuple[torch.Tensor, torch.Tensor] | None  # (row, output), centred with an intercept
 
     @classmethod
-    def of(cls, moments: _Moments, intercept: bool, anchor=None) -> _RidgeProblem:
+    def of(cls, moments: Moments, intercept: bool, anchor=None) -> _RidgeProblem:
         acts_mean, target_mean = moments.sum_x / moments.count, moments.sum_y / moments.count
         gram = cross = scale = None
         if moments.rows is None:
@@ -344,7 +311,7 @@ class _RidgeSystem:
     rest: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, moments: _Moments, intercept: bool, anchor=None) -> _RidgeSystem:
+    def of(cls, moments: Moments, intercept: bool, anchor=None) -> _RidgeSystem:
         problem = _RidgeProblem.of(moments, intercept, anchor)
         if moments.rows is not None:
             eigenvalues, eigenvectors, projected, scale = _row_space_eigen(moments, intercept)
@@ -396,7 +363,7 @@ class _RidgeSystem:
             bias = self.target_mean - self.acts_mean @ coefficients
         return coefficients.T.contiguous(), bias
 
-    def held_errors(self, held: _Moments, ridges: tuple[float, ...]) -> list[float]:
+    def held_errors(self, held: Moments, ridges: tuple[float, ...]) -> list[float]:
         """`held.error(*self.solution(r))` for every ridge r, without forming any kept x d_model
         solution: held rows are projected on the eigenvectors once (the rows' space route,
         where that product is 20x smaller than one solution)."""
@@ -420,7 +387,7 @@ class _RidgeSystem:
         return errors
 
 
-def _row_space_eigen(moments: _Moments, intercept: bool):
+def _row_space_eigen(moments: Moments, intercept: bool):
     """The Gram's eigenpairs with nonzero eigenvalue, from the rows (fewer than the columns).
 
     x^T x = V S V^T with V = x^T U S^-1/2, where x x^T = U S U^T (rows x rows). The targets'
@@ -486,7 +453,7 @@ def gram_refit(
     if anchor is not None:
         width = gram.shape[0] - 1
         pinned = (anchor[keep], output[:, :width] @ anchor + output[:, width])
-    problem = _RidgeProblem.of(_Moments.of_gram(gram, cross, keep), intercept, pinned)
+    problem = _RidgeProblem.of(Moments.of_gram(gram, cross, keep), intercept, pinned)
     return problem.coefficients(ridge)
 
 
@@ -520,11 +487,6 @@ def gram_error(
         + float((coefficients * (block @ coefficients)).sum())
     )
     return max(error, 0.0)
-
-
-def _affine(acts: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = acts @ weight.T
-    return out if bias is None else out + bias
 
 
 @torch.no_grad()

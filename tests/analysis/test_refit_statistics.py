@@ -20,7 +20,7 @@ from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.refit import (
     DEFAULT_RIDGE,
     RIDGE_CANDIDATES,
-    _Moments,
+    Moments as _Moments,
     _RidgeSystem,
     output_error,
     refit_output,

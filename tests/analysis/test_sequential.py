@@ -178,3 +178,35 @@ def test_capturing_inputs_runs_no_layer_and_keeps_an_instance_forward() -> None:
     assert calls == []  # the capture ran no layer, not even the hooked one
     assert layers[0].forward is hooked
     assert "forward" not in layers[1].__dict__
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("refit", ["none", "lsq"])
+def test_the_hidden_states_a_cut_passes_on_are_what_the_cut_layer_computes(
+    model_type: str, refit: str
+) -> None:
+    # The cut happens inside the layer's own forward: what it hands the next layer must be
+    # the cut (and refitted) layer's output, as if the layer had been run again once cut.
+    model = tiny_model(model_type)
+    widths = ffn_widths(model.config)
+    cut = SequentialCut(model, refit, generate_own_text(model, SELFGEN))
+    layers, keep = decoder_layers(model), uniform_keep(widths, 0.5)
+    for index, layer in enumerate(layers):
+        before = cut.hidden
+        cut(index, layer, torch.rand(widths[index], generator=torch.Generator().manual_seed(index)),
+            keep[index])  # fmt: skip
+        again = run_layer(layer, before, cut.layer_kwargs[index])
+        torch.testing.assert_close(cut.hidden, again, rtol=1e-5, atol=1e-5)
+
+
+def test_each_layer_runs_once_per_cut() -> None:
+    model = tiny_model("llama")
+    widths = ffn_widths(model.config)
+    cut = SequentialCut(model, "lsq", generate_own_text(model, SELFGEN))
+    calls = []
+    for layer in decoder_layers(model):
+        layer.register_forward_pre_hook(lambda module, args: calls.append(module))
+    scores = [torch.rand(width) for width in widths]
+    prune_model(model, scores, uniform_keep(widths, 0.5), cut=cut)
+    assert len(calls) == len(decoder_layers(model))
+    assert set(cut.log.seconds) == {"forward", "scores", "refit"}

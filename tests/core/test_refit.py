@@ -10,7 +10,7 @@ from prunenet.analysis.sequential import capture_layer_inputs, ffn_activations
 from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.refit import (
     RIDGE_CANDIDATES,
-    _Moments,
+    Moments as _Moments,
     _RidgeProblem,
     _RidgeSystem,
     add_to_gram,
