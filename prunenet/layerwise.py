@@ -9,7 +9,7 @@ every tensor with `torch.equal`), but never holds more than one decoder layer's 
 2. the model's own text is looked up in the analysis cache by the same weights fingerprint the
    in-memory path uses, computed by reading the parameters one at a time; only if it is not
    there is the whole model loaded (in its own dtype) to write it, once;
-3. layer 0's inputs are captured from the embeddings alone (`sequential.capture_layer_inputs`
+3. layer 0's inputs are captured from the embeddings alone (`layer_calls.capture_layer_inputs`
    never runs the layers), then `SequentialCut` walks the layers as in memory; before each
    layer's turn its weights are read from the shards, after it the cut and refitted layer is
    written as its own output shard and its weights go back to the meta device.

@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 from prunenet import layerwise
-from prunenet.analysis.sequential import SequentialCut, analysis_text, run_layer
+from prunenet.analysis.layer_calls import run_layer
+from prunenet.analysis.sequential import SequentialCut, analysis_text
 from prunenet.errors import PruneNetError
 from prunenet.io.models import load_model
 from prunenet.io.saving import REPORT_FILE

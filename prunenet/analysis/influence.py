@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunenet.analysis.layer_calls import capture_layer_inputs, run_layer
 from prunenet.analysis.selfgen import SelfGenConfig, own_text
-from prunenet.analysis.sequential import capture_layer_inputs, run_layer
 from prunenet.core.arch import decoder_layers
 from prunenet.errors import PruneNetError
 

@@ -35,16 +35,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunenet.analysis.layer_calls import capture_layer_inputs, run_layer
 from prunenet.analysis.refit_statistics import RefitStatistics, choose_ridge
 from prunenet.analysis.selfgen import LayerActivations, layer_activations
 from prunenet.analysis.sequential import (
     HELD_OUT_FRACTION,
     SAMPLE_ROWS,
     LayerScore,
-    capture_layer_inputs,
     check_finite,
     held_out_sequences,
-    run_layer,
 )
 from prunenet.core.arch import adapter_for, can_store_output_bias, decoder_layers
 from prunenet.core.compress import select_keep_indices

@@ -20,10 +20,12 @@ from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.refit import (
     DEFAULT_RIDGE,
     RIDGE_CANDIDATES,
-    Moments as _Moments,
     _RidgeSystem,
     output_error,
     refit_output,
+)
+from prunenet.core.refit import (
+    Moments as _Moments,
 )
 from prunenet.core.surgery import ffn_modules
 from prunenet.io.cache import entry_path

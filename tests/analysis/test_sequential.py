@@ -6,13 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prunenet.analysis.layer_calls import capture_layer_inputs, ffn_activations, run_layer
 from prunenet.analysis.selfgen import SelfGenConfig, generate_own_text
-from prunenet.analysis.sequential import (
-    SequentialCut,
-    capture_layer_inputs,
-    ffn_activations,
-    run_layer,
-)
+from prunenet.analysis.sequential import SequentialCut
 from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.compress import prune_model
 from prunenet.core.config_fields import ffn_widths

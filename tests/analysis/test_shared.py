@@ -16,7 +16,8 @@ from prunenet.analysis.shared import (
 from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.compress import prune_model
 from prunenet.core.ratios import uniform_keep
-from prunenet.core.refit import DEFAULT_RIDGE, Moments as _Moments, _RidgeSystem, refit_output
+from prunenet.core.refit import DEFAULT_RIDGE, _RidgeSystem, refit_output
+from prunenet.core.refit import Moments as _Moments
 from prunenet.core.surgery import ffn_weights
 from tests.conftest import FFN_WIDTH, logits_of, start_token_text, tiny_model
 

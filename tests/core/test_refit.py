@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prunenet.analysis.layer_calls import capture_layer_inputs, ffn_activations
 from prunenet.analysis.selfgen import SelfGenConfig, generate_own_text
-from prunenet.analysis.sequential import capture_layer_inputs, ffn_activations
 from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.refit import (
     RIDGE_CANDIDATES,
-    Moments as _Moments,
     _RidgeProblem,
     _RidgeSystem,
     add_to_gram,
@@ -19,6 +18,9 @@ from prunenet.core.refit import (
     output_error,
     refit_aware_scores,
     refit_output,
+)
+from prunenet.core.refit import (
+    Moments as _Moments,
 )
 from prunenet.core.surgery import ffn_output_bias, ffn_weights
 from prunenet.errors import PruneNetError
