@@ -9,6 +9,7 @@ own token statistics, which is what makes activation-based scores work without a
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from prunenet.core.arch import adapter_for, decoder_layers, max_positions
-from prunenet.core.config_fields import ffn_widths
+from prunenet.core.config_fields import built_head_counts, ffn_widths, head_shapes
 from prunenet.core.surgery import ffn_modules
 from prunenet.errors import PruneNetError
 from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
@@ -37,6 +38,17 @@ LIMITS = (
     ("seed", 0, MAX_SEED, "what every random generator PruneNet seeds accepts"),
     ("kept_tokens", 1, 1 << 30, "activation rows kept per layer"),
 )
+# The most bytes one generation batch's KV cache may take (`batch_sizes`): 43 of SmolLM2-135M's
+# 256-token sequences in float32. Larger batches were no faster here (matrix products stop
+# gaining at ~64 rows on this CPU) and cost memory; the budget depends on nothing about the
+# machine, so the same config writes the same text everywhere.
+KV_CACHE_BUDGET = 512 << 20
+# The KV cache `generate` uses (see `docs/scale.md`, "Threads and generation speed").
+GENERATE_CACHE: dict = {}
+# What the cached text and activations are keyed with besides the config: the sampler's version
+# (2: batched, one seeded generator per batch), so text written by an earlier sampler is never
+# read back as this one's.
+SAMPLER = {"sampler": 2}
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,15 @@ class LayerActivations:
     sample: torch.Tensor
 
 
+def cache_settings(config: SelfGenConfig) -> dict:
+    """What the cached text and activations of `config` are keyed with: its fields and the
+    sampler's version (`SAMPLER`).
+
+    :param config: how much text.
+    """
+    return {**asdict(config), **SAMPLER}
+
+
 def start_token_id(model: nn.Module) -> int:
     """The token generation starts from: BOS, else the decoder start, else EOS."""
     for source in (model.generation_config, model.config):
@@ -96,11 +117,26 @@ def start_token_id(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def generate_own_text(model: nn.Module, config: SelfGenConfig) -> torch.Tensor:
+def generate_own_text(
+    model: nn.Module, config: SelfGenConfig, cache_budget: int = KV_CACHE_BUDGET
+) -> torch.Tensor:
     """`sequences x length` token ids sampled by the model from its start token.
+
+    The sequences are written in batches whose KV cache fits `cache_budget` bytes
+    (`batch_sizes`): one batch of all 256 default sequences held a 3 GB cache that the default
+    cache copied at every token. Batch `b` samples with its own generator seeded by
+    `batch_seed(config.seed, b)`, so the text depends on the config, the model and its dtype only,
+    never on the machine, and the global RNG is left untouched. Every token is drawn from the
+    model's full next-token distribution (no top-k, top-p or temperature) with its end token
+    banned, so every sequence runs to `length`.
 
     A model that cannot see `length` positions (learned position tables, as GPT-2 and OPT have)
     writes as many as it can: sampling past its table would index out of range.
+
+    :param model: the model; the tokens are on its device.
+    :param config: how much text, and the seed.
+    :param cache_budget: the most bytes one batch's KV cache may take (at least one sequence
+        per batch whatever it is).
     """
     length = config.length
     limit = max_positions(model.config)
@@ -111,26 +147,113 @@ def generate_own_text(model: nn.Module, config: SelfGenConfig) -> torch.Tensor:
             file=sys.stderr,
         )
         length = limit
-    start = torch.full((config.sequences, 1), start_token_id(model), dtype=torch.long)
-    start = start.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype  # the checkpoint's own (`prunenet prune --dtype`)
-    bar = tqdm(total=length - 1, desc=f"writing {config.sequences} x {length} tokens of own text",
-               unit="token", leave=False)  # fmt: skip
-    with torch.random.fork_rng(devices=[]), bar:
-        torch.manual_seed(config.seed)
-        tokens = model.generate(
-            start,
-            attention_mask=torch.ones_like(start),
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            temperature=1.0,
-            max_length=length,
-            min_length=length,
-            pad_token_id=start_token_id(model),
-            logits_processor=LogitsProcessorList([_RefuseNaN(dtype), _Progress(bar)]),
-        )
-    return tokens
+    sizes = batch_sizes(model.config, config.sequences, length, dtype, cache_budget)
+    start_id = start_token_id(model)
+    batches = f" in {len(sizes)} batches of up to {sizes[0]}" if len(sizes) > 1 else ""
+    bar = tqdm(
+        total=config.sequences * (length - 1),
+        desc=f"writing {config.sequences} x {length} tokens of own text{batches}",
+        unit="token",
+        leave=False,
+    )
+    written = []
+    with bar:
+        for index, size in enumerate(sizes):
+            generator = torch.Generator(device=device).manual_seed(batch_seed(config.seed, index))
+            start = torch.full((size, 1), start_id, dtype=torch.long, device=device)
+            # Greedy decoding over scores that `_Sample` reduced to one finite entry per row: the
+            # sample is drawn by `_Sample` with this batch's generator, not by `generate`.
+            written.append(model.generate(
+                start,
+                attention_mask=torch.ones_like(start),
+                do_sample=False,
+                temperature=None,
+                top_k=None,
+                top_p=None,
+                max_length=length,
+                min_length=length,  # bans the end token: every sequence runs to `length`
+                pad_token_id=start_id,
+                logits_processor=LogitsProcessorList(
+                    [_RefuseNaN(dtype), _Sample(generator), _Progress(bar)]
+                ),
+                **GENERATE_CACHE,
+            ))  # fmt: skip
+    return torch.cat(written)
+
+
+def kv_cache_bytes(model_config, length: int, dtype: torch.dtype) -> int:
+    """Bytes of one sequence's KV cache at `length` positions: keys and values of every layer's
+    KV heads (as the modeling code builds them) in `dtype`. Sliding-window layers are counted at
+    full length: an upper bound.
+
+    :param model_config: a supported model's config.
+    :param length: positions.
+    :param dtype: the dtype the cache is kept in (the model's).
+    """
+    built = built_head_counts(model_config)
+    shapes = head_shapes(model_config)
+    per_position = sum(
+        2 * kv * shape.head_dim for (_, kv), shape in zip(built, shapes, strict=True)
+    )
+    return per_position * length * dtype.itemsize
+
+
+def batch_sizes(
+    model_config, sequences: int, length: int, dtype: torch.dtype, budget: int = KV_CACHE_BUDGET
+) -> list[int]:
+    """How many sequences each generation batch writes: as few batches as keep each batch's KV
+    cache within `budget` bytes, as equal as possible (earlier batches one larger).
+
+    :param model_config: a supported model's config.
+    :param sequences: sequences in all.
+    :param length: tokens per sequence.
+    :param dtype: the model's dtype.
+    :param budget: bytes one batch's KV cache may take.
+    """
+    per_batch = max(1, budget // max(1, kv_cache_bytes(model_config, length, dtype)))
+    count = -(-sequences // per_batch)
+    base, extra = divmod(sequences, count)
+    return [base + 1] * extra + [base] * (count - extra)
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of generation batch `index` of a text seeded `seed`: `seed` itself for the first
+    batch (so a text of one batch is that seed's text, and batch `b` of any text is the one-batch
+    text of `batch_seed(seed, b)`), then 32 bits of a SHA-256 of both, the same on every machine
+    and Python (unlike `hash`) and within `MAX_SEED`.
+
+    :param seed: the config's seed.
+    :param index: the batch's position, from 0.
+    """
+    if index == 0:
+        return seed
+    digest = hashlib.sha256(f"prunenet-selfgen:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+class _Sample(LogitsProcessor):
+    """Draws one token per row from softmax(scores) with `generator` (inverse CDF: one uniform
+    per row, where `torch.multinomial` draws one exponential per vocabulary entry, which took
+    ~15% of a step for a 49k vocabulary) and returns scores that are 0 at the drawn token and
+    -inf elsewhere, so `generate`'s greedy step picks it.
+
+    :param generator: this batch's generator, on the model's device.
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # float32 probabilities keep tiny ones (relative precision); their running sum is float64
+        # so that the tail of a 50k-262k vocabulary is not rounded away.
+        cdf = scores.float().softmax(dim=-1).double().cumsum(dim=-1)
+        draw = torch.rand((scores.shape[0], 1), generator=self.generator, dtype=torch.float64,
+                          device=scores.device) * cdf[:, -1:]  # fmt: skip
+        chosen = torch.searchsorted(cdf, draw, right=True).clamp_(max=scores.shape[-1] - 1)
+        picked = torch.full_like(scores, float("-inf"))
+        return picked.scatter_(1, chosen, 0.0)
 
 
 class _RefuseNaN(LogitsProcessor):
@@ -167,14 +290,14 @@ def overflow_hint(dtype: str) -> str:
 
 
 class _Progress(LogitsProcessor):
-    """Advances a progress bar once per generated position; the scores pass through unchanged
-    (so the sampled text is the same with or without it)."""
+    """Advances a progress bar by the tokens of each generated position; the scores pass through
+    unchanged (so the sampled text is the same with or without it)."""
 
     def __init__(self, bar) -> None:
         self.bar = bar
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.bar.update(1)
+        self.bar.update(scores.shape[0])  # one token per sequence of the batch
         return scores
 
 
@@ -187,7 +310,7 @@ def collect_activations(
     return memoize(
         "activations",
         model,
-        asdict(config),
+        cache_settings(config),
         lambda: _collect_activations(model, config),
         encode=_encode_activations,
         decode=lambda tensors, info: _decode_activations(tensors, info, widths, config),
@@ -279,7 +402,7 @@ def own_text(
     return memoize(
         "selfgen-text",
         model,
-        asdict(config),
+        cache_settings(config),
         write or (lambda: generate_own_text(model, config)),
         encode=lambda tokens: ({"tokens": tokens.cpu()}, {}),
         decode=lambda tensors, info: _decode_text(tensors, model, config),

@@ -10,8 +10,12 @@ import torch
 from prunenet.analysis import selfgen
 from prunenet.analysis.selfgen import (
     SelfGenConfig,
+    batch_seed,
+    batch_sizes,
+    cache_settings,
     collect_activations,
     generate_own_text,
+    kv_cache_bytes,
     start_token_id,
 )
 from prunenet.core.arch import decoder_layers
@@ -59,6 +63,79 @@ def test_start_token_falls_back_to_eos_when_there_is_no_bos() -> None:
     model.generation_config.bos_token_id = None
     model.config.bos_token_id = None
     assert start_token_id(model) == SPECIAL_TOKENS["eos_token_id"]
+
+
+# ----- batches ---------------------------------------------------------------------------------
+
+# A text of 5 sequences written in batches of at most 2 (2, 2, 1).
+BATCHED = SelfGenConfig(sequences=5, length=12, seed=7)
+
+
+def _two_sequence_budget(model: torch.nn.Module) -> int:
+    return 2 * kv_cache_bytes(model.config, BATCHED.length, torch.float32)
+
+
+def test_one_sequences_kv_cache_is_keys_and_values_of_every_layers_kv_heads() -> None:
+    model = tiny_model("llama")  # 2 layers, 1 KV head of 8 (hidden 16 / 2 heads)
+    assert kv_cache_bytes(model.config, 10, torch.float32) == 2 * 2 * 1 * 8 * 10 * 4
+    assert kv_cache_bytes(model.config, 10, torch.bfloat16) == 2 * 2 * 1 * 8 * 10 * 2
+
+
+def test_batches_are_as_few_as_the_budget_allows_and_as_equal_as_possible() -> None:
+    config = tiny_model("llama").config
+    per_sequence = kv_cache_bytes(config, 16, torch.float32)
+    assert batch_sizes(config, 10, 16, torch.float32, 4 * per_sequence) == [4, 3, 3]
+    assert batch_sizes(config, 10, 16, torch.float32, 100 * per_sequence) == [10]
+    assert batch_sizes(config, 3, 16, torch.float32, 1) == [1, 1, 1]  # one at least
+
+
+def test_a_text_of_several_batches_is_each_batch_written_alone_with_its_seed() -> None:
+    model = tiny_model("llama")
+    budget = _two_sequence_budget(model)
+    tokens = generate_own_text(model, BATCHED, cache_budget=budget)
+    first = 0
+    for index, size in enumerate([2, 2, 1]):
+        alone = SelfGenConfig(sequences=size, length=BATCHED.length,
+                              seed=batch_seed(BATCHED.seed, index))  # fmt: skip
+        assert torch.equal(tokens[first : first + size], generate_own_text(model, alone, budget))
+        first += size
+
+
+def test_a_text_of_several_batches_starts_every_sequence_with_the_start_token() -> None:
+    tokens = generate_own_text(
+        tiny_model("llama"), BATCHED, _two_sequence_budget(tiny_model("llama"))
+    )
+    assert tokens.shape == (BATCHED.sequences, BATCHED.length)
+    assert torch.all(tokens[:, 0] == SPECIAL_TOKENS["bos_token_id"])
+
+
+def test_batches_are_seeded_apart() -> None:
+    seeds = [batch_seed(0, index) for index in range(100)] + [batch_seed(1, 1)]
+    assert len(set(seeds)) == len(seeds) and seeds[0] == 0
+    assert all(0 <= seed <= selfgen.MAX_SEED for seed in seeds)
+
+
+def test_the_sampler_draws_tokens_with_the_softmax_probabilities() -> None:
+    probabilities = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    scores = probabilities.log().expand(40_000, 4).clone()
+    sample = selfgen._Sample(torch.Generator().manual_seed(0))
+    picked = sample(torch.zeros(40_000, 1, dtype=torch.long), scores)
+    assert torch.all(torch.isfinite(picked).sum(dim=1) == 1)  # one token left per row
+    drawn = torch.bincount(picked.argmax(dim=1), minlength=4) / 40_000
+    assert torch.allclose(drawn, probabilities, atol=0.01) and drawn[3] == 0
+
+
+def test_the_end_token_is_never_written() -> None:
+    model = tiny_model("llama")
+    end = SPECIAL_TOKENS["eos_token_id"]
+
+    def favour_the_end(module, inputs, logits):
+        return logits.index_add(-1, torch.tensor([end]), torch.full_like(logits[..., :1], 100.0))
+
+    model.lm_head.register_forward_hook(favour_the_end)
+    tokens = generate_own_text(model, SMALL)
+    assert tokens.shape == (SMALL.sequences, SMALL.length)
+    assert not torch.any(tokens[:, 1:] == end)
 
 
 # ----- collect_activations -----------------------------------------------------------------------
@@ -142,15 +219,39 @@ def test_own_text_regenerates_a_cache_entry_with_ids_outside_the_vocabulary(
     monkeypatch.delenv("PRUNENET_NO_CACHE")
     model = tiny_model("llama")
     tokens = selfgen.own_text(model, SMALL)
-    path = entry_path("selfgen-text", model, dataclasses.asdict(SMALL))
+    path = entry_path("selfgen-text", model, cache_settings(SMALL))
     # A consistent (checksummed) entry whose ids are out of range: only the decode check stops it.
     from prunenet.io import cache
 
-    cache._write_entry(path, cache._entry_key("selfgen-text", model, dataclasses.asdict(SMALL)),
+    cache._write_entry(path, cache._entry_key("selfgen-text", model, cache_settings(SMALL)),
                        {"tokens": torch.full_like(tokens, 10**6)}, {})  # fmt: skip
     with pytest.warns(CacheWarning, match="outside the vocabulary"):
         again = selfgen.own_text(model, SMALL)
     assert torch.equal(again, tokens)
+
+
+def test_text_cached_by_an_earlier_sampler_is_written_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PRUNENET_NO_CACHE")
+    model = tiny_model("llama")
+    from prunenet.io import cache
+
+    # What the sampler before batching stored: keyed by the config's fields alone.
+    old = dataclasses.asdict(SMALL)
+    stale = torch.full((SMALL.sequences, SMALL.length), 3, dtype=torch.long)
+    key = cache._entry_key("selfgen-text", model, old)
+    cache._write_entry(entry_path("selfgen-text", model, old), key, {"tokens": stale}, {})
+
+    assert torch.equal(selfgen.own_text(model, SMALL), generate_own_text(model, SMALL))
+
+
+def test_activations_are_keyed_with_the_samplers_version() -> None:
+    model = tiny_model("llama")
+    old = dataclasses.asdict(SMALL)
+    assert entry_path("activations", model, cache_settings(SMALL)) != entry_path(
+        "activations", model, old
+    )
 
 
 def _float16_llama_that_overflows() -> torch.nn.Module:
