@@ -10,11 +10,14 @@ layer (DESIGN.md, "Findings from December experiments").
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from prunenet.core.arch import decoder_layers
 from prunenet.core.surgery import ffn_modules
+from prunenet.errors import PruneNetError
 
 
 class _Captured(Exception):
@@ -55,28 +58,42 @@ def capture_layer_inputs(
         )
         for index, layer in enumerate(layers)
     ]
-    # An instance-level forward (accelerate's offloading hooks set one) is put back after.
-    own_forwards = [layer.__dict__.get("forward") for layer in layers]
-    for layer in layers:
-        # The layers themselves are not run: only layer 0's input and every layer's other
-        # arguments are needed, and neither depends on what earlier layers return. So the
-        # capture costs the embedding alone, and works when the layers' weights are not loaded
-        # at all (`prunenet.layerwise` keeps them on the meta device until their turn).
-        layer.forward = _pass_through
     try:
-        # No cache: a cache object in the kwargs would grow with every later layer call.
-        model(tokens, use_cache=False)
+        with contextlib.ExitStack() as stack:
+            for layer in layers:
+                # The layers themselves are not run: only layer 0's input and every layer's
+                # other arguments are needed, and neither depends on what earlier layers
+                # return. So the capture costs the embedding alone, and works when the layers'
+                # weights are not loaded at all (`prunenet.layerwise` keeps them on the meta
+                # device until their turn).
+                stack.enter_context(replaced_forward(layer, _pass_through))
+            # No cache: a cache object in the kwargs would grow with every later layer call.
+            model(tokens, use_cache=False)
     except _Captured:
         pass
     finally:
         for handle in handles:
             handle.remove()
-        for layer, forward in zip(layers, own_forwards, strict=True):
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
     return first_hidden[0], captured
+
+
+@contextlib.contextmanager
+def replaced_forward(module: nn.Module, forward):
+    """`module.forward` is `forward` inside the block; after it, what it was before (an
+    instance-level forward, as accelerate's offloading hooks set, is put back).
+
+    :param module: any module.
+    :param forward: the callable that replaces its forward.
+    """
+    own = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def _pass_through(hidden_states, *args, **kwargs):
@@ -114,3 +131,68 @@ def ffn_activations(
     finally:
         handle.remove()
     return captured[0].float()
+
+
+class _Stop(Exception):
+    """Raised from the FFN output projection's pre-hook once its inputs are recorded."""
+
+
+def ffn_block(layer: nn.Module, adapter) -> nn.Module | None:
+    """The submodule of `layer` that holds every FFN projection (Llama's `mlp`), or None where
+    the layer computes its FFN inline (OPT's `fc1`/`fc2` sit on the layer itself).
+
+    :param layer: a decoder layer.
+    :param adapter: its `prunenet.core.arch.Adapter`.
+    """
+    prefixes = {path.rpartition(".")[0] for path in (*adapter.inputs, adapter.output)}
+    prefix = prefixes.pop() if len(prefixes) == 1 else ""
+    return layer.get_submodule(prefix) if prefix else None
+
+
+@torch.no_grad()
+def ffn_inputs_by_blocks(
+    forward, output: nn.Module, hidden: torch.Tensor, block_rows: int
+) -> torch.Tensor:
+    """The FFN output projection's inputs (rows x d_ff) for every row of `hidden`, computed
+    `block_rows` rows at a time: each block stops before the output projection, so its wide
+    intermediates (gate, up, their product) exist for one block only, never for all rows.
+
+    The FFN block acts on each row alone, and its output must be the output projection's
+    (nothing after it but identities such as eval-mode dropout): the first block is run in full
+    and checked, so a block that does more is refused rather than cut wrongly.
+
+    :param forward: the FFN block's own forward (e.g. `type(mlp).forward.__get__(mlp)`).
+    :param output: the FFN output projection inside it.
+    :param hidden: the block's input, any leading dims.
+    :param block_rows: rows per block.
+    """
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    captured: list[torch.Tensor] = []
+    stop = [False]
+
+    def grab(module, inputs):
+        captured.append(inputs[0].reshape(-1, inputs[0].shape[-1]))
+        if stop[0]:
+            raise _Stop
+
+    acts = None
+    handle = output.register_forward_pre_hook(grab)
+    try:
+        for start in range(0, rows.shape[0], block_rows):
+            block = rows[start : start + block_rows]
+            with contextlib.suppress(_Stop):  # every block after the first stops early
+                full = forward(block)
+            part = captured.pop()
+            if start == 0:
+                alone = output.forward(part)  # NaN or inf alike: check_finite names those
+                if not torch.allclose(full.reshape(alone.shape), alone, 0, 0, equal_nan=True):
+                    raise PruneNetError(
+                        "This FFN block does more after its output projection than PruneNet "
+                        "knows how to cut block by block."
+                    )
+                acts = part.new_empty(rows.shape[0], part.shape[1])
+                stop[0] = True
+            acts[start : start + part.shape[0]] = part
+    finally:
+        handle.remove()
+    return acts

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunenet.analysis.layer_calls import capture_layer_inputs, run_layer
+from prunenet.analysis.layer_calls import (
+    capture_layer_inputs,
+    ffn_block,
+    ffn_inputs_by_blocks,
+    replaced_forward,
+    run_layer,
+)
 from prunenet.analysis.selfgen import (
     LayerActivations,
     SelfGenConfig,
@@ -151,22 +157,45 @@ class SequentialCut:
     ) -> torch.Tensor:
         if index != self._next or layer is not self.layers[index]:
             raise PruneNetError(f"SequentialCut cuts layers in order; got layer {index}.")
-        # One pass through the layer: a hook on the FFN output projection sees its inputs (the
-        # activations) and its dense output (the refit's target), scores, cuts and refits the
-        # layer there, and hands the rest of the layer the cut FFN's output. Running the layer
-        # once to read the activations and again once cut cost a second forward per layer.
+        # One pass through the layer, the cut made inside it. Where the FFN is a block of its
+        # own (Llama's `mlp`), that block's forward is replaced for this call: it computes the
+        # activations a block of rows at a time (its wide intermediates never exist for all
+        # rows), then scores, cuts and refits the layer and returns the cut FFN's output.
+        # Elsewhere (OPT) a hook on the output projection does the same from its full input.
+        # Running the layer once to read the activations and again once cut cost a second
+        # forward per layer.
         _, output = ffn_modules(layer, self.adapter)
+        block = ffn_block(layer, self.adapter)
         done: dict = {}
+
+        def cut_from(module, acts, dense):
+            started = time.perf_counter()
+            done["keep"], kept_output = self._cut_here(index, layer, module, acts, dense, scores,
+                                                       kept)  # fmt: skip
+            done["seconds"] = time.perf_counter() - started
+            return kept_output
 
         def hook(module, inputs, dense):
             if done:  # an output projection called twice per layer is not one we know
                 raise PruneNetError(f"Layer {index}'s FFN output projection ran twice.")
-            started = time.perf_counter()
-            done["keep"], kept_output = self._cut_here(index, layer, module, inputs[0], dense,
-                                                        scores, kept)  # fmt: skip
-            done["seconds"] = time.perf_counter() - started
-            return kept_output
+            return cut_from(module, inputs[0], dense)
 
+        own = None if block is None else block.forward
+
+        def blockwise(hidden_states):
+            acts = ffn_inputs_by_blocks(own, output, hidden_states, BLOCK_ROWS)
+            started = time.perf_counter()
+            dense = torch.cat([output.forward(part) for part in acts.split(BLOCK_ROWS)])
+            done["dense"] = time.perf_counter() - started
+            kept_output = cut_from(output, acts, dense)
+            return kept_output.reshape(*hidden_states.shape[:-1], kept_output.shape[-1])
+
+        if block is not None:
+            with replaced_forward(block, blockwise):
+                started = time.perf_counter()
+                self.hidden = run_layer(layer, self.hidden, self.layer_kwargs[index])
+            self._add_seconds("forward", time.perf_counter() - started - done["seconds"])
+            return self._finish(done)
         started = time.perf_counter()
         handle = output.register_forward_hook(hook)
         try:
@@ -176,6 +205,9 @@ class SequentialCut:
         if not done:
             raise PruneNetError(f"Layer {index}'s FFN output projection never ran.")
         self._add_seconds("forward", time.perf_counter() - started - done["seconds"])
+        return self._finish(done)
+
+    def _finish(self, done: dict) -> torch.Tensor:
         self._next += 1
         self._bar.update(1)
         if self._next == len(self.layers):

@@ -6,13 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunenet.analysis.layer_calls import capture_layer_inputs, ffn_activations, run_layer
+from prunenet.analysis.layer_calls import (
+    capture_layer_inputs,
+    ffn_activations,
+    ffn_block,
+    ffn_inputs_by_blocks,
+    run_layer,
+)
 from prunenet.analysis.selfgen import SelfGenConfig, generate_own_text
 from prunenet.analysis.sequential import SequentialCut
 from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.compress import prune_model
 from prunenet.core.config_fields import ffn_widths
 from prunenet.core.ratios import uniform_keep
+from prunenet.core.surgery import ffn_modules
 from prunenet.errors import PruneNetError
 from tests.conftest import ALL_MODEL_TYPES, sample_input_ids, tiny_model
 
@@ -176,13 +183,15 @@ def test_capturing_inputs_runs_no_layer_and_keeps_an_instance_forward() -> None:
     assert "forward" not in layers[1].__dict__
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "gemma3_text"])
 @pytest.mark.parametrize("refit", ["none", "lsq"])
 def test_the_hidden_states_a_cut_passes_on_are_what_the_cut_layer_computes(
-    model_type: str, refit: str
+    model_type: str, refit: str, monkeypatch
 ) -> None:
     # The cut happens inside the layer's own forward: what it hands the next layer must be
     # the cut (and refitted) layer's output, as if the layer had been run again once cut.
+    # Small blocks: the FFN block runs its rows in several blocks (OPT has no FFN block).
+    monkeypatch.setattr("prunenet.analysis.sequential.BLOCK_ROWS", 37)
     model = tiny_model(model_type)
     widths = ffn_widths(model.config)
     cut = SequentialCut(model, refit, generate_own_text(model, SELFGEN))
@@ -206,3 +215,44 @@ def test_each_layer_runs_once_per_cut() -> None:
     prune_model(model, scores, uniform_keep(widths, 0.5), cut=cut)
     assert len(calls) == len(decoder_layers(model))
     assert set(cut.log.seconds) == {"forward", "scores", "refit"}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi3"])
+def test_ffn_inputs_by_blocks_are_the_inputs_of_one_full_pass(model_type: str) -> None:
+    model = tiny_model(model_type)
+    adapter = adapter_for(model.config)
+    layer = decoder_layers(model)[0]
+    block = ffn_block(layer, adapter)
+    with torch.no_grad():
+        normed = torch.randn(2, 16, model.config.hidden_size)
+        expected = []
+        handle = ffn_modules(layer, adapter)[1].register_forward_pre_hook(
+            lambda module, inputs: expected.append(inputs[0].reshape(-1, inputs[0].shape[-1]))
+        )
+        block(normed)
+        handle.remove()
+    got = ffn_inputs_by_blocks(block.forward, ffn_modules(layer, adapter)[1], normed, 5)
+    torch.testing.assert_close(got, expected[0])
+
+
+def test_an_ffn_block_that_changes_its_output_projections_output_is_refused() -> None:
+    model = tiny_model("llama")
+    adapter = adapter_for(model.config)
+    block = ffn_block(decoder_layers(model)[0], adapter)
+    output = ffn_modules(decoder_layers(model)[0], adapter)[1]
+    with pytest.raises(PruneNetError, match="does more after its output projection"):
+        ffn_inputs_by_blocks(
+            lambda x: 2 * block(x), output, torch.randn(3, model.config.hidden_size), 2
+        )
+
+
+def test_opt_computes_its_ffn_inline_and_llama_in_a_block() -> None:
+    assert (
+        ffn_block(decoder_layers(tiny_model("opt"))[0], adapter_for(tiny_model("opt").config))
+        is None
+    )
+    llama = tiny_model("llama")
+    assert (
+        ffn_block(decoder_layers(llama)[0], adapter_for(llama.config))
+        is decoder_layers(llama)[0].mlp
+    )
