@@ -34,7 +34,7 @@ from prunenet.analysis.selfgen import (
 )
 from prunenet.core.arch import FFNWeights, adapter_for, can_store_output_bias, decoder_layers
 from prunenet.core.compress import select_keep_indices
-from prunenet.core.moments import BLOCK_ROWS, Moments
+from prunenet.core.moments import BLOCK_ROWS, Moments, affine
 from prunenet.core.refit import check_refit, refit_aware_scores, refit_moments
 from prunenet.core.surgery import (
     cut_ffn,
@@ -168,9 +168,9 @@ class SequentialCut:
         block = ffn_block(layer, self.adapter)
         done: dict = {}
 
-        def cut_from(module, acts, dense):
+        def cut_from(module, acts, out):
             started = time.perf_counter()
-            done["keep"], kept_output = self._cut_here(index, layer, module, acts, dense, scores,
+            done["keep"], kept_output = self._cut_here(index, layer, module, acts, out, scores,
                                                        kept)  # fmt: skip
             done["seconds"] = time.perf_counter() - started
             return kept_output
@@ -184,10 +184,8 @@ class SequentialCut:
 
         def blockwise(hidden_states):
             acts = ffn_inputs_by_blocks(own, output, hidden_states, BLOCK_ROWS)
-            started = time.perf_counter()
-            dense = torch.cat([output.forward(part) for part in acts.split(BLOCK_ROWS)])
-            done["dense"] = time.perf_counter() - started
-            kept_output = cut_from(output, acts, dense)
+            out = acts.new_empty(acts.shape[0], hidden_states.shape[-1])
+            kept_output = cut_from(output, acts, out)
             return kept_output.reshape(*hidden_states.shape[:-1], kept_output.shape[-1])
 
         if block is not None:
@@ -214,9 +212,10 @@ class SequentialCut:
             self._bar.close()
         return done["keep"]
 
-    def _cut_here(self, index, layer, module, acts, dense, scores, kept):
+    def _cut_here(self, index, layer, module, acts, out, scores, kept):
         """Score, cut and refit `layer` from inside its output projection's forward: `acts`
-        are that projection's inputs (sequences x positions x d_ff) and `dense` its output.
+        are that projection's inputs (sequences x positions x d_ff); `out` receives the cut
+        projection's output (the dense output's memory, where there is one).
         Returns the kept rows and the cut (refitted) projection's output on `acts`."""
         started = time.perf_counter()
         flat = acts.reshape(-1, acts.shape[-1])
@@ -245,7 +244,7 @@ class SequentialCut:
             dense_bias = ffn_output_bias(layer, self.adapter)
             dense_bias = None if dense_bias is None else dense_bias.clone()
             cut_ffn(layer, self.adapter, keep)
-            result = self._refit(acts, dense, dense_weight, dense_bias, keep)
+            result = self._refit(acts, dense_weight, dense_bias, keep)
             set_ffn_output(layer, self.adapter, result.weight, result.bias)
             entry = {
                 "ridge": result.ridge,
@@ -259,17 +258,17 @@ class SequentialCut:
             with torch.no_grad():
                 for parameter in layer.parameters():
                     parameter.copy_(parameter.to(self.stored_dtype))
-        # Block by block into the dense output's memory (the refit has read it): a whole
-        # kept-activation copy at once was a quarter of a gigabyte at the default text.
-        kept_output = dense if dense.is_contiguous() else torch.empty_like(dense)
-        rows, index = kept_output.view(-1, dense.shape[-1]), keep.to(acts.device)
+        # Block by block: a whole kept-activation copy at once was a quarter of a gigabyte at
+        # the default text.
+        kept_output = out if out.is_contiguous() else torch.empty_like(out)
+        rows, index = kept_output.view(-1, out.shape[-1]), keep.to(acts.device)
         for start in range(0, flat.shape[0], BLOCK_ROWS):
             block = flat[start : start + BLOCK_ROWS].index_select(1, index)  # 2-D: 5x the 3-D speed
             rows[start : start + BLOCK_ROWS] = module.forward(block)
         self._add_seconds("refit", time.perf_counter() - started)
         return keep, kept_output
 
-    def _refit(self, acts, dense, weight, bias, keep):
+    def _refit(self, acts, weight, bias, keep):
         """The refit from the kept columns' moments on the fit and held-out sequences, without
         each sequence's start-token row; the first sequence's is anchored (reproduced exactly).
 
@@ -280,13 +279,18 @@ class SequentialCut:
         reproduced worse than by the plain cut (docs/method.md, refit; docs/results.md, ablation).
         """
         sequences = acts.reshape(-1, self._length, acts.shape[-1])
-        targets = dense.reshape(-1, self._length, dense.shape[-1])
         held = self._held_rows // self._length
-        fit = Moments.of_blocks(sequences[:-held, 1:], targets[:-held, 1:], keep)
-        held_out = Moments.of_blocks(sequences[-held:, 1:], targets[-held:, 1:], keep)
+        fit = Moments.of_blocks(sequences[:-held, 1:], weight, bias, keep)
+        held_out = Moments.of_blocks(sequences[-held:, 1:], weight, bias, keep)
         # A bias moves every token alike: the start token's output cannot be pinned, but its
         # massive row no longer sets the other tokens' mean.
-        anchor = (sequences[0, 0], targets[0, 0]) if self.refit == "lsq" else None
+        anchor = None
+        if self.refit == "lsq":
+            row = sequences[0, 0].double()
+            anchor = (
+                row,
+                affine(row[None], weight.double(), None if bias is None else bias.double())[0],
+            )
         return refit_moments(weight, bias, keep, fit, held_out, mode=self.refit,
                              intercept=self.intercept, anchor=anchor)  # fmt: skip
 
