@@ -52,6 +52,8 @@ GENERATE_CACHE: dict = {"cache_implementation": "static", "disable_compile": Tru
 # (2: batched, one seeded generator per batch), so text written by an earlier sampler is never
 # read back as this one's.
 SAMPLER = {"sampler": 2}
+# Rows per block in `layer_activations` (bounds its temporaries to ~50 MB at 1536 columns).
+STATISTICS_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -351,11 +353,21 @@ def layer_activations(acts: torch.Tensor, kept_tokens: int, seed: int) -> LayerA
     """
     generator = torch.Generator().manual_seed(seed)
     sample_rows = torch.randperm(acts.shape[0], generator=generator)[:kept_tokens]
+    # A block of rows at a time, sums in float64: whole-size temporaries (squares, absolute
+    # values) were 300 MB each at the default text.
+    squares = torch.zeros(acts.shape[1], dtype=torch.float64, device=acts.device)
+    sums, peaks = torch.zeros_like(squares), squares.new_zeros(acts.shape[1], dtype=torch.float32)
+    for block in acts.split(STATISTICS_ROWS):
+        magnitude = block.float().abs()
+        squares += magnitude.pow(2).sum(dim=0, dtype=torch.float64)
+        sums += magnitude.sum(dim=0, dtype=torch.float64)
+        peaks = torch.maximum(peaks, magnitude.amax(dim=0))
+    count = max(acts.shape[0], 1)
     return LayerActivations(
-        rms=acts.pow(2).mean(dim=0).sqrt().cpu(),
-        mean_abs=acts.abs().mean(dim=0).cpu(),
-        max_abs=acts.abs().amax(dim=0).cpu(),
-        sample=acts[sample_rows.to(acts.device)].cpu(),
+        rms=(squares / count).sqrt().float().cpu(),
+        mean_abs=(sums / count).float().cpu(),
+        max_abs=peaks.cpu(),
+        sample=acts[sample_rows.to(acts.device)].float().cpu(),
     )
 
 
