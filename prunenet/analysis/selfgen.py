@@ -9,7 +9,6 @@ own token statistics, which is what makes activation-based scores work without a
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -20,8 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from prunenet.analysis.sampling import KV_CACHE_BUDGET, Sample, batch_seed, batch_sizes
 from prunenet.core.arch import adapter_for, decoder_layers, max_positions
-from prunenet.core.config_fields import built_head_counts, ffn_widths, head_shapes
+from prunenet.core.config_fields import ffn_widths
 from prunenet.core.surgery import ffn_modules
 from prunenet.errors import PruneNetError
 from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
@@ -38,11 +38,6 @@ LIMITS = (
     ("seed", 0, MAX_SEED, "what every random generator PruneNet seeds accepts"),
     ("kept_tokens", 1, 1 << 30, "activation rows kept per layer"),
 )
-# The most bytes one generation batch's KV cache may take (`batch_sizes`): 43 of SmolLM2-135M's
-# 256-token sequences in float32. Larger batches were no faster here (matrix products stop
-# gaining at ~64 rows on this CPU) and cost memory; the budget depends on nothing about the
-# machine, so the same config writes the same text everywhere.
-KV_CACHE_BUDGET = 512 << 20
 # The KV cache `generate` uses: transformers' StaticCache, allocated once per batch, where the
 # default DynamicCache concatenates every layer's keys and values at every token. It was 4-6%
 # faster here and ~100 MB leaner per 43 x 256 batch (docs/scale.md, "Threads and generation
@@ -168,8 +163,8 @@ def generate_own_text(
         for index, size in enumerate(sizes):
             generator = torch.Generator(device=device).manual_seed(batch_seed(config.seed, index))
             start = torch.full((size, 1), start_id, dtype=torch.long, device=device)
-            # Greedy decoding over scores that `_Sample` reduced to one finite entry per row: the
-            # sample is drawn by `_Sample` with this batch's generator, not by `generate`.
+            # Greedy decoding over scores that `Sample` reduced to one finite entry per row: the
+            # sample is drawn by `Sample` with this batch's generator, not by `generate`.
             written.append(model.generate(
                 start,
                 attention_mask=torch.ones_like(start),
@@ -181,84 +176,11 @@ def generate_own_text(
                 min_length=length,  # bans the end token: every sequence runs to `length`
                 pad_token_id=start_id,
                 logits_processor=LogitsProcessorList(
-                    [_RefuseNaN(dtype), _Sample(generator), _Progress(bar)]
+                    [_RefuseNaN(dtype), Sample(generator), _Progress(bar)]
                 ),
                 **GENERATE_CACHE,
             ))  # fmt: skip
     return torch.cat(written)
-
-
-def kv_cache_bytes(model_config, length: int, dtype: torch.dtype) -> int:
-    """Bytes of one sequence's KV cache at `length` positions: keys and values of every layer's
-    KV heads (as the modeling code builds them) in `dtype`. Sliding-window layers are counted at
-    full length: an upper bound.
-
-    :param model_config: a supported model's config.
-    :param length: positions.
-    :param dtype: the dtype the cache is kept in (the model's).
-    """
-    built = built_head_counts(model_config)
-    shapes = head_shapes(model_config)
-    per_position = sum(
-        2 * kv * shape.head_dim for (_, kv), shape in zip(built, shapes, strict=True)
-    )
-    return per_position * length * dtype.itemsize
-
-
-def batch_sizes(
-    model_config, sequences: int, length: int, dtype: torch.dtype, budget: int = KV_CACHE_BUDGET
-) -> list[int]:
-    """How many sequences each generation batch writes: as few batches as keep each batch's KV
-    cache within `budget` bytes, as equal as possible (earlier batches one larger).
-
-    :param model_config: a supported model's config.
-    :param sequences: sequences in all.
-    :param length: tokens per sequence.
-    :param dtype: the model's dtype.
-    :param budget: bytes one batch's KV cache may take.
-    """
-    per_batch = max(1, budget // max(1, kv_cache_bytes(model_config, length, dtype)))
-    count = -(-sequences // per_batch)
-    base, extra = divmod(sequences, count)
-    return [base + 1] * extra + [base] * (count - extra)
-
-
-def batch_seed(seed: int, index: int) -> int:
-    """The seed of generation batch `index` of a text seeded `seed`: `seed` itself for the first
-    batch (so a text of one batch is that seed's text, and batch `b` of any text is the one-batch
-    text of `batch_seed(seed, b)`), then 32 bits of a SHA-256 of both, the same on every machine
-    and Python (unlike `hash`) and within `MAX_SEED`.
-
-    :param seed: the config's seed.
-    :param index: the batch's position, from 0.
-    """
-    if index == 0:
-        return seed
-    digest = hashlib.sha256(f"prunenet-selfgen:{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
-
-
-class _Sample(LogitsProcessor):
-    """Draws one token per row from softmax(scores) with `generator` (inverse CDF: one uniform
-    per row, where `torch.multinomial` draws one exponential per vocabulary entry, which took
-    ~15% of a step for a 49k vocabulary) and returns scores that are 0 at the drawn token and
-    -inf elsewhere, so `generate`'s greedy step picks it.
-
-    :param generator: this batch's generator, on the model's device.
-    """
-
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        # float32 probabilities keep tiny ones (relative precision); their running sum is float64
-        # so that the tail of a 50k-262k vocabulary is not rounded away.
-        cdf = scores.float().softmax(dim=-1).double().cumsum(dim=-1)
-        draw = torch.rand((scores.shape[0], 1), generator=self.generator, dtype=torch.float64,
-                          device=scores.device) * cdf[:, -1:]  # fmt: skip
-        chosen = torch.searchsorted(cdf, draw, right=True).clamp_(max=scores.shape[-1] - 1)
-        picked = torch.full_like(scores, float("-inf"))
-        return picked.scatter_(1, chosen, 0.0)
 
 
 class _RefuseNaN(LogitsProcessor):

@@ -8,14 +8,12 @@ import pytest
 import torch
 
 from prunenet.analysis import selfgen
+from prunenet.analysis.sampling import Sample, batch_seed, batch_sizes, kv_cache_bytes
 from prunenet.analysis.selfgen import (
     SelfGenConfig,
-    batch_seed,
-    batch_sizes,
     cache_settings,
     collect_activations,
     generate_own_text,
-    kv_cache_bytes,
     start_token_id,
 )
 from prunenet.core.arch import decoder_layers
@@ -118,7 +116,7 @@ def test_batches_are_seeded_apart() -> None:
 def test_the_sampler_draws_tokens_with_the_softmax_probabilities() -> None:
     probabilities = torch.tensor([0.5, 0.3, 0.2, 0.0])
     scores = probabilities.log().expand(40_000, 4).clone()
-    sample = selfgen._Sample(torch.Generator().manual_seed(0))
+    sample = Sample(torch.Generator().manual_seed(0))
     picked = sample(torch.zeros(40_000, 1, dtype=torch.long), scores)
     assert torch.all(torch.isfinite(picked).sum(dim=1) == 1)  # one token left per row
     drawn = torch.bincount(picked.argmax(dim=1), minlength=4) / 40_000
