@@ -121,7 +121,6 @@ class Moments:
         yy = yy + ((w_r @ g_rr) * w_r).sum()
         # Back to moments about zero, in float64: sum (x+s)(x+s)' = xx + s sum' + sum s' + n s s'.
         s_x, s_y = shift.double()[keep], affine(shift.double()[None], weight, bias)[0]
-        xx = g_kk + torch.outer(s_x, sum_k) + torch.outer(sum_k, s_x)
         return cls(
             count,
             sum_k + count * s_x,
