@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -25,7 +24,7 @@ import prunenet.allocation.sensitivity
 import prunenet.analysis.selfgen
 import prunenet.io.cache as cache_module
 from prunenet.allocation.sensitivity import auto_allocation
-from prunenet.analysis.selfgen import _encode_activations, collect_activations
+from prunenet.analysis.selfgen import _encode_activations, cache_settings, collect_activations
 from prunenet.io.cache import (
     CacheWarning,
     Info,
@@ -459,7 +458,7 @@ def test_cached_activations_equal_computed_ones_without_computing_again(
 
 def test_a_consistent_activations_entry_with_wrong_shapes_is_recomputed(cache_dir: Path) -> None:
     """The decoder checks the layout against the model: a checksum alone vouches for nothing."""
-    model, settings = tiny_model("llama"), dataclasses.asdict(SMALL_SELFGEN)
+    model, settings = tiny_model("llama"), cache_settings(SMALL_SELFGEN)
     computed = collect_activations(model, SMALL_SELFGEN)
     tensors, info = _encode_activations(computed)
     tensors["1.rms"] = tensors["1.rms"][:-1]
