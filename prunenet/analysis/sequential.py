@@ -3,12 +3,14 @@ it really pass on; it is scored on those activations and its cut output projecti
 
 Each layer is called directly on the hidden states the already-cut layers produced
 (`prunenet.analysis.layer_calls`), once: it is scored, cut and refitted from inside its own
-forward (a hook on the FFN output projection), and what it passes on is the cut layer's output.
+forward (its FFN block's forward replaced for the call, or a hook on the FFN output projection
+where the FFN has no block of its own), and what it passes on is the cut layer's output.
 The text is the model's own (`prunenet.analysis.selfgen`), never a dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -188,24 +190,16 @@ class SequentialCut:
             kept_output = cut_from(output, acts, out)
             return kept_output.reshape(*hidden_states.shape[:-1], kept_output.shape[-1])
 
-        if block is not None:
-            with replaced_forward(block, blockwise):
-                started = time.perf_counter()
-                self.hidden = run_layer(layer, self.hidden, self.layer_kwargs[index])
-            self._add_seconds("forward", time.perf_counter() - started - done["seconds"])
-            return self._finish(done)
-        started = time.perf_counter()
-        handle = output.register_forward_hook(hook)
-        try:
+        with contextlib.ExitStack() as route:
+            if block is not None:
+                route.enter_context(replaced_forward(block, blockwise))
+            else:
+                route.callback(output.register_forward_hook(hook).remove)
+            started = time.perf_counter()
             self.hidden = run_layer(layer, self.hidden, self.layer_kwargs[index])
-        finally:
-            handle.remove()
         if not done:
             raise PruneNetError(f"Layer {index}'s FFN output projection never ran.")
         self._add_seconds("forward", time.perf_counter() - started - done["seconds"])
-        return self._finish(done)
-
-    def _finish(self, done: dict) -> torch.Tensor:
         self._next += 1
         self._bar.update(1)
         if self._next == len(self.layers):

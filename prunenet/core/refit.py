@@ -12,7 +12,8 @@ collects them; this module only does the algebra):
   experiments found 0.1 right at 64 x 128 tokens and 0.01 overfitting at 8 x 128 (DESIGN.md).
 
 Why this module is long: it is the one place the ridge problem is solved, for three callers:
-the sequential cut (`refit_output`, from rows), the shared analysis and the refit reward
+the sequential cut (`refit_moments`, from `Moments.of_blocks`; `refit_output` does the same
+from rows), the shared analysis and the refit reward
 (`prunenet.analysis.shared`, `.refit_statistics`: moments stored as one Gram of `x = [acts, 1]`;
 `add_to_gram`, `gram_refit`, `gram_error`). All read `Moments`, centred with an intercept, the
 ridge x the mean centred kept Gram diagonal, the start token's row reproduced exactly
@@ -99,6 +100,7 @@ def refit_output(
         it: the first token's, whose "massive" activations would otherwise dominate the fit
         (`prunenet.analysis.sequential` says why). Leave it out of `fit` and `held`.
     """
+    _check_mode(mode, intercept)  # before the pass over the rows
     keep = keep.to(torch.long)
     dense_weight, dense_bias = weight.double(), None if bias is None else bias.double()
     # Everything below reads the rows through their moments (sums, Gram, cross products): one
@@ -113,6 +115,13 @@ def refit_output(
         anchor = (anchor[0].double().reshape(-1), anchor[1])
     return refit_moments(weight, bias, keep, fit_moments, held_moments, mode, intercept, ridges,
                          anchor)  # fmt: skip
+
+
+def _check_mode(mode: str, intercept: bool) -> None:
+    if mode not in ("bias", "lsq"):
+        raise PruneNetError(f"Unknown refit {mode!r}; choose one of {', '.join(REFITS[1:])}.")
+    if mode == "bias" and not intercept:
+        raise PruneNetError("--refit bias needs an output bias; this architecture has none.")
 
 
 def refit_moments(
@@ -138,10 +147,7 @@ def refit_moments(
     :param ridges: relative ridges tried on `held` (`lsq`).
     :param anchor: (full activation row d_ff, its dense output row) reproduced exactly (`lsq`).
     """
-    if mode not in ("bias", "lsq"):
-        raise PruneNetError(f"Unknown refit {mode!r}; choose one of {', '.join(REFITS[1:])}.")
-    if mode == "bias" and not intercept:
-        raise PruneNetError("--refit bias needs an output bias; this architecture has none.")
+    _check_mode(mode, intercept)
     weight = weight.double()
     bias = None if bias is None else bias.double()
     keep = keep.to(device=weight.device, dtype=torch.long)
