@@ -109,8 +109,9 @@ class PruneRequest:
         when the checkpoint is larger than half of the available RAM).
     :param device: where the model runs in memory (`cpu`, `cuda`, ...).
     :param dtype: dtype of the run and of the saved folder; `auto` keeps the checkpoint's own.
-    :param threads: torch CPU threads; None: every core this process may use
-        (`threads_to_use`), resolved when the request runs and recorded resolved.
+    :param threads: torch CPU threads; None: `OMP_NUM_THREADS` when set, else every core this
+        process may use (`threads_to_use`), resolved when the request runs and recorded
+        resolved.
     :param max_layer_ratio: `auto` strategy: never remove more than this share of one layer.
     :param search_evaluations: `search` strategy: strategies measured per request.
     :param compute_dtype: `layerwise` route: the dtype layers compute in (None: `dtype`).
@@ -422,12 +423,21 @@ def available_cores() -> int:
 
 
 def threads_to_use(threads: int | None) -> int:
-    """The torch CPU threads a request runs with: `threads` when given, else every core this
-    process may use (`available_cores`; docs/scale.md, "Threads and generation speed").
+    """The torch CPU threads a request runs with: `threads` when given, else `OMP_NUM_THREADS`
+    when the environment sets it to a whole number (the convention torch and every BLAS
+    follow: a job scheduler, or several processes sharing the cores, set it so that their
+    threads do not outnumber the cores; two 2-thread processes on two cores ran 2-20x slower),
+    else every core this process may use (`available_cores`; docs/scale.md, "Threads and
+    generation speed").
 
     :param threads: `PruneRequest.threads`.
     """
-    return available_cores() if threads is None else threads
+    if threads is not None:
+        return threads
+    setting = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if setting.isdigit() and int(setting) > 0:
+        return int(setting)
+    return available_cores()
 
 
 def read_request_file(path: str | Path) -> tuple[PruneRequest, str | None]:

@@ -143,8 +143,26 @@ def test_rare_options_are_request_fields() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity here")
-def test_no_thread_count_means_every_core_this_process_may_use() -> None:
+def test_no_thread_count_means_every_core_this_process_may_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert threads_to_use(PruneRequest().threads) == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("3", 3), (" 5 ", 5), ("0", None), ("x", None)])
+def test_no_thread_count_follows_a_whole_positive_omp_num_threads(
+    monkeypatch: pytest.MonkeyPatch, setting: str, expected: int | None
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", setting)
+    assert threads_to_use(None) == (expected or available_cores())
+
+
+def test_an_explicit_thread_count_wins_over_omp_num_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads_to_use(4) == 4
 
 
 def test_an_explicit_thread_count_wins_over_the_core_count() -> None:

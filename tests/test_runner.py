@@ -87,7 +87,10 @@ def test_library_defaults_are_the_cli_defaults(model_folders, tmp_path: Path) ->
     assert (record["analysis"], record["refit"], record["route"]) == ("sequential", "lsq", "memory")
 
 
-def test_the_recorded_request_names_the_threads_it_ran_with(model_folders, tmp_path) -> None:
+def test_the_recorded_request_names_the_threads_it_ran_with(
+    model_folders, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     request = PruneRequest(ratio=(0.5,), route="stream", scorer="magnitude", **SMALL)
     prunenet.prune(str(model_folders["llama"]), tmp_path / "all", request)
     prunenet.prune(str(model_folders["llama"]), tmp_path / "one", request.replace(threads=1))
