@@ -4,7 +4,7 @@ and the one draw per token that every batch makes.
 `prunenet.analysis.selfgen` calls `generate` once per batch with these pieces: `batch_sizes`
 splits the sequences so each batch's KV cache stays within `KV_CACHE_BUDGET`, `batch_seed` gives
 each batch a seed that depends on the config alone, and `Sample` draws every token from the
-model's full next-token distribution with that batch's generator.
+model's full next-token distribution (Gumbel-max) with that batch's generator.
 """
 
 from __future__ import annotations
@@ -74,10 +74,19 @@ def batch_seed(seed: int, index: int) -> int:
 
 
 class Sample(LogitsProcessor):
-    """Draws one token per row from softmax(scores) with `generator` (inverse CDF: one uniform
-    per row, where `torch.multinomial` draws one exponential per vocabulary entry, which took
-    ~15% of a step for a 49k vocabulary) and returns scores that are 0 at the drawn token and
-    -inf elsewhere, so `generate`'s greedy step picks it.
+    """Draws one token per row from softmax(scores) with `generator`, by the Gumbel-max trick:
+    the argmax of the scores plus one Gumbel noise per vocabulary entry, and returns scores that
+    are 0 at the drawn token and -inf elsewhere, so `generate`'s greedy step picks it.
+
+    Why Gumbel-max and not one uniform per row through the cumulative distribution (sampler 2,
+    3x cheaper per step: ~8 ms against ~23 ms for 43 x 49,152 scores on 2 threads, ~4% of a
+    step): rounding moves every boundary of a cumulative distribution, so the drawn token
+    changed wherever the uniform fell near one. A tiny Llama run in bfloat16 and in float32
+    from the same weights wrote different tokens at 5% of the positions (and so different
+    texts and cuts), against none with Gumbel-max, where a draw changes only when the two best
+    noisy scores nearly tie. The same holds for the last bits that thread counts and machines
+    change in float32. `torch.multinomial` (the same race, with exponentials drawn in float64)
+    took ~80 ms.
 
     :param generator: this batch's generator, on the model's device.
     """
@@ -86,11 +95,9 @@ class Sample(LogitsProcessor):
         self.generator = generator
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        # float32 probabilities keep tiny ones (relative precision); their running sum is float64
-        # so that the tail of a 50k-262k vocabulary is not rounded away.
-        cdf = scores.float().softmax(dim=-1).double().cumsum(dim=-1)
-        draw = torch.rand((scores.shape[0], 1), generator=self.generator, dtype=torch.float64,
-                          device=scores.device) * cdf[:, -1:]  # fmt: skip
-        chosen = torch.searchsorted(cdf, draw, right=True).clamp_(max=scores.shape[-1] - 1)
+        noise = torch.rand(scores.shape, generator=self.generator, dtype=torch.float32,
+                           device=scores.device)  # fmt: skip
+        # -log(-log(u)) is Gumbel; a u of exactly 0 gives -inf: that entry is never drawn.
+        chosen = (scores.float() - noise.log_().neg_().log_()).argmax(dim=-1, keepdim=True)
         picked = torch.full_like(scores, float("-inf"))
         return picked.scatter_(1, chosen, 0.0)

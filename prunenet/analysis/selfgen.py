@@ -44,9 +44,9 @@ LIMITS = (
 # speed"). No torch.compile, which `generate` would otherwise start for a static cache on a GPU.
 GENERATE_CACHE: dict = {"cache_implementation": "static", "disable_compile": True}
 # What the cached text and activations are keyed with besides the config: the sampler's version
-# (2: batched, one seeded generator per batch), so text written by an earlier sampler is never
-# read back as this one's.
-SAMPLER = {"sampler": 2}
+# (2: batched, one seeded generator per batch, inverse CDF; 3: the same with Gumbel-max draws),
+# so text written by an earlier sampler is never read back as this one's.
+SAMPLER = {"sampler": 3}
 # Rows per block in `layer_activations` (bounds its temporaries to ~50 MB at 1536 columns).
 STATISTICS_ROWS = 8192
 

@@ -118,11 +118,6 @@ def test_dtype_bfloat16_prunes_a_float32_checkpoint_into_a_bf16_folder(
     assert _stored_dtypes(out) == {torch.bfloat16}
 
 
-@pytest.mark.xfail(
-    reason="since the batched own-text sampler (ee7d94f) and the one-pass cut, bf16 and float32 "
-    "runs of the tiny model differ by 0.24x the pruning's change (bound 0.1x); open in issue 28",
-    strict=False,
-)
 def test_bf16_run_keeps_the_rows_and_nearly_the_logits_of_the_float32_run(
     bf16_folder: Path, tmp_path: Path, no_disk_cache: None
 ) -> None:
