@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,11 +291,11 @@ class Run:
 
     def in_memory(self, strategy_policy) -> list[PruneResult]:
         request = self.request
-        start = time.perf_counter()
-        model, tokenizer = load_model(self.model, dtype=request.dtype, device=str(self.device))
-        load_seconds = time.perf_counter() - start
-        # Wall seconds per stage, into every folder's report (`prunenet.stages`).
-        stages = StageTimes({"load": load_seconds})
+        # Wall seconds (and peak memory) per stage, into every folder's report
+        # (`prunenet.stages`).
+        stages = StageTimes()
+        with stages.timing("load"):
+            model, tokenizer = load_model(self.model, dtype=request.dtype, device=str(self.device))
         warn_if_tokenizer_overflows(tokenizer, embedding_rows(model), self.model)
         # Everything that can be refused is refused now, before the (slow) scoring.
         width = ffn_width(model.config)
@@ -329,7 +328,8 @@ class Run:
                 "refits them without an intercept, or --refit none."
             )
         self.say(
-            f"model {self.model} ({model.config.model_type}) loaded in {load_seconds:.1f} s; "
+            f"model {self.model} ({model.config.model_type}) loaded in "
+            f"{stages.seconds['load']:.1f} s; "
             f"scoring with {self.scorer.name} (seed {request.seed}, {self.device}), "
             f"{_how_much(request)}, {request.analysis} analysis, refit {request.refit}"
         )

@@ -5,17 +5,22 @@ model), `strategy` (a per-layer strategy or a target speed-up search, when asked
 model's own text: written, or read from the cache), `cut` (planning, scoring, the
 layer-by-layer cut and refit) and `save` (writing the folder). The report's `stages` is
 
-    {"seconds": {"load": 2.1, "text": 0.3, "cut": 95.0, "save": 1.2}, "text": "cache"}
+    {"seconds": {"load": 2.1, "text": 0.3, "cut": 95.0, "save": 1.2}, "text": "cache",
+     "peak_rss_mb": {"load": 1020.5, "text": 1498.0, "cut": 1960.2, "save": 1961.0}}
 
 where `text` says where the own text came from: `generated`, `cache`, or `none` (the cut read
-no text). `load`, `strategy` and `text` are done once per run, so a run with several folders
-repeats them in each folder's report; `cut` and `save` are each folder's own.
+no text), and `peak_rss_mb` is the process's peak resident memory (`ru_maxrss`) when each stage
+ended: a high-water mark, so the stage at which it rises is the one that set the run's peak
+(absent where the system does not report it). `load`, `strategy` and `text` are done once per
+run, so a run with several folders repeats them in each folder's report; `cut` and `save` are
+each folder's own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,15 +40,20 @@ class StageTimes:
 
     seconds: dict[str, float] = field(default_factory=dict)
     text: str = "none"
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def timing(self, stage: str) -> Iterator[None]:
-        """Add the block's wall seconds to `stage` (a stage timed twice adds up)."""
+        """Add the block's wall seconds to `stage` (a stage timed twice adds up) and record the
+        peak resident memory when it ends."""
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+            peak = peak_rss_mb()
+            if peak is not None:
+                self.peak_rss_mb[stage] = peak
 
     @contextlib.contextmanager
     def own_text(self) -> Iterator[None]:
@@ -58,10 +68,25 @@ class StageTimes:
 
     def fork(self) -> StageTimes:
         """A copy for one output folder: the run's stages so far, the folder's to come."""
-        return StageTimes(dict(self.seconds), self.text)
+        return StageTimes(dict(self.seconds), self.text, dict(self.peak_rss_mb))
 
     def to_dict(self) -> dict:
-        return {"seconds": dict(self.seconds), "text": self.text}
+        record = {"seconds": dict(self.seconds), "text": self.text}
+        if self.peak_rss_mb:
+            record["peak_rss_mb"] = dict(self.peak_rss_mb)
+        return record
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far in MB (10**6 bytes), or None where the
+    system does not report it (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return round(peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6, 1)
 
 
 def rewrite_report(folder: str | Path, report) -> None:

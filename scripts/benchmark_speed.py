@@ -86,6 +86,7 @@ class Run:
     system_seconds: float = 0.0
     peak_rss_bytes: int = 0
     stages: dict[str, float] | None = None
+    stage_peak_mb: dict[str, float] | None = None
     text: str | None = None
     cut_parts: dict[str, float] | None = None
     report_seconds: float | None = None
@@ -281,6 +282,8 @@ def read_outputs(run: Run) -> None:
         for stage in ("cut", "save"):
             seconds[stage] = sum(s["seconds"].get(stage, 0.0) for s in stages)
         run.stages, run.text = seconds, stages[0].get("text")
+        # The last folder's report holds the whole run's high-water marks.
+        run.stage_peak_mb = stages[-1].get("peak_rss_mb")
     parts: dict[str, float] = {}
     for report in data:
         logged = ((report.get("scorer") or {}).get("sequential") or {}).get("seconds")
@@ -576,6 +579,16 @@ def render(record: dict) -> str:
         "Every run (`other` = wall minus the recorded stages: start-up, imports, checks):",
         "",
         markdown_table(every_headers, every),
+        "",
+        "Peak RSS (MB) of each run when each stage ended (a high-water mark: the stage where it "
+        "rises set the peak):",
+        "",
+        *(
+            f"- {run['side']} {run['mode']} #{run['index']} r{run['repeat']}: "
+            + ", ".join(f"{name} {value:,.0f}" for name, value in run["stage_peak_mb"].items())
+            for run in runs
+            if run.get("stage_peak_mb")
+        ),
     ]
     return "\n".join(parts) + "\n"
 

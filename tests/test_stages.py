@@ -7,13 +7,16 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 import prunenet
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import analysis_text
 from prunenet.io.saving import REPORT_FILE
 from prunenet.pipeline import prune_and_save, prune_budgets_and_save, scorer_planner
 from prunenet.scoring.heuristics import RandomScorer, SelfGenScorer
-from prunenet.stages import StageTimes
+from prunenet.stages import StageTimes, peak_rss_mb
 from tests.conftest import tiny_model, tiny_tokenizer
 
 TEXT = SelfGenConfig(sequences=4, length=16, seed=0)
@@ -46,11 +49,28 @@ def test_the_own_text_counts_as_generated_with_the_cache_off(no_disk_cache) -> N
 
 
 def test_a_fork_keeps_the_run_stages_and_leaves_the_run_alone() -> None:
-    run = StageTimes({"load": 1.0}, "cache")
+    run = StageTimes({"load": 1.0}, "cache", {"load": 900.0})
     folder = run.fork()
     folder.seconds["cut"] = 2.0
-    assert folder.to_dict() == {"seconds": {"load": 1.0, "cut": 2.0}, "text": "cache"}
-    assert run.seconds == {"load": 1.0}
+    folder.peak_rss_mb["cut"] = 1000.0
+    assert folder.to_dict() == {
+        "seconds": {"load": 1.0, "cut": 2.0},
+        "text": "cache",
+        "peak_rss_mb": {"load": 900.0, "cut": 1000.0},
+    }
+    assert run.seconds == {"load": 1.0} and run.peak_rss_mb == {"load": 900.0}
+
+
+@pytest.mark.skipif(peak_rss_mb() is None, reason="the system reports no peak memory")
+def test_a_stage_that_allocates_raises_the_peak_recorded_at_its_end() -> None:
+    times = StageTimes()
+    with times.timing("small"):
+        pass
+    with times.timing("large"):
+        # More than the whole peak so far (a test worker may have peaked higher before), touched.
+        block = torch.ones(int((times.peak_rss_mb["small"] + 250) * 1e6), dtype=torch.uint8)
+        del block
+    assert times.peak_rss_mb["large"] >= times.peak_rss_mb["small"] + 250
 
 
 def saved_report(folder: Path) -> dict:

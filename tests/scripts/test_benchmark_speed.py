@@ -48,10 +48,13 @@ def test_a_tiny_run_measures_both_sides_and_writes_the_table_and_json(
     assert list(new["stages"]) == ["load", "text", "cut", "save"]
     assert new["text"] == "generated"
     assert new["threads"] >= 1  # read from the folder's prunenet_request.json
+    assert list(new["stage_peak_mb"]) == ["load", "text", "cut", "save"]
+    assert new["stage_peak_mb"]["save"] * 1e6 <= new["peak_rss_bytes"]  # the child's own peak
     printed = capsys.readouterr().out
     assert "| base | cold | 1 |" in printed and "| new | cold | 1 |" in printed
     assert "cold: new/base wall" in printed
     assert (tmp_path / "benchmark_speed.md").read_text() in printed
+    assert f"- new cold #{new['index']} r{new['repeat']}: load " in printed
     # The base's worktree is removed (a stale one from an earlier, killed run may remain).
     assert worktrees() == trees_before
 
