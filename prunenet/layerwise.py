@@ -361,6 +361,7 @@ def layerwise_prune(
     overwrite: bool = False,
     text_route: str = "auto",
     record: dict | None = None,
+    structures: dict | None = None,
 ) -> PruneReport:
     """Prune a safetensors checkpoint folder along the default path, one layer in memory.
 
@@ -379,6 +380,8 @@ def layerwise_prune(
     :param overwrite: replace an existing `out`.
     :param text_route: how the own text is written when it is not cached (`TEXT_ROUTES`).
     :param record: how the folder was made (`prunenet.runner`), written into it with the card.
+    :param structures: the parameter budget this ratio meets, as its split
+        (`prunenet.allocation.structures.ffn_split`), recorded in the report; None for a ratio.
     :return: the report, as `prunenet.pipeline.apply_plan` gives it, plus per-layer seconds.
     """
     start = time.perf_counter()
@@ -398,6 +401,8 @@ def layerwise_prune(
         cut = _LayerwiseCut(lazy, sequential, staging)
         report = prune_model(model, plan.scores, plan.layer_keep, target_ratio=ratio, cut=cut)
         report.params_before = params_before
+        if structures is not None:
+            report.structures = structures
         report.scorer = {**plan.info, "sequential": sequential.log.to_dict(), "layerwise": {
             "text_tokens": list(tokens.shape),
             "dtype": str(dtype).removeprefix("torch."),

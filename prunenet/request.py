@@ -63,8 +63,9 @@ UNSUPPORTED = {
     "stream + activation scorer": "--route stream never runs the model, and this scorer reads "
     "its activations, which needs the model; score with magnitude or random, or use --route "
     "layerwise for the default path in bounded memory",
-    "stream/layerwise + remove-params": "a parameter budget is split by the whole model's KL on "
-    "its own text, which needs the model in memory",
+    "stream/layerwise + remove-params beyond ffn": "a parameter budget is split between FFN "
+    "rows, heads and layers by the whole model's KL on its own text, which needs the model in "
+    "memory; FFN rows alone (--structures ffn, the default) are counted from the config",
     "stream/layerwise + strategy": "per-layer strategies are measured on the whole model's "
     "outputs, which needs the model in memory",
     "layerwise + weights-only scorer": "--route layerwise exists to run the activation-based "
@@ -326,11 +327,11 @@ class PruneRequest:
             )
 
     def _check_stream(self) -> None:
-        if self.remove_params is not None:
+        if self.remove_params is not None and self.structures != ("ffn",):
             raise PruneNetError(
-                "--route stream with --remove-params: "
-                f"{UNSUPPORTED['stream/layerwise + remove-params']}; use --ratio with --route "
-                "stream, or --route memory."
+                f"--route stream with --remove-params and --structures {','.join(self.structures)}"
+                f": {UNSUPPORTED['stream/layerwise + remove-params beyond ffn']}; use "
+                "--structures ffn, or --route memory."
             )
         if self.strategy_name != "uniform":
             raise PruneNetError(
@@ -355,11 +356,12 @@ class PruneRequest:
             )
 
     def _check_layerwise(self) -> None:
-        if self.remove_params is not None:
+        if self.remove_params is not None and self.structures != ("ffn",):
             raise PruneNetError(
-                "--route layerwise with --remove-params: "
-                f"{UNSUPPORTED['stream/layerwise + remove-params']}; use --ratio with --route "
-                "layerwise, or --route memory."
+                "--route layerwise with --remove-params and --structures "
+                f"{','.join(self.structures)}: "
+                f"{UNSUPPORTED['stream/layerwise + remove-params beyond ffn']}; use "
+                "--structures ffn, or --route memory."
             )
         if self.strategy_name != "uniform":
             raise PruneNetError(

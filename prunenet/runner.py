@@ -23,18 +23,19 @@ import torch
 
 from prunenet.allocation.speedup import check_target_speedup, ratio_for_speedup
 from prunenet.allocation.strategy import strategy_context
-from prunenet.allocation.structures import check_budget, parse_structures
+from prunenet.allocation.structures import check_budget, ffn_split, parse_structures
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.shared import SHARED_HINT_REQUESTS
 from prunenet.core.arch import can_store_output_bias
 from prunenet.core.compress import PruneReport, estimated_output_bytes
-from prunenet.core.config_fields import ffn_width
+from prunenet.core.config_fields import ffn_width, ffn_widths
 from prunenet.core.devices import resolve_device
 from prunenet.core.ratios import keep_count
 from prunenet.errors import PruneNetError
 from prunenet.evaluation.vocabulary import embedding_rows, warn_if_tokenizer_overflows
 from prunenet.io.models import (
     ALIASES,
+    empty_model,
     load_model,
     load_tokenizer,
     resolve_dtype,
@@ -181,8 +182,8 @@ def choose_route(model: str, request: PruneRequest, scorer: Scorer, say: Say) ->
     if request.route == "layerwise":
         _check_layerwise_scorer(scorer)
         return "layerwise"
-    if request.route == "memory" or request.remove_params is not None:
-        return "memory"  # a parameter budget's KL needs the whole model
+    if request.route == "memory":
+        return "memory"
     path = resolve_model_path(model)
     if not (Path(path) / "config.json").is_file():
         return "memory"  # a hub id: transformers downloads it; the other routes read files
@@ -195,7 +196,8 @@ def choose_route(model: str, request: PruneRequest, scorer: Scorer, say: Say) ->
         say(f"model {model}: {sizes}; switching to --route layerwise (one decoder layer in "
             "memory)")  # fmt: skip
         return "layerwise"
-    if scorer.weights_only and request.refit in (None, "none") and request.target_speedup is None:
+    stream = request.replace(route="stream")
+    if scorer.weights_only and _would_validate(stream) and request.target_speedup is None:
         say(f"model {model}: {sizes}; switching to --route stream (weights only, layer by "
             "layer)")  # fmt: skip
         return "stream"
@@ -367,6 +369,20 @@ class Run:
         reports = prune_and_save(model, tokenizer, planner, request.ratio, self.folders, **common)
         return _results(request.ratio, self.folders, reports)
 
+    def ratios_of(self, config) -> tuple[list[float], list[dict | None]]:
+        """The FFN ratio of each amount on the routes that never hold the whole model, and the
+        split each parameter budget becomes (None for a ratio). A budget there takes FFN rows
+        alone (`validate` refuses other structures), so it is arithmetic on the parameter
+        counts of an empty skeleton of the model: the rows `--route memory` would take."""
+        request = self.request
+        if request.remove_params is None:
+            return list(request.ratio), [None] * len(request.ratio)
+        skeleton = empty_model(config)
+        refit_biases = request.refit not in (None, "none")
+        splits = [ffn_split(skeleton, target, refit_biases) for target in request.remove_params]
+        width = min(ffn_widths(config))
+        return [split.ffn_rows / width for split in splits], [split.to_dict() for split in splits]
+
     # ----- one decoder layer at a time --------------------------------------------------------
 
     def layerwise(self) -> list[PruneResult]:
@@ -378,9 +394,10 @@ class Run:
                 "Download it first (or save it with save_pretrained)."
             )
         config = load_config(path)
-        for ratio in request.ratio:
+        ratios, splits = self.ratios_of(config)
+        for ratio in ratios:
             warn_if_nothing_removed(ffn_width(config), ratio)
-        check_free_space(self.folders[0], checkpoint_bytes(path) * len(request.ratio))
+        check_free_space(self.folders[0], checkpoint_bytes(path) * len(ratios))
         dtype = resolve_dtype(str(path), request.dtype)
         compute_dtype = resolve_dtype(str(path), request.compute_dtype or request.dtype)
         tokenizer = load_tokenizer(str(path))
@@ -405,11 +422,14 @@ class Run:
                 tokenizer=tokenizer,
                 overwrite=self.overwrite,
                 text_route=request.text_route,
-                record=self.record(ratio),
+                record=self.record(amount),
+                structures=split,
             )  # fmt: skip
-            for ratio, folder in zip(request.ratio, self.folders, strict=True)
+            for ratio, split, amount, folder in zip(
+                ratios, splits, request.amounts, self.folders, strict=True
+            )
         ]
-        return _results(request.ratio, self.folders, reports)
+        return _results(request.amounts, self.folders, reports)
 
     # ----- weights only, streamed -------------------------------------------------------------
 
@@ -421,8 +441,10 @@ class Run:
                 "--strategy auto measures the model's own outputs and needs the model in memory; "
                 "use --route memory, or --strategy uniform with --route stream."
             )
-        for ratio in request.ratio:  # refuse a ratio that empties the FFN before any write
-            warn_if_nothing_removed(ffn_width(load_config(Path(path))), ratio)
+        config = load_config(Path(path))
+        ratios, splits = self.ratios_of(config)
+        for ratio in ratios:  # refuse a ratio that empties the FFN before any write
+            warn_if_nothing_removed(ffn_width(config), ratio)
         self.say(
             f"model {self.model}: streaming safetensors layer by layer; scoring with "
             f"{self.scorer.name} (seed {request.seed}) on {self.device}"
@@ -436,11 +458,14 @@ class Run:
                 device=self.device,
                 overwrite=self.overwrite,
                 progress=lambda line: self.say(f"  {line}"),
-                record=self.record(ratio),
+                record=self.record(amount),
+                structures=split,
             )  # fmt: skip
-            for ratio, folder in zip(request.ratio, self.folders, strict=True)
+            for ratio, split, amount, folder in zip(
+                ratios, splits, request.amounts, self.folders, strict=True
+            )
         ]
-        return _results(request.ratio, self.folders, reports)
+        return _results(request.amounts, self.folders, reports)
 
 
 def source_metadata(model: str) -> dict:

@@ -82,6 +82,7 @@ def stream_prune(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
     record: dict | None = None,
+    structures: dict | None = None,
 ) -> StreamReport:
     """Prune the FFN of every layer of a safetensors checkpoint folder without loading the model.
 
@@ -96,6 +97,8 @@ def stream_prune(
     :param overwrite: replace an existing `out`.
     :param progress: called with one line per written shard (the CLI prints them).
     :param record: how the folder was made (`prunenet.runner`), written into it with the card.
+    :param structures: the parameter budget this ratio meets, as its split
+        (`prunenet.allocation.structures.ffn_split`), recorded in the report; None for a ratio.
     """
     start = time.perf_counter()
     require_weights_only(scorer)
@@ -147,6 +150,8 @@ def stream_prune(
             bytes_read=pruner.bytes_read,
             bytes_written=bytes_written,
         )
+        if structures is not None:
+            report.structures = structures
         report.seconds = time.perf_counter() - start
         write_records(staging, report.to_dict(), record)
     return report

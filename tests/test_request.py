@@ -72,7 +72,10 @@ def test_out_of_range_integers_name_the_valid_range(field: str, value) -> None:
     [
         (dict(ratio=(0.3,), route="stream", refit="lsq"), "stream + refit"),
         (dict(ratio=(0.3,), route="stream"), "stream + activation scorer"),
-        (dict(remove_params=(0.2,), route="layerwise"), "stream/layerwise + remove-params"),
+        (dict(remove_params=(0.2,), route="layerwise", structures=("ffn", "layers")),
+         "stream/layerwise + remove-params beyond ffn"),
+        (dict(remove_params=(0.2,), route="stream", scorer="magnitude",
+              structures=("ffn", "heads")), "stream/layerwise + remove-params beyond ffn"),
         (dict(ratio=(0.3,), route="layerwise", strategy="auto"), "stream/layerwise + strategy"),
         (dict(ratio=(0.3,), route="layerwise", scorer="magnitude"),
          "layerwise + weights-only scorer"),

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
 
 import prunenet
@@ -175,3 +176,42 @@ def test_a_budget_too_small_to_remove_anything_warns(model_folders, tmp_path, ca
 
     assert results[0].report.params_after == results[0].report.params_before
     assert "removes nothing" in capsys.readouterr().err
+
+
+# ----- parameter budgets on the routes that never hold the whole model ---------------------------
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    return prunenet.load_pruned(folder).state_dict()
+
+
+def test_a_parameter_budget_layer_by_layer_writes_the_weights_the_memory_route_writes(
+    model_folders, tmp_path, no_disk_cache
+) -> None:
+    request = PruneRequest(remove_params=(0.2,), **SMALL)
+    folder = str(model_folders["llama"])
+    memory = prunenet.prune(folder, tmp_path / "memory", request.replace(route="memory"))[0]
+    layerwise = prunenet.prune(folder, tmp_path / "layerwise", request.replace(route="layerwise"))
+
+    assert layerwise[0].report.structures == memory.report.structures
+    assert layerwise[0].report.params_removed_fraction >= 0.2
+    want, have = _state(tmp_path / "memory"), _state(tmp_path / "layerwise")
+    assert have.keys() == want.keys()
+    assert all(torch.equal(have[name], tensor) for name, tensor in want.items())
+
+
+def test_a_parameter_budget_streamed_meets_it_with_the_memory_routes_rows(
+    model_folders, tmp_path
+) -> None:
+    request = PruneRequest(remove_params=(0.2, 0.3), scorer="magnitude", refit="none", **SMALL)
+    folder = str(model_folders["llama"])
+    memory = prunenet.prune(folder, tmp_path / "memory", request.replace(route="memory"))
+    stream = prunenet.prune(folder, tmp_path / "stream", request.replace(route="stream"))
+
+    for streamed, in_memory in zip(stream, memory, strict=True):
+        assert streamed.report.ffn_widths_after == in_memory.report.ffn_widths_after
+        assert streamed.report.structures == in_memory.report.structures
+        assert streamed.report.params_removed_fraction >= streamed.amount
+    assert [path.name for path in sorted((tmp_path / "stream").iterdir())] == [
+        "params-0.20", "params-0.30"
+    ]  # fmt: skip

@@ -240,6 +240,8 @@ def split_budget(
         activation rms x output column norm on the same text.
     :param refit_biases: the FFN refit will add biases (`added_bias_parameters`): count them.
     """
+    if tuple(structures) == ("ffn",):
+        return ffn_split(model, target, refit_biases)
     check_budget(model, target, structures)
     costs = Costs(model, refit_biases)
     layer_count = len(costs.layer)
@@ -297,6 +299,23 @@ def split_budget(
     split.kv_groups, split.layers = state["groups"], sorted(state["dropped"])
     split.params_removed = costs.removed(**state)
     return split
+
+
+def ffn_split(model: nn.Module, target: float, refit_biases: bool = False) -> StructureSplit:
+    """`split_budget` for FFN rows alone: the fewest rows per layer that remove `target` of
+    the parameters. Arithmetic on parameter counts only (no text, no forward pass), so a model
+    whose weights are on the meta device (the layerwise and stream routes) gets it too.
+
+    :param model: the dense model (its weights may be on the meta device).
+    :param target: fraction of all parameters to remove, in (0, 1).
+    :param refit_biases: the FFN refit will add biases (`added_bias_parameters`): count them.
+    """
+    check_budget(model, target, ("ffn",))
+    costs = Costs(model, refit_biases)
+    state = _fit_rows({"rows": 0, "query": 0, "groups": 0, "dropped": []}, costs,
+                      int(round(target * costs.dense)))  # fmt: skip
+    return StructureSplit(target=target, ffn_rows=state["rows"], params_dense=costs.dense,
+                          params_removed=costs.removed(**state))  # fmt: skip
 
 
 def _options(state, structures, costs, step_rows, layer_rank, layer_count):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -224,6 +225,17 @@ def load_model(
             f"reachable hub id, or an alias: {', '.join(ALIASES)}."
         ) from error
     return model.to(device).eval(), tokenizer
+
+
+def empty_model(config) -> PreTrainedModel:
+    """The model `config` describes with its parameters on the meta device: its shapes and
+    parameter counts without its weights or their memory (parameter budgets on the routes that
+    never hold the whole model).
+
+    :param config: a supported model's config.
+    """
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, **NO_REMOTE_CODE)
 
 
 def load_tokenizer(path: str):
