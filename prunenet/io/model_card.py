@@ -223,6 +223,7 @@ def _loading(needs_remote_code: bool) -> list[str]:
         return [
             "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
             'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")',
             'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")',
             "```",
@@ -233,6 +234,7 @@ def _loading(needs_remote_code: bool) -> list[str]:
         "",
         "```python",
         "import prunenet",
+        "",
         'model = prunenet.load_pruned("THIS_FOLDER")',
         "```",
         "",
@@ -241,6 +243,7 @@ def _loading(needs_remote_code: bool) -> list[str]:
         "",
         "```python",
         "from transformers import AutoModelForCausalLM",
+        "",
         'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER", trust_remote_code=True)',
         "```",
     ]

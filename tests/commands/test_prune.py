@@ -548,7 +548,10 @@ def test_remove_params_writes_a_reloadable_folder_that_says_where_the_parameters
     [
         (("--ratio", "0.3", "--remove-params", "0.2"), "not allowed with"),
         (("--ratio", "0.3", "--structures", "heads"), "needs --remove-params"),
-        (("--remove-params", "0.2", "--stream"), "needs the model in memory"),
+        (
+            ("--remove-params", "0.2", "--structures", "ffn,heads", "--stream"),
+            "needs the model in memory",
+        ),
         (("--remove-params", "0.2", "--allocation", "auto"), "--ratio only"),
         (("--remove-params", "0.2", "--structures", "ffn,experts"), "Unknown structure"),
         (("--remove-params", "0.97", "--structures", "layers"), "can remove at most"),

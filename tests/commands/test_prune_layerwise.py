@@ -67,10 +67,12 @@ def test_layerwise_refuses_what_it_cannot_do(dense, tmp_path, capsys, extra, say
     assert not (tmp_path / "out").exists()
 
 
-def test_layerwise_refuses_a_parameter_budget(dense, tmp_path, capsys):
-    argv = ["prune", "--model", str(dense), "--remove-params", "0.1", "--layerwise"]
+def test_layerwise_refuses_a_parameter_budget_beyond_ffn_rows(dense, tmp_path, capsys):
+    argv = ["prune", "--model", str(dense), "--remove-params", "0.1", "--structures",
+            "ffn,layers", "--layerwise"]  # fmt: skip
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
-    assert "use --ratio with --route layerwise" in capsys.readouterr().err
+    assert "use --structures ffn, or --route memory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_compute_dtype_needs_layerwise(dense, tmp_path, capsys):
