@@ -49,7 +49,8 @@ def test_a_tiny_run_measures_both_sides_and_writes_the_table_and_json(
     assert new["text"] == "generated"
     assert new["threads"] >= 1  # read from the folder's prunenet_request.json
     assert list(new["stage_peak_mb"]) == ["load", "text", "cut", "save"]
-    assert new["stage_peak_mb"]["save"] * 1e6 <= new["peak_rss_bytes"]  # the child's own peak
+    # The child's own peak bounds its stages' (recorded to 0.1 MB).
+    assert new["stage_peak_mb"]["save"] * 1e6 <= new["peak_rss_bytes"] + 0.05e6
     printed = capsys.readouterr().out
     assert "| base | cold | 1 |" in printed and "| new | cold | 1 |" in printed
     assert "cold: new/base wall" in printed
