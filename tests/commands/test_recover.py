@@ -259,7 +259,9 @@ def test_default_recover_opens_no_dataset_file(
     """Same audit as the prune command's (tests/commands/test_prune_data_free.py): every file
     the recover command opens, in a fresh interpreter."""
     report, out = tmp_path / "probe.json", tmp_path / "out"
-    env = {"PRUNENET_NO_CACHE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    # One torch thread, as in every test: two workers' 2-thread prunes on 2 cores run far slower.
+    env = {"PRUNENET_NO_CACHE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
     argv = ["recover", "--model", str(pruned_folder), "--teacher", str(tiny_model_folder),
             "--out", str(out), *QUICK]  # fmt: skip
     subprocess.run(
