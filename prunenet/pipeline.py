@@ -339,7 +339,7 @@ def apply_budget(
     plan = None
     if split.ffn_rows and not (split.layers or split.query_heads or split.kv_groups):
         # FFN rows only: the model the plan is made for is the dense one.
-        ratio = split.ffn_rows / min(ffn_widths(model.config))
+        ratio = split.ffn_ratio(model.config)
         plan = planner(model, ratio)
         if plan.info.get("analysis") == "shared":
             if shared is None:
@@ -351,7 +351,7 @@ def apply_budget(
     cut_structures(pruned, split)
     widths = ffn_widths(pruned.config)
     if split.ffn_rows:
-        ratio = split.ffn_rows / min(widths)
+        ratio = split.ffn_ratio(pruned.config)
         plan = plan or planner(pruned, ratio)
         if plan.info.get("analysis") == "shared":
             raise PruneNetError(

@@ -28,7 +28,7 @@ from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.shared import SHARED_HINT_REQUESTS
 from prunenet.core.arch import can_store_output_bias
 from prunenet.core.compress import PruneReport, estimated_output_bytes
-from prunenet.core.config_fields import ffn_width, ffn_widths
+from prunenet.core.config_fields import ffn_width
 from prunenet.core.devices import resolve_device
 from prunenet.core.ratios import keep_count
 from prunenet.errors import PruneNetError
@@ -380,8 +380,7 @@ class Run:
         skeleton = empty_model(config)
         refit_biases = request.refit not in (None, "none")
         splits = [ffn_split(skeleton, target, refit_biases) for target in request.remove_params]
-        width = min(ffn_widths(config))
-        return [split.ffn_rows / width for split in splits], [split.to_dict() for split in splits]
+        return [split.ffn_ratio(config) for split in splits], [split.to_dict() for split in splits]
 
     # ----- one decoder layer at a time --------------------------------------------------------
 

@@ -85,6 +85,15 @@ class StructureSplit:
     def removed_fraction(self) -> float:
         return self.params_removed / self.params_dense if self.params_dense else 0.0
 
+    def ffn_ratio(self, config) -> float:
+        """The planner's ratio that removes `ffn_rows` from every layer of a model of `config`
+        (the model the FFN rows are cut from): the rows over the narrowest layer's width. Every
+        route computes it here, so the same budget cuts the same rows on each.
+
+        :param config: that model's config.
+        """
+        return self.ffn_rows / min(ffn_widths(config))
+
     def to_dict(self) -> dict:
         data = {k: v for k, v in asdict(self).items() if k != "head_scores"}
         return {**data, "removed_fraction": self.removed_fraction}
@@ -258,7 +267,7 @@ def split_budget(
         torch.argsort(block_influence(model, fit_tokens)).tolist() if "layers" in structures else []
     )
     split = StructureSplit(target=target, params_dense=costs.dense, head_scores=head_rank)
-    state = {"rows": 0, "query": 0, "groups": 0, "dropped": []}
+    state = _nothing_removed()
     step_rows = max(1, round(FFN_STEP * min(costs.widths)))
     reference = reference_log_probs(model, kl_tokens) if search else []
     kl_now = 0.0
@@ -312,10 +321,14 @@ def ffn_split(model: nn.Module, target: float, refit_biases: bool = False) -> St
     """
     check_budget(model, target, ("ffn",))
     costs = Costs(model, refit_biases)
-    state = _fit_rows({"rows": 0, "query": 0, "groups": 0, "dropped": []}, costs,
-                      int(round(target * costs.dense)))  # fmt: skip
+    state = _fit_rows(_nothing_removed(), costs, int(round(target * costs.dense)))
     return StructureSplit(target=target, ffn_rows=state["rows"], params_dense=costs.dense,
                           params_removed=costs.removed(**state))  # fmt: skip
+
+
+def _nothing_removed() -> dict:
+    """The split state before any step: no FFN rows, query heads, KV groups or layers."""
+    return {"rows": 0, "query": 0, "groups": 0, "dropped": []}
 
 
 def _options(state, structures, costs, step_rows, layer_rank, layer_count):
