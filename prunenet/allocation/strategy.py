@@ -40,16 +40,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunenet.allocation.structures import (
-    MAX_FFN_RATIO,
-    STRUCTURES,
-    Costs,
-    ffn_activation_scores,
-    head_ranks,
-)
+from prunenet.allocation.structures import MAX_FFN_RATIO, STRUCTURES, Costs
 from prunenet.allocation.trials import masked
 from prunenet.analysis.influence import block_influence
 from prunenet.analysis.selfgen import SelfGenConfig, own_text
+from prunenet.analysis.unit_ranks import ffn_activation_scores, head_ranks
 from prunenet.core.arch import head_removal_blocker
 from prunenet.errors import PruneNetError
 from prunenet.evaluation.divergence import ReferenceCache, kl_and_perplexity

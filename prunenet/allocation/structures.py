@@ -36,14 +36,14 @@ from tqdm.auto import tqdm
 
 from prunenet.allocation.budget import _parameters_per_row
 from prunenet.allocation.trials import masked, mean_kl, reference_log_probs
-from prunenet.analysis.head_scores import output_energy_scores
 from prunenet.analysis.influence import block_influence
+from prunenet.analysis.unit_ranks import ffn_activation_scores, head_ranks
 from prunenet.core.arch import adapter_for, decoder_layers, head_removal_blocker
 from prunenet.core.compress import count_parameters
 from prunenet.core.config_fields import ffn_widths, head_shapes
 from prunenet.core.depth import layer_parameters
 from prunenet.core.heads import head_costs
-from prunenet.core.surgery import added_bias_parameters, ffn_modules, ffn_weights
+from prunenet.core.surgery import added_bias_parameters
 from prunenet.errors import PruneNetError
 
 STRUCTURES = ("ffn", "heads", "layers")
@@ -371,42 +371,3 @@ def _fit_rows(state: dict, costs: Costs, goal: int) -> dict:
     while rows > 0 and removed(rows - 1) >= goal:
         rows -= 1
     return {**state, "rows": rows}
-
-
-@torch.no_grad()
-def ffn_activation_scores(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """rms(activation) x output column norm per FFN row (the `selfgen` heuristic), one pass.
-
-    :param model: the dense model.
-    :param tokens: its own text (sequences x length ids); the start token is left out.
-    """
-    adapter = adapter_for(model.config)
-    layers = decoder_layers(model)
-    energy = [None] * len(layers)
-    handles = []
-    for index, layer in enumerate(layers):
-        _, output = ffn_modules(layer, adapter)
-
-        def hook(module, inputs, index=index):
-            acts = inputs[0].reshape(-1, inputs[0].shape[-1])[1:].float()  # the start token
-            energy[index] = acts.pow(2).mean(dim=0)
-
-        handles.append(output.register_forward_pre_hook(hook))
-    try:
-        model(tokens, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [
-        energy[i].sqrt() * ffn_weights(layer, adapter).output.float().norm(dim=0)
-        for i, layer in enumerate(layers)
-    ]
-
-
-def head_ranks(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, query-head scores (output energy through the output projection).
-
-    :param model: the dense model.
-    :param tokens: its own text (sequences x length ids).
-    """
-    return [scores.query for scores in output_energy_scores(model, tokens)]
