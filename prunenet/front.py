@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from prunenet.allocation.strategy import (
     KL_SEQUENCES,
-    STRATEGY_TEXT,
+    STRATEGY_LENGTH,
+    STRATEGY_SEQUENCES,
     Strategy,
     StrategyContext,
     strategy_context,
@@ -269,7 +270,7 @@ def sweep(
         context_start = time.perf_counter()
         # One context serves every strategy; only the policy reads the (costly) descriptors.
         context = strategy_context(
-            model, settings.refit != "none", describe="policy" in settings.strategies
+            model, tokens, settings.refit != "none", describe="policy" in settings.strategies
         )
         context_seconds = time.perf_counter() - context_start
     grid = [(budget, name) for budget in settings.budgets for name in settings.strategies]
@@ -423,7 +424,12 @@ def sweep_protocol(
         "structures": list(STRUCTURES),
         "refit": settings.refit,
         "analysis_text": asdict(settings.selfgen),
-        "strategy_text": asdict(STRATEGY_TEXT),
+        # Strategies read part of the analysis text (`strategy_tokens`), not a text of their own.
+        "strategy_text": {
+            "part_of": "analysis_text",
+            "sequences": min(STRATEGY_SEQUENCES, settings.selfgen.sequences),
+            "length": min(STRATEGY_LENGTH, settings.selfgen.length),
+        },
         "strategy_kl_sequences": KL_SEQUENCES,
         "search_evaluations": settings.search_evaluations,
         "seed": settings.seed,
@@ -513,8 +519,8 @@ def markdown_report(result: ParetoResult) -> str:
         f"- cuts: `prunenet prune --remove-params B --strategy S` (FFN rows only, refit "
         f"{p['refit']}), analysis text {text['sequences']} x {text['length']} tokens (seed "
         f"{text['seed']}) written once; strategies chosen on {p['strategy_text']['sequences']} x "
-        f"{p['strategy_text']['length']} tokens; search: {p['search_evaluations']} evaluations, "
-        f"seed {p['seed']}",
+        f"{p['strategy_text']['length']} tokens of it; search: {p['search_evaluations']} "
+        f"evaluations, seed {p['seed']}",
         f"- perplexity and KL: {evaluation['ppl_windows'] or 'all'} windows x "
         f"{evaluation['seqlen']} tokens per text, BOS {evaluation['ppl_bos_token'] or 'none'} "
         "prepended",

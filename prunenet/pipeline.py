@@ -495,6 +495,7 @@ def prune_strategies_and_save(
     selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
     records: Sequence[dict] | None = None,
     stages: StageTimes | None = None,
+    tokens: torch.Tensor | None = None,
 ) -> list[PruneReport]:
     """`prune_budgets_and_save` for per-layer strategies (one folder per strategy).
 
@@ -509,12 +510,15 @@ def prune_strategies_and_save(
     :param selfgen: the analysis text (written once, used by every strategy).
     :param records: how each folder was made (`prunenet.runner`), one per folder, or None.
     :param stages: the run's stages so far (`prune_and_save`).
+    :param tokens: the `selfgen` text when the caller already has it (the strategies were
+        measured on part of it); None writes or reads it here.
     """
     if len(strategies) != len(folders):
         raise PruneNetError(f"Got {len(strategies)} strategies for {len(folders)} folders.")
     run = stages or StageTimes()
-    with run.own_text():
-        tokens = analysis_text(model, selfgen)
+    if tokens is None:
+        with run.own_text():
+            tokens = analysis_text(model, selfgen)
 
     def cut(strategy, last: bool):
         return apply_strategy(model, planner, strategy, head_scores, tokens, last, refit)

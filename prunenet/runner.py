@@ -25,6 +25,7 @@ from prunenet.allocation.speedup import check_target_speedup, ratio_for_speedup
 from prunenet.allocation.strategy import strategy_context
 from prunenet.allocation.structures import check_budget, ffn_split, parse_structures
 from prunenet.analysis.selfgen import SelfGenConfig
+from prunenet.analysis.sequential import analysis_text
 from prunenet.analysis.shared import SHARED_HINT_REQUESTS
 from prunenet.core.arch import can_store_output_bias
 from prunenet.core.compress import PruneReport, estimated_output_bytes
@@ -342,9 +343,11 @@ class Run:
         common = dict(overwrite=self.overwrite, refit=request.refit, selfgen=self.selfgen,
                       records=self.records(request.amounts), stages=stages)  # fmt: skip
         if request.remove_params is not None and request.strategy_name != "uniform":
+            with stages.own_text():
+                tokens = analysis_text(model, self.selfgen)
             with stages.timing("strategy"):
                 context = strategy_context(
-                    model, request.refit != "none", describe=request.strategy_name == "policy"
+                    model, tokens, request.refit != "none", request.strategy_name == "policy"
                 )
                 strategies = [
                     make_strategy(request.strategy_name, context, target, request.structures,
@@ -352,8 +355,9 @@ class Run:
                     for target in request.remove_params
                 ]  # fmt: skip
             reports = prune_strategies_and_save(
-                model, tokenizer, planner, strategies, context.head_rank, self.folders, **common
-            )
+                model, tokenizer, planner, strategies, context.head_rank, self.folders,
+                tokens=tokens, **common,
+            )  # fmt: skip
             return [
                 PruneResult(target, folder, report, strategy)
                 for target, folder, report, strategy in zip(

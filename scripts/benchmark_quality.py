@@ -806,7 +806,7 @@ def _apply_strategy(model: nn.Module, method: Method, target: float, tokens, arg
     key = (method.refit != "none", method.strategy == "policy")  # only the policy reads descriptors
     contexts = args.strategy_contexts
     if key not in contexts:
-        contexts[key] = strategy_context(model, *key)
+        contexts[key] = strategy_context(model, tokens, *key)  # one text: the cut's
     context = contexts[key]
     policy = None
     if method.strategy == "policy":

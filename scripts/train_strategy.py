@@ -4,8 +4,9 @@ request, with the uniform cut and the random-search baseline on the same masked 
     python scripts/train_strategy.py --model smollm2-135m --timesteps 12000 \\
         --out prunenet/policies/smollm2-135m-strategy.zip
 
-Everything is measured on the model's own text: 64 x 128 self-generated tokens (seed 0; cached),
-the last 4 sequences held out for the KL. Prints one table row per budget: KL of uniform, of the
+Everything is measured on the model's own text: the 64 x 128 tokens of prune's default analysis
+text that strategies read (`strategy_tokens`; the text is written once per model and cached), the
+last 4 sequences held out for the KL. Prints one table row per budget: KL of uniform, of the
 best hand-made depth ramp (`--ramp-slopes`, tuned on the same tokens), of the policy (1
 evaluation, plus the ramp's for a policy on the ramp base), of random search with
 `--search-evaluations` evaluations around uniform, and of the same number of random corrections
@@ -36,6 +37,7 @@ from prunenet.allocation.strategy import (
     uniform_actions,
 )
 from prunenet.allocation.structures import check_budget, parse_structures
+from prunenet.analysis.sequential import analysis_text
 from prunenet.errors import PruneNetError
 from prunenet.io.models import load_model
 from prunenet.rl.strategy import (
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for budget in budgets:  # uniform and the ramps cut FFN rows only: they must fit them
         check_budget(model, budget, ("ffn",))
     start = time.perf_counter()
-    context = strategy_context(model)
+    context = strategy_context(model, analysis_text(model))  # the text prune's default writes
     print(f"context (descriptors, scores) in {time.perf_counter() - start:.0f} s", flush=True)
     if not args.compare_only:
         low, high = (float(b) for b in args.budget_range.split(","))

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import prunenet.allocation.strategy as strategy_module
 from prunenet import front
 from prunenet.allocation.structures import Costs
 from prunenet.analysis.selfgen import SelfGenConfig
@@ -94,13 +93,9 @@ def test_settings_refuse_a_grid_that_cannot_run(changes: dict, message: str) -> 
         SweepSettings(**settings).check()
 
 
-@pytest.fixture
-def small_strategy_text(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(strategy_module, "STRATEGY_TEXT", SelfGenConfig(16, 12, seed=0))
-
-
-@pytest.fixture
-def swept(small_strategy_text) -> tuple[torch.nn.Module, torch.Tensor, ParetoResult]:
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> tuple[torch.nn.Module, torch.Tensor, ParetoResult]:
+    """One sweep read by several tests (none changes it); its text kept out of every cache."""
     model = tiny_model("llama")
     before = logits_of(model)
     suite = pareto_suite(model, tiny_tokenizer(), ["ppl_boolq", "ppl_code"], seqlen=8,
@@ -108,7 +103,10 @@ def swept(small_strategy_text) -> tuple[torch.nn.Module, torch.Tensor, ParetoRes
     settings = SweepSettings(budgets=(0.1, 0.2), strategies=("uniform", "ramp"), refit="lsq",
                              selfgen=SMALL_TEXT, speed_rounds=0)  # fmt: skip
     planner = scorer_planner(make_scorer("magnitude"), analysis="oneshot")
-    return model, before, sweep(model, planner, suite, settings)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PRUNENET_NO_CACHE", "1")
+        patch.setenv("PRUNENET_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return model, before, sweep(model, planner, suite, settings)
 
 
 def test_the_grid_has_one_row_per_budget_and_strategy_within_the_budget(swept) -> None:
@@ -169,9 +167,7 @@ def test_a_failed_write_leaves_no_folder(swept, tmp_path: Path, monkeypatch) -> 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_budget_the_ffn_cannot_reach_is_refused_before_the_dense_evaluation(
-    small_strategy_text,
-) -> None:
+def test_a_budget_the_ffn_cannot_reach_is_refused_before_the_dense_evaluation() -> None:
     model = tiny_model("llama")
     suite = pareto_suite(model, tiny_tokenizer(), ["ppl_boolq"], seqlen=8, ppl_windows=2)
 

@@ -43,7 +43,6 @@ from tqdm.auto import tqdm
 from prunenet.allocation.structures import MAX_FFN_RATIO, STRUCTURES, Costs
 from prunenet.allocation.trials import masked
 from prunenet.analysis.influence import block_influence
-from prunenet.analysis.selfgen import SelfGenConfig, own_text
 from prunenet.analysis.unit_ranks import ffn_activation_scores, head_ranks
 from prunenet.core.arch import head_removal_blocker
 from prunenet.errors import PruneNetError
@@ -58,9 +57,10 @@ DROP_LEVEL = 0.5  # a layer whose drop action is above this is dropped (while th
 BASES = ("uniform", "ramp")
 RESIDUAL_SCALE = 0.5  # on a ramp base, an FFN action a moves the ramp's exponent by 0.5 x a
 PROBE_RATIO = 0.3  # the per-layer sensitivity descriptor: KL with this share of its FFN masked
-# The text strategies are described and measured on, whatever the analysis text: the policy's
-# descriptors must mean at prune time what they meant in training. Cached after the first run.
-STRATEGY_TEXT = SelfGenConfig(sequences=64, length=128, seed=0)
+# How much of the run's own text strategies are described and measured on, whatever the text
+# budget: the policy's descriptors must mean at prune time what they meant in training. A text
+# smaller than this is used whole (the report records the shape).
+STRATEGY_SEQUENCES, STRATEGY_LENGTH = 64, 128
 KL_SEQUENCES = 4  # held-out self-generated sequences a strategy's KL is measured on
 DESCRIPTORS = (
     "depth",  # relative position, 0 (first) .. 1 (last)
@@ -472,14 +472,30 @@ def ramp_search(
     return best
 
 
+def strategy_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """The part of the run's own text strategies read: `STRATEGY_SEQUENCES` sequences cut to
+    their first `STRATEGY_LENGTH` tokens, the last `KL_SEQUENCES` of them the text's last
+    sequences, so the strategy's held-out KL reads the sequences the cut holds out as well
+    (`prunenet.analysis.sequential`), never those its refit is fitted on.
+
+    :param tokens: the run's text (sequences x length ids, `analysis_text`).
+    """
+    count = min(STRATEGY_SEQUENCES, tokens.shape[0])
+    held = min(KL_SEQUENCES, max(1, count // 4))
+    rows = torch.cat([tokens[: count - held], tokens[tokens.shape[0] - held :]])
+    return rows[:, :STRATEGY_LENGTH].contiguous()
+
+
 def strategy_context(
-    model: nn.Module, refit_biases: bool = False, describe: bool = True
+    model: nn.Module, tokens: torch.Tensor, refit_biases: bool = False, describe: bool = True
 ) -> StrategyContext:
-    """The model's `StrategyContext` on `STRATEGY_TEXT` (its own text, written once and cached).
+    """The model's `StrategyContext` on part of the run's own text (`strategy_tokens`), so one
+    text serves the strategy, the cut and the refit.
 
     :param model: the dense model.
+    :param tokens: the run's text (`prunenet.analysis.sequential.analysis_text`).
     :param refit_biases: count the biases a refit adds.
     :param describe: compute the layer descriptors (only the policy reads them: 2 masked passes
         per layer, minutes on a CPU).
     """
-    return StrategyContext(model, own_text(model, STRATEGY_TEXT), refit_biases, describe)
+    return StrategyContext(model, strategy_tokens(tokens), refit_biases, describe)

@@ -9,7 +9,10 @@ import torch
 
 from prunenet.allocation.strategy import (
     DROP_LEVEL,
+    KL_SEQUENCES,
     RESIDUAL_SCALE,
+    STRATEGY_LENGTH,
+    STRATEGY_SEQUENCES,
     STRUCTURES,
     StrategyContext,
     depth_ramp_actions,
@@ -17,6 +20,7 @@ from prunenet.allocation.strategy import (
     ramp_search,
     random_search,
     realise,
+    strategy_tokens,
     uniform_actions,
 )
 from prunenet.allocation.structures import Costs
@@ -184,3 +188,16 @@ def test_a_centred_search_starts_from_its_centre_and_never_does_worse(context) -
     assert one.kl == pytest.approx(at_centre, rel=1e-12) and one.extra["centered"]
     several = random_search(context, 0.3, 5, ("ffn",), seed=2, spread=0.25, center=centre)
     assert several.kl <= at_centre
+
+
+def test_strategies_read_the_runs_text_with_its_last_sequences_held_out() -> None:
+    # Row i of the text is all i: which rows the strategy reads is visible in its first column.
+    rows = 256
+    text = torch.arange(rows).repeat_interleave(256).reshape(rows, 256)
+    part = strategy_tokens(text)
+    assert part.shape == (STRATEGY_SEQUENCES, STRATEGY_LENGTH)
+    fitted = list(range(STRATEGY_SEQUENCES - KL_SEQUENCES))
+    held = list(range(rows - KL_SEQUENCES, rows))  # the cut holds out the text's last quarter
+    assert part[:, 0].tolist() == fitted + held
+    small = strategy_tokens(text[:8, :20])  # a text below the strategy's share is read whole
+    assert small.shape == (8, 20) and small[:, 0].tolist() == list(range(8))

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import prunenet.allocation.strategy as strategy_module
 from prunenet import front
 from prunenet.allocation.structures import Costs
-from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.cli import main
 from prunenet.commands import pareto as pareto_command
 from prunenet.core.compress import count_parameters
@@ -40,7 +38,6 @@ def grid(tiny_model_folder: Path, tmp_path_factory) -> tuple[Path, dict, str]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PRUNENET_NO_CACHE", "1")
         patch.setenv("PRUNENET_CACHE", str(tmp_path_factory.mktemp("cache")))
-        patch.setattr(strategy_module, "STRATEGY_TEXT", SelfGenConfig(16, 12, seed=0))
         code = _run("pareto", "--model", str(tiny_model_folder), "--remove-params",
                     ",".join(map(str, BUDGETS)), "--out", str(out), *QUICK)  # fmt: skip
     assert code == 0
@@ -209,7 +206,6 @@ def test_a_budget_the_ffn_cannot_reach_exits_2_before_any_cut(
 def test_overwrite_replaces_the_folder_with_a_complete_one(
     tiny_model_folder, tmp_path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(strategy_module, "STRATEGY_TEXT", SelfGenConfig(16, 12, seed=0))
     out = tmp_path / "out"
     out.mkdir()
     (out / "pareto.json").write_text("{}")  # a pareto folder: what --overwrite may replace

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import prunenet.allocation.strategy as strategy_module
-from prunenet.allocation.strategy import SelfGenConfig, StrategyContext
+from prunenet.allocation.strategy import StrategyContext
 from prunenet.cli import main
 from prunenet.io.loading import load_pruned
 from prunenet.io.saving import REPORT_FILE
@@ -17,11 +17,6 @@ from prunenet.rl.strategy import StrategyTrainConfig, train_strategy
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("no_disk_cache")
-
-
-@pytest.fixture(autouse=True)
-def small_strategy_text(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(strategy_module, "STRATEGY_TEXT", SelfGenConfig(16, 12, seed=0))
 
 
 def _prune(model: Path, out: Path, *extra: str) -> int:
@@ -125,3 +120,30 @@ def test_bad_strategy_requests_exit_2_before_any_work(
     assert _prune(tiny_model_folder, tmp_path / "out", *extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_strategy_run_writes_one_text_that_the_strategy_and_the_cut_both_read(
+    tiny_model_folder, tmp_path, monkeypatch
+) -> None:
+    import prunenet.analysis.selfgen as selfgen
+
+    written, read_by_strategy = [], []
+    generate = selfgen.generate_own_text
+
+    def counted(*args, **kwargs):
+        written.append(generate(*args, **kwargs))
+        return written[-1]
+
+    monkeypatch.setattr(selfgen, "generate_own_text", counted)
+    context = strategy_module.StrategyContext.__init__
+
+    def spy(self, model, tokens, *args, **kwargs):
+        read_by_strategy.append(tokens)
+        context(self, model, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(strategy_module.StrategyContext, "__init__", spy)
+    code = _prune(tiny_model_folder, tmp_path / "out", "--remove-params", "0.2",
+                  "--strategy", "search", "--search-evaluations", "2")  # fmt: skip
+    assert code == 0
+    assert len(written) == 1 and len(read_by_strategy) == 1
+    assert torch.equal(read_by_strategy[0], strategy_module.strategy_tokens(written[0]))

@@ -265,10 +265,6 @@ def test_heads_and_layers_suffixes_need_parameter_budgets(bench):
 def test_search_methods_spread_the_budget_per_layer_through_apply_strategy(
     bench, tiny_model_folder, tmp_path, monkeypatch
 ):
-    import prunenet.allocation.strategy as strategy_module
-    from prunenet.analysis.selfgen import SelfGenConfig
-
-    monkeypatch.setattr(strategy_module, "STRATEGY_TEXT", SelfGenConfig(16, 12, seed=0))
     argv = ["--model", str(tiny_model_folder), "--quick", "--methods", "magnitude+lsq+search",
             "--remove-params", "0.2", "--seqlen", "16", "--zero-shot-tasks", "",
             "--selfgen-sequences", "4", "--search-evaluations", "3",
