@@ -26,12 +26,15 @@ from tests.conftest import logits_of, tiny_model, tiny_tokenizer
 QUICK = ["--steps", "4", "--eval-every", "2", "--sequences", "8"]
 
 
-@pytest.fixture
-def pruned_folder(tiny_model_folder: Path, tmp_path: Path) -> Path:
-    """The tiny Llama pruned by the prune command (random scores, so it is fast)."""
-    folder = tmp_path / "pruned"
+@pytest.fixture(scope="module")
+def pruned_folder(tiny_model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama pruned by the prune command (random scores, so it is fast), once for the
+    module: every test only reads it. Its text goes to a private cache, not the user's."""
+    folder = tmp_path_factory.mktemp("recover") / "pruned"
     argv = ["prune", "--model", str(tiny_model_folder), "--ratio", "0.5", "--scorer", "random"]
-    assert main([*argv, "--out", str(folder)]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PRUNENET_CACHE", str(tmp_path_factory.mktemp("prune-cache")))
+        assert main([*argv, "--out", str(folder)]) == 0
     return folder
 
 
@@ -231,7 +234,7 @@ def test_sigterm_during_training_leaves_nothing_at_out(
     code = _recover(pruned_folder, tiny_model_folder, tmp_path / "out")
     assert code == 128 + signal.SIGTERM and len(calls) == 3
     assert "interrupted by SIGTERM" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+    assert list(tmp_path.iterdir()) == []  # no output, no staging folder
 
 
 def test_ctrl_c_while_saving_leaves_nothing_at_out(
@@ -247,7 +250,7 @@ def test_ctrl_c_while_saving_leaves_nothing_at_out(
     monkeypatch.setattr(Path, "write_text", interrupted)
     code = _recover(pruned_folder, tiny_model_folder, tmp_path / "out")
     assert code == 128 + signal.SIGINT
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+    assert list(tmp_path.iterdir()) == []  # no output, no staging folder
 
 
 # ----- data-free --------------------------------------------------------------------------------
