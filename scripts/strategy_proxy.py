@@ -50,7 +50,7 @@ from prunenet.io.models import load_model
 from prunenet.pipeline import PrunePlan, apply_strategy, scorer_planner
 from prunenet.scoring.registry import make_scorer
 
-RAMP_SLOPES = (0.1, 0.2, 0.3, 0.5)
+RAMP_SLOPES = "0.1,0.3,0.5"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="ffn,heads,layers",
         help="what the random strategies may take (the ramps take FFN rows)",
     )
-    parser.add_argument("--random", type=int, default=10, help="random strategies (seeds 0..)")
+    parser.add_argument("--ramps", default=RAMP_SLOPES, help="depth-ramp slopes (FFN rows)")
+    parser.add_argument("--random", type=int, default=6, help="random strategies (seeds 0..)")
     parser.add_argument(
         "--spread", type=float, default=0.7, help="standard deviation of the random actions"
     )
@@ -77,16 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         parser.error(f"--text {args.text!r}: write SEQUENCESxLENGTH, e.g. 64x128")
     args.selfgen = SelfGenConfig(sequences=sequences, length=length, seed=0)
+    args.slopes = [float(slope) for slope in args.ramps.split(",") if slope.strip()]
     if args.random < 0:
         parser.error("--random must be at least 0")
     return args
 
 
-def candidates(context, budget: float, structures, random: int, spread: float) -> list:
-    """The uniform cut, the ramps and `random` random strategies (seeded 0, 1, ...)."""
+def candidates(context, budget: float, structures, slopes, random: int, spread: float) -> list:
+    """The uniform cut, a ramp per slope and `random` random strategies (seeded 0, 1, ...)."""
     count = context.layer_count
     out = [realise(uniform_actions(count), budget, context.costs, ("ffn",), source="uniform")]
-    for slope in RAMP_SLOPES:
+    for slope in slopes:
         strategy = realise(depth_ramp_actions(count, slope), budget, context.costs, ("ffn",),
                            source=f"ramp {slope:g}")  # fmt: skip
         out.append(strategy)
@@ -120,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     analysis = "oneshot" if scorer.weights_only else "sequential"  # as prune resolves it
     planner = scorer_planner(scorer, analysis=analysis)
     rows = []
-    for strategy in candidates(context, args.budget, structures, args.random, args.spread):
+    for strategy in candidates(
+        context, args.budget, structures, args.slopes, args.random, args.spread
+    ):
         row = {"strategy": strategy.source, "what": describe(strategy),
                "params_removed": strategy.params_removed,
                "masked_kl": context.kl(strategy)}  # fmt: skip
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(rows)
     protocol = {
         "model": args.model, "budget": args.budget, "structures": list(structures),
-        "random": args.random, "spread": args.spread, "text": args.text,
+        "ramps": args.ramps, "random": args.random, "spread": args.spread, "text": args.text,
         "held_out_sequences": int(context.kl_tokens.shape[0]),
         "held_out_tokens": int(context.kl_tokens.numel()), "scorer": args.scorer,
         "analysis": analysis, "refit": args.refit, "threads": args.threads, "device": "cpu",
@@ -199,7 +203,7 @@ def to_markdown(rows: list[dict], summary: dict, protocol: dict) -> str:
     lines = [
         f"# Masked KL vs the cut model's KL: {p['model']}, {p['budget']:g} of all parameters",
         "",
-        f"- strategies: uniform FFN cut, depth ramps {', '.join(map(str, RAMP_SLOPES))} (FFN "
+        f"- strategies: uniform FFN cut, depth ramps {p['ramps']} (FFN "
         f"rows), {p['random']} random per-layer strategies (actions ~ N(0, {p['spread']}), may "
         f"take {', '.join(p['structures'])}); every one meets the budget exactly",
         "- masked KL: the dense model with the strategy as masks (what `--strategy` and the "
