@@ -96,12 +96,13 @@ class LayerActivations:
 
 
 def cache_settings(config: SelfGenConfig) -> dict:
-    """What the cached text and activations of `config` are keyed with: its fields and the
-    sampler's version (`SAMPLER`).
+    """What the cached text and activations of `config` are keyed with: its fields, the
+    sampler's version (`SAMPLER`) and the batch budget (`KV_CACHE_BUDGET`: it decides which
+    sequences share a batch and so a seed, so another budget writes another text).
 
     :param config: how much text.
     """
-    return {**asdict(config), **SAMPLER}
+    return {**asdict(config), **SAMPLER, "kv_cache_budget": KV_CACHE_BUDGET}
 
 
 def start_token_id(model: nn.Module) -> int:

@@ -258,6 +258,23 @@ def test_text_cached_by_an_earlier_sampler_is_written_again(
     assert torch.equal(selfgen.own_text(model, SMALL), generate_own_text(model, SMALL))
 
 
+def test_text_cached_under_another_batch_budget_is_written_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The batch budget decides which sequences share a seed: a text written under the 512 MB
+    # budget (keyed without it) is another text, and must not be read back as this one.
+    monkeypatch.delenv("PRUNENET_NO_CACHE")
+    model = tiny_model("llama")
+    from prunenet.io import cache
+
+    old = {**dataclasses.asdict(SMALL), **selfgen.SAMPLER}
+    stale = torch.full((SMALL.sequences, SMALL.length), 3, dtype=torch.long)
+    key = cache._entry_key("selfgen-text", model, old)
+    cache._write_entry(entry_path("selfgen-text", model, old), key, {"tokens": stale}, {})
+
+    assert torch.equal(selfgen.own_text(model, SMALL), generate_own_text(model, SMALL))
+
+
 def test_activations_are_keyed_with_the_samplers_version() -> None:
     model = tiny_model("llama")
     old = dataclasses.asdict(SMALL)
