@@ -33,11 +33,10 @@ from tqdm.auto import tqdm
 
 from prunenet.allocation.strategy import (
     KL_SEQUENCES,
-    STRATEGY_LENGTH,
-    STRATEGY_SEQUENCES,
     Strategy,
     StrategyContext,
     strategy_context,
+    strategy_text_shape,
 )
 from prunenet.allocation.structures import check_budget
 from prunenet.analysis.selfgen import SelfGenConfig
@@ -414,6 +413,7 @@ def sweep_protocol(
     :param dense_params: the dense model's parameters.
     """
     device = model_device(model)
+    sequences, length = strategy_text_shape(settings.selfgen.sequences, settings.selfgen.length)
     return {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model_type": model.config.model_type,
@@ -425,11 +425,7 @@ def sweep_protocol(
         "refit": settings.refit,
         "analysis_text": asdict(settings.selfgen),
         # Strategies read part of the analysis text (`strategy_tokens`), not a text of their own.
-        "strategy_text": {
-            "part_of": "analysis_text",
-            "sequences": min(STRATEGY_SEQUENCES, settings.selfgen.sequences),
-            "length": min(STRATEGY_LENGTH, settings.selfgen.length),
-        },
+        "strategy_text": {"part_of": "analysis_text", "sequences": sequences, "length": length},
         "strategy_kl_sequences": KL_SEQUENCES,
         "search_evaluations": settings.search_evaluations,
         "seed": settings.seed,

@@ -45,9 +45,13 @@ from prunenet.allocation.strategy import (
 from prunenet.allocation.structures import check_budget, parse_structures
 from prunenet.analysis.selfgen import SelfGenConfig
 from prunenet.analysis.sequential import analysis_text
+from prunenet.commands.prune import parse_text
+from prunenet.errors import PruneNetError
 from prunenet.evaluation.divergence import kl_and_perplexity
 from prunenet.io.models import load_model
 from prunenet.pipeline import PrunePlan, apply_strategy, scorer_planner
+from prunenet.request import PruneRequest
+from prunenet.runner import resolve_defaults
 from prunenet.scoring.registry import make_scorer
 
 RAMP_SLOPES = "0.1,0.3,0.5"
@@ -67,17 +71,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--spread", type=float, default=0.7, help="standard deviation of the random actions"
     )
-    parser.add_argument("--text", default="64x128", help="the run's own text, SEQUENCESxLENGTH")
+    parser.add_argument("--text", default="64x128", type=parse_text, metavar="SEQUENCESxLENGTH",
+                        help="the run's own text (64x128)")  # fmt: skip
     parser.add_argument("--scorer", default="policy", help="the cut's row scorer")
     parser.add_argument("--refit", default="lsq", choices=("lsq", "bias", "none"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", default=None, help="write strategy_proxy.{json,md,png} here")
     args = parser.parse_args(argv)
-    try:
-        sequences, length = (int(part) for part in args.text.lower().split("x"))
-    except ValueError:
-        parser.error(f"--text {args.text!r}: write SEQUENCESxLENGTH, e.g. 64x128")
-    args.selfgen = SelfGenConfig(sequences=sequences, length=length, seed=0)
+    try:  # out-of-range sizes: exit 2 with SelfGenConfig's message, not a traceback
+        args.selfgen = SelfGenConfig(sequences=args.text[0], length=args.text[1], seed=0)
+    except PruneNetError as error:
+        parser.error(f"--text: {error}")
     args.slopes = [float(slope) for slope in args.ramps.split(",") if slope.strip()]
     if args.random < 0:
         parser.error("--random must be at least 0")
@@ -119,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     context = strategy_context(model, tokens, args.refit != "none", describe=False)
     print(f"text and context in {time.perf_counter() - start:.0f} s", flush=True)
     scorer = make_scorer(args.scorer)
-    analysis = "oneshot" if scorer.weights_only else "sequential"  # as prune resolves it
+    # The analysis prune would run this scorer with in memory.
+    request = resolve_defaults(PruneRequest(scorer=args.scorer, refit=args.refit), scorer, "memory")
+    analysis = request.analysis
     planner = scorer_planner(scorer, analysis=analysis)
     rows = []
     for strategy in candidates(
@@ -142,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(rows)
     protocol = {
         "model": args.model, "budget": args.budget, "structures": list(structures),
-        "ramps": args.ramps, "random": args.random, "spread": args.spread, "text": args.text,
+        "ramps": args.ramps, "random": args.random, "spread": args.spread,
+        "text": f"{args.text[0]}x{args.text[1]}",
         "held_out_sequences": int(context.kl_tokens.shape[0]),
         "held_out_tokens": int(context.kl_tokens.numel()), "scorer": args.scorer,
         "analysis": analysis, "refit": args.refit, "threads": args.threads, "device": "cpu",

@@ -59,7 +59,7 @@ RESIDUAL_SCALE = 0.5  # on a ramp base, an FFN action a moves the ramp's exponen
 PROBE_RATIO = 0.3  # the per-layer sensitivity descriptor: KL with this share of its FFN masked
 # How much of the run's own text strategies are described and measured on, whatever the text
 # budget: the policy's descriptors must mean at prune time what they meant in training. A text
-# smaller than this is used whole (the report records the shape).
+# smaller than this is used whole (`strategy_text_shape`; `prunenet pareto` records the shape).
 STRATEGY_SEQUENCES, STRATEGY_LENGTH = 64, 128
 KL_SEQUENCES = 4  # held-out self-generated sequences a strategy's KL is measured on
 DESCRIPTORS = (
@@ -329,7 +329,7 @@ class StrategyContext:
     ) -> None:
         self.model = model
         self.costs = Costs(model, refit_biases)
-        held = min(KL_SEQUENCES, max(1, tokens.shape[0] // 4))
+        held = held_out_sequences(tokens.shape[0])
         fit, self.kl_tokens = tokens[:-held], tokens[-held:]
         self.ffn_scores = ffn_activation_scores(model, fit)
         heads_ok = self.costs.shapes is not None and head_removal_blocker(model.config) is None
@@ -472,6 +472,24 @@ def ramp_search(
     return best
 
 
+def held_out_sequences(count: int) -> int:
+    """How many of `count` sequences a strategy's KL is measured on (the last ones): at most
+    `KL_SEQUENCES`, at most a quarter, at least one.
+
+    :param count: sequences in the strategy's text.
+    """
+    return min(KL_SEQUENCES, max(1, count // 4))
+
+
+def strategy_text_shape(sequences: int, length: int) -> tuple[int, int]:
+    """The sequences x length strategies read of a run's text of `sequences` x `length` tokens.
+
+    :param sequences: the run's text's sequences.
+    :param length: its tokens per sequence.
+    """
+    return min(STRATEGY_SEQUENCES, sequences), min(STRATEGY_LENGTH, length)
+
+
 def strategy_tokens(tokens: torch.Tensor) -> torch.Tensor:
     """The part of the run's own text strategies read: `STRATEGY_SEQUENCES` sequences cut to
     their first `STRATEGY_LENGTH` tokens, the last `KL_SEQUENCES` of them the text's last
@@ -480,10 +498,10 @@ def strategy_tokens(tokens: torch.Tensor) -> torch.Tensor:
 
     :param tokens: the run's text (sequences x length ids, `analysis_text`).
     """
-    count = min(STRATEGY_SEQUENCES, tokens.shape[0])
-    held = min(KL_SEQUENCES, max(1, count // 4))
+    count, length = strategy_text_shape(*tokens.shape)
+    held = held_out_sequences(count)  # the same rule `StrategyContext` splits by
     rows = torch.cat([tokens[: count - held], tokens[tokens.shape[0] - held :]])
-    return rows[:, :STRATEGY_LENGTH].contiguous()
+    return rows[:, :length].contiguous()
 
 
 def strategy_context(

@@ -50,3 +50,11 @@ def test_without_a_refit_the_masks_rows_cut_give_the_masked_kl(proxy, tiny_model
     rows = json.loads((tmp_path / "strategy_proxy.json").read_text())["rows"]
     for row in rows:
         assert row["mask_rows_refit_kl"] == pytest.approx(row["masked_kl"], rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("text", ["abc", "0x12"])
+def test_a_bad_text_exits_2_before_loading_anything(proxy, text, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        proxy.parse_args(["--text", text])
+    assert exit_.value.code == 2
+    assert "--text" in capsys.readouterr().err
