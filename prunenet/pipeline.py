@@ -50,6 +50,7 @@ from prunenet.core.compress import PruneReport, count_parameters, prune_model
 from prunenet.core.config_fields import ffn_widths, head_shapes
 from prunenet.core.depth import drop_layers
 from prunenet.core.heads import prune_heads, select_heads
+from prunenet.core.memory import page_out_replaced, tensor_ranges
 from prunenet.core.ratios import uniform_keep
 from prunenet.core.refit import check_refit
 from prunenet.errors import PruneNetError
@@ -299,6 +300,7 @@ def cut_structures(model: nn.Module, split: StructureSplit) -> None:
     :param model: the dense model `split` was computed on.
     :param split: from `prunenet.allocation.structures.split_budget`.
     """
+    before = tensor_ranges(model)
     if split.query_heads or split.kv_groups:
         keep = [
             select_heads(scores, shape, shape.num_kv_heads - split.kv_groups,
@@ -308,6 +310,7 @@ def cut_structures(model: nn.Module, split: StructureSplit) -> None:
         prune_heads(model, keep)
     if split.layers:
         drop_layers(model, split.layers)
+    page_out_replaced(before, model)  # the cut heads' and dropped layers' weights
 
 
 def apply_budget(

@@ -22,6 +22,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from prunenet.analysis.sampling import KV_CACHE_BUDGET, Sample, batch_seed, batch_sizes
 from prunenet.core.arch import adapter_for, decoder_layers, max_positions
 from prunenet.core.config_fields import ffn_widths
+from prunenet.core.memory import trim_heap
 from prunenet.core.surgery import ffn_modules
 from prunenet.errors import PruneNetError
 from prunenet.io.cache import CacheEntryError, Info, Tensors, memoize, stored_tensor
@@ -181,6 +182,9 @@ def generate_own_text(
                 ),
                 **GENERATE_CACHE,
             ))  # fmt: skip
+    # The cache and the logits are freed now; without this their heap blocks stayed resident
+    # under the cut that follows (`prunenet.core.memory`).
+    trim_heap()
     return torch.cat(written)
 
 
