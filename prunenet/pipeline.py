@@ -88,6 +88,7 @@ def scorer_planner(
     allocation: str = "uniform",
     max_layer_ratio: float = DEFAULT_MAX_RATIO,
     analysis: str = "oneshot",
+    tokens: torch.Tensor | None = None,
 ) -> Planner:
     """The standard planner: `scorer`'s ranking with a uniform or an automatic allocation.
 
@@ -105,6 +106,8 @@ def scorer_planner(
         are already cut; needs an activation-based scorer) or `shared` (scored on the dense
         model's activations on the analysis text, `prunenet.analysis.shared`; cut with
         `apply_shared`).
+    :param tokens: the run's own text, which `auto` measures layer sensitivity on (None: `auto`
+        has the model write a small text of its own).
     """
     if allocation not in ALLOCATIONS:
         raise PruneNetError(
@@ -116,7 +119,8 @@ def scorer_planner(
     def plan(model: nn.Module, ratio: float) -> PrunePlan:
         widths = ffn_widths(model.config)
         if allocation == "auto":
-            layer_keep = keep_counts(widths, auto_allocation(model, scorer, ratio, max_layer_ratio))
+            removed = auto_allocation(model, scorer, ratio, max_layer_ratio, tokens)
+            layer_keep = keep_counts(widths, removed)
         else:
             layer_keep = uniform_keep(widths, ratio)
         info = {**scorer.describe(), "allocation": allocation, "analysis": analysis}
@@ -234,6 +238,7 @@ def prune_and_save(
     selfgen: SelfGenConfig = ANALYSIS_SELFGEN,
     records: Sequence[dict] | None = None,
     stages: StageTimes | None = None,
+    tokens: torch.Tensor | None = None,
 ) -> list[PruneReport]:
     """Prune at each ratio and save each result atomically into its folder.
 
@@ -248,13 +253,15 @@ def prune_and_save(
     :param records: how each folder was made (`prunenet.runner`), one per folder, or None.
     :param stages: the run's stages so far (`prunenet.runner` times the load); each report gets
         them with the text, its cut and its save (`prunenet.stages`).
+    :param tokens: the run's own text when the caller wrote it already (for `planner`, as the
+        runner does for `--strategy auto`); None: written here when the cut needs it.
     :return: one report per ratio, with `seconds` covering planning, cutting and saving (the
         first ratio's include writing the text).
     """
     check_refit(refit)
     if len(ratios) != len(folders):
         raise PruneNetError(f"Got {len(ratios)} ratios for {len(folders)} output folders.")
-    tokens = None  # the dense model writes its text once; every ratio uses the same text
+    # The dense model writes its text once; every ratio uses the same text.
     analysis = None  # with a shared plan, the dense model is analysed once for every ratio
     run = stages or StageTimes()
     reports = []

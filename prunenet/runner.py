@@ -337,7 +337,14 @@ class Run:
             f"{_how_much(request)}, {request.analysis} analysis, refit {request.refit}"
         )
         allocation = "auto" if request.strategy == "auto" else "uniform"
-        planner = scorer_planner(self.scorer, allocation, request.max_layer_ratio, request.analysis)
+        tokens = None
+        if allocation == "auto" and (request.refit != "none" or request.analysis != "oneshot"):
+            # The cut reads the run's text; the layer sensitivity reads it too, so it is
+            # written first (one text per run).
+            with stages.own_text():
+                tokens = analysis_text(model, self.selfgen)
+        planner = scorer_planner(self.scorer, allocation, request.max_layer_ratio,
+                                 request.analysis, tokens)  # fmt: skip
         if search is not None:
             planner = _recording(planner, {"target_speedup": search.to_dict()})
         common = dict(overwrite=self.overwrite, refit=request.refit, selfgen=self.selfgen,
@@ -370,7 +377,8 @@ class Run:
                 self.folders, **common,
             )  # fmt: skip
             return _results(request.remove_params, self.folders, reports)
-        reports = prune_and_save(model, tokenizer, planner, request.ratio, self.folders, **common)
+        reports = prune_and_save(model, tokenizer, planner, request.ratio, self.folders,
+                                 tokens=tokens, **common)  # fmt: skip
         return _results(request.ratio, self.folders, reports)
 
     def ratios_of(self, config) -> tuple[list[float], list[dict | None]]:

@@ -12,11 +12,18 @@ cost_l(r) = KL_l(ref) * err_l(r) / err_l(ref). One forward pass per layer instea
 
 The curves do not depend on the target ratio, so one measurement serves every ratio, and it is
 cached on disk with the model's activations.
+
+Given the run's own text (`prunenet prune` passes it), the curves are measured on the part of it
+strategies read (`prunenet.allocation.strategy.strategy_tokens`): the KL on its held-out
+sequences, which the cut's refit never fits on, and the scores and local errors on the rest. So
+one run writes one text. Without it (a library caller with no text), the model writes a small
+text of its own (`SENSITIVITY_TEXT`) and the scorer reads its own activations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import hashlib
 from dataclasses import asdict
 from typing import Protocol
 
@@ -26,7 +33,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO, CostGrid, allocate_rows
-from prunenet.analysis.selfgen import SelfGenConfig, collect_activations, generate_own_text
+from prunenet.allocation.strategy import held_out_sequences, strategy_tokens
+from prunenet.analysis.selfgen import (
+    SelfGenConfig,
+    activations_on,
+    collect_activations,
+    generate_own_text,
+)
 from prunenet.analysis.spectral import function_error, output_energy
 from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.compress import select_keep_indices
@@ -48,17 +61,34 @@ class RowScorer(Protocol):
     """What the auto allocation needs of a scorer (`prunenet.scoring.base.Scorer` has it):
     declared here so that allocation depends on no scorer package (the scorers sit above it)."""
 
+    weights_only: bool
+
     def describe(self) -> dict: ...
 
     def score_model(self, model: nn.Module, ratio: float | None = None) -> list[torch.Tensor]: ...
 
+    def score_activations(
+        self, ffn, activations, layer_index: int, num_layers: int, ratio: float | None = None
+    ) -> torch.Tensor: ...
+
 
 def auto_allocation(
-    model: nn.Module, scorer: RowScorer, ratio: float, max_layer_ratio: float = DEFAULT_MAX_RATIO
+    model: nn.Module,
+    scorer: RowScorer,
+    ratio: float,
+    max_layer_ratio: float = DEFAULT_MAX_RATIO,
+    tokens: torch.Tensor | None = None,
 ) -> list[int]:
     """Rows to remove per layer for a global `ratio`: least total self-generated KL damage.
 
     Exactly `round(ratio * all FFN rows)` rows go, at most `max_layer_ratio` of any layer.
+
+    :param model: the dense model.
+    :param scorer: ranks each layer's rows (the curves measure the rows it would remove).
+    :param ratio: the share of all FFN rows to remove.
+    :param max_layer_ratio: the most any one layer loses.
+    :param tokens: the run's own text (`prunenet.analysis.sequential.analysis_text`); None:
+        the model writes `SENSITIVITY_TEXT` for this alone.
     """
     if max_layer_ratio > SENSITIVITY_RATIOS[-1]:
         raise PruneNetError(
@@ -66,19 +96,58 @@ def auto_allocation(
             f"{SENSITIVITY_RATIOS[-1]}; use at most {SENSITIVITY_RATIOS[-1]}."
         )
     widths = ffn_widths(model.config)
+    if tokens is None:
+        text = asdict(SENSITIVITY_TEXT)
+
+        def measure() -> list[CostGrid]:
+            return layer_sensitivity(model, scorer.score_model(model, ratio=REFERENCE_RATIO))
+    else:
+        tokens = tokens.cpu()
+        digest = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+        text = {"run_text": digest, "shape": list(tokens.shape)}
+
+        def measure() -> list[CostGrid]:
+            return run_text_sensitivity(model, scorer, tokens)
+
     curves = memoize(
         "sensitivity",
         model,
-        {
-            "scorer": scorer.describe(),
-            "ratios": SENSITIVITY_RATIOS,
-            "text": asdict(SENSITIVITY_TEXT),
-        },
-        lambda: layer_sensitivity(model, scorer.score_model(model, ratio=REFERENCE_RATIO)),
+        {"scorer": scorer.describe(), "ratios": SENSITIVITY_RATIOS, "text": text},
+        measure,
         encode=_encode_curves,
         decode=lambda tensors, info: _decode_curves(tensors, info, len(widths)),
     )
     return allocate_rows(curves, widths, rows_for_ratio(widths, ratio), max_ratio=max_layer_ratio)
+
+
+def run_text_sensitivity(
+    model: nn.Module, scorer: RowScorer, tokens: torch.Tensor, progress: bool = True
+) -> list[CostGrid]:
+    """`layer_sensitivity` on the run's own text: the part strategies read, its held-out
+    sequences for the KL, the rest for the activations the scorer and the local errors read.
+
+    :param model: the dense model.
+    :param scorer: ranks each layer's rows at `REFERENCE_RATIO` (an activation scorer on these
+        activations; a weights-only scorer on the weights).
+    :param tokens: the run's own text.
+    :param progress: show a progress bar.
+    """
+    sample = strategy_tokens(tokens)
+    held = held_out_sequences(sample.shape[0])
+    fit, kl_tokens = sample[: sample.shape[0] - held], sample[sample.shape[0] - held :]
+    device = next(model.parameters()).device
+    stats = activations_on(model, fit.to(device), SelfGenConfig().kept_tokens, seed=0)
+    if scorer.weights_only:
+        scores = scorer.score_model(model, ratio=REFERENCE_RATIO)
+    else:
+        adapter, layers = adapter_for(model.config), decoder_layers(model)
+        scores = [
+            scorer.score_activations(ffn_weights(layer, adapter), stats[index], index,
+                                     len(layers), REFERENCE_RATIO)
+            for index, layer in enumerate(layers)
+        ]  # fmt: skip
+    return layer_sensitivity(model, scores, progress=progress, tokens=kl_tokens.to(device),
+                             activations=stats)  # fmt: skip
 
 
 @torch.no_grad()
@@ -88,6 +157,8 @@ def layer_sensitivity(
     ratios: Sequence[float] = SENSITIVITY_RATIOS,
     text: SelfGenConfig = SENSITIVITY_TEXT,
     progress: bool = True,
+    tokens: torch.Tensor | None = None,
+    activations: Sequence | None = None,
 ) -> list[CostGrid]:
     """One damage curve per layer: KL(dense || layer-pruned at REFERENCE_RATIO), shaped over
     `ratios` by the layer's local output error.
@@ -96,11 +167,14 @@ def layer_sensitivity(
         damage of the pruning that will actually happen).
     :param ratios: grid of per-layer ratios; the allocator interpolates between them and
         never removes more than the last one.
-    :param text: how much self-generated text the KL is measured on.
+    :param text: how much self-generated text the KL is measured on, when `tokens` is None.
+    :param tokens: the text to measure the KL on (None: the model writes `text`).
+    :param activations: each layer's activation statistics for the local errors (None: the
+        model's own, `collect_activations`).
     """
-    tokens = generate_own_text(model, text)
+    tokens = generate_own_text(model, text) if tokens is None else tokens
     dense = F.log_softmax(model(tokens).logits.float(), dim=-1)
-    activations = collect_activations(model)
+    activations = collect_activations(model) if activations is None else activations
     adapter = adapter_for(model.config)
     layers = decoder_layers(model)
     curves = []

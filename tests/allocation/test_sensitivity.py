@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -100,3 +101,47 @@ def test_layer_sensitivity_leaves_the_model_unchanged() -> None:
     with torch.no_grad():
         assert torch.equal(model(ids).logits, tiny_model("llama")(ids).logits)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_auto_on_the_runs_text_writes_no_text_and_reads_its_held_out_part(monkeypatch) -> None:
+    import prunenet.allocation.sensitivity as sensitivity
+    import prunenet.analysis.selfgen as selfgen
+    from prunenet.allocation.strategy import held_out_sequences, strategy_tokens
+    from prunenet.scoring.heuristics import SelfGenScorer
+
+    model = tiny_model("llama")
+    tokens = selfgen.generate_own_text(model, SMALL)
+    written, measured_on = [], []
+    monkeypatch.setattr(selfgen, "generate_own_text", lambda *a, **k: written.append(1))
+    monkeypatch.setattr(sensitivity, "generate_own_text", lambda *a, **k: written.append(1))
+    curves = sensitivity.layer_sensitivity
+
+    def spy(model, scores, *args, tokens=None, activations=None, **kwargs):
+        measured_on.append((tokens, activations))
+        return curves(model, scores, *args, tokens=tokens, activations=activations, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "layer_sensitivity", spy)
+    removed = auto_allocation(model, SelfGenScorer(), 0.3, tokens=tokens)
+    widths = ffn_widths(model.config)
+    assert sum(removed) == rows_for_ratio(widths, 0.3)
+    assert written == []
+    sample = strategy_tokens(tokens)
+    kl_tokens, activations = measured_on[0]
+    assert torch.equal(kl_tokens, sample[-held_out_sequences(sample.shape[0]) :])
+    assert len(activations) == len(widths)
+
+
+def test_auto_scores_the_runs_text_with_an_activation_scorer() -> None:
+    """An activation scorer ranks rows on the run's text: another text, other curves."""
+    import prunenet.analysis.selfgen as selfgen
+    from prunenet.allocation.sensitivity import run_text_sensitivity
+    from prunenet.scoring.heuristics import SelfGenScorer
+
+    model = tiny_model("llama")
+    one = selfgen.generate_own_text(model, SMALL)
+    other = selfgen.generate_own_text(model, dataclasses.replace(SMALL, seed=1))
+    first = run_text_sensitivity(model, SelfGenScorer(), one, progress=False)
+    again = run_text_sensitivity(model, SelfGenScorer(), one, progress=False)
+    second = run_text_sensitivity(model, SelfGenScorer(), other, progress=False)
+    assert [c.costs for c in first] == [c.costs for c in again]
+    assert [c.costs for c in first] != [c.costs for c in second]

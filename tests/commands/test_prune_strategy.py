@@ -147,3 +147,30 @@ def test_a_strategy_run_writes_one_text_that_the_strategy_and_the_cut_both_read(
     assert code == 0
     assert len(written) == 1 and len(read_by_strategy) == 1
     assert torch.equal(read_by_strategy[0], strategy_module.strategy_tokens(written[0]))
+
+
+def test_an_auto_run_writes_one_text_that_the_sensitivity_and_the_cut_both_read(
+    tiny_model_folder, tmp_path, monkeypatch
+) -> None:
+    import prunenet.allocation.sensitivity as sensitivity
+    import prunenet.analysis.selfgen as selfgen
+
+    written, read_by_sensitivity = [], []
+    generate = selfgen.generate_own_text
+
+    def counted(*args, **kwargs):
+        written.append(generate(*args, **kwargs))
+        return written[-1]
+
+    monkeypatch.setattr(selfgen, "generate_own_text", counted)
+    monkeypatch.setattr(sensitivity, "generate_own_text", counted)
+    measure = sensitivity.run_text_sensitivity
+
+    def spy(model, scorer, tokens, *args, **kwargs):
+        read_by_sensitivity.append(tokens)
+        return measure(model, scorer, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "run_text_sensitivity", spy)
+    assert _prune(tiny_model_folder, tmp_path / "out", "--ratio", "0.3", "--strategy", "auto") == 0
+    assert len(written) == 1 and len(read_by_sensitivity) == 1
+    assert torch.equal(read_by_sensitivity[0], written[0])
