@@ -22,8 +22,8 @@ text of its own (`SENSITIVITY_TEXT`) and the scorer reads its own activations.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Protocol
 
