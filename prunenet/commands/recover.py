@@ -36,7 +36,14 @@ from prunenet.io.output_checks import check_free_space
 from prunenet.io.saving import hold_output
 from prunenet.io.trust import NO_REMOTE_CODE, is_remote_code_error, remote_code_error
 from prunenet.recovery.compatibility import check_same_vocabulary
-from prunenet.recovery.distill import DEFAULT_TEXT, RecoveryConfig, distill, merge_adapters
+from prunenet.recovery.distill import (
+    DEFAULT_LR,
+    DEFAULT_TEXT,
+    METHODS,
+    RecoveryConfig,
+    distill,
+    merge_adapters,
+)
 from prunenet.recovery.saving import RECOVER_REPORT_FILE, save_recovered
 from prunenet.tables import format_table
 
@@ -93,6 +100,13 @@ def register(subparsers) -> None:
         "sequences",
     )
     parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default=DEFAULTS.method,
+        help="lora: low-rank adapters on every projection, merged at the end; full: every "
+        "weight but the embeddings trained directly (default %(default)s)",
+    )
+    parser.add_argument(
         "--rank", type=positive_int, default=DEFAULTS.rank, help="LoRA rank (default %(default)s)"
     )
     parser.add_argument(
@@ -104,8 +118,10 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--lr",
         type=positive_float,
-        default=DEFAULTS.lr,
-        help="peak AdamW learning rate, warm-up then cosine to zero (default %(default)s)",
+        default=None,
+        help="peak AdamW learning rate, warm-up then cosine to zero (default "
+        + ", ".join(f"{rate:g} for {method}" for method, rate in DEFAULT_LR.items())
+        + ")",
     )
     parser.add_argument(
         "--batch-sequences",
@@ -174,6 +190,7 @@ def recovery_config(args: argparse.Namespace) -> RecoveryConfig:
         sequences = math.ceil(args.tokens / DEFAULT_TEXT.length)
     return RecoveryConfig(
         steps=args.steps,
+        method=args.method,
         rank=args.rank,
         alpha=args.alpha,
         lr=args.lr,
@@ -206,9 +223,9 @@ def run(args: argparse.Namespace) -> int:
         load_seconds = time.perf_counter() - start
         print(
             f"model {args.model} ({student.config.model_type}, {params:,} parameters) and teacher "
-            f"{args.teacher} loaded in {load_seconds:.1f} s; LoRA rank {config.rank}, "
+            f"{args.teacher} loaded in {load_seconds:.1f} s; {_method(config)}, "
             f"{config.steps} steps of {config.batch_sequences} x {config.text.length} tokens, "
-            f"lr {config.lr:g}, seed {config.seed}, {describe_device(device)}; text: "
+            f"lr {config.peak_lr:g}, seed {config.seed}, {describe_device(device)}; text: "
             f"{config.text.sequences} x {config.text.length} tokens the teacher writes itself "
             f"(the text prunenet prune wrote and cached, or written now), "
             f"{config.held_out_sequences} held out",
@@ -272,3 +289,8 @@ def _config(path: str):
             f"folder written by save_pretrained, a reachable hub id, or an alias: "
             f"{', '.join(ALIASES)}."
         ) from None
+
+
+def _method(config: RecoveryConfig) -> str:
+    """How the student is trained, in a few words."""
+    return f"LoRA rank {config.rank}" if config.method == "lora" else "every weight but embeddings"

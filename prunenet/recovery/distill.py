@@ -62,6 +62,10 @@ if TYPE_CHECKING:  # peft is imported when adapters are attached: `prunenet --he
 # dense model's weights: after a default prune, recovering from the same dense model costs no
 # generation at all (module docstring).
 DEFAULT_TEXT = ANALYSIS_SELFGEN
+METHODS = ("lora", "full")
+# Peak learning rates by method. LoRA's was measured (docs/recovery.md: 8e-3 undid its first
+# steps' damage for 40 steps); a full update moves every weight, so it needs a far smaller one.
+DEFAULT_LR = {"lora": 3e-3, "full": 1e-4}
 
 
 @dataclass(frozen=True)
@@ -69,11 +73,14 @@ class RecoveryConfig:
     """How a pruned model is distilled from its teacher.
 
     :param steps: optimiser steps (each on `batch_sequences` training sequences).
-    :param rank: LoRA rank r of every adapted projection.
+    :param method: `lora` (low-rank adapters on every projection, merged at the end) or `full`
+        (every decoder-layer weight and norm trained directly; the embeddings and the output
+        layer, tied in most small models, stay as they are).
+    :param rank: LoRA rank r of every adapted projection (`lora` only).
     :param alpha: LoRA scaling numerator (the update is B @ A * alpha / r); None means 2 x rank,
         the common choice that keeps the update's scale independent of r.
-    :param lr: AdamW learning rate of the adapter weights (after a short linear warm-up it
-        decays along a cosine to zero at `steps`).
+    :param lr: peak AdamW learning rate of the trained weights (after a short linear warm-up it
+        decays along a cosine to zero at `steps`); None: the method's `DEFAULT_LR`.
     :param batch_sequences: training sequences per step (and per held-out forward pass).
     :param eval_every: measure the held-out KL every this many steps (and after the last one).
     :param held_out_fraction: fraction of the teacher's sequences never trained on (at least 1,
@@ -92,9 +99,10 @@ class RecoveryConfig:
     """
 
     steps: int = 60
+    method: str = "lora"
     rank: int = 8
     alpha: float | None = None
-    lr: float = 3e-3
+    lr: float | None = None
     batch_sequences: int = 2
     eval_every: int = 20
     held_out_fraction: float = 0.25
@@ -108,7 +116,11 @@ class RecoveryConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PruneNetError(f"{name} must be a whole number of at least 1, got {value!r}.")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if self.method not in METHODS:
+            raise PruneNetError(
+                f"Unknown recovery method {self.method!r}; choose {' or '.join(METHODS)}."
+            )
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise PruneNetError(f"The learning rate must be a positive number, got {self.lr!r}.")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise PruneNetError(f"LoRA alpha must be a positive number, got {self.alpha!r}.")
@@ -126,6 +138,11 @@ class RecoveryConfig:
                 f"Recovery needs at least 2 self-generated sequences (one to train on, one held "
                 f"out), got {self.text.sequences}; ask for more sequences or tokens."
             )
+
+    @property
+    def peak_lr(self) -> float:
+        """`lr`, or the method's default peak when it is None."""
+        return DEFAULT_LR[self.method] if self.lr is None else self.lr
 
     @property
     def lora_alpha(self) -> float:
@@ -150,7 +167,8 @@ class RecoveryReport:
     :param held_out_kl_after: the same for the kept state (the recovered model).
     :param seconds: wall time of the recovery (text, evaluations and training).
     :param seed: `RecoveryConfig.seed`.
-    :param rank: LoRA rank.
+    :param method: `lora` or `full`.
+    :param rank: LoRA rank (as configured; unused by `full`).
     :param alpha: LoRA alpha.
     :param lr: peak learning rate.
     :param batch_sequences: sequences per step.
@@ -160,8 +178,9 @@ class RecoveryReport:
     :param train_tokens: tokens in the training sequences.
     :param held_out_tokens: tokens in the held-out sequences.
     :param text: the self-generation settings of the teacher's text.
-    :param target_modules: the projections that got adapters (full module names).
-    :param trainable_parameters: adapter parameters trained (none of them survive the merge).
+    :param target_modules: the projections that got adapters (full module names; `full`: the
+        decoder layers).
+    :param trainable_parameters: parameters trained (LoRA: adapters, folded in by the merge).
     """
 
     steps: int
@@ -172,6 +191,7 @@ class RecoveryReport:
     held_out_kl_after: float
     seconds: float
     seed: int
+    method: str
     rank: int
     alpha: float
     lr: float
@@ -234,14 +254,31 @@ def attach_lora(model: PreTrainedModel, config: RecoveryConfig) -> PeftModel:
         return get_peft_model(model, lora)
 
 
+def train_full(model: PreTrainedModel) -> PreTrainedModel:
+    """Make every parameter trainable but the input and output embeddings: they are tied in
+    SmolLM2 and Gemma 3, so training them would also move the input side, and they are a
+    fifth of a small model's weights (and most of the optimiser's memory if trained).
+
+    :param model: the pruned model (changed in place and returned).
+    """
+    frozen = set()
+    for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if embedding is not None:
+            frozen.update(id(parameter) for parameter in embedding.parameters())
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) not in frozen)
+    return model
+
+
 def distill(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
     config: RecoveryConfig | None = None,
     progress: bool = True,
-) -> tuple[PeftModel, RecoveryReport]:
-    """Fit LoRA adapters on `student` so its next-token distributions match `teacher`'s on text
-    the teacher writes itself; keep the adapter state with the lowest held-out KL.
+) -> tuple[PeftModel | PreTrainedModel, RecoveryReport]:
+    """Fit `student` so its next-token distributions match `teacher`'s on text the teacher
+    writes itself (LoRA adapters, or every decoder weight with `method="full"`); keep the
+    state with the lowest held-out KL.
 
     :param student: the pruned model (wrapped in place: use the returned model from now on).
     :param teacher: the dense model; same vocabulary
@@ -249,8 +286,8 @@ def distill(
         width. Left unchanged.
     :param config: the recovery settings (defaults: `RecoveryConfig()`).
     :param progress: show a tqdm bar with the training and held-out KL.
-    :return: the adapter-wrapped student holding the best state (merge it with
-        `merge_adapters`), and the report.
+    :return: the student holding the best state (LoRA: adapter-wrapped, merge it with
+        `merge_adapters`, which returns a `full` student as it is), and the report.
     """
     config = config or RecoveryConfig()
     start = time.perf_counter()
@@ -268,12 +305,12 @@ def distill(
             "hidden-state term is off, only the KL is fitted",
             file=sys.stderr,
         )
-    model = attach_lora(student, config)
+    model = attach_lora(student, config) if config.method == "lora" else train_full(student)
     # Eval mode throughout: no dropout anywhere, so a step's loss depends only on the weights
     # and the batch (gradients flow in eval mode all the same).
     model.eval()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=config.peak_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.steps))
     order = _batch_order(train_tokens.shape[0], config)
 
@@ -313,23 +350,29 @@ def distill(
         held_out_kl_after=best_kl,
         seconds=time.perf_counter() - start,
         seed=config.seed,
+        method=config.method,
         rank=config.rank,
         alpha=config.lora_alpha,
-        lr=config.lr,
+        lr=config.peak_lr,
         batch_sequences=config.batch_sequences,
         eval_every=config.eval_every,
         hidden_weight=hidden_weight,
         train_tokens=train_tokens.numel(),
         held_out_tokens=held_tokens.numel(),
         text=asdict(config.text),
-        target_modules=lora_target_modules(model.get_base_model()),
+        target_modules=(
+            lora_target_modules(model.get_base_model())
+            if config.method == "lora"
+            else [n for n, p in model.named_parameters() if p.requires_grad]
+        ),
         trainable_parameters=sum(p.numel() for p in trainable),
     )
     return model, report
 
 
-def merge_adapters(model: PeftModel) -> PreTrainedModel:
-    """Fold every adapter into its projection's weight and return the plain model.
+def merge_adapters(model: PeftModel | PreTrainedModel) -> PreTrainedModel:
+    """Fold every adapter into its projection's weight and return the plain model (a model
+    trained with `method="full"` has none: it is returned as it is).
 
     The result has exactly the input's modules, shapes and config (per-layer widths, FFN
     biases), so it saves to a folder that loads the same way the pruned input did.
@@ -338,6 +381,8 @@ def merge_adapters(model: PeftModel) -> PreTrainedModel:
     """
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if not hasattr(model, "merge_and_unload"):
+        return model.eval()
     return model.merge_and_unload().eval()
 
 

@@ -280,3 +280,16 @@ def test_default_recover_opens_no_dataset_file(
     # The probe sees the files recover does open: both model folders' weights.
     assert any(str(pruned_folder) in p for p in probe["opened"])
     assert any(str(tiny_model_folder) in p for p in probe["opened"])
+
+
+def test_full_recovery_from_the_command_line_records_its_method_and_learning_rate(
+    tiny_model_folder: Path, pruned_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    assert _recover(pruned_folder, tiny_model_folder, out, "--method", "full") == 0
+    report = json.loads((out / RECOVER_REPORT_FILE).read_text())
+    assert report["method"] == "full" and report["lr"] == 1e-4
+    assert not any("embed" in name for name in report["target_modules"])
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(pruned_folder).eval()
+    assert not torch.allclose(logits_of(reloaded), logits_of(pruned))

@@ -294,3 +294,34 @@ def _word_level(vocab: dict[str, int]):
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return backend
+
+
+# ----- full-parameter recovery -----------------------------------------------------------------
+
+
+def test_full_recovery_trains_every_weight_but_the_embeddings_and_lowers_the_held_out_kl(
+    tmp_path: Path,
+) -> None:
+    teacher, student = pruned_pair()
+    embeddings = student.get_input_embeddings().weight.detach().clone()
+    before = parameters_of(student)
+    config = replace(QUICK, method="full")
+    assert config.peak_lr == 1e-4  # the method's own default peak, not LoRA's
+    trained, report = distill(student, teacher, config, progress=False)
+    assert report.method == "full" and report.best_step > 0
+    assert report.held_out_kl_after < report.held_out_kl_before
+    after = parameters_of(trained)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert torch.equal(trained.get_input_embeddings().weight, embeddings)
+    assert any("mlp" in name for name in changed) and any("self_attn" in name for name in changed)
+    assert not any("embed" in name or "lm_head" in name for name in changed)
+    # No adapters to merge: the folder reloads with the trained model's logits.
+    merged = merge_adapters(trained)
+    save_recovered(merged, tiny_tokenizer(), tmp_path / "out", report.to_dict())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(logits_of(reloaded), logits_of(merged), atol=1e-5, rtol=0)
+
+
+def test_an_unknown_recovery_method_is_refused() -> None:
+    with pytest.raises(PruneNetError, match="Unknown recovery method 'adapters'"):
+        RecoveryConfig(method="adapters")
