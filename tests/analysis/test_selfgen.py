@@ -340,3 +340,40 @@ def test_the_shortest_text_is_the_start_token_and_one_sampled_token() -> None:
 def test_the_largest_seed_seeds_every_generator() -> None:
     config = SelfGenConfig(sequences=1, length=4, seed=2**32 - 1, kept_tokens=2)
     assert collect_activations(tiny_model("llama"), config)[0].sample.shape[0] == 2
+
+
+def test_activations_on_given_tokens_skip_the_output_layer_and_match_a_full_pass() -> None:
+    """Each layer's statistics are what a whole forward pass shows its FFN output projection,
+    and the output layer never runs (its logits were most of a run's peak memory)."""
+    from prunenet.analysis.selfgen import activations_on, layer_activations
+    from prunenet.core.arch import adapter_for
+    from prunenet.core.surgery import ffn_modules
+
+    model = tiny_model("llama")
+    tokens = torch.randint(3, model.config.vocab_size, (3, 10))
+    head_calls = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda *args: head_calls.append(1)
+    )
+    try:
+        stats = activations_on(model, tokens, kept_tokens=8, seed=0)
+    finally:
+        handle.remove()
+    assert head_calls == []
+    seen = []
+    adapter = adapter_for(model.config)
+    hooks = [
+        ffn_modules(layer, adapter)[1].register_forward_pre_hook(
+            lambda module, inputs: seen.append(inputs[0].reshape(-1, inputs[0].shape[-1]))
+        )
+        for layer in decoder_layers(model)
+    ]
+    with torch.no_grad():
+        model(tokens)
+    for hook in hooks:
+        hook.remove()
+    assert len(stats) == len(seen) == len(decoder_layers(model))
+    for got, acts in zip(stats, seen, strict=True):
+        want = layer_activations(acts.float(), kept_tokens=8, seed=0)
+        torch.testing.assert_close(got.rms, want.rms)
+        torch.testing.assert_close(got.sample, want.sample)
