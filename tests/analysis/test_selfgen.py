@@ -352,9 +352,7 @@ def test_activations_on_given_tokens_skip_the_output_layer_and_match_a_full_pass
     model = tiny_model("llama")
     tokens = torch.randint(3, model.config.vocab_size, (3, 10))
     head_calls = []
-    handle = model.get_output_embeddings().register_forward_hook(
-        lambda *args: head_calls.append(1)
-    )
+    handle = model.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
     try:
         stats = activations_on(model, tokens, kept_tokens=8, seed=0)
     finally:
