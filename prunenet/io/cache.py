@@ -76,6 +76,9 @@ class CacheEntryError(ValueError):
     """A stored entry does not hold what its reader expects; `decode` hooks raise it."""
 
 
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """Content hash of a model's parameters: names, shapes, sums, and the raw bytes of
     an evenly strided sample of ~4k values each (so reordered rows also change the key)."""
@@ -83,7 +86,11 @@ def weights_fingerprint(model: nn.Module) -> str:
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             flat = parameter.detach().flatten()
-            total = flat.sum().item()  # a different thread count may miss, never mismatch
+            # The sum of the raw bits as integers: exact, so any thread count gives the same key
+            # (a float sum's last bits depend on the reduction order: a prune on every core and
+            # a recover on one thread missed each other's text).
+            ints = _SAME_WIDTH_INT[flat.element_size()]
+            total = flat.contiguous().view(ints).sum(dtype=torch.int64).item()
             sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
             digest.update(f"{name}:{tuple(parameter.shape)}:{total!r};".encode())
             digest.update(sample)

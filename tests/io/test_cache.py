@@ -496,3 +496,24 @@ def test_cached_sensitivity_curves_equal_computed_ones_without_measuring_again(
     for a, b in zip(cached, computed, strict=True):
         assert torch.equal(torch.tensor(a.costs), torch.tensor(b.costs))
         assert tuple(a.ratios) == tuple(b.ratios)
+
+
+def test_the_weights_fingerprint_is_the_same_at_any_thread_count() -> None:
+    """A float sum's last bits depend on how many threads reduce it; the key must not."""
+    from prunenet.io.cache import weights_fingerprint
+
+    model = torch.nn.Linear(4096, 512)
+    with torch.no_grad():
+        model.weight.normal_(generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    try:
+        keys = set()
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            keys.add(weights_fingerprint(model))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(keys) == 1
+    with torch.no_grad():
+        model.weight[0, 0] += 1e-3
+    assert weights_fingerprint(model) not in keys
