@@ -122,19 +122,27 @@ def test_bad_strategy_requests_exit_2_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
-def test_a_strategy_run_writes_one_text_that_the_strategy_and_the_cut_both_read(
-    tiny_model_folder, tmp_path, monkeypatch
-) -> None:
+def _texts_written(monkeypatch) -> list[torch.Tensor]:
+    """Every own text generated from now on (every module that generates one is watched)."""
+    import prunenet.allocation.sensitivity as sensitivity
     import prunenet.analysis.selfgen as selfgen
 
-    written, read_by_strategy = [], []
+    written: list[torch.Tensor] = []
     generate = selfgen.generate_own_text
 
     def counted(*args, **kwargs):
         written.append(generate(*args, **kwargs))
         return written[-1]
 
-    monkeypatch.setattr(selfgen, "generate_own_text", counted)
+    for module in (selfgen, sensitivity):
+        monkeypatch.setattr(module, "generate_own_text", counted)
+    return written
+
+
+def test_a_strategy_run_writes_one_text_that_the_strategy_and_the_cut_both_read(
+    tiny_model_folder, tmp_path, monkeypatch
+) -> None:
+    written, read_by_strategy = _texts_written(monkeypatch), []
     context = strategy_module.StrategyContext.__init__
 
     def spy(self, model, tokens, *args, **kwargs):
@@ -153,17 +161,8 @@ def test_an_auto_run_writes_one_text_that_the_sensitivity_and_the_cut_both_read(
     tiny_model_folder, tmp_path, monkeypatch
 ) -> None:
     import prunenet.allocation.sensitivity as sensitivity
-    import prunenet.analysis.selfgen as selfgen
 
-    written, read_by_sensitivity = [], []
-    generate = selfgen.generate_own_text
-
-    def counted(*args, **kwargs):
-        written.append(generate(*args, **kwargs))
-        return written[-1]
-
-    monkeypatch.setattr(selfgen, "generate_own_text", counted)
-    monkeypatch.setattr(sensitivity, "generate_own_text", counted)
+    written, read_by_sensitivity = _texts_written(monkeypatch), []
     measure = sensitivity.run_text_sensitivity
 
     def spy(model, scorer, tokens, *args, **kwargs):
