@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunenet.allocation.budget import DEFAULT_MAX_RATIO, CostGrid, allocate_rows
-from prunenet.allocation.strategy import held_out_sequences, strategy_tokens
+from prunenet.allocation.strategy import split_held_out, strategy_tokens
 from prunenet.analysis.selfgen import (
     SelfGenConfig,
     activations_on,
@@ -132,9 +132,7 @@ def run_text_sensitivity(
     :param tokens: the run's own text.
     :param progress: show a progress bar.
     """
-    sample = strategy_tokens(tokens)
-    held = held_out_sequences(sample.shape[0])
-    fit, kl_tokens = sample[: sample.shape[0] - held], sample[sample.shape[0] - held :]
+    fit, kl_tokens = split_held_out(strategy_tokens(tokens))
     device = next(model.parameters()).device
     stats = activations_on(model, fit.to(device), SelfGenConfig().kept_tokens, seed=0)
     if scorer.weights_only:

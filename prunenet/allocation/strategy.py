@@ -329,15 +329,14 @@ class StrategyContext:
     ) -> None:
         self.model = model
         self.costs = Costs(model, refit_biases)
-        held = held_out_sequences(tokens.shape[0])
-        fit, self.kl_tokens = tokens[:-held], tokens[-held:]
+        fit, self.kl_tokens = split_held_out(tokens)
         self.ffn_scores = ffn_activation_scores(model, fit)
         heads_ok = self.costs.shapes is not None and head_removal_blocker(model.config) is None
         self.head_rank = head_ranks(model, fit) if heads_ok else None
         # The evaluation's own KL code on the held-out sequences (as windows without BOS: each
         # already starts with the start token), its dense logits cached once.
         digest = hashlib.sha256(self.kl_tokens.numpy().tobytes()).hexdigest()
-        self.windows = TokenWindows("selfgen-held-out", self.kl_tokens, None, held,
+        self.windows = TokenWindows("selfgen-held-out", self.kl_tokens, None, len(self.kl_tokens),
                                     self.kl_tokens.numel(), digest)  # fmt: skip
         self.reference = ReferenceCache()
         kl_and_perplexity(model, model, self.windows, cache=self.reference)
@@ -479,6 +478,16 @@ def held_out_sequences(count: int) -> int:
     :param count: sequences in the strategy's text.
     """
     return min(KL_SEQUENCES, max(1, count // 4))
+
+
+def split_held_out(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tokens` split into the sequences a strategy's scores read and the last
+    `held_out_sequences` ones its KL is measured on.
+
+    :param tokens: sequences x length ids (e.g. `strategy_tokens` of the run's text).
+    """
+    held = held_out_sequences(tokens.shape[0])
+    return tokens[: tokens.shape[0] - held], tokens[tokens.shape[0] - held :]
 
 
 def strategy_text_shape(sequences: int, length: int) -> tuple[int, int]:

@@ -74,8 +74,8 @@ class RecoveryConfig:
 
     :param steps: optimiser steps (each on `batch_sequences` training sequences).
     :param method: `lora` (low-rank adapters on every projection, merged at the end) or `full`
-        (every decoder-layer weight and norm trained directly; the embeddings and the output
-        layer, tied in most small models, stay as they are).
+        (every weight trained directly but the input and output embeddings, tied in SmolLM2 and
+        Gemma 3, which stay as they are; `train_full`).
     :param rank: LoRA rank r of every adapted projection (`lora` only).
     :param alpha: LoRA scaling numerator (the update is B @ A * alpha / r); None means 2 x rank,
         the common choice that keeps the update's scale independent of r.
@@ -178,8 +178,8 @@ class RecoveryReport:
     :param train_tokens: tokens in the training sequences.
     :param held_out_tokens: tokens in the held-out sequences.
     :param text: the self-generation settings of the teacher's text.
-    :param target_modules: the projections that got adapters (full module names; `full`: the
-        decoder layers).
+    :param target_modules: the projections that got adapters (full module names); `full`: the
+        names of the trained parameters.
     :param trainable_parameters: parameters trained (LoRA: adapters, folded in by the merge).
     """
 
@@ -257,7 +257,7 @@ def attach_lora(model: PreTrainedModel, config: RecoveryConfig) -> PeftModel:
 def train_full(model: PreTrainedModel) -> PreTrainedModel:
     """Make every parameter trainable but the input and output embeddings: they are tied in
     SmolLM2 and Gemma 3, so training them would also move the input side, and they are a
-    fifth of a small model's weights (and most of the optimiser's memory if trained).
+    fifth of a small model's weights (a fifth more gradient and optimiser memory if trained).
 
     :param model: the pruned model (changed in place and returned).
     """
