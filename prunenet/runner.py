@@ -31,6 +31,7 @@ from prunenet.core.arch import can_store_output_bias
 from prunenet.core.compress import PruneReport, estimated_output_bytes
 from prunenet.core.config_fields import ffn_width
 from prunenet.core.devices import resolve_device
+from prunenet.core.memory import return_large_blocks
 from prunenet.core.ratios import keep_count
 from prunenet.errors import PruneNetError
 from prunenet.evaluation.vocabulary import embedding_rows, warn_if_tokenizer_overflows
@@ -109,6 +110,7 @@ def prune(
         check_target_speedup(request.target_speedup)
     request = request.replace(threads=threads_to_use(request.threads))  # recorded resolved
     torch.set_num_threads(request.threads)
+    return_large_blocks()  # the cut's temporaries leave memory when freed (core/memory.py)
     folders = output_folders(out, request)
     device = resolve_device(request.device)
     scorer = build_scorer(request)  # a bad checkpoint fails here, before the model is read

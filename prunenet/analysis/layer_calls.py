@@ -196,3 +196,67 @@ def ffn_inputs_by_blocks(
     finally:
         handle.remove()
     return acts
+
+
+def by_sequences(forward, sequences: int, chunk: int):
+    """`forward` (a per-sequence module's, such as attention's) called `chunk` sequences at a
+    time when its input holds `sequences` of them, the outputs written into one tensor each.
+
+    A decoder layer's attention on all 256 x 256 default tokens at once held ~670 MB of
+    queries, keys, values and their rotated and attended copies (SmolLM2-135M) on top of the
+    hidden states; a chunk of them holds that share. Attention never mixes sequences, so the
+    result is the same up to float rounding. Every tensor argument of two or more dims whose
+    first dim is `sequences` is sliced with the input (a mask, per-sequence position
+    embeddings); the rest (shared embeddings of leading dim 1, positions) pass unchanged.
+
+    :param forward: the module's forward; its first argument (or `hidden_states`) is
+        sequences x positions x width, and it returns a tensor or a tuple of tensors and Nones.
+    :param sequences: the batch size to chunk (calls with another pass through unchanged).
+    :param chunk: sequences per call.
+    """
+
+    def part(value, start):
+        if isinstance(value, torch.Tensor):
+            chunked = value.dim() >= 2 and value.shape[0] == sequences
+            return value[start : start + chunk] if chunked else value
+        if isinstance(value, (tuple, list)):
+            return type(value)(part(item, start) for item in value)
+        if isinstance(value, dict):
+            return {key: part(item, start) for key, item in value.items()}
+        return value
+
+    def call(*args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, torch.Tensor) or hidden.shape[0] != sequences:
+            return forward(*args, **kwargs)
+        if sequences <= chunk:
+            return forward(*args, **kwargs)
+        joined = None
+        for start in range(0, sequences, chunk):
+            output = forward(*part(args, start), **part(kwargs, start))
+            joined = _write_chunk(joined, output, start, sequences)
+        return joined
+
+    return call
+
+
+def _write_chunk(joined, output, start: int, sequences: int):
+    """`output` of the chunk starting at `start` written into `joined` (allocated from the first
+    chunk): tensors along their first dim, tuples item by item, None as None."""
+    if output is None:
+        return None
+    if isinstance(output, torch.Tensor):
+        if joined is None:
+            joined = output.new_empty(sequences, *output.shape[1:])
+        joined[start : start + output.shape[0]] = output
+        return joined
+    if isinstance(output, tuple):
+        joined = joined or (None,) * len(output)
+        return tuple(
+            _write_chunk(done, item, start, sequences)
+            for done, item in zip(joined, output, strict=True)
+        )
+    raise PruneNetError(
+        f"An attention module returned {type(output).__name__}, which PruneNet cannot join "
+        "across chunks of sequences."
+    )

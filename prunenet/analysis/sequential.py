@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunenet.analysis.layer_calls import (
+    by_sequences,
     capture_layer_inputs,
     ffn_block,
     ffn_inputs_by_blocks,
@@ -40,6 +41,7 @@ from prunenet.core.memory import page_out_replaced, tensor_ranges
 from prunenet.core.moments import BLOCK_ROWS, Moments, affine
 from prunenet.core.refit import check_refit, refit_aware_scores, refit_moments
 from prunenet.core.surgery import (
+    attention_block,
     cut_ffn,
     enable_output_biases,
     ffn_modules,
@@ -188,11 +190,18 @@ class SequentialCut:
 
         def blockwise(hidden_states):
             acts = ffn_inputs_by_blocks(own, output, hidden_states, BLOCK_ROWS)
-            out = acts.new_empty(acts.shape[0], hidden_states.shape[-1])
-            kept_output = cut_from(output, acts, out)
+            kept_output = cut_from(output, acts, _output_room(acts, hidden_states.shape[-1]))
             return kept_output.reshape(*hidden_states.shape[:-1], kept_output.shape[-1])
 
+        attention = attention_block(layer, self.adapter)
         with contextlib.ExitStack() as route:
+            sequences = self.hidden.shape[0]
+            if attention is not None:
+                # All sequences' attention at once held ~670 MB of temporaries (docs/method.md).
+                chunk = max(1, BLOCK_ROWS // self._length)
+                route.enter_context(
+                    replaced_forward(attention, by_sequences(attention.forward, sequences, chunk))
+                )
             if block is not None:
                 route.enter_context(replaced_forward(block, blockwise))
             else:
@@ -299,6 +308,21 @@ class SequentialCut:
     def _without_start(self, rows: torch.Tensor) -> torch.Tensor:
         """`rows` (whole sequences, one row per token) without each sequence's first row."""
         return rows.reshape(-1, self._length, rows.shape[-1])[:, 1:].reshape(-1, rows.shape[-1])
+
+
+def _output_room(acts: torch.Tensor, width: int) -> torch.Tensor:
+    """Where the cut FFN's output (rows x `width`) is written: the front of the activations'
+    own memory when it fits there, else new memory.
+
+    `_cut_here` writes output block k after it has copied activation block k, and output rows
+    up to the end of block k occupy at most the activations' rows up to the end of block k
+    when `width` <= d_ff: nothing is overwritten before it is read. A separate output was
+    another 151 MB on top of the activations' 403 MB at the default text (SmolLM2-135M).
+    """
+    rows, d_ff = acts.numel() // acts.shape[-1], acts.shape[-1]
+    if width <= d_ff and acts.is_contiguous():
+        return acts.view(-1)[: rows * width].view(rows, width)
+    return acts.new_empty(rows, width)
 
 
 def check_finite(values: torch.Tensor, what: str, module: nn.Module) -> torch.Tensor:

@@ -99,14 +99,15 @@ class Moments:
         per_entry = max(1, count // max(acts.shape[0], 1))
         step = max(1, block_rows // per_entry)
         for start in range(0, acts.shape[0], step):
-            z = acts[start : start + step].reshape(-1, width).float()
+            block = acts[start : start + step]
             if start == 0:
-                shift = z.mean(dim=0)
+                shift = block.reshape(-1, width).float().mean(dim=0)
                 sizes = (keep.numel(), removed.numel())
                 g_kk, g_kr = torch.zeros(sizes[0], sizes[0], **f64), torch.zeros(*sizes, **f64)
                 g_rr = torch.zeros(sizes[1], sizes[1], **f64)
                 sum_k, sum_r = torch.zeros(sizes[0], **f64), torch.zeros(sizes[1], **f64)
-            z = z - shift
+            # One float32 copy, shifted as it is made (a strided block's reshape was another).
+            z = torch.sub(block, shift).reshape(-1, width).float()
             # 2-D index_select: on the last dim of a 3-D view it is 5x slower.
             z_k, z_r = z.index_select(1, keep), z.index_select(1, removed)
             g_kk += (z_k.T @ z_k).double()

@@ -81,6 +81,12 @@ def attention_modules(layer: nn.Module, adapter: Adapter) -> tuple[list[nn.Modul
     return [_get(layer, path) for path in attention.projections], _get(layer, attention.output)
 
 
+def attention_block(layer: nn.Module, adapter: Adapter) -> nn.Module | None:
+    """One layer's attention module (Llama's `self_attn`), or None where the adapter has no
+    attention row."""
+    return None if adapter.attention is None else _get(layer, adapter.attention.module)
+
+
 def qkv_row_heads(
     attention: Attention, shape: HeadShape
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
