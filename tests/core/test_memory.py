@@ -5,7 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from prunenet.core.memory import _minus, page_out_replaced, tensor_ranges, trim_heap
+from prunenet.core.memory import (
+    _minus,
+    page_out_replaced,
+    return_large_blocks,
+    tensor_ranges,
+    trim_heap,
+)
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="madvise and /proc are Linux's")
 
@@ -72,3 +78,22 @@ def test_trimming_the_heap_leaves_tensors_intact():
     del del_me
     trim_heap()
     assert torch.equal(kept, copy)
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * mmap.PAGESIZE / 2**20
+
+
+@linux_only
+def test_with_large_blocks_returned_a_freed_20_mb_tensor_leaves_memory():
+    # glibc's default threshold rises to 20 MB once such a block is freed; the next one then
+    # comes from the heap and stays resident after it is freed.
+    if not return_large_blocks():
+        pytest.skip("not glibc")
+    for _ in range(3):
+        before = _resident_mb()
+        block = torch.ones(5 << 20)  # 20 MB, every page touched
+        assert _resident_mb() - before > 15
+        del block
+        assert _resident_mb() - before < 5
