@@ -37,6 +37,7 @@ from prunenet.io.saving import hold_output
 from prunenet.io.trust import NO_REMOTE_CODE, is_remote_code_error, remote_code_error
 from prunenet.recovery.compatibility import check_same_vocabulary
 from prunenet.recovery.distill import (
+    CALIBRATION_STEPS,
     DEFAULT_LR,
     DEFAULT_TEXT,
     METHODS,
@@ -48,6 +49,8 @@ from prunenet.recovery.saving import RECOVER_REPORT_FILE, save_recovered
 from prunenet.tables import format_table
 
 DEFAULTS = RecoveryConfig()
+# The step cap of a time budget given without --steps: the budget ends training long before.
+UNBOUNDED_STEPS = 10**9
 
 
 def register(subparsers) -> None:
@@ -80,8 +83,17 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--steps",
         type=positive_int,
-        default=DEFAULTS.steps,
-        help="optimiser steps of --batch-sequences sequences each (default %(default)s)",
+        default=None,
+        help=f"optimiser steps of --batch-sequences sequences each (default {DEFAULTS.steps}; "
+        "with --budget-minutes, the most steps: none by default)",
+    )
+    parser.add_argument(
+        "--budget-minutes",
+        type=positive_float,
+        default=None,
+        help="train for about this many minutes instead of a step count: the steps are fitted "
+        f"to it after the first {CALIBRATION_STEPS}, so the learning rate's cosine ends with "
+        "it (loading, the teacher's text and saving come on top)",
     )
     text = parser.add_mutually_exclusive_group()
     text.add_argument(
@@ -188,8 +200,12 @@ def recovery_config(args: argparse.Namespace) -> RecoveryConfig:
         sequences = args.sequences
     elif args.tokens is not None:
         sequences = math.ceil(args.tokens / DEFAULT_TEXT.length)
+    steps = args.steps
+    if steps is None:
+        steps = DEFAULTS.steps if args.budget_minutes is None else UNBOUNDED_STEPS
     return RecoveryConfig(
-        steps=args.steps,
+        steps=steps,
+        budget_minutes=args.budget_minutes,
         method=args.method,
         rank=args.rank,
         alpha=args.alpha,
@@ -224,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"model {args.model} ({student.config.model_type}, {params:,} parameters) and teacher "
             f"{args.teacher} loaded in {load_seconds:.1f} s; {_method(config)}, "
-            f"{config.steps} steps of {config.batch_sequences} x {config.text.length} tokens, "
+            f"{_steps(config)} of {config.batch_sequences} x {config.text.length} tokens, "
             f"lr {config.peak_lr:g}, seed {config.seed}, {describe_device(device)}; text: "
             f"{config.text.sequences} x {config.text.length} tokens the teacher writes itself "
             f"(the text prunenet prune wrote and cached, or written now), "
@@ -289,6 +305,14 @@ def _config(path: str):
             f"folder written by save_pretrained, a reachable hub id, or an alias: "
             f"{', '.join(ALIASES)}."
         ) from None
+
+
+def _steps(config: RecoveryConfig) -> str:
+    """How long training runs, in a few words."""
+    if config.budget_minutes is None:
+        return f"{config.steps} steps"
+    cap = "" if config.steps == UNBOUNDED_STEPS else f", at most {config.steps}"
+    return f"steps for {config.budget_minutes:g} minutes{cap}"
 
 
 def _method(config: RecoveryConfig) -> str:

@@ -40,6 +40,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,9 @@ METHODS = ("lora", "full")
 # Peak learning rates by method. LoRA's was measured (docs/recovery.md: 8e-3 undid its first
 # steps' damage for 40 steps); a full update moves every weight, so it needs a far smaller one.
 DEFAULT_LR = {"lora": 3e-3, "full": 1e-4}
+# Steps timed before a time budget's step count is fitted: the first one also pays for
+# allocating the optimiser's state.
+CALIBRATION_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,11 @@ class RecoveryConfig:
     :param seed: seeds the LoRA initialisation and the order of training sequences; the text
         itself comes from `text.seed`, so changing this never regenerates it.
     :param text: how much text the teacher writes for itself (sequences x length tokens).
+    :param budget_minutes: train for about this many minutes instead of a fixed step count:
+        the steps and held-out evaluations after the teacher's text and logits (which come
+        first and are not counted). The step count is fitted after `CALIBRATION_STEPS` steps
+        so the learning rate's cosine ends with the budget; `steps` is then the most steps.
+        None: exactly `steps`.
     """
 
     steps: int = 60
@@ -110,6 +119,7 @@ class RecoveryConfig:
     hidden_weight: float = 0.0
     seed: int = 0
     text: SelfGenConfig = DEFAULT_TEXT
+    budget_minutes: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "rank", "batch_sequences", "eval_every", "held_out_max"):
@@ -119,6 +129,11 @@ class RecoveryConfig:
         if self.method not in METHODS:
             raise PruneNetError(
                 f"Unknown recovery method {self.method!r}; choose {' or '.join(METHODS)}."
+            )
+        budget = self.budget_minutes
+        if budget is not None and not (math.isfinite(budget) and budget > 0):
+            raise PruneNetError(
+                f"The time budget must be a positive number of minutes, got {budget!r}."
             )
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise PruneNetError(f"The learning rate must be a positive number, got {self.lr!r}.")
@@ -159,7 +174,9 @@ class RecoveryConfig:
 class RecoveryReport:
     """What a recovery run did: enough to reproduce it and to judge it.
 
-    :param steps: optimiser steps asked for (all are run; the best state is kept).
+    :param steps: optimiser steps run (the best state is kept): `RecoveryConfig.steps`, or
+        with a time budget the count fitted to it.
+    :param budget_minutes: the time budget (None: a fixed step count).
     :param best_step: the step whose adapter state was kept (0: none improved on the input).
     :param train_losses: training KL (nats/token) of every step, on that step's batch.
     :param held_out: `[step, held-out KL]` at every evaluation, step 0 included.
@@ -184,6 +201,7 @@ class RecoveryReport:
     """
 
     steps: int
+    budget_minutes: float | None
     best_step: int
     train_losses: list[float]
     held_out: list[list[float]]
@@ -275,6 +293,7 @@ def distill(
     teacher: PreTrainedModel,
     config: RecoveryConfig | None = None,
     progress: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[PeftModel | PreTrainedModel, RecoveryReport]:
     """Fit `student` so its next-token distributions match `teacher`'s on text the teacher
     writes itself (LoRA adapters, or every decoder weight with `method="full"`); keep the
@@ -286,6 +305,7 @@ def distill(
         width. Left unchanged.
     :param config: the recovery settings (defaults: `RecoveryConfig()`).
     :param progress: show a tqdm bar with the training and held-out KL.
+    :param clock: seconds, for the time budget (tests pass a simulated one).
     :return: the student holding the best state (LoRA: adapter-wrapped, merge it with
         `merge_adapters`, which returns a `full` student as it is), and the report.
     """
@@ -311,16 +331,21 @@ def distill(
     model.eval()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.peak_lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.steps))
-    order = _batch_order(train_tokens.shape[0], config)
+    schedule = _WarmupCosine(config.steps)
+    stepper = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    batches = _batches(train_tokens.shape[0], config)
 
+    started = clock()
     best_kl = held_kl = _held_out_kl(model, held_tokens, held_teacher, config.batch_sequences)
+    eval_seconds = clock() - started
     best_state, best_step = _adapter_state(model), 0
     held_out = [[0, held_kl]]
     losses: list[float] = []
-    bar = tqdm(range(1, config.steps + 1), desc="recover", disable=not progress, file=sys.stderr)
-    for step in bar:
-        batch = train_tokens[order[step - 1]].to(device)
+    bar = tqdm(total=config.steps, desc="recover", disable=not progress, file=sys.stderr)
+    step, loop_started = 0, clock()
+    while step < schedule.steps:
+        step += 1
+        batch = train_tokens[next(batches)].to(device)
         hidden = hidden_weight > 0
         with torch.no_grad():  # not inference_mode: the loss's backward saves these logits
             target = teacher(input_ids=batch.to(model_device(teacher)), output_hidden_states=hidden)
@@ -331,18 +356,30 @@ def distill(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
+        stepper.step()
         losses.append(loss.item())
-        if step % config.eval_every == 0 or step == config.steps:
+        if config.budget_minutes is not None and step == CALIBRATION_STEPS:
+            schedule.steps = _steps_in_budget(
+                config, step, (clock() - loop_started) / step, eval_seconds, clock() - started
+            )
+            bar.total = schedule.steps
+        out_of_time = (
+            config.budget_minutes is not None and clock() - started >= 60 * config.budget_minutes
+        )
+        if step % config.eval_every == 0 or step >= schedule.steps or out_of_time:
             held_kl = _held_out_kl(model, held_tokens, held_teacher, config.batch_sequences)
             held_out.append([step, held_kl])
             if held_kl < best_kl:
                 best_kl, best_state, best_step = held_kl, _adapter_state(model), step
+        bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", held_out=f"{held_kl:.4f}", best=f"{best_kl:.4f}")
+        if out_of_time:  # the machine got slower than the first steps said
+            break
     bar.close()
     _load_adapter_state(model, best_state)
     report = RecoveryReport(
-        steps=config.steps,
+        steps=step,
+        budget_minutes=config.budget_minutes,
         best_step=best_step,
         train_losses=losses,
         held_out=held_out,
@@ -424,28 +461,50 @@ def _same_shape(student: nn.Module, teacher: nn.Module) -> bool:
     )
 
 
-def _warmup_cosine(steps: int):
-    # A few warm-up steps keep Adam's first, poorly normalised updates small; the cosine
-    # ends near zero so the last states change slowly and the best one is not a lucky spike.
-    warmup = max(1, min(10, steps // 10))
+class _WarmupCosine:
+    """The learning rate's factor at each step: a linear warm-up, then a cosine to zero at
+    `steps` (which a time budget sets after its first steps).
 
-    def factor(step: int) -> float:
+    A few warm-up steps keep Adam's first, poorly normalised updates small; the cosine ends
+    near zero so the last states change slowly and the best one is not a lucky spike.
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __call__(self, step: int) -> float:
+        warmup = max(1, min(10, self.steps // 10))
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        return 0.5 * (
+            1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, self.steps - warmup)))
+        )
 
-    return factor
+
+def _steps_in_budget(
+    config: RecoveryConfig, done: int, step_seconds: float, eval_seconds: float, spent: float
+) -> int:
+    """How many steps in all fit `config.budget_minutes`, `done` of them taken and `spent`
+    seconds gone: each further step costs `step_seconds` plus its share of the held-out
+    evaluations, and the last one ends with an evaluation. At least `done`, at most
+    `config.steps`."""
+    left = 60 * config.budget_minutes - spent - eval_seconds
+    per_step = step_seconds + eval_seconds / config.eval_every
+    more = math.floor(left / per_step) if per_step > 0 else config.steps
+    return max(done, min(config.steps, done + more))
 
 
-def _batch_order(count: int, config: RecoveryConfig) -> list[torch.Tensor]:
-    """Sequence indices of every step: seeded shuffles of the training set, one after another
-    (every sequence is seen once before any is seen twice)."""
+def _batches(count: int, config: RecoveryConfig) -> Iterator[torch.Tensor]:
+    """Sequence indices of each step in turn: seeded shuffles of the training set, one after
+    another (every sequence is seen once before any is seen twice), as many as are asked for."""
     generator = torch.Generator().manual_seed(config.seed)
     size = min(config.batch_sequences, count)
     stream: list[int] = []
-    while len(stream) < config.steps * size:
-        stream.extend(torch.randperm(count, generator=generator).tolist())
-    return [torch.tensor(stream[i * size : (i + 1) * size]) for i in range(config.steps)]
+    while True:
+        while len(stream) < size:
+            stream.extend(torch.randperm(count, generator=generator).tolist())
+        yield torch.tensor(stream[:size])
+        del stream[:size]
 
 
 @torch.inference_mode()

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from prunenet.cli import main
+from prunenet.cli import build_parser, main
+from prunenet.commands.recover import UNBOUNDED_STEPS, recovery_config
 from prunenet.errors import Terminated
 from prunenet.io.saving import REPORT_FILE
 from prunenet.recovery import distill as distill_module
@@ -189,6 +190,8 @@ def test_a_missing_folder_exits_2(
         ("--lr", "nan"),
         ("--hidden-weight", "-1"),
         ("--hidden-weight", "inf"),
+        ("--budget-minutes", "0"),
+        ("--budget-minutes", "nan"),
     ],  # fmt: skip
 )
 def test_impossible_settings_exit_2(
@@ -293,3 +296,28 @@ def test_full_recovery_from_the_command_line_records_its_method_and_learning_rat
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     pruned = AutoModelForCausalLM.from_pretrained(pruned_folder).eval()
     assert not torch.allclose(logits_of(reloaded), logits_of(pruned))
+
+
+@pytest.mark.parametrize(
+    ("extra", "steps", "budget"),
+    [
+        ([], 60, None),
+        (["--budget-minutes", "30"], UNBOUNDED_STEPS, 30.0),
+        (["--budget-minutes", "30", "--steps", "500"], 500, 30.0),
+    ],
+)
+def test_a_time_budget_without_steps_has_no_step_cap(extra, steps, budget) -> None:
+    args = build_parser().parse_args(["recover", "--model", "m", "--teacher", "t", "--out", "o",
+                                      *extra])  # fmt: skip
+    config = recovery_config(args)
+    assert (config.steps, config.budget_minutes) == (steps, budget)
+
+
+def test_a_time_budget_is_recorded_and_steps_cap_it(
+    tiny_model_folder: Path, pruned_folder: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    assert _recover(pruned_folder, tiny_model_folder, out, "--budget-minutes", "10") == 0
+    report = json.loads((out / RECOVER_REPORT_FILE).read_text())
+    assert report["budget_minutes"] == 10.0 and report["steps"] == 4  # QUICK's --steps 4
+    assert "steps for 10 minutes, at most 4" in capsys.readouterr().out

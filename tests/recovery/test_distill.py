@@ -325,3 +325,69 @@ def test_full_recovery_trains_every_weight_but_the_embeddings_and_lowers_the_hel
 def test_an_unknown_recovery_method_is_refused() -> None:
     with pytest.raises(PruneNetError, match="Unknown recovery method 'adapters'"):
         RecoveryConfig(method="adapters")
+
+
+# ----- a time budget ----------------------------------------------------------------------------
+
+
+class StudentClock:
+    """Seconds that pass only while the student runs: `seconds` per forward pass (training
+    steps and held-out evaluations alike), so a test knows what every step costs."""
+
+    def __init__(self, student, seconds: float) -> None:
+        self.now = 0.0
+        student.register_forward_pre_hook(lambda module, args: self.advance(seconds))
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_time_budget_fits_the_steps_to_it_and_ends_the_schedule_with_it() -> None:
+    # One student forward = 1 s: a step is one (1 s), a held-out evaluation four (8 held-out
+    # sequences in batches of 2: 4 s). After the first evaluation and 3 calibration steps
+    # (7 s), 49 s are left for steps of 1 s + 4/5 s of evaluations, less the last evaluation:
+    # 27 more steps, 30 in all, ending at 58 s.
+    teacher, student = pruned_pair()
+    clock = StudentClock(student, 1.0)
+    config = RecoveryConfig(steps=1000, eval_every=5, text=TEXT, budget_minutes=1.0)
+    _, report = distill(student, teacher, config, progress=False, clock=clock)
+    assert report.steps == 30 and report.budget_minutes == 1.0
+    assert len(report.train_losses) == 30
+    assert [step for step, _ in report.held_out] == [0, 5, 10, 15, 20, 25, 30]
+    assert clock() == 58.0
+
+
+def test_a_slower_machine_stops_at_the_budget_with_the_last_state_evaluated() -> None:
+    # Calibrated at 1 s per step (20 steps fitted to 30 s), then every forward takes 3 s: the
+    # step that crosses 30 s (the 11th, at 31 s) is the last, and it is evaluated (12 s).
+    teacher, student = pruned_pair()
+    clock = StudentClock(student, 1.0)
+    config = RecoveryConfig(steps=1000, eval_every=50, text=TEXT, budget_minutes=0.5)
+    forwards = []
+
+    def slower(module, args):
+        forwards.append(1)
+        if len(forwards) > 4 + 3:  # the first evaluation and the calibration steps ran at 1 s
+            clock.advance(2.0)
+
+    student.register_forward_pre_hook(slower)
+    _, report = distill(student, teacher, config, progress=False, clock=clock)
+    assert report.steps == 11
+    assert [step for step, _ in report.held_out] == [0, 11]
+    assert clock() == 43.0
+
+
+def test_without_a_budget_the_step_count_is_exact() -> None:
+    teacher, student = pruned_pair()
+    clock = StudentClock(student, 100.0)  # slow steps do not matter without a budget
+    _, report = distill(student, teacher, replace(QUICK, steps=7), progress=False, clock=clock)
+    assert report.steps == 7 and report.budget_minutes is None
+
+
+def test_a_budget_that_is_not_a_positive_number_of_minutes_is_refused() -> None:
+    for budget in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(PruneNetError, match="time budget"):
+            RecoveryConfig(budget_minutes=budget)
