@@ -58,6 +58,10 @@ from prunenet.io.saving import save_pruned
 from prunenet.scoring.base import Scorer
 from prunenet.stages import StageTimes, rewrite_report
 
+# The analyses whose plans score each layer on the activations the layer-by-layer cut sees
+# (`PrunePlan.layer_score`), so they read the model's own text.
+ACTIVATION_ANALYSES = ("sequential", "shared")
+
 
 @dataclass
 class PrunePlan:
@@ -124,7 +128,7 @@ def scorer_planner(
         else:
             layer_keep = uniform_keep(widths, ratio)
         info = {**scorer.describe(), "allocation": allocation, "analysis": analysis}
-        if analysis in ("sequential", "shared"):
+        if analysis in ACTIVATION_ANALYSES:
             score = functools.partial(_score_activations, scorer, ratio)
             return PrunePlan(None, layer_keep, info, layer_score=score)
         if scorer.ratio_aware or not cached:
@@ -154,6 +158,17 @@ def check_analysis(analysis: str, scorer: Scorer) -> str:
 def needs_text(plan: PrunePlan, refit: str) -> bool:
     """Whether cutting to `plan` with `refit` walks the model layer by layer on its own text."""
     return plan.layer_score is not None or check_refit(refit) != "none"
+
+
+def text_needed(analysis: str, refit: str) -> bool:
+    """`needs_text` before any plan exists: whether a `scorer_planner(..., analysis)` plan cut
+    with `refit` reads the model's own text (the runner writes it first when something else
+    reads it too).
+
+    :param analysis: `oneshot`, `sequential` or `shared`.
+    :param refit: `none`, `bias` or `lsq`.
+    """
+    return analysis in ACTIVATION_ANALYSES or check_refit(refit) != "none"
 
 
 def apply_plan(

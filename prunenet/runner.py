@@ -54,6 +54,7 @@ from prunenet.pipeline import (
     prune_budgets_and_save,
     prune_strategies_and_save,
     scorer_planner,
+    text_needed,
 )
 from prunenet.request import PruneRequest, request_record, threads_to_use
 from prunenet.rl.strategy import BUNDLED_STRATEGY, load_strategy_policy, make_strategy
@@ -340,7 +341,7 @@ class Run:
         )
         allocation = "auto" if request.strategy == "auto" else "uniform"
         tokens = None
-        if allocation == "auto" and (request.refit != "none" or request.analysis != "oneshot"):
+        if allocation == "auto" and text_needed(request.analysis, request.refit):
             # The cut reads the run's text; the layer sensitivity reads it too, so it is
             # written first (one text per run).
             with stages.own_text():

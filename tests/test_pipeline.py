@@ -16,7 +16,14 @@ from prunenet.core.compress import prune_model
 from prunenet.core.config_fields import ffn_width, ffn_widths
 from prunenet.core.ratios import keep_count
 from prunenet.errors import PruneNetError
-from prunenet.pipeline import PrunePlan, apply_plan, prune_and_save, scorer_planner
+from prunenet.pipeline import (
+    PrunePlan,
+    apply_plan,
+    needs_text,
+    prune_and_save,
+    scorer_planner,
+    text_needed,
+)
 from prunenet.scoring.heuristics import RandomScorer, SelfGenScorer
 from tests.conftest import ALL_MODEL_TYPES, FFN_WIDTH, logits_of, tiny_model, tiny_tokenizer
 
@@ -211,3 +218,11 @@ def test_a_refit_reports_the_dense_models_parameter_count_as_before() -> None:
                      [keep_count(w, 0.3) for w in widths])  # fmt: skip
     _, report = apply_plan(model, plan, 0.3, refit="lsq", selfgen=REFIT_SELFGEN)
     assert report.params_before == dense_params
+
+
+@pytest.mark.parametrize("analysis", ["oneshot", "sequential", "shared"])
+@pytest.mark.parametrize("refit", ["none", "lsq"])
+def test_the_text_rule_before_planning_agrees_with_the_plans_own(analysis, refit) -> None:
+    model = tiny_model("llama")
+    plan = scorer_planner(SelfGenScorer(), analysis=analysis)(model, 0.5)
+    assert text_needed(analysis, refit) == needs_text(plan, refit)
