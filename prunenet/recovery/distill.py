@@ -341,7 +341,9 @@ def distill(
     best_state, best_step = _adapter_state(model), 0
     held_out = [[0, held_kl]]
     losses: list[float] = []
-    bar = tqdm(total=config.steps, desc="recover", disable=not progress, file=sys.stderr)
+    # With a time budget the count is known after the calibration steps (`steps` is a cap).
+    total = config.steps if config.budget_minutes is None else None
+    bar = tqdm(total=total, desc="recover", disable=not progress, file=sys.stderr)
     step, loop_started = 0, clock()
     while step < schedule.steps:
         step += 1
@@ -363,6 +365,7 @@ def distill(
                 config, step, (clock() - loop_started) / step, eval_seconds, clock() - started
             )
             bar.total = schedule.steps
+            bar.refresh()
         out_of_time = (
             config.budget_minutes is not None and clock() - started >= 60 * config.budget_minutes
         )
