@@ -19,9 +19,9 @@ SmolLM2-135M's default run, docs/scale.md):
   the size of every large block freed (up to 32 MB): after a few layers the cut's 6-35 MB
   temporaries (attention chunks, moment blocks) lived in the heap and stayed resident under
   the next phase's. `return_large_blocks` fixes the threshold at 16 MB, so every block that
-  large is its own mapping, returned when freed: on SmolLM2's default text the cut's peak
-  fell by ~90 MB with no measurable time cost (a 4 MB threshold saved ~170 MB but cost ~10%
-  more time in page faults).
+  large is its own mapping, returned when freed: on two layers of SmolLM2's default-size
+  text the cut's peak fell by ~90 MB with no measurable time cost (a 4 MB threshold saved
+  ~70 MB more but cost ~10% more time in page faults).
 """
 
 from __future__ import annotations
