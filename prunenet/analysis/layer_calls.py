@@ -16,8 +16,12 @@ import torch
 from torch import nn
 
 from prunenet.core.arch import decoder_layers
-from prunenet.core.surgery import ffn_modules
+from prunenet.core.surgery import attention_block, ffn_modules
 from prunenet.errors import PruneNetError
+
+# Tokens per attention call when a layer runs on a whole text (`attention_in_chunks`): whole
+# sequences, 32 of the default 256-token ones.
+ATTENTION_ROWS = 8192
 
 
 class _Captured(Exception):
@@ -196,6 +200,26 @@ def ffn_inputs_by_blocks(
     finally:
         handle.remove()
     return acts
+
+
+@contextlib.contextmanager
+def attention_in_chunks(layer: nn.Module, adapter, hidden: torch.Tensor):
+    """Inside the block, `layer`'s attention runs on `hidden`'s sequences (sequences x positions
+    x width) about `ATTENTION_ROWS` tokens at a time (`by_sequences`); an architecture whose
+    adapter has no attention row runs as it is.
+
+    :param layer: a decoder layer.
+    :param adapter: its `prunenet.core.arch.Adapter`.
+    :param hidden: the hidden states the layer is about to run on.
+    """
+    attention = attention_block(layer, adapter)
+    if attention is None or hidden.dim() != 3:
+        yield
+        return
+    sequences, length = hidden.shape[0], hidden.shape[1]
+    chunk = max(1, ATTENTION_ROWS // max(1, length))
+    with replaced_forward(attention, by_sequences(attention.forward, sequences, chunk)):
+        yield
 
 
 def by_sequences(forward, sequences: int, chunk: int):

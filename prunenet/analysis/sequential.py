@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunenet.analysis.layer_calls import (
-    by_sequences,
+    attention_in_chunks,
     capture_layer_inputs,
     ffn_block,
     ffn_inputs_by_blocks,
@@ -41,7 +41,6 @@ from prunenet.core.memory import page_out_replaced, tensor_ranges
 from prunenet.core.moments import BLOCK_ROWS, Moments, affine
 from prunenet.core.refit import check_refit, refit_aware_scores, refit_moments
 from prunenet.core.surgery import (
-    attention_block,
     cut_ffn,
     enable_output_biases,
     ffn_modules,
@@ -193,15 +192,9 @@ class SequentialCut:
             kept_output = cut_from(output, acts, _output_room(acts, hidden_states.shape[-1]))
             return kept_output.reshape(*hidden_states.shape[:-1], kept_output.shape[-1])
 
-        attention = attention_block(layer, self.adapter)
         with contextlib.ExitStack() as route:
-            sequences = self.hidden.shape[0]
-            if attention is not None:
-                # All sequences' attention at once held ~670 MB of temporaries (docs/method.md).
-                chunk = max(1, BLOCK_ROWS // self._length)
-                route.enter_context(
-                    replaced_forward(attention, by_sequences(attention.forward, sequences, chunk))
-                )
+            # All sequences' attention at once held ~670 MB of temporaries (docs/method.md).
+            route.enter_context(attention_in_chunks(layer, self.adapter, self.hidden))
             if block is not None:
                 route.enter_context(replaced_forward(block, blockwise))
             else:

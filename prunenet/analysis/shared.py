@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunenet.analysis.layer_calls import capture_layer_inputs, run_layer
+from prunenet.analysis.layer_calls import attention_in_chunks, capture_layer_inputs, run_layer
 from prunenet.analysis.refit_statistics import RefitStatistics, choose_ridge
 from prunenet.analysis.selfgen import LayerActivations, layer_activations
 from prunenet.analysis.sequential import (
@@ -181,7 +181,8 @@ def shared_analysis(
             )
         )
         try:
-            hidden = run_layer(layer, hidden, arguments)  # the dense layer's output feeds the next
+            with attention_in_chunks(layer, adapter, hidden):
+                hidden = run_layer(layer, hidden, arguments)  # the dense output feeds the next
         finally:
             handle.remove()
         acts = check_finite(captured[0].float(), "an FFN's activations", layer)

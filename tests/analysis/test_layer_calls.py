@@ -13,6 +13,7 @@ from prunenet.analysis.layer_calls import (
 )
 from prunenet.analysis.selfgen import SelfGenConfig, generate_own_text
 from prunenet.analysis.sequential import SequentialCut, _output_room
+from prunenet.analysis.shared import shared_analysis
 from prunenet.core.arch import adapter_for, decoder_layers
 from prunenet.core.config_fields import ffn_widths
 from prunenet.core.surgery import attention_block
@@ -65,8 +66,8 @@ def test_an_output_that_cannot_be_joined_is_refused() -> None:
 
 
 def test_the_sequential_cut_runs_attention_in_chunks_of_whole_sequences(monkeypatch) -> None:
-    # 8 sequences of 32 tokens, 70 rows per block: two sequences per attention call.
-    monkeypatch.setattr("prunenet.analysis.sequential.BLOCK_ROWS", 70)
+    # 8 sequences of 32 tokens, 70 rows per attention call: two sequences per call.
+    monkeypatch.setattr("prunenet.analysis.layer_calls.ATTENTION_ROWS", 70)
     model = tiny_model("llama")
     cut = SequentialCut(model, "lsq", generate_own_text(model, SelfGenConfig(8, 32, 0)))
     layer = decoder_layers(model)[0]
@@ -90,3 +91,23 @@ def test_the_cut_output_shares_the_activations_memory_only_where_it_fits() -> No
     assert wider.shape == (60, 9) and wider.data_ptr() != acts.data_ptr()
     strided = _output_room(acts.transpose(0, 1), 5)
     assert strided.data_ptr() != acts.data_ptr()
+
+
+def test_the_shared_analysis_runs_attention_in_chunks_with_the_same_result(monkeypatch) -> None:
+    model = tiny_model("llama")
+    tokens = generate_own_text(model, SelfGenConfig(8, 32, 0))
+    whole = shared_analysis(model, tokens, "lsq")
+    monkeypatch.setattr("prunenet.analysis.layer_calls.ATTENTION_ROWS", 70)
+    sizes = []
+    attention = type(attention_block(decoder_layers(model)[0], adapter_for(model.config)))
+    own = attention.forward
+
+    def counting(self, hidden_states, *args, **kwargs):
+        sizes.append(hidden_states.shape[0])
+        return own(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "forward", counting)
+    chunked = shared_analysis(model, tokens, "lsq")
+    assert sizes == [2] * 4 * len(decoder_layers(model))
+    for dense, again in zip(whole.layers, chunked.layers, strict=True):
+        torch.testing.assert_close(again.activations.rms, dense.activations.rms)
