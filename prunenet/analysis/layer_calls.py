@@ -251,9 +251,8 @@ def by_sequences(forward, sequences: int, chunk: int):
 
     def call(*args, **kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
-        if not isinstance(hidden, torch.Tensor) or hidden.shape[0] != sequences:
-            return forward(*args, **kwargs)
-        if sequences <= chunk:
+        whole = not isinstance(hidden, torch.Tensor) or hidden.shape[0] != sequences
+        if whole or sequences <= chunk:
             return forward(*args, **kwargs)
         joined = None
         for start in range(0, sequences, chunk):

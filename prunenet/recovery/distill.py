@@ -336,13 +336,14 @@ def distill(
     batches = _batches(train_tokens.shape[0], config)
 
     started = clock()
+    deadline = None if config.budget_minutes is None else started + 60 * config.budget_minutes
     best_kl = held_kl = _held_out_kl(model, held_tokens, held_teacher, config.batch_sequences)
     eval_seconds = clock() - started
     best_state, best_step = _adapter_state(model), 0
     held_out = [[0, held_kl]]
     losses: list[float] = []
     # With a time budget the count is known after the calibration steps (`steps` is a cap).
-    total = config.steps if config.budget_minutes is None else None
+    total = config.steps if deadline is None else None
     bar = tqdm(total=total, desc="recover", disable=not progress, file=sys.stderr)
     step, loop_started = 0, clock()
     while step < schedule.steps:
@@ -360,15 +361,13 @@ def distill(
         optimizer.step()
         stepper.step()
         losses.append(loss.item())
-        if config.budget_minutes is not None and step == CALIBRATION_STEPS:
+        if deadline is not None and step == CALIBRATION_STEPS:
             schedule.steps = _steps_in_budget(
-                config, step, (clock() - loop_started) / step, eval_seconds, clock() - started
+                config, step, (clock() - loop_started) / step, eval_seconds, deadline - clock()
             )
             bar.total = schedule.steps
             bar.refresh()
-        out_of_time = (
-            config.budget_minutes is not None and clock() - started >= 60 * config.budget_minutes
-        )
+        out_of_time = deadline is not None and clock() >= deadline
         if step % config.eval_every == 0 or step >= schedule.steps or out_of_time:
             held_kl = _held_out_kl(model, held_tokens, held_teacher, config.batch_sequences)
             held_out.append([step, held_kl])
@@ -479,19 +478,16 @@ class _WarmupCosine:
         warmup = max(1, min(10, self.steps // 10))
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (
-            1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, self.steps - warmup)))
-        )
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, self.steps - warmup)))
 
 
 def _steps_in_budget(
-    config: RecoveryConfig, done: int, step_seconds: float, eval_seconds: float, spent: float
+    config: RecoveryConfig, done: int, step_seconds: float, eval_seconds: float, left: float
 ) -> int:
-    """How many steps in all fit `config.budget_minutes`, `done` of them taken and `spent`
-    seconds gone: each further step costs `step_seconds` plus its share of the held-out
-    evaluations, and the last one ends with an evaluation. At least `done`, at most
-    `config.steps`."""
-    left = 60 * config.budget_minutes - spent - eval_seconds
+    """How many steps in all fit the budget, `done` of them taken and `left` seconds of it
+    left: each further step costs `step_seconds` plus its share of the held-out evaluations,
+    and the last one ends with an evaluation. At least `done`, at most `config.steps`."""
+    left = left - eval_seconds
     per_step = step_seconds + eval_seconds / config.eval_every
     more = math.floor(left / per_step) if per_step > 0 else config.steps
     return max(done, min(config.steps, done + more))
